@@ -1,0 +1,210 @@
+"""Backend registry and the ``auto`` policy.
+
+Backends are registered by name with a zero-argument factory; nothing heavy (triton, the compiled
+extension, a GPU) is touched until a backend is actually asked for.
+
+``auto`` resolves, per call and *before* the op runs, to a concrete backend:
+
+* CUDA tensors: ``cuda`` (compiled implicit-GEMM extension) -> ``triton`` -> ``torch``
+* CPU tensors:  ``cpu`` (direct / FFT, by measured threshold) -> ``torch``
+* anything else (meta, ...): ``torch``
+
+The first backend in the chain that is available and supports the case wins.  The choice can be
+overridden globally with :func:`set_backend` / :func:`use_backend`, or per call with ``backend=``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..params import ConvParams
+from .base import (
+    PASSES,
+    Backend,
+    BackendError,
+    BackendUnavailableError,
+    UnsupportedError,
+)
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendUnavailableError",
+    "UnsupportedError",
+    "register_backend",
+    "get_backend",
+    "list_backends",
+    "backend_status",
+    "resolve_backend",
+    "set_backend",
+    "get_default_backend",
+    "use_backend",
+]
+
+_FACTORIES: Dict[str, Callable[[], Backend]] = {}
+_INSTANCES: Dict[str, Backend] = {}
+
+#: the order ``auto`` tries backends in, per device type
+AUTO_CHAIN: Dict[str, Tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+_FALLBACK_CHAIN = ("torch",)
+
+_default_backend = "auto"
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Register (or replace) a backend factory under ``name``."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"lkconv: invalid backend name {name!r}")
+    _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
+
+
+def list_backends() -> List[str]:
+    """Names of all registered backends (available or not)."""
+    return list(_FACTORIES)
+
+
+def _instance(name: str) -> Backend:
+    if name not in _FACTORIES:
+        raise ValueError(
+            f"lkconv: unknown backend {name!r} (argument: backend); choose 'auto' or one of {list_backends()}"
+        )
+    # no lock here: this runs under torch.compile tracing; dict operations are atomic under the GIL
+    # and constructing a backend twice in a race is harmless.
+    inst = _INSTANCES.get(name)
+    if inst is None:
+        try:
+            inst = _FACTORIES[name]()
+        except Exception as e:  # a backend whose module cannot load is unavailable, not fatal
+            inst = _BrokenBackend(name, f"failed to load ({type(e).__name__}: {e})")
+        _INSTANCES[name] = inst
+    return inst
+
+
+class _BrokenBackend(Backend):
+    def __init__(self, name: str, why: str):
+        self.name = name
+        self._why = why
+
+    def unavailable_reason(self):
+        return self._why
+
+
+@torch.compiler.assume_constant_result
+def _unavailable_reason(name: str) -> str:
+    """"" when backend ``name`` is usable, else why not.  Opaque to torch.compile (evaluated once at
+    trace time): creating a backend may import triton or load the compiled extension."""
+    return _instance(name).unavailable_reason() or ""
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object ``name``; raises :class:`BackendUnavailableError` if it cannot run here."""
+    if name not in _FACTORIES:
+        raise ValueError(
+            f"lkconv: unknown backend {name!r} (argument: backend); choose 'auto' or one of {list_backends()}"
+        )
+    why = _unavailable_reason(name)
+    if why:
+        raise BackendUnavailableError(f"lkconv: backend {name!r} is not available: {why}")
+    return _INSTANCES[name]
+
+
+def backend_status() -> Dict[str, Optional[str]]:
+    """``{name: None if available else reason}`` for every registered backend."""
+    out = {}
+    for name in list_backends():
+        try:
+            out[name] = _instance(name).unavailable_reason()
+        except Exception as e:  # a broken factory must not break `info`
+            out[name] = f"failed to initialise: {type(e).__name__}: {e}"
+    return out
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``"auto"`` restores the automatic choice)."""
+    global _default_backend
+    if name != "auto":
+        _instance(name)  # validates the name
+    _default_backend = name
+
+
+def get_default_backend() -> str:
+    return _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: ``with lkconv.use_backend("cpu"): ...``"""
+    global _default_backend
+    prev = _default_backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _default_backend = prev
+
+
+def resolve_backend(
+    name: Optional[str], x: torch.Tensor, weight: torch.Tensor, params: ConvParams, passes=PASSES
+) -> str:
+    """Turn a requested backend name (or None / "auto") into a concrete backend that is available
+    and supports every pass in ``passes`` for these tensors.  Explicit names that cannot serve the
+    case raise; ``auto`` walks the chain of its device type."""
+    if name is None:
+        name = _default_backend
+    if not isinstance(name, str):
+        raise TypeError(f"lkconv: backend must be a string, got {type(name).__name__}")
+    if name != "auto":
+        inst = get_backend(name)
+        for p in passes:
+            why = inst.check(x, weight, params, p)
+            if why is not None:
+                raise UnsupportedError(f"lkconv: backend {name!r} does not support this case ({p}): {why}")
+        return name
+    reasons = []
+    for cand in AUTO_CHAIN.get(x.device.type, _FALLBACK_CHAIN):
+        if cand not in _FACTORIES:
+            continue
+        why = _unavailable_reason(cand) or None
+        if why is None:
+            inst = _INSTANCES[cand]
+            why = next((w for w in (inst.check(x, weight, params, p) for p in passes) if w is not None), None)
+        if why is None:
+            return cand
+        reasons.append(f"{cand}: {why}")
+    raise UnsupportedError("lkconv: no backend can run this case; " + "; ".join(reasons))
+
+
+def _register_builtin() -> None:
+    from .reference import ReferenceBackend
+    from .torch_native import TorchBackend
+
+    register_backend("reference", ReferenceBackend)
+    register_backend("torch", TorchBackend)
+
+    def _cpu():
+        from .cpu import CPUBackend
+
+        return CPUBackend()
+
+    def _triton():
+        from .triton import TritonBackend
+
+        return TritonBackend()
+
+    def _cuda():
+        from .cuda import CUDABackend
+
+        return CUDABackend()
+
+    register_backend("cpu", _cpu)
+    register_backend("triton", _triton)
+    register_backend("cuda", _cuda)
+
+
+_register_builtin()

@@ -1,0 +1,91 @@
+"""The reference backend: the oracle every test compares against.
+
+It is written from the definition, independently of ``F.conv2d``:
+
+    out[n, c, i, j] = b[c] + sum_{kh, kw} w[c, 0, kh, kw] * xpad[n, c, i*sh + kh*dh, j*sw + kw*dw]
+
+computed as a sum of KH*KW strided slices of the zero-padded input.  Both gradients come from the
+same slices (grad_input scatters them back, grad_weight reduces them).  It runs on any device and in
+any float dtype; tests call it in float64 on the CPU.  Slow for big kernels (KH*KW tensor ops), which
+is fine for an oracle.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..params import ConvParams
+from .base import Backend
+
+
+def _slice(p: ConvParams, kh: int, kw: int, ho: int, wo: int):
+    sh, sw = p.stride
+    dh, dw = p.dilation
+    r0, c0 = kh * dh, kw * dw
+    return (
+        slice(r0, r0 + sh * (ho - 1) + 1, sh),
+        slice(c0, c0 + sw * (wo - 1) + 1, sw),
+    )
+
+
+def _pad(x: torch.Tensor, p: ConvParams) -> torch.Tensor:
+    t, b, l, r = p.padding
+    return F.pad(x, (l, r, t, b))
+
+
+def reference_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
+    N, C, H, W = x.shape
+    KH, KW = weight.shape[2], weight.shape[3]
+    ho, wo = p.out_size(H, W, KH, KW)
+    xp = _pad(x, p)
+    out = torch.zeros((N, C, ho, wo), dtype=x.dtype, device=x.device)
+    w = weight.reshape(C, KH, KW)
+    for kh in range(KH):
+        for kw in range(KW):
+            rs, cs = _slice(p, kh, kw, ho, wo)
+            out += xp[:, :, rs, cs] * w[:, kh, kw].view(1, C, 1, 1)
+    if bias is not None:
+        out += bias.view(1, C, 1, 1)
+    return out
+
+
+def reference_grad_input(grad_out, weight, input_shape: Sequence[int], p: ConvParams) -> torch.Tensor:
+    N, C, H, W = input_shape
+    KH, KW = weight.shape[2], weight.shape[3]
+    ho, wo = grad_out.shape[2], grad_out.shape[3]
+    t, b, l, r = p.padding
+    gxp = torch.zeros((N, C, H + t + b, W + l + r), dtype=grad_out.dtype, device=grad_out.device)
+    w = weight.reshape(C, KH, KW)
+    for kh in range(KH):
+        for kw in range(KW):
+            rs, cs = _slice(p, kh, kw, ho, wo)
+            gxp[:, :, rs, cs] += grad_out * w[:, kh, kw].view(1, C, 1, 1)
+    return gxp[:, :, t : t + H, l : l + W].contiguous()
+
+
+def reference_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) -> torch.Tensor:
+    C, _, KH, KW = weight_shape
+    ho, wo = grad_out.shape[2], grad_out.shape[3]
+    xp = _pad(x, p)
+    gw = torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
+    for kh in range(KH):
+        for kw in range(KW):
+            rs, cs = _slice(p, kh, kw, ho, wo)
+            gw[:, 0, kh, kw] = (xp[:, :, rs, cs] * grad_out).sum(dim=(0, 2, 3))
+    return gw
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    description = "sum of shifted slices from the definition; any device/dtype; the test oracle (slow)"
+
+    def forward(self, x, weight, bias, params):
+        return reference_forward(x, weight, bias, params)
+
+    def grad_input(self, grad_out, weight, input_shape, params):
+        return reference_grad_input(grad_out, weight, input_shape, params)
+
+    def grad_weight(self, grad_out, x, weight_shape, params):
+        return reference_grad_weight(grad_out, x, weight_shape, params)

@@ -1,0 +1,88 @@
+"""``lkconv.depthwise_conv2d``: the user-facing functional.
+
+    lkconv.depthwise_conv2d(x, w, b, stride, padding, dilation)
+        == F.conv2d(x, w, b, stride, padding, dilation, groups=x.shape[1])
+
+with ``w`` of shape (C, 1, KH, KW).  Arguments are normalised and validated here, once
+(:mod:`lkconv.params`); autocast is applied like ``nn.Conv2d`` (conv2d is a lower-precision op on
+both CUDA and CPU autocast); the backend is resolved to a concrete name and the ``lkconv::dwconv2d``
+op is called.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops as _ops  # noqa: F401  (registers the torch.library ops)
+from .backends import resolve_backend
+from .params import check_tensors, normalize_params
+
+__all__ = ["depthwise_conv2d"]
+
+
+def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    dev = x.device.type
+    if dev not in ("cuda", "cpu", "xpu", "mps") or not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dt)
+
+    return cast(x), cast(weight), cast(bias)
+
+
+def depthwise_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Depthwise 2-D convolution with the exact semantics of ``F.conv2d(..., groups=C)``.
+
+    Args:
+        x: input (N, C, H, W) or unbatched (C, H, W); float16/bfloat16/float32/float64; NCHW,
+            channels_last or any strided view.
+        weight: (C, 1, KH, KW), any KH, KW >= 1 (odd, even, rectangular, larger than the input).
+        bias: optional (C,).
+        stride, dilation: int or pair, >= 1.
+        padding: int, pair, ``"same"`` (stride 1 only; asymmetric for even kernels, like torch),
+            ``"valid"``, or an explicit 4-tuple (top, bottom, left, right).
+        backend: ``None`` (the global default, normally ``"auto"``), ``"auto"``, or a backend
+            name: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"``, ``"reference"``.
+
+    Returns:
+        (N, C, Ho, Wo) in x's dtype (or the autocast dtype), channels_last if x is.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"lkconv: input must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"lkconv: weight must be a torch.Tensor, got {type(weight).__name__}")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if weight.dim() != 4:
+        raise ValueError(
+            f"lkconv: weight must have shape (C, 1, KH, KW) for a depthwise convolution, got {tuple(weight.shape)}"
+        )
+    params = normalize_params(stride, padding, dilation, (weight.shape[2], weight.shape[3]))
+    x, weight, bias = _autocast(x, weight, bias)
+    check_tensors(x, weight, bias, params)
+
+    passes = ["forward"]
+    if torch.is_grad_enabled():
+        if x.requires_grad:
+            passes.append("grad_input")
+        if weight.requires_grad:
+            passes.append("grad_weight")
+    name = resolve_backend(backend, x, weight, params, passes)
+    stride_l, pad_l, dil_l = params.as_lists()
+    out = torch.ops.lkconv.dwconv2d(x, weight, bias, stride_l, pad_l, dil_l, name)
+    return out.squeeze(0) if unbatched else out

@@ -1,0 +1,98 @@
+"""Modules: ``LargeKernelConv2d`` (an ``nn.Conv2d``, depthwise only) and
+``DepthWiseConv2dImplicitGEMM`` (the original RepLKNet extension's API).
+
+Both subclass ``nn.Conv2d``, so their ``state_dict`` keys (``weight``, ``bias``) and parameter
+shapes are identical to the depthwise ``nn.Conv2d`` they replace: a checkpoint loads either way.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..functional import depthwise_conv2d
+
+__all__ = ["LargeKernelConv2d", "DepthWiseConv2dImplicitGEMM"]
+
+
+class LargeKernelConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with the same constructor, restricted to depthwise convolution
+    (``groups == in_channels == out_channels``), computed by :func:`lkconv.depthwise_conv2d`.
+
+    Extra keyword: ``backend`` ("auto" by default; any lkconv backend name).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        backend: Optional[str] = None,
+    ):
+        if not (groups == in_channels == out_channels):
+            raise ValueError(
+                "lkconv.LargeKernelConv2d is depthwise only: it needs groups == in_channels == out_channels, "
+                f"got in_channels={in_channels}, out_channels={out_channels}, groups={groups}"
+            )
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype,
+        )
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", backend={self.backend!r}" if self.backend is not None else "")
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return depthwise_conv2d(input, weight, bias, self.stride, padding, self.dilation, backend=self.backend)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, backend: Optional[str] = None) -> "LargeKernelConv2d":
+        """A LargeKernelConv2d with ``conv``'s configuration sharing its parameters (no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for k, v in conv.__dict__.items():
+            if k not in ("_parameters", "_buffers", "_modules"):
+                new.__dict__[k] = v
+        new._parameters = dict(conv._parameters)
+        new._buffers = dict(conv._buffers)
+        new._modules = dict(conv._modules)
+        new.backend = backend
+        if not (new.groups == new.in_channels == new.out_channels):
+            raise ValueError(f"lkconv: {conv} is not a depthwise convolution")
+        return new
+
+
+class DepthWiseConv2dImplicitGEMM(LargeKernelConv2d):
+    """Drop-in for RepLKNet's ``DepthWiseConv2dImplicitGEMM(channels, kernel, bias=False)``.
+
+    Like the original it keeps the spatial size ("same" padding).  Unlike the original its
+    ``padding`` attribute tells the truth: ``kernel // 2`` for odd kernels, ``"same"`` (asymmetric,
+    as ``F.conv2d``) for even ones.  ``state_dict``: ``weight`` (C, 1, K, K) and optional ``bias``.
+    """
+
+    def __init__(self, channels: int, kernel, bias: bool = False, *, backend: Optional[str] = None,
+                 device=None, dtype=None):
+        ks = nn.modules.utils._pair(kernel)
+        if all(k % 2 == 1 for k in ks):
+            padding = (ks[0] // 2, ks[1] // 2)
+        else:
+            padding = "same"
+        super().__init__(channels, channels, ks, 1, padding, 1, channels, bias, "zeros", device, dtype,
+                         backend=backend)

@@ -1,0 +1,155 @@
+"""The op contract: the ``lkconv::`` torch.library ops, their fake kernels and autograd.
+
+Three ops, so that the backward is itself made of ops (compile- and export-safe):
+
+* ``lkconv::dwconv2d(x, weight, bias?, stride, padding, dilation, backend) -> out``
+* ``lkconv::dwconv2d_grad_input(grad_out, weight, input_size, stride, padding, dilation, backend)``
+* ``lkconv::dwconv2d_grad_weight(grad_out, x, weight_size, stride, padding, dilation, backend)``
+
+``padding`` is always the explicit 4-list (top, bottom, left, right); ``backend`` is a concrete
+backend name, resolved by :mod:`lkconv.functional` before the op is called (never "auto"), so a
+compiled graph always runs the same kernel.  The bias gradient is a plain ``sum`` in the backward.
+
+Memory format: forward output follows ``x`` (channels_last in -> channels_last out, as
+``F.conv2d``); grad_input follows ``grad_out``; grad_weight is contiguous.  The rule lives in
+:func:`memory_format_of` and is applied to every backend's result, so fake and real strides agree.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends as _backends
+from .params import ConvParams
+
+__all__ = ["dwconv2d", "dwconv2d_grad_input", "dwconv2d_grad_weight", "memory_format_of"]
+
+
+def memory_format_of(t: Tensor) -> torch.memory_format:
+    """channels_last iff ``t`` is channels_last-contiguous and not also NCHW-contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _params(stride, padding, dilation) -> ConvParams:
+    return ConvParams(tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _backend_for(name: str, t: Tensor, weight: Tensor, p: ConvParams, pass_: str):
+    if name == "auto":
+        raise ValueError("lkconv: the lkconv ops take a concrete backend; resolve 'auto' first "
+                         "(lkconv.depthwise_conv2d does)")
+    inst = _backends.get_backend(name)
+    why = inst.check(t, weight, p, pass_)
+    if why is not None:
+        raise _backends.UnsupportedError(f"lkconv: backend {name!r} does not support this case ({pass_}): {why}")
+    return inst
+
+
+def _out_shape(x_shape, w_shape, p: ConvParams):
+    N, C, H, W = x_shape
+    ho, wo = p.out_size(H, W, w_shape[2], w_shape[3])
+    return (N, C, ho, wo)
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("lkconv::dwconv2d", mutates_args=())
+def dwconv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    backend: str,
+) -> Tensor:
+    p = _params(stride, padding, dilation)
+    inst = _backend_for(backend, x, weight, p, "forward")
+    out = inst.forward(x, weight, bias, p)
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+@dwconv2d.register_fake
+def _(x, weight, bias, stride, padding, dilation, backend):
+    shape = _out_shape(x.shape, weight.shape, _params(stride, padding, dilation))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# grad_input
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("lkconv::dwconv2d_grad_input", mutates_args=())
+def dwconv2d_grad_input(
+    grad_out: Tensor,
+    weight: Tensor,
+    input_size: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    backend: str,
+) -> Tensor:
+    p = _params(stride, padding, dilation)
+    inst = _backend_for(backend, grad_out, weight, p, "grad_input")
+    gx = inst.grad_input(grad_out, weight, tuple(input_size), p)
+    return gx.contiguous(memory_format=memory_format_of(grad_out))
+
+
+@dwconv2d_grad_input.register_fake
+def _(grad_out, weight, input_size, stride, padding, dilation, backend):
+    return torch.empty(tuple(input_size), dtype=grad_out.dtype, device=grad_out.device, memory_format=memory_format_of(grad_out))
+
+
+# ------------------------------------------------------------------------------------------------
+# grad_weight
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("lkconv::dwconv2d_grad_weight", mutates_args=())
+def dwconv2d_grad_weight(
+    grad_out: Tensor,
+    x: Tensor,
+    weight_size: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    backend: str,
+) -> Tensor:
+    p = _params(stride, padding, dilation)
+    dummy_w = x.new_empty(1).expand(tuple(weight_size))  # dtype/device/shape only, for check()
+    inst = _backend_for(backend, x, dummy_w, p, "grad_weight")
+    gw = inst.grad_weight(grad_out, x, tuple(weight_size), p)
+    return gw.contiguous()
+
+
+@dwconv2d_grad_weight.register_fake
+def _(grad_out, x, weight_size, stride, padding, dilation, backend):
+    return x.new_empty(tuple(weight_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), backend)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, backend = ctx.conv_args
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = dwconv2d_grad_input(grad, weight, list(x.shape), stride, padding, dilation, backend)
+    if ctx.needs_input_grad[1]:
+        gw = dwconv2d_grad_weight(grad, x, list(weight.shape), stride, padding, dilation, backend)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = grad.sum(dim=(0, 2, 3))
+    return gx, gw, gb, None, None, None, None
+
+
+dwconv2d.register_autograd(_backward, setup_context=_setup_context)

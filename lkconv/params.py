@@ -1,0 +1,154 @@
+"""The one source of truth for the op's arguments: normalisation and validation.
+
+``lkconv.depthwise_conv2d(x, w, b, stride, padding, dilation)`` has exactly the semantics of
+``F.conv2d(x, w, b, stride, padding, dilation, groups=x.shape[1])`` with ``w`` of shape
+``(C, 1, KH, KW)``.  Everything user-facing is checked here, once; backends receive a
+:class:`ConvParams` with explicit, non-negative, per-side padding and may assume it is valid.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "ConvParams",
+    "normalize_params",
+    "check_tensors",
+    "FLOAT_DTYPES",
+]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+IntPair = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    """Validated convolution geometry.
+
+    ``padding`` is ``(top, bottom, left, right)``: "same" with an even effective kernel pads
+    asymmetrically (the extra row/column goes bottom/right), exactly as ``F.conv2d`` does.
+    """
+
+    stride: Tuple[int, int]
+    padding: Tuple[int, int, int, int]
+    dilation: Tuple[int, int]
+
+    @property
+    def symmetric(self) -> bool:
+        t, b, l, r = self.padding
+        return t == b and l == r
+
+    def out_size(self, h: int, w: int, kh: int, kw: int) -> Tuple[int, int]:
+        """Output spatial size (may be <= 0 for an invalid geometry; see ``check_tensors``)."""
+        sh, sw = self.stride
+        dh, dw = self.dilation
+        t, b, l, r = self.padding
+        ho = (h + t + b - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + l + r - dw * (kw - 1) - 1) // sw + 1
+        return ho, wo
+
+    def as_lists(self):
+        """(stride, padding, dilation) as lists, the form the torch.library ops take."""
+        return list(self.stride), list(self.padding), list(self.dilation)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _pair(name: str, value, minimum: int) -> Tuple[int, int]:
+    if _is_int(value):
+        vals = (int(value), int(value))
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) in (1, 2) and all(_is_int(v) for v in value):
+        vals = (int(value[0]), int(value[-1]))
+    else:
+        raise TypeError(
+            f"lkconv: {name} must be an int or a pair of ints, got {value!r} ({type(value).__name__})"
+        )
+    for v in vals:
+        if v < minimum:
+            raise ValueError(f"lkconv: {name} must be >= {minimum}, got {value!r}")
+    return vals
+
+
+def normalize_params(stride, padding, dilation, kernel_size: Tuple[int, int]) -> ConvParams:
+    """Normalise user arguments (ints, pairs, "same"/"valid") into a :class:`ConvParams`.
+
+    ``padding`` may also be a 4-tuple ``(top, bottom, left, right)`` (lkconv's extension; F.conv2d
+    itself only takes symmetric padding or a string).
+    """
+    s = _pair("stride", stride, 1)
+    d = _pair("dilation", dilation, 1)
+    kh, kw = kernel_size
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            pad = (0, 0, 0, 0)
+        elif mode == "same":
+            if s != (1, 1):
+                raise ValueError(
+                    f"lkconv: padding='same' is not supported for strided convolutions (stride={stride!r}), "
+                    "as in F.conv2d"
+                )
+            th, tw = d[0] * (kh - 1), d[1] * (kw - 1)
+            pad = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        else:
+            raise ValueError(f"lkconv: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    elif isinstance(padding, (tuple, list)) and len(padding) == 4 and all(_is_int(v) for v in padding):
+        pad = tuple(int(v) for v in padding)
+        if min(pad) < 0:
+            raise ValueError(f"lkconv: padding must be >= 0, got {padding!r}")
+    else:
+        ph, pw = _pair("padding", padding, 0)
+        pad = (ph, ph, pw, pw)
+    return ConvParams(stride=s, padding=pad, dilation=d)
+
+
+def check_tensors(x: torch.Tensor, weight: torch.Tensor, bias, params: ConvParams) -> None:
+    """Validate the tensors of one call (x is 4-D here; the functional handles unbatched input)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"lkconv: input must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"lkconv: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"lkconv: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"lkconv: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    if weight.dim() != 4 or weight.shape[1] != 1:
+        raise ValueError(
+            f"lkconv: weight must have shape (C, 1, KH, KW) for a depthwise convolution, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] != C:
+        raise ValueError(
+            f"lkconv: weight has {weight.shape[0]} output channels but input has C={C} channels; "
+            "a depthwise weight must be (C, 1, KH, KW)"
+        )
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(f"lkconv: weight kernel size must be >= 1, got {tuple(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != C):
+        raise ValueError(f"lkconv: bias must have shape ({C},), got {tuple(bias.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lkconv: input dtype must be one of float16/bfloat16/float32/float64, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"lkconv: weight dtype {weight.dtype} does not match input dtype {x.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"lkconv: bias dtype {bias.dtype} does not match input dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"lkconv: weight is on {weight.device} but input is on {x.device}")
+    if bias is not None and bias.device != x.device:
+        raise ValueError(f"lkconv: bias is on {bias.device} but input is on {x.device}")
+    H, W = x.shape[2], x.shape[3]
+    t, b, l, r = params.padding
+    kh, kw = weight.shape[2], weight.shape[3]
+    ho, wo = params.out_size(H, W, kh, kw)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(
+            f"lkconv: output size ({ho}, {wo}) is not positive: input {H}x{W} with padding "
+            f"(top={t}, bottom={b}, left={l}, right={r}) is smaller than the dilated kernel "
+            f"({params.dilation[0] * (kh - 1) + 1}x{params.dilation[1] * (kw - 1) + 1}) (argument: weight/padding)"
+        )
