@@ -1,0 +1,158 @@
+"""lkconv.depthwise_conv2d: semantics (== F.conv2d(groups=C)), argument handling, backend choice,
+autocast, memory format.  Numerical cases go through lkconv.testing against the fp64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lkconv
+from lkconv.backends import resolve_backend
+from lkconv.params import normalize_params
+from lkconv.testing import compare_all_passes
+
+# the curated feature list of issue 2 (every backend's own test file covers the same features)
+CASES = {
+    "k3": dict(shape=(2, 3, 9, 8), k=(3, 3), padding=1),
+    "k7-bias": dict(shape=(2, 5, 11, 10), k=(7, 7), padding=3, bias=True),
+    "k13-same": dict(shape=(1, 3, 14, 15), k=(13, 13), padding="same"),
+    "k31-gt-H": dict(shape=(1, 2, 9, 11), k=(31, 31), padding=15),
+    "even-k4-same": dict(shape=(2, 3, 9, 10), k=(4, 4), padding="same", bias=True),
+    "rect-3x11": dict(shape=(1, 3, 10, 16), k=(3, 11), padding=(1, 5)),
+    "asym-4tuple": dict(shape=(1, 2, 8, 9), k=(5, 3), padding=(0, 3, 2, 1)),
+    "stride2": dict(shape=(2, 3, 13, 12), k=(5, 5), stride=2, padding=2),
+    "dil2": dict(shape=(1, 3, 15, 14), k=(3, 3), dilation=2, padding=2),
+    "valid": dict(shape=(1, 2, 9, 9), k=(5, 5), padding="valid"),
+    "batch0": dict(shape=(0, 3, 8, 8), k=(3, 3), padding=1),
+    "batch1-C1": dict(shape=(1, 1, 7, 7), k=(7, 7), padding=3),
+    "channels_last": dict(shape=(2, 5, 9, 9), k=(7, 7), padding=3, layout="channels_last"),
+    "noncontig-slice": dict(shape=(2, 4, 10, 10), k=(5, 5), padding=2, layout="slice"),
+}
+
+
+def make(case, dtype=torch.float32, device="cpu"):
+    c = CASES[case]
+    N, C, H, W = c["shape"]
+    if c.get("layout") == "slice":
+        x = torch.randn(N, 2 * C, H + 3, W + 5, dtype=dtype, device=device)[:, ::2, 1 : 1 + H, 2 : 2 + W]
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(N, C, H, W, dtype=dtype, device=device)
+        if c.get("layout") == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, *c["k"], dtype=dtype, device=device)
+    b = torch.randn(C, dtype=dtype, device=device) if c.get("bias") else None
+    kw = dict(stride=c.get("stride", 1), padding=c.get("padding", 0), dilation=c.get("dilation", 1))
+    return x, w, b, kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_all_passes_against_fp64_reference(case, backend, dtype):
+    x, w, b, kw = make(case, dtype)
+    res = compare_all_passes(backend, x, w, b, **kw)
+    assert res and all(r.ok for r in res), [str(r) for r in res]
+
+
+@pytest.mark.parametrize("case", ["k7-bias", "even-k4-same", "stride2", "dil2", "asym-4tuple"])
+def test_equals_F_conv2d_exactly_in_semantics(case):
+    """Same shapes and values as F.conv2d(groups=C) for the argument forms F.conv2d accepts."""
+    x, w, b, kw = make(case, torch.float64)
+    if isinstance(kw["padding"], tuple) and len(kw["padding"]) == 4:
+        t, bo, l, r = kw["padding"]
+        ref = F.conv2d(F.pad(x, (l, r, t, bo)), w, b, kw["stride"], 0, kw["dilation"], groups=x.shape[1])
+    else:
+        ref = F.conv2d(x, w, b, groups=x.shape[1], **kw)
+    out = lkconv.depthwise_conv2d(x, w, b, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_unbatched_input():
+    x = torch.randn(3, 10, 10, dtype=torch.float64)
+    w = torch.randn(3, 1, 5, 5, dtype=torch.float64)
+    out = lkconv.depthwise_conv2d(x, w, padding=2)
+    torch.testing.assert_close(out, F.conv2d(x, w, padding=2, groups=3))
+    assert out.shape == (3, 10, 10)
+
+
+def test_channels_last_in_channels_last_out():
+    x = torch.randn(2, 6, 9, 9).to(memory_format=torch.channels_last)
+    w = torch.randn(6, 1, 5, 5)
+    out = lkconv.depthwise_conv2d(x, w, padding=2)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    out = lkconv.depthwise_conv2d(x.contiguous(), w, padding=2)
+    assert out.is_contiguous()
+
+
+def test_nan_and_inf_propagate_like_torch():
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    x[0, 0, 3, 3] = float("nan")
+    x[0, 1, 5, 5] = float("inf")
+    w = torch.rand(2, 1, 3, 3, dtype=torch.float64) + 0.1
+    out = lkconv.depthwise_conv2d(x, w, padding=1)
+    ref = F.conv2d(x, w, padding=1, groups=2)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+def test_cpu_autocast_bf16_like_nn_conv2d():
+    x = torch.randn(2, 4, 9, 9)
+    w = torch.randn(4, 1, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lkconv.depthwise_conv2d(x, w, padding=2)
+        ref = F.conv2d(x, w, padding=2, groups=4)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_autocast_leaves_fp64_alone():
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lkconv.depthwise_conv2d(x, w, padding=1).dtype == torch.float64
+
+
+def test_backend_selection_per_call_global_and_context():
+    x = torch.randn(1, 2, 6, 6)
+    w = torch.randn(2, 1, 3, 3)
+    p = normalize_params(1, 1, 1, (3, 3))
+    assert resolve_backend("torch", x, w, p) == "torch"
+    assert lkconv.get_default_backend() == "auto"
+    with lkconv.use_backend("reference"):
+        assert resolve_backend(None, x, w, p) == "reference"
+        # per call beats the global setting
+        assert resolve_backend("torch", x, w, p) == "torch"
+    assert lkconv.get_default_backend() == "auto"
+    lkconv.set_backend("torch")
+    try:
+        assert resolve_backend(None, x, w, p) == "torch"
+    finally:
+        lkconv.set_backend("auto")
+    # auto on CPU picks the fastest available CPU-capable backend
+    assert resolve_backend("auto", x, w, p) in ("cpu", "torch")
+    if lkconv.backend_status().get("cpu") is None:
+        assert resolve_backend("auto", x, w, p) == "cpu"
+
+
+def test_unknown_backend_names_the_argument():
+    x = torch.randn(1, 2, 6, 6)
+    w = torch.randn(2, 1, 3, 3)
+    with pytest.raises(ValueError, match="backend"):
+        lkconv.depthwise_conv2d(x, w, backend="nope")
+    with pytest.raises(ValueError, match="backend"):
+        lkconv.set_backend("nope")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_unavailable_backend_says_why():
+    x = torch.randn(1, 2, 6, 6)
+    w = torch.randn(2, 1, 3, 3)
+    with pytest.raises(lkconv.BackendError) as ei:
+        lkconv.depthwise_conv2d(x, w, backend="cuda")
+    assert "cuda" in str(ei.value)
+
+
+def test_gradients_only_for_what_requires_grad():
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    lkconv.depthwise_conv2d(x, w, padding=1).sum().backward()
+    assert x.grad is not None and w.grad is None
