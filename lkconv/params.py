@@ -56,6 +56,11 @@ class ConvParams:
         return list(self.stride), list(self.padding), list(self.dilation)
 
 
+#: stride/padding/dilation values beyond this cannot describe a real convolution and would overflow
+#: the int64 op schema (or the kernels' int32 index math) with an unreadable error
+_MAX_PARAM = 2**31 - 1
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -72,6 +77,8 @@ def _pair(name: str, value, minimum: int) -> Tuple[int, int]:
     for v in vals:
         if v < minimum:
             raise ValueError(f"lkconv: {name} must be >= {minimum}, got {value!r}")
+        if v > _MAX_PARAM:
+            raise ValueError(f"lkconv: {name} must be <= {_MAX_PARAM}, got {value!r}")
     return vals
 
 
@@ -102,6 +109,15 @@ def normalize_params(stride, padding, dilation, kernel_size: Tuple[int, int]) ->
         pad = tuple(int(v) for v in padding)
         if min(pad) < 0:
             raise ValueError(f"lkconv: padding must be >= 0, got {padding!r}")
+        if max(pad) > _MAX_PARAM:
+            raise ValueError(f"lkconv: padding must be <= {_MAX_PARAM}, got {padding!r}")
+    elif isinstance(padding, (tuple, list)) and len(padding) == 4:
+        raise TypeError(f"lkconv: padding 4-tuple (top, bottom, left, right) must hold ints, got {padding!r}")
+    elif isinstance(padding, (tuple, list)) and len(padding) not in (1, 2):
+        raise TypeError(
+            "lkconv: padding must be an int, a pair, a 4-tuple (top, bottom, left, right), 'same' or 'valid', "
+            f"got {padding!r} (length {len(padding)})"
+        )
     else:
         ph, pw = _pair("padding", padding, 0)
         pad = (ph, ph, pw, pw)
@@ -119,6 +135,16 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor, bias, params: ConvParam
     if x.dim() != 4:
         raise ValueError(f"lkconv: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(x.shape)}")
     C = x.shape[1]
+    if C == 0:
+        raise ValueError(
+            f"lkconv: input must have at least one channel (groups = C must be positive, as in F.conv2d), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] > 0 and (x.shape[2] == 0 or x.shape[3] == 0):
+        raise ValueError(
+            f"lkconv: input spatial size must be >= 1 when the batch is not empty (as in F.conv2d), "
+            f"got shape {tuple(x.shape)}"
+        )
     if weight.dim() != 4 or weight.shape[1] != 1:
         raise ValueError(
             f"lkconv: weight must have shape (C, 1, KH, KW) for a depthwise convolution, got {tuple(weight.shape)}"
