@@ -399,6 +399,10 @@ def slices_grad_weight(grad_out, x, weight_shape, p: ConvParams) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------
+def _finite(*ts) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
 class CPUBackend(Backend):
     name = "cpu"
     description = (
@@ -427,17 +431,20 @@ class CPUBackend(Backend):
             return FORCE_PATH
         return choose_path(weight_shape[2], weight_shape[3], p.stride)
 
+    # An FFT spreads a NaN/Inf over its whole plane; torch's convolution keeps it local.  Inputs
+    # that are not all finite therefore take the direct path (one cheap pass over the data), so
+    # NaN/Inf propagate exactly as in F.conv2d.
     def forward(self, x, weight, bias, params):
-        if self._path(weight.shape, params) == "fft":
+        if self._path(weight.shape, params) == "fft" and _finite(x, weight):
             return fft_forward(x, weight, bias, params)
         return direct_forward(x, weight, bias, params)
 
     def grad_input(self, grad_out, weight, input_shape, params):
-        if self._path(weight.shape, params) == "fft":
+        if self._path(weight.shape, params) == "fft" and _finite(grad_out, weight):
             return fft_grad_input(grad_out, weight, input_shape, params)
         return direct_grad_input(grad_out, weight, input_shape, params)
 
     def grad_weight(self, grad_out, x, weight_shape, params):
-        if self._path(weight_shape, params) == "fft":
+        if self._path(weight_shape, params) == "fft" and _finite(grad_out, x):
             return fft_grad_weight(grad_out, x, weight_shape, params)
         return direct_grad_weight(grad_out, x, weight_shape, params)
