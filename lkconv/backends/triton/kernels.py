@@ -1,0 +1,309 @@
+"""Triton kernels of the lkconv ``triton`` backend (imported lazily: importing this module imports
+triton, and triton decides *at decoration time* whether ``@triton.jit`` compiles for the GPU or runs
+in the CPU interpreter; :data:`INTERPRETED` records which).
+
+Notation (one channel ``c`` of one image ``n``; all passes are per-plane, the depthwise structure
+means there is no reduction over channels)::
+
+    y[i, j] = b + sum_{kh, kw} f[kh, kw] * x[i*SH + kh*DH - PT, j*SW + kw*DW - PL]      (0 outside x)
+
+**Row-Toeplitz implicit GEMM** (DESIGN.md §3/§4).  For one kernel row ``kh`` the 1-D convolution
+along W of a tile of BM output rows by BN output columns is a matrix product::
+
+    Y[BM, BN] += X_kh[BM, BK] @ T_kh[BK, BN],   T_kh[k, n] = f[kh, (k - n*SW) / DW]
+
+where ``X_kh`` holds BK consecutive input columns of the BM input rows ``i*SH + kh*DH - PT`` and
+``T_kh`` is gathered from the filter with a mask (zero where ``(k - n*SW)`` is not a multiple of DW
+in ``[0, KW*DW)``).  The input columns a tile needs span ``L = (BN-1)*SW + (KW-1)*DW + 1``; they are
+walked in chunks of BK, and both the kernel rows and the column chunks are clipped to the part that
+touches real input (taps that fall entirely into the padding are skipped: for K >= H most are).
+
+* :func:`dw_fwd_kernel` — forward, any stride/dilation, signed padding offsets (so grad_input at
+  stride 1 is this kernel on ``grad_out`` with the flipped filter and offsets ``(K-1)*D - P``).
+* :func:`dw_dgrad_kernel` — grad_input for stride > 1 (the transposed Toeplitz: ``T[j, w] = f[kh,
+  (w + PL - j*SW) / DW]``, rows of grad_out picked by ``(h + PT - kh*DH) / SH``, masked where not
+  integral).  Correct for any stride; half (or more) of its row loads are masked at stride 2.
+* :func:`dw_wgrad_kernel` — grad_weight as a GEMM with M = kernel rows, N = kernel columns and the
+  reduction over (output row, input column) pairs: ``dW[kh, kw] += X[kh-rows, cols] @ G_T[cols,
+  kw]`` with ``G_T[k, kw] = g[i, (k + PL - kw*DW) / SW]`` (a Toeplitz gather of one grad_out row).
+  Each program reduces a contiguous range of (n, i) rows into fp32 partials ``ws[split, c, kh, kw]``;
+  the launcher sums the splits in a fixed order (deterministic, no atomics) and casts once.
+
+Every accumulator is fp32.  16-bit operands go to ``tl.dot`` as they are (tensor cores on the GPU);
+fp32 operands use ``input_precision=PREC`` ("tf32" or "ieee", chosen by the launcher from
+``torch.backends.cudnn.allow_tf32``).  ``UPCAST`` (constexpr) converts operands to fp32 before the dot:
+the launcher sets it for bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong.
+
+Offsets: the (n, c) plane base is always computed in int64; with ``BIG`` the in-plane offsets are
+int64 as well (the launcher sets it when an in-plane offset can reach 2**31).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: True when these kernels were created for the CPU interpreter (TRITON_INTERPRET=1 at import time)
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if PREC is None:
+        acc = tl.dot(a, b, acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def dw_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    NC, C, H, W, HO, WO,
+    sxn, sxc, sxh, sxw,
+    syn, syc, syh, syw,
+    PT, PL,
+    KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PLANE_FAST: tl.constexpr, BIG: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tw = tl.cdiv(WO, BN)
+    n_tiles = tl.cdiv(HO, BM) * n_tw
+    if PLANE_FAST:  # channels_last: neighbouring programs read the same cache lines
+        plane = pid % NC
+        tile = pid // NC
+    else:
+        tile = pid % n_tiles
+        plane = pid // n_tiles
+    n = plane // C
+    c = plane % C
+    i0 = (tile // n_tw) * BM
+    j0 = (tile % n_tw) * BN
+
+    x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    y_base = y_ptr + n.to(tl.int64) * syn + c.to(tl.int64) * syc
+    f_base = w_ptr + c.to(tl.int64) * (KH * KW)
+
+    offs_m = i0 + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+
+    # kernel rows that reach a real input row for some output row of this tile
+    i_last = tl.minimum(i0 + BM, HO) - 1
+    kh_lo = (tl.maximum(PT - i_last * SH, 0) + DH - 1) // DH
+    kh_hi = tl.minimum((tl.maximum(H - 1 + PT - i0 * SH, -1) + DH) // DH, KH)
+    # input columns of the tile: c0 + [0, L), clipped to the real input [0, W)
+    c0 = j0 * SW - PL
+    L: tl.constexpr = (BN - 1) * SW + (KW - 1) * DW + 1
+    k_lo = tl.maximum(-c0, 0)
+    k_hi = tl.minimum(W - c0, L)
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kh in range(kh_lo, kh_hi):
+        rows = offs_m * SH + kh * DH - PT
+        rmask = (rows >= 0) & (rows < H)
+        if BIG:
+            rows = rows.to(tl.int64)
+        for k0 in range(k_lo, k_hi, BK):
+            kk = k0 + offs_k
+            cols = c0 + kk
+            if BIG:
+                cols = cols.to(tl.int64)
+            a = tl.load(
+                x_base + rows[:, None] * sxh + cols[None, :] * sxw,
+                mask=rmask[:, None] & (cols < W)[None, :],
+                other=0.0,
+            )
+            d = kk[:, None] - offs_n[None, :] * SW
+            if DW == 1:
+                kw = d
+                tmask = (d >= 0) & (d < KW)
+            else:
+                kw = d // DW
+                tmask = (d >= 0) & (d % DW == 0) & (kw < KW)
+            t = tl.load(f_base + kh * KW + kw, mask=tmask, other=0.0)
+            acc = _mma(a, t, acc, PREC, UPCAST)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    ocols = j0 + offs_n
+    orows = offs_m
+    if BIG:
+        ocols = ocols.to(tl.int64)
+        orows = orows.to(tl.int64)
+    tl.store(
+        y_base + orows[:, None] * syh + ocols[None, :] * syw,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_m < HO)[:, None] & ((j0 + offs_n) < WO)[None, :],
+    )
+
+
+@triton.jit
+def dw_dgrad_kernel(
+    g_ptr, w_ptr, gx_ptr,
+    NC, C, H, W, HO, WO,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    PT, PL,
+    KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    PLANE_FAST: tl.constexpr, BIG: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """grad_input by the transposed Toeplitz (any stride; used for stride > 1).  Tiles cover
+    grad_input (H x W); the reduction runs over grad_out columns j."""
+    pid = tl.program_id(0)
+    n_tw = tl.cdiv(W, BN)
+    n_tiles = tl.cdiv(H, BM) * n_tw
+    if PLANE_FAST:
+        plane = pid % NC
+        tile = pid // NC
+    else:
+        tile = pid % n_tiles
+        plane = pid // n_tiles
+    n = plane // C
+    c = plane % C
+    h0 = (tile // n_tw) * BM
+    w0 = (tile % n_tw) * BN
+
+    g_base = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * sgc
+    x_base = gx_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    f_base = w_ptr + c.to(tl.int64) * (KH * KW)
+
+    offs_m = h0 + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+
+    # kernel rows with 0 <= h + PT - kh*DH <= (HO-1)*SH for some h of the tile
+    h_last = tl.minimum(h0 + BM, H) - 1
+    kh_hi = tl.minimum((tl.maximum(h_last + PT, -1) + DH) // DH, KH)
+    kh_lo = (tl.maximum(h0 + PT - (HO - 1) * SH, 0) + DH - 1) // DH
+    # grad_out columns j with j*SW in [w0 + PL - (KW-1)*DW, w0 + BN - 1 + PL]
+    j_lo = (tl.maximum(w0 + PL - (KW - 1) * DW, 0) + SW - 1) // SW
+    j_hi = tl.minimum((tl.maximum(w0 + BN - 1 + PL, -1) + SW) // SW, WO)
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kh in range(kh_lo, kh_hi):
+        num = offs_m + PT - kh * DH
+        gi = num // SH
+        rmask = (num >= 0) & (num % SH == 0) & (gi < HO)
+        if BIG:
+            gi = gi.to(tl.int64)
+        for jb in range(j_lo, j_hi, BK):
+            jj = jb + offs_k
+            jjo = jj
+            if BIG:
+                jjo = jj.to(tl.int64)
+            a = tl.load(
+                g_base + gi[:, None] * sgh + jjo[None, :] * sgw,
+                mask=rmask[:, None] & (jj < j_hi)[None, :],
+                other=0.0,
+            )
+            d = (w0 + offs_n)[None, :] + PL - jj[:, None] * SW
+            if DW == 1:
+                kw = d
+                tmask = (d >= 0) & (d < KW)
+            else:
+                kw = d // DW
+                tmask = (d >= 0) & (d % DW == 0) & (kw < KW)
+            t = tl.load(f_base + kh * KW + kw, mask=tmask, other=0.0)
+            acc = _mma(a, t, acc, PREC, UPCAST)
+
+    ocols = w0 + offs_n
+    orows = offs_m
+    if BIG:
+        ocols = ocols.to(tl.int64)
+        orows = orows.to(tl.int64)
+    tl.store(
+        x_base + orows[:, None] * sxh + ocols[None, :] * sxw,
+        acc.to(gx_ptr.dtype.element_ty),
+        mask=(offs_m < H)[:, None] & ((w0 + offs_n) < W)[None, :],
+    )
+
+
+@triton.jit
+def dw_wgrad_kernel(
+    x_ptr, g_ptr, ws_ptr,
+    C, H, W, HO, WO, ROWS, ROWS_PER_SPLIT,
+    sxn, sxc, sxh, sxw,
+    sgn, sgc, sgh, sgw,
+    PT, PL,
+    KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BIG: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BKH: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr,
+):
+    """fp32 partial grad_weight of one (channel, kh block, kw block, split of the N*HO rows)."""
+    pid = tl.program_id(0)
+    n_khb = tl.cdiv(KH, BKH)
+    n_kwb = tl.cdiv(KW, BKW)
+    c = pid % C
+    r = pid // C
+    kwb = r % n_kwb
+    r = r // n_kwb
+    khb = r % n_khb
+    s = r // n_khb
+    kh0 = khb * BKH
+    kw0 = kwb * BKW
+
+    offs_h = kh0 + tl.arange(0, BKH)
+    offs_w = kw0 + tl.arange(0, BKW)
+    offs_k = tl.arange(0, BK)
+    kw_last = tl.minimum(kw0 + BKW, KW) - 1
+    kh_last = tl.minimum(kh0 + BKH, KH) - 1
+
+    # input columns this kw block can meet: j*SW + kw*DW - PL, j < WO, kw in [kw0, kw_last]
+    col_lo = tl.maximum(kw0 * DW - PL, 0)
+    col_hi = tl.minimum((WO - 1) * SW + kw_last * DW - PL + 1, W)
+
+    q_lo = s * ROWS_PER_SPLIT
+    q_hi = tl.minimum(q_lo + ROWS_PER_SPLIT, ROWS)
+    kwmask = (offs_w < KW)[None, :]
+    acc = tl.zeros((BKH, BKW), dtype=tl.float32)
+    for q in range(q_lo, q_hi):
+        n = q // HO
+        i = q % HO
+        x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+        g_row = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * sgc + i.to(tl.int64) * sgh
+        rows = i * SH + offs_h * DH - PT
+        rmask = (rows >= 0) & (rows < H) & (offs_h < KH)
+        if BIG:
+            rows = rows.to(tl.int64)
+        # skip the row entirely when this kh block only meets padding
+        r_first = i * SH + kh0 * DH - PT
+        r_last = i * SH + kh_last * DH - PT
+        hi = tl.where((r_last >= 0) & (r_first < H), col_hi, col_lo)
+        for k0 in range(col_lo, hi, BK):
+            cols = k0 + offs_k
+            colso = cols
+            if BIG:
+                colso = cols.to(tl.int64)
+            a = tl.load(
+                x_base + rows[:, None] * sxh + colso[None, :] * sxw,
+                mask=rmask[:, None] & (cols < W)[None, :],
+                other=0.0,
+            )
+            d = cols[:, None] + PL - offs_w[None, :] * DW  # = j * SW
+            if SW == 1:
+                jj = d
+                bmask = (d >= 0) & (d < WO) & kwmask
+            else:
+                jj = d // SW
+                bmask = (d >= 0) & (d % SW == 0) & (jj < WO) & kwmask
+            if BIG:
+                jj = jj.to(tl.int64)
+            b = tl.load(g_row + jj * sgw, mask=bmask, other=0.0)
+            acc = _mma(a, b, acc, PREC, UPCAST)
+
+    ws = ws_ptr + (s.to(tl.int64) * C + c) * (KH * KW)
+    tl.store(
+        ws + offs_h[:, None] * KW + offs_w[None, :],
+        acc,
+        mask=(offs_h < KH)[:, None] & kwmask,
+    )

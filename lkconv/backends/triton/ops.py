@@ -1,0 +1,240 @@
+"""Launchers of the Triton kernels: output allocation, strides, grids, autotune configs.
+
+Imported lazily by :class:`lkconv.backends.triton.TritonBackend` (it imports triton).  Under the
+CPU interpreter (``TRITON_INTERPRET=1`` when :mod:`.kernels` was imported) every kernel runs with one
+fixed, minimal tile configuration (autotuning is pointless there); on the GPU the kernels are wrapped
+in ``@triton.autotune`` keyed on ``(KH, KW, H, W)`` plus the argument dtypes (which Triton's
+autotuner adds to the key itself).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+
+from ...params import ConvParams
+from . import kernels as K
+
+INTERPRETED = K.INTERPRETED
+_I32 = 2**31 - 1
+
+# ------------------------------------------------------------------------------------------------
+# tile configurations
+# ------------------------------------------------------------------------------------------------
+# forward / grad_input: (BM output rows, BN output columns, BK input columns per dot, warps, stages).
+# BN stays small because the Toeplitz B tile's useful density is KW / (BN*SW + KW - 1): 0.65 at K=31
+# with BN=16; BM carries the reuse of every gathered T tile.  The list is deliberately short: big
+# planes (56x56) want BM=64/128, small planes (7x7, 14x14) want BM=16/32 (a tile never spans planes).
+_CONV_CONFIGS = [
+    (16, 16, 32, 2, 2),
+    (32, 16, 32, 4, 2),
+    (64, 16, 32, 4, 3),
+    (128, 16, 32, 4, 3),
+    (64, 32, 64, 4, 3),
+    (128, 32, 32, 8, 3),
+]
+# grad_weight: BKH/BKW are fixed by the kernel size (below); BK (input columns per dot) and warps tuned
+_WGRAD_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 8, 3), (128, 8, 3)]
+
+_INTERP_CONV = dict(BM=16, BN=16, BK=16)
+_INTERP_WGRAD_BK = 16
+
+_KEY = ["KH", "KW", "H", "W"]
+
+
+def _conv_configs():
+    return [
+        triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=s) for bm, bn, bk, w, s in _CONV_CONFIGS
+    ]
+
+
+def _wgrad_configs():
+    return [triton.Config(dict(BK=bk), num_warps=w, num_stages=s) for bk, w, s in _WGRAD_CONFIGS]
+
+
+if INTERPRETED:
+    _fwd = K.dw_fwd_kernel
+    _dgrad = K.dw_dgrad_kernel
+    _wgrad = K.dw_wgrad_kernel
+else:  # pragma: no cover - needs a GPU
+    _fwd = triton.autotune(configs=_conv_configs(), key=_KEY)(K.dw_fwd_kernel)
+    _dgrad = triton.autotune(configs=_conv_configs(), key=_KEY)(K.dw_dgrad_kernel)
+    _wgrad = triton.autotune(configs=_wgrad_configs(), key=_KEY)(K.dw_wgrad_kernel)
+
+
+def _conv_meta():
+    return dict(_INTERP_CONV) if INTERPRETED else {}
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Same rule as lkconv.ops.memory_format_of (kept here to return the right format directly)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _plane_fast(t: torch.Tensor) -> bool:
+    """Order programs channel-fastest when channels are adjacent in memory (channels_last)."""
+    return t.shape[1] > 1 and t.stride(1) == 1
+
+
+def _max_inplane_offset(t: torch.Tensor) -> int:
+    return (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
+
+
+def _big(*ts: torch.Tensor) -> bool:
+    # a little slack: masked lanes may compute offsets a tile (<= 128 rows/cols) past the edge
+    return any(_max_inplane_offset(t) + 256 * (abs(t.stride(2)) + abs(t.stride(3))) >= _I32 for t in ts)
+
+
+def _precision(dtype: torch.dtype):
+    """input_precision for tl.dot: TF32 for fp32 only when PyTorch allows it for convolutions."""
+    if dtype == torch.float32:
+        return "tf32" if (torch.backends.cudnn.allow_tf32 and not INTERPRETED) else "ieee"
+    if dtype == torch.bfloat16 and INTERPRETED:
+        return "ieee"  # operands are upcast to fp32 (see _upcast)
+    return None
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # the interpreter's tl.dot on bf16 operands is wrong (DESIGN.md §4): compute it in fp32
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+def _flat_weight(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    C, _, KH, KW = weight.shape
+    w = weight.flip(2, 3) if flip else weight
+    return w.reshape(C, KH * KW).contiguous()
+
+
+def _empty_like_format(shape, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    fmt = torch.channels_last if _is_channels_last(ref) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device=ref.device, memory_format=fmt)
+
+
+def _device_guard(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------
+# passes
+# ------------------------------------------------------------------------------------------------
+def _conv(x, wflat, bias, out, KH, KW, stride, dilation, pt, pl):
+    """out = Toeplitz convolution of x (forward kernel) with signed offsets (pt, pl)."""
+    N, C, H, W = x.shape
+    HO, WO = out.shape[2], out.shape[3]
+    if out.numel() == 0:
+        return out
+    meta = _conv_meta()
+    NC = N * C
+
+    def grid(m):
+        return (triton.cdiv(HO, m["BM"]) * triton.cdiv(WO, m["BN"]) * NC,)
+
+    with _device_guard(x):
+        _fwd[grid](
+            x, wflat, bias if bias is not None else wflat, out,
+            NC, C, H, W, HO, WO,
+            *x.stride(), *out.stride(),
+            pt, pl,
+            KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+            HAS_BIAS=bias is not None, PLANE_FAST=_plane_fast(x), BIG=_big(x, out),
+            PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+            **meta,
+        )
+    return out
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias, p: ConvParams) -> torch.Tensor:
+    N, C, H, W = x.shape
+    KH, KW = weight.shape[2], weight.shape[3]
+    HO, WO = p.out_size(H, W, KH, KW)
+    out = _empty_like_format((N, C, HO, WO), x, x.dtype)
+    b = None if bias is None else bias.contiguous()
+    t, _, l, _ = p.padding
+    return _conv(x, _flat_weight(weight), b, out, KH, KW, p.stride, p.dilation, t, l)
+
+
+def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequence[int], p: ConvParams):
+    N, C, H, W = (int(v) for v in input_shape)
+    KH, KW = weight.shape[2], weight.shape[3]
+    t, _, l, _ = p.padding
+    dh, dw = p.dilation
+    gx = _empty_like_format((N, C, H, W), grad_out, grad_out.dtype)
+    if gx.numel() == 0:
+        return gx
+    if p.stride == (1, 1):
+        # gx[h] = sum_k f[K-1-k] g[h + k*D - ((K-1)*D - P)]: the forward on grad_out with the flipped
+        # filter and (signed) offsets (K-1)*D - P; only the top/left offsets matter, the output size is H x W
+        return _conv(
+            grad_out, _flat_weight(weight, flip=True), None, gx, KH, KW, (1, 1), p.dilation,
+            (KH - 1) * dh - t, (KW - 1) * dw - l,
+        )
+    HO, WO = grad_out.shape[2], grad_out.shape[3]
+    meta = _conv_meta()
+    NC = N * C
+
+    def grid(m):
+        return (triton.cdiv(H, m["BM"]) * triton.cdiv(W, m["BN"]) * NC,)
+
+    with _device_guard(grad_out):
+        _dgrad[grid](
+            grad_out, _flat_weight(weight), gx,
+            NC, C, H, W, HO, WO,
+            *grad_out.stride(), *gx.stride(),
+            t, l,
+            KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=dh, DW=dw,
+            PLANE_FAST=_plane_fast(grad_out), BIG=_big(grad_out, gx),
+            PREC=_precision(grad_out.dtype), UPCAST=_upcast(grad_out.dtype),
+            **meta,
+        )
+    return gx
+
+
+def _kblock(k: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(k)))
+
+
+def _num_splits(rows: int, programs_per_split: int, device: torch.device) -> int:
+    if INTERPRETED:
+        return min(rows, 2)  # two splits: exercises the ordered reduction of partials
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(4 * sms, programs_per_split)
+    # at least a few rows per program so the partials stay small next to the work
+    return max(1, min(want, triton.cdiv(rows, 4)))
+
+
+def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[int], p: ConvParams):
+    C, _, KH, KW = (int(v) for v in weight_shape)
+    N, _, H, W = x.shape
+    HO, WO = grad_out.shape[2], grad_out.shape[3]
+    rows = N * HO
+    if rows == 0 or WO == 0:
+        return torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
+    BKH, BKW = _kblock(KH), _kblock(KW)
+    per_split = C * triton.cdiv(KH, BKH) * triton.cdiv(KW, BKW)
+    splits = _num_splits(rows, per_split, x.device)
+    rows_per_split = triton.cdiv(rows, splits)
+    splits = triton.cdiv(rows, rows_per_split)
+    ws = torch.empty((splits, C, KH, KW), dtype=torch.float32, device=x.device)
+    t, _, l, _ = p.padding
+    meta = dict(BK=_INTERP_WGRAD_BK) if INTERPRETED else {}
+    with _device_guard(x):
+        _wgrad[(per_split * splits,)](
+            x, grad_out, ws,
+            C, H, W, HO, WO, rows, rows_per_split,
+            *x.stride(), *grad_out.stride(),
+            t, l,
+            KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=p.dilation[0], DW=p.dilation[1],
+            BIG=_big(x, grad_out), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+            BKH=BKH, BKW=BKW,
+            **meta,
+        )
+    # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
+    return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
