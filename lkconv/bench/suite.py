@@ -1,0 +1,173 @@
+"""``python -m lkconv suite OUTDIR``: the one command for a GPU box with no network.
+
+Steps (each a subprocess; output streamed to the console and to a log in OUTDIR):
+
+1. environment (env.json, nvidia-smi.txt)
+2. build the extension in place: ``pip install --no-build-isolation -e .``   -> build.log
+3. ``python -m lkconv info``                                                  -> info.log
+4. ``python -m lkconv verify``                                                -> verify.log
+5. tests: ``pytest -m gpu`` (``--all-tests``: the whole suite)                -> tests.log, tests.xml
+6. benchmarks: the RepLKNet-31B set (all dtypes and passes), then a reduced K sweep
+   -> bench_replknet31b/, bench_ksweep/ (CSV, markdown, PNG each)
+7. summary.md: every step with exit code, time and log
+
+The whole run is budgeted (default 570 s) so that it finishes within 10 minutes on an H100; each
+step gets what is left, benchmarks skip (and report) cases once their budget is spent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["run_suite", "repo_root"]
+
+
+def repo_root() -> Optional[str]:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.exists(os.path.join(root, "setup.py")) or os.path.exists(os.path.join(root, "pyproject.toml")):
+        return root
+    return None
+
+
+def _run_step(name: str, cmd: List[str], log_path: str, timeout: float, cwd: Optional[str], echo: bool = True,
+              env: Optional[Dict[str, str]] = None) -> Dict:
+    t0 = time.perf_counter()
+    rc: Optional[int] = None
+    note = ""
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        if timeout <= 1:
+            note = "not run: suite time budget exhausted"
+            log.write(note + "\n")
+        else:
+            try:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        cwd=cwd, env=env, bufsize=1)
+                deadline = time.perf_counter() + timeout
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    log.write(line)
+                    if echo:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                    if time.perf_counter() > deadline:
+                        proc.kill()
+                        note = f"killed after {timeout:.0f} s (time budget)"
+                        break
+                try:
+                    rc = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    rc = proc.wait()
+                    note = f"killed after {timeout:.0f} s (time budget)"
+            except OSError as e:
+                note = f"could not start: {e}"
+        if note:
+            log.write(f"\n[suite] {note}\n")
+    return dict(step=name, rc=rc, seconds=round(time.perf_counter() - t0, 1), log=os.path.basename(log_path),
+                note=note, command=" ".join(cmd))
+
+
+def run_suite(outdir: str, budget_s: float = 570.0, skip_build: bool = False, skip_tests: bool = False,
+              all_tests: bool = False, skip_bench: bool = False, bench_extra: Sequence[str] = (),
+              echo: bool = True) -> int:
+    """Run the GPU suite into ``outdir``; returns 0 when every step succeeded, else 1."""
+    t_start = time.perf_counter()
+    os.makedirs(outdir, exist_ok=True)
+    outdir = os.path.abspath(outdir)
+    root = repo_root()
+    py = sys.executable
+    env = dict(os.environ)
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if root:
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+
+    def left() -> float:
+        return budget_s - (time.perf_counter() - t_start)
+
+    def say(msg: str):
+        if echo:
+            print(f"[suite {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    steps: List[Dict] = []
+    # 1. environment
+    from .env import environment
+
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with open(os.path.join(outdir, "env.json"), "w") as f:
+        json.dump(environment(dev), f, indent=2, default=str)
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except Exception as e:
+        smi = f"nvidia-smi not available: {e}"
+    with open(os.path.join(outdir, "nvidia-smi.txt"), "w") as f:
+        f.write(smi)
+    if dev != "cuda":
+        say("WARNING: no CUDA device visible; the suite runs, but GPU tests skip and benchmarks run on CPU")
+
+    # 2. build
+    if not skip_build:
+        if root is None:
+            steps.append(dict(step="build", rc=None, seconds=0, log="", note="no source checkout found; skipped",
+                              command=""))
+        else:
+            say("building the extension: pip install --no-build-isolation -e .")
+            steps.append(_run_step("build", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-v",
+                                             "-e", "."], os.path.join(outdir, "build.log"),
+                                   min(300.0, left() - 200), root, echo, env))
+    # 3./4. info and verify
+    say("python -m lkconv info")
+    steps.append(_run_step("info", [py, "-m", "lkconv", "info"], os.path.join(outdir, "info.log"),
+                           min(60.0, left()), root, echo, env))
+    say("python -m lkconv verify")
+    steps.append(_run_step("verify", [py, "-m", "lkconv", "verify"], os.path.join(outdir, "verify.log"),
+                           min(120.0, left() - 150), root, echo, env))
+    # 5. tests
+    if not skip_tests:
+        sel = [] if all_tests else ["-m", "gpu"]
+        say("pytest " + (" ".join(sel) or "(all tests)"))
+        steps.append(_run_step("tests", [py, "-m", "pytest", "-q", "-rs", *sel, "-p", "no:cacheprovider",
+                                         f"--junitxml={os.path.join(outdir, 'tests.xml')}"],
+                               os.path.join(outdir, "tests.log"),
+                               min(400.0 if all_tests else 180.0, left() - 120), root, echo, env))
+        if steps[-1]["rc"] == 5:  # pytest: no tests collected/selected
+            steps[-1]["note"] = "no tests selected (pytest exit code 5)"
+    # 6. benchmarks
+    if not skip_bench:
+        runs = [
+            ("bench_replknet31b", ["--set", "replknet31b"], 0.55),
+            ("bench_ksweep", ["--set", "ksweep", "--ks", "3,7,13,19,25,31", "--dtypes", "fp16,tf32",
+                              "--passes", "forward,all"], 1.0),
+        ]
+        for name, args, share in runs:
+            b = max(0.0, left() - 25) * share
+            say(f"benchmark {name} (budget {b:.0f} s)")
+            cmd = [py, "-m", "lkconv", "bench", *args, "--out", os.path.join(outdir, name),
+                   "--budget-s", f"{max(1.0, b - 20):.0f}", "--no-progress", *bench_extra]
+            steps.append(_run_step(name, cmd, os.path.join(outdir, f"{name}.log"), b + 30 if b > 1 else 0,
+                                   root, echo, env))
+    # 7. summary
+    lines = ["# lkconv GPU suite", "", f"Total {time.perf_counter() - t_start:.0f} s (budget {budget_s:.0f} s). "
+             "Environment: env.json, nvidia-smi.txt.", "", "| step | exit code | seconds | log | note |",
+             "|---|---|---|---|---|"]
+    for s in steps:
+        lines.append(f"| {s['step']} | {s['rc']} | {s['seconds']} | {s['log']} | {s['note']} |")
+    for name in ("bench_replknet31b", "bench_ksweep"):
+        md = os.path.join(outdir, name, "results.md")
+        if os.path.exists(md):
+            lines += ["", f"Benchmark tables: [{name}/results.md]({name}/results.md)"]
+    with open(os.path.join(outdir, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(outdir, "summary.json"), "w") as f:
+        json.dump(steps, f, indent=2)
+    say(f"done; summary in {os.path.join(outdir, 'summary.md')}")
+    failed = [s for s in steps if s["rc"] != 0 and not s["note"].startswith(("no source", "no tests"))]
+    return 1 if failed else 0
