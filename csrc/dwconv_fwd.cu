@@ -1,0 +1,385 @@
+// lkconv CUDA backend: forward-style convolution kernels (forward, and grad_input, which for
+// stride 1 is the forward with the flipped kernel and padding dilation*(K-1) - p).
+//
+//   generic_conv_kernel      one thread per output, any dtype/geometry/strides.  Obviously correct;
+//                            every case the fast kernels do not cover runs here.
+//   dgrad_strided_kernel     grad_input for stride > 1 (gather form), any dilation.
+//   fp32_blocked_kernel      fp32, stride 1, dilation 1: CUDA-core direct conv, input tile + filter in
+//                            shared memory, each thread a strip of 8 outputs in one row.
+//   toeplitz_wmma_kernel     fp16/bf16, stride 1, dilation 1, sm80+: the row-Toeplitz implicit GEMM
+//                            on tensor cores (nvcuda::wmma m16n16k16, fp32 accumulate).
+//
+// Index convention (see dwconv_params.h):
+//   y[n,c,oh,ow] = sum_{kh,kw} x[n,c, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw] * w[c,kh,kw]
+#include <cuda_runtime.h>
+#include <mma.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include "dwconv_launch.h"
+#include "dwconv_traits.cuh"
+
+namespace lkconv {
+
+// ------------------------------------------------------------------------------------------------
+// generic kernel
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void generic_conv_kernel(ConvArgs a) {
+  using A = typename Acc<T>::type;
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const T* __restrict__ w = static_cast<const T*>(a.w);
+  const T* __restrict__ bias = static_cast<const T*>(a.bias);
+  T* __restrict__ y = static_cast<T*>(a.y);
+  const int64_t total = a.N * a.C * a.Ho * a.Wo;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    int64_t t = idx;
+    const int64_t ow = t % a.Wo; t /= a.Wo;
+    const int64_t oh = t % a.Ho; t /= a.Ho;
+    const int64_t c = t % a.C;
+    const int64_t n = t / a.C;
+    const T* xc = x + n * a.xs[0] + c * a.xs[1];
+    const T* wc = w + c * a.KH * a.KW;
+    A acc = 0;
+    for (int64_t kh = 0; kh < a.KH; ++kh) {
+      const int64_t ih = oh * a.sh - a.pt + kh * a.dh;
+      if (ih < 0 || ih >= a.H) continue;
+      for (int64_t kw = 0; kw < a.KW; ++kw) {
+        const int64_t iw = ow * a.sw - a.pl + kw * a.dw;
+        if (iw < 0 || iw >= a.W) continue;
+        acc += (A)Cvt<T>::to_f(xc[ih * a.xs[2] + iw * a.xs[3]]) * (A)Cvt<T>::to_f(wc[kh * a.KW + kw]);
+      }
+    }
+    if (bias != nullptr) acc += (A)Cvt<T>::to_f(bias[c]);
+    y[n * a.ys[0] + c * a.ys[1] + oh * a.ys[2] + ow * a.ys[3]] = Cvt<T>::from_f(acc);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// grad_input, stride > 1: gx[n,c,ih,iw] = sum over taps with (ih + pt - kh*dh) = oh*sh, 0 <= oh < Ho
+//   here a.x = grad_out (spatial a.Ho x a.Wo), a.y = grad_input (spatial a.H x a.W)
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void dgrad_strided_kernel(ConvArgs a) {
+  using A = typename Acc<T>::type;
+  const T* __restrict__ g = static_cast<const T*>(a.x);
+  const T* __restrict__ w = static_cast<const T*>(a.w);
+  T* __restrict__ gx = static_cast<T*>(a.y);
+  const int64_t total = a.N * a.C * a.H * a.W;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    int64_t t = idx;
+    const int64_t iw = t % a.W; t /= a.W;
+    const int64_t ih = t % a.H; t /= a.H;
+    const int64_t c = t % a.C;
+    const int64_t n = t / a.C;
+    const T* gc = g + n * a.xs[0] + c * a.xs[1];
+    const T* wc = w + c * a.KH * a.KW;
+    A acc = 0;
+    for (int64_t kh = 0; kh < a.KH; ++kh) {
+      const int64_t th = ih + a.pt - kh * a.dh;
+      if (th < 0 || th % a.sh != 0) continue;
+      const int64_t oh = th / a.sh;
+      if (oh >= a.Ho) continue;
+      for (int64_t kw = 0; kw < a.KW; ++kw) {
+        const int64_t tw = iw + a.pl - kw * a.dw;
+        if (tw < 0 || tw % a.sw != 0) continue;
+        const int64_t ow = tw / a.sw;
+        if (ow >= a.Wo) continue;
+        acc += (A)Cvt<T>::to_f(gc[oh * a.xs[2] + ow * a.xs[3]]) * (A)Cvt<T>::to_f(wc[kh * a.KW + kw]);
+      }
+    }
+    gx[n * a.ys[0] + c * a.ys[1] + ih * a.ys[2] + iw * a.ys[3]] = Cvt<T>::from_f(acc);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// fp32, stride 1, dilation 1: register-blocked direct convolution.
+//   CTA: 256 threads, output tile FB_H x FB_W = 32 x 64 of one (n, c); thread: 1 row x 8 columns.
+//   Shared: input tile (FB_H+KH-1) x (FB_W+KW-1) (zeros outside the image) and the filter.
+//   Inner loop: a sliding window of 8 inputs in registers; per tap 1 filter + 1 input smem load
+//   feed 8 FMAs.  Taps whose rows/columns fall entirely in the zero border are skipped.
+// ------------------------------------------------------------------------------------------------
+constexpr int FB_H = 32, FB_W = 64, FB_STRIP = 8, FB_THREADS = 256;
+static_assert(FB_H * (FB_W / FB_STRIP) == FB_THREADS, "fp32 tile/thread mismatch");
+
+__host__ __device__ inline int64_t fp32_smem_bytes(int64_t KH, int64_t KW) {
+  return ((FB_H + KH - 1) * (FB_W + KW - 1) + KH * KW) * (int64_t)sizeof(float);
+}
+
+__global__ void __launch_bounds__(FB_THREADS) fp32_blocked_kernel(ConvArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* Xs = reinterpret_cast<float*>(smem_raw);
+  const int KH = (int)a.KH, KW = (int)a.KW;
+  const int ldx = FB_W + KW - 1;
+  const int rows = FB_H + KH - 1;
+  float* Fs = Xs + (int64_t)rows * ldx;
+
+  const int64_t nc = blockIdx.x;  // n * C + c
+  const int64_t n = nc / a.C, c = nc % a.C;
+  const int64_t ow0 = (int64_t)blockIdx.y * FB_W;
+  const int64_t oh0 = (int64_t)blockIdx.z * FB_H;
+  const float* __restrict__ xc = static_cast<const float*>(a.x) + n * a.xs[0] + c * a.xs[1];
+  const float* __restrict__ wc = static_cast<const float*>(a.w) + c * a.KH * a.KW;
+
+  // stage: Xs[r][q] = x[oh0 - pt + r, ow0 - pl + q] (0 outside)
+  for (int e = threadIdx.x; e < rows * ldx; e += FB_THREADS) {
+    const int r = e / ldx, q = e % ldx;
+    const int64_t ih = oh0 - a.pt + r, iw = ow0 - a.pl + q;
+    Xs[e] = (ih >= 0 && ih < a.H && iw >= 0 && iw < a.W) ? __ldg(xc + ih * a.xs[2] + iw * a.xs[3]) : 0.f;
+  }
+  for (int e = threadIdx.x; e < KH * KW; e += FB_THREADS) Fs[e] = __ldg(wc + e);
+  __syncthreads();
+
+  const int row = threadIdx.x / (FB_W / FB_STRIP);
+  const int c0 = (threadIdx.x % (FB_W / FB_STRIP)) * FB_STRIP;
+  const int64_t oh = oh0 + row, owb = ow0 + c0;
+  if (oh >= a.Ho || owb >= a.Wo) return;  // no __syncthreads() below
+
+  // taps touching the image: ih = oh - pt + kh in [0, H); iw = ow - pl + kw in [0, W) for some ow of the strip
+  const int64_t kh_lo64 = a.pt - oh, kh_hi64 = a.H + a.pt - oh;
+  const int kh_lo = (int)(kh_lo64 < 0 ? 0 : (kh_lo64 > KH ? KH : kh_lo64));
+  const int kh_hi = (int)(kh_hi64 < 0 ? 0 : (kh_hi64 > KH ? KH : kh_hi64));
+  const int64_t kw_lo64 = a.pl - (owb + FB_STRIP - 1), kw_hi64 = a.W + a.pl - owb;
+  const int kw_lo = (int)(kw_lo64 < 0 ? 0 : (kw_lo64 > KW ? KW : kw_lo64));
+  const int kw_hi = (int)(kw_hi64 < 0 ? 0 : (kw_hi64 > KW ? KW : kw_hi64));
+
+  float acc[FB_STRIP];
+#pragma unroll
+  for (int j = 0; j < FB_STRIP; ++j) acc[j] = 0.f;
+
+  for (int kh = kh_lo; kh < kh_hi; ++kh) {
+    const float* xr = Xs + (row + kh) * ldx + c0;  // xr[kw + j] = input for output column c0+j, tap kw
+    const float* fr = Fs + kh * KW;
+    if (kw_lo >= kw_hi) break;
+    float xv[FB_STRIP];
+#pragma unroll
+    for (int j = 0; j < FB_STRIP; ++j) xv[j] = xr[kw_lo + j];
+    for (int kw = kw_lo; kw < kw_hi; ++kw) {
+      const float f = fr[kw];
+#pragma unroll
+      for (int j = 0; j < FB_STRIP; ++j) acc[j] = fmaf(xv[j], f, acc[j]);
+      if (kw + 1 < kw_hi) {
+#pragma unroll
+        for (int j = 0; j < FB_STRIP - 1; ++j) xv[j] = xv[j + 1];
+        xv[FB_STRIP - 1] = xr[kw + FB_STRIP];  // column c0 + kw + 8 <= c0 + KW + 6 < ldx
+      }
+    }
+  }
+  const float b = a.bias != nullptr ? static_cast<const float*>(a.bias)[c] : 0.f;
+  float* yp = static_cast<float*>(a.y) + n * a.ys[0] + c * a.ys[1] + oh * a.ys[2];
+#pragma unroll
+  for (int j = 0; j < FB_STRIP; ++j) {
+    const int64_t ow = owb + j;
+    if (ow < a.Wo) yp[ow * a.ys[3]] = acc[j] + b;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// fp16/bf16, stride 1, dilation 1: row-Toeplitz implicit GEMM on tensor cores (nvcuda::wmma).
+//
+// For one channel and one kernel row kh the 1-D convolution along W is a matrix product
+//   Y[m, nn] += sum_i A[m, i] * B_kk[i, nn]
+//   A[m, i]     = Xs[warp*16 + kh + m][16*j + 16*kk + i]       (input rows/columns, staged in smem)
+//   B_kk[i, nn] = f[kh, 16*kk + i - nn]  if 0 <= 16*kk + i - nn < KW, else 0   (Toeplitz of the filter row)
+// where Xs[r][q] = x[oh0 - pt + r, ow0 - pl + q] and Y[m, nn] is output (oh0 + warp*16 + m, ow0 + 16*j + nn).
+// Check: input column of A = ow0 - pl + 16j + 16kk + i = ow + kw - pl with kw = 16kk + i - nn. With
+// KK = ceil((KW + 15) / 16) chunks every kw in [0, KW) and every nn in [0, 16) is covered exactly once.
+//
+// CTA: 4 warps; tile TC_BM = 64 output rows (16 per warp) x TC_BN = 16*TC_NB = 64 output columns of one (n, c).
+// Shared memory: Cs (fp32 staging of the accumulators), Xs ((64+KH-1) x 16*(TC_NB+KK-1)), Ts (KK 16x16
+// Toeplitz blocks for the current kh), Fs (the filter).  Kernel rows whose input rows all lie in the
+// zero border are skipped (CTA-uniform), as are per-warp rows and per-(j, kk) column chunks outside the image.
+// ------------------------------------------------------------------------------------------------
+constexpr int TC_WARPS = 4, TC_NB = 4, TC_BM = 16 * TC_WARPS, TC_BN = 16 * TC_NB, TC_THREADS = 32 * TC_WARPS;
+
+struct TcLayout {
+  int64_t KK, ldx, rows, cs_bytes, xs_bytes, ts_bytes, fs_bytes, total;
+};
+__host__ __device__ inline TcLayout tc_layout(int64_t KH, int64_t KW) {
+  TcLayout L;
+  L.KK = (KW + 15 + 15) / 16;           // ceil((KW + 15) / 16)
+  L.ldx = 16 * (TC_NB + L.KK - 1);      // multiple of 16 elements: rows stay 32-byte aligned
+  L.rows = TC_BM + KH - 1;
+  L.cs_bytes = (int64_t)TC_WARPS * 16 * TC_BN * 4;
+  L.xs_bytes = L.rows * L.ldx * 2;
+  L.ts_bytes = L.KK * 256 * 2;
+  L.fs_bytes = ((KH * KW * 2 + 31) / 32) * 32;
+  L.total = L.cs_bytes + L.xs_bytes + L.ts_bytes + L.fs_bytes;
+  return L;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(TC_THREADS) toeplitz_wmma_kernel(ConvArgs a) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  using namespace nvcuda;
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  const int KH = (int)a.KH, KW = (int)a.KW;
+  const TcLayout L = tc_layout(KH, KW);
+  const int KK = (int)L.KK, ldx = (int)L.ldx, rows = (int)L.rows;
+  float* Cs = reinterpret_cast<float*>(smem_tc);
+  T* Xs = reinterpret_cast<T*>(smem_tc + L.cs_bytes);
+  T* Ts = reinterpret_cast<T*>(smem_tc + L.cs_bytes + L.xs_bytes);
+  T* Fs = reinterpret_cast<T*>(smem_tc + L.cs_bytes + L.xs_bytes + L.ts_bytes);
+
+  const int64_t nc = blockIdx.x;
+  const int64_t n = nc / a.C, c = nc % a.C;
+  const int64_t ow0 = (int64_t)blockIdx.y * TC_BN;
+  const int64_t oh0 = (int64_t)blockIdx.z * TC_BM;
+  const T* __restrict__ xc = static_cast<const T*>(a.x) + n * a.xs[0] + c * a.xs[1];
+  const T* __restrict__ wc = static_cast<const T*>(a.w) + c * a.KH * a.KW;
+  const T zero = Cvt<T>::from_f(0.f);
+
+  for (int e = threadIdx.x; e < rows * ldx; e += TC_THREADS) {
+    const int r = e / ldx, q = e % ldx;
+    const int64_t ih = oh0 - a.pt + r, iw = ow0 - a.pl + q;
+    Xs[e] = (ih >= 0 && ih < a.H && iw >= 0 && iw < a.W) ? xc[ih * a.xs[2] + iw * a.xs[3]] : zero;
+  }
+  for (int e = threadIdx.x; e < KH * KW; e += TC_THREADS) Fs[e] = wc[e];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[TC_NB];
+#pragma unroll
+  for (int j = 0; j < TC_NB; ++j) wmma::fill_fragment(acc[j], 0.f);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+
+  // kernel rows whose CTA input rows [oh0 - pt + kh, oh0 - pt + kh + TC_BM) meet [0, H)
+  int64_t kh_lo = a.pt - oh0 - TC_BM + 1, kh_hi = a.H + a.pt - oh0;
+  kh_lo = kh_lo < 0 ? 0 : (kh_lo > KH ? KH : kh_lo);
+  kh_hi = kh_hi < 0 ? 0 : (kh_hi > KH ? KH : kh_hi);
+  __syncthreads();  // Xs, Fs ready
+
+  for (int kh = (int)kh_lo; kh < (int)kh_hi; ++kh) {
+    // Toeplitz blocks of filter row kh
+    for (int e = threadIdx.x; e < KK * 256; e += TC_THREADS) {
+      const int kk = e >> 8, i = (e >> 4) & 15, nn = e & 15;
+      const int kw = 16 * kk + i - nn;
+      Ts[e] = (kw >= 0 && kw < KW) ? Fs[kh * KW + kw] : zero;
+    }
+    __syncthreads();
+    const int64_t ih0 = oh0 - a.pt + warp * 16 + kh;  // input row of this warp's first A row
+    if (ih0 + 15 >= 0 && ih0 < a.H) {
+      for (int kk = 0; kk < KK; ++kk) {
+        wmma::load_matrix_sync(fb, Ts + kk * 256, 16);
+#pragma unroll
+        for (int j = 0; j < TC_NB; ++j) {
+          const int64_t iwc = ow0 - a.pl + 16 * (j + kk);  // first input column of this A chunk
+          if (iwc + 15 < 0 || iwc >= a.W) continue;        // chunk entirely in the zero border
+          wmma::load_matrix_sync(fa, Xs + (warp * 16 + kh) * ldx + 16 * (j + kk), ldx);
+          wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+      }
+    }
+    __syncthreads();  // Ts is rewritten next iteration
+  }
+
+  float* Cw = Cs + warp * 16 * TC_BN;
+#pragma unroll
+  for (int j = 0; j < TC_NB; ++j) wmma::store_matrix_sync(Cw + 16 * j, acc[j], TC_BN, wmma::mem_row_major);
+  __syncwarp();
+  const float b = a.bias != nullptr ? Cvt<T>::to_f(static_cast<const T*>(a.bias)[c]) : 0.f;
+  T* yc = static_cast<T*>(a.y) + n * a.ys[0] + c * a.ys[1];
+  for (int e = lane; e < 16 * TC_BN; e += 32) {
+    const int m = e / TC_BN, q = e % TC_BN;
+    const int64_t oh = oh0 + warp * 16 + m, ow = ow0 + q;
+    if (oh < a.Ho && ow < a.Wo) yc[oh * a.ys[2] + ow * a.ys[3]] = Cvt<T>::from_f(Cw[e] + b);
+  }
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// launchers
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+template <typename T>
+void launch_generic(const ConvArgs& a, cudaStream_t stream) {
+  const int64_t total = a.N * a.C * a.Ho * a.Wo;
+  if (total == 0) return;
+  const int threads = 256;
+  int64_t blocks = ceil_div(total, threads);
+  if (blocks > (int64_t)1 << 20) blocks = (int64_t)1 << 20;  // grid-stride loop covers the rest
+  generic_conv_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_dgrad_generic(const ConvArgs& a, cudaStream_t stream) {
+  const int64_t total = a.N * a.C * a.H * a.W;
+  if (total == 0) return;
+  const int threads = 256;
+  int64_t blocks = ceil_div(total, threads);
+  if (blocks > (int64_t)1 << 20) blocks = (int64_t)1 << 20;
+  dgrad_strided_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool grid_ok(int64_t gx, int64_t gy, int64_t gz) {
+  return gx >= 1 && gx <= 2147483647LL && gy >= 1 && gy <= 65535 && gz >= 1 && gz <= 65535;
+}
+
+bool try_fp32_blocked(const ConvArgs& a, cudaStream_t stream) {
+  if (a.sh != 1 || a.sw != 1 || a.dh != 1 || a.dw != 1) return false;
+  if (a.KH > 1024 || a.KW > 1024) return false;
+  const int64_t smem = fp32_smem_bytes(a.KH, a.KW);
+  if (smem > a.max_smem_optin) return false;
+  const int64_t gx = a.N * a.C, gy = ceil_div(a.Wo, FB_W), gz = ceil_div(a.Ho, FB_H);
+  if (!grid_ok(gx, gy, gz)) return false;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(fp32_blocked_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  }
+  fp32_blocked_kernel<<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), FB_THREADS, (size_t)smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+template <typename T>
+bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
+  if (a.sm_major < 8) return false;  // kernel body is compiled for sm80+ only
+  if (a.sh != 1 || a.sw != 1 || a.dh != 1 || a.dw != 1) return false;
+  if (a.KH > 1024 || a.KW > 1024) return false;
+  const TcLayout L = tc_layout(a.KH, a.KW);
+  if (L.total > a.max_smem_optin) return false;
+  const int64_t gx = a.N * a.C, gy = ceil_div(a.Wo, TC_BN), gz = ceil_div(a.Ho, TC_BM);
+  if (!grid_ok(gx, gy, gz)) return false;
+  if (L.total > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(toeplitz_wmma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L.total));
+  }
+  toeplitz_wmma_kernel<T><<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), TC_THREADS, (size_t)L.total, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+}  // namespace
+
+Algo launch_conv(const ConvArgs& a, bool force_generic, cudaStream_t stream) {
+  if (a.N * a.C * a.Ho * a.Wo == 0) return Algo::kGeneric;
+  switch (a.dtype) {
+    case DType::kFloat32:
+      if (!force_generic && try_fp32_blocked(a, stream)) return Algo::kFp32Blocked;
+      launch_generic<float>(a, stream);
+      return Algo::kGeneric;
+    case DType::kFloat16:
+      if (!force_generic && try_toeplitz<__half>(a, stream)) return Algo::kTensorCoreToeplitz;
+      launch_generic<__half>(a, stream);
+      return Algo::kGeneric;
+    case DType::kBFloat16:
+      if (!force_generic && try_toeplitz<__nv_bfloat16>(a, stream)) return Algo::kTensorCoreToeplitz;
+      launch_generic<__nv_bfloat16>(a, stream);
+      return Algo::kGeneric;
+  }
+  TORCH_CHECK(false, "lkconv_cuda: unsupported dtype code ", (int)a.dtype, " (float32, float16, bfloat16 only)");
+}
+
+void launch_dgrad_strided(const ConvArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kFloat32: launch_dgrad_generic<float>(a, stream); return;
+    case DType::kFloat16: launch_dgrad_generic<__half>(a, stream); return;
+    case DType::kBFloat16: launch_dgrad_generic<__nv_bfloat16>(a, stream); return;
+  }
+  TORCH_CHECK(false, "lkconv_cuda: unsupported dtype code ", (int)a.dtype, " (float32, float16, bfloat16 only)");
+}
+
+}  // namespace lkconv
