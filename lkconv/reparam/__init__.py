@@ -1,7 +1,24 @@
 """Structural re-parameterization: pure (kernel, bias) transforms, re-parameterizable blocks and
 ``reparameterize(model)``.  See docs/reparam.md."""
 from . import transforms
-from .blocks import BNAndPad, ConvBN, ReparamLargeKernelConv, ReparamModule
+from .blocks import (
+    DILATED_BRANCHES,
+    DYREP_BRANCHES,
+    ACBlock,
+    BNAndPad,
+    ConvBN,
+    DilatedReparamBlock,
+    DiverseBranchBlock,
+    DyRepBlock,
+    IdentityBasedConv1x1,
+    ReparamLargeKernelConv,
+    ReparamModule,
+    RepVGGBlock,
+    ResRepBlock,
+    RMBlock,
+    shrink_input_channels,
+)
+from .model import fuse_conv_bn_modules, reparameterize, to_plain
 from .transforms import (
     add_branches,
     avgpool_kernel,
@@ -24,6 +41,20 @@ __all__ = [
     "ConvBN",
     "ReparamModule",
     "ReparamLargeKernelConv",
+    "ACBlock",
+    "RepVGGBlock",
+    "DiverseBranchBlock",
+    "IdentityBasedConv1x1",
+    "DilatedReparamBlock",
+    "DILATED_BRANCHES",
+    "ResRepBlock",
+    "shrink_input_channels",
+    "RMBlock",
+    "DyRepBlock",
+    "DYREP_BRANCHES",
+    "reparameterize",
+    "to_plain",
+    "fuse_conv_bn_modules",
     "add_branches",
     "avgpool_kernel",
     "bn_scale_shift",
