@@ -181,6 +181,29 @@ def test_dbb(cin, cout, k, s, g, internal):
     _check_equiv(b, x)
 
 
+class _NaiveBNThenZeroPad(nn.Module):
+    """BN followed by zero padding: the version without the BN-and-pad trick."""
+
+    def __init__(self, bnpad):
+        super().__init__()
+        self.bn, self.p = bnpad.bn, bnpad.pad_pixels
+
+    def forward(self, x):
+        return F.pad(self.bn(x), [self.p] * 4)
+
+
+def test_dbb_equivalence_check_catches_missing_pad_trick():
+    b = randomize_bn(DiverseBranchBlock(4, 4, 3)).to(DT).eval()
+    b.dbb_1x1_kxk.bn1 = _NaiveBNThenZeroPad(b.dbb_1x1_kxk.bn1)
+    x = torch.randn(1, 4, 8, 8, dtype=DT)
+    with torch.no_grad():
+        y = b(x)
+        b.reparameterize()
+        d = (b(x) - y).abs()
+    assert d[:, :, 1:-1, 1:-1].max() < 1e-12  # interior agrees
+    assert d[:, :, 0].min() > 1e-6 and d[:, :, -1].min() > 1e-6  # every border pixel differs
+
+
 def test_dbb_train_mode_backward():
     b = DiverseBranchBlock(4, 4, 3)
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
