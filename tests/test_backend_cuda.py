@@ -1,0 +1,296 @@
+"""The ``cuda`` backend (compiled extension, csrc/).
+
+Without a GPU: the backend reports why it is unavailable, declines CPU tensors, is not loaded by
+``import lkconv``; when the extension is built (``python setup.py build_ext --inplace`` /
+.ci/build_cuda.sh) its ops are registered with the expected schemas and reject CPU tensors with a
+clear error.  With a GPU (``pytest tests/test_backend_cuda.py``): every pass, dtype and layout against
+the fp64 reference (lkconv.testing.compare_all_passes), fast vs generic kernels, determinism, opcheck,
+CUDA-graph capture, > 2^31 elements (marked slow).
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+import lkconv
+from lkconv.backends import cuda as cuda_backend
+from lkconv.params import normalize_params
+from lkconv.testing import compare_all_passes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCHEMAS = {
+    "fwd": "lkconv_cuda::fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+           "int algo=0) -> Tensor",
+    "grad_input": "lkconv_cuda::grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, "
+                  "int[] padding, int[] dilation, int algo=0) -> Tensor",
+    "grad_weight": "lkconv_cuda::grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, "
+                   "int[] padding, int[] dilation) -> Tensor",
+}
+
+
+def _extension_loaded() -> bool:
+    return cuda_backend.load_extension(jit=False) is None
+
+
+def _cuda_ready():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (none visible)"
+    why = lkconv.backend_status().get("cuda")
+    return f"cuda backend unavailable: {why}" if why else None
+
+
+_CUDA_SKIP = _cuda_ready()
+requires_cuda_backend = pytest.mark.skipif(_CUDA_SKIP is not None, reason=_CUDA_SKIP or "")
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU-runnable
+# ------------------------------------------------------------------------------------------------
+def test_constructing_the_backend_loads_nothing():
+    be = cuda_backend.CUDABackend()  # what the registry does lazily; probing happens on first use only
+    assert be._probed is False
+
+
+def test_unavailable_reason_is_clear():
+    why = cuda_backend.CUDABackend().unavailable_reason()
+    if torch.cuda.is_available() and _extension_loaded():
+        assert why is None
+    else:
+        assert isinstance(why, str) and why
+        if not torch.cuda.is_available():
+            assert "CUDA" in why
+
+
+def test_missing_extension_message_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "ops_registered", lambda: False)
+    monkeypatch.setitem(sys.modules, "lkconv._C", None)  # import lkconv._C -> ImportError
+    why = cuda_backend.load_extension(jit=False)
+    assert why is not None
+    assert "pip install --no-build-isolation -e ." in why and "LKCONV_JIT=1" in why, why
+
+
+def test_check_declines_what_it_cannot_run():
+    be = cuda_backend.CUDABackend()
+    p = normalize_params(1, 1, 1, (3, 3))
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)
+    assert "CUDA" in be.check(x, w, p, "forward")
+    for d in (torch.float64, torch.int32):
+        xm = torch.empty(1, 2, 5, 5, dtype=d, device="meta")
+        wm = torch.empty(2, 1, 3, 3, dtype=d, device="meta")
+        assert be.check(xm, wm, p, "forward") is not None  # meta: not CUDA either way
+    if torch.cuda.is_available():
+        xd = torch.randn(1, 2, 5, 5, dtype=torch.float64, device="cuda")
+        wd = torch.randn(2, 1, 3, 3, dtype=torch.float64, device="cuda")
+        assert "float64" in be.check(xd, wd, p, "forward")
+        xh = torch.randn(1, 2, 5, 5, dtype=torch.float16, device="cuda")
+        assert be.check(xh, wd.half(), p, "forward") is None
+        assert "differs" in be.check(xh, wd.float(), p, "forward")
+
+
+@pytest.mark.skipif(not _extension_loaded(), reason="lkconv._C not built (run .ci/build_cuda.sh or "
+                    "`python setup.py build_ext --inplace` with a CUDA toolkit)")
+def test_extension_registers_ops_with_schemas():
+    for name, schema in SCHEMAS.items():
+        assert str(getattr(torch.ops.lkconv_cuda, name).default._schema) == schema
+
+
+@pytest.mark.skipif(not _extension_loaded(), reason="lkconv._C not built")
+def test_extension_rejects_cpu_tensors_cleanly():
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)
+    g = torch.randn(1, 2, 5, 5)
+    calls = [
+        lambda: torch.ops.lkconv_cuda.fwd(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1]),
+        lambda: torch.ops.lkconv_cuda.grad_input(g, w, [1, 2, 5, 5], [1, 1], [1, 1, 1, 1], [1, 1]),
+        lambda: torch.ops.lkconv_cuda.grad_weight(g, x, [2, 1, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+    ]
+    for call in calls:
+        with pytest.raises(NotImplementedError, match="CPU"):
+            call()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+# (N, C, H, W, KH, KW, stride, padding, dilation)
+CASES = {
+    "k1": (2, 3, 9, 10, 1, 1, 1, 0, 1),
+    "k3": (2, 5, 12, 13, 3, 3, 1, 1, 1),
+    "k7": (2, 4, 17, 19, 7, 7, 1, 3, 1),
+    "k13": (2, 3, 20, 24, 13, 13, 1, 6, 1),
+    "k31": (1, 3, 40, 70, 31, 31, 1, 15, 1),
+    "k63": (1, 2, 70, 80, 63, 63, 1, 31, 1),
+    "k31_valid": (1, 2, 40, 45, 31, 31, 1, 0, 1),
+    "even_k8_same": (2, 3, 15, 17, 8, 8, 1, "same", 1),
+    "rect_5x11": (2, 3, 16, 21, 5, 11, 1, (2, 5), 1),
+    "rect_31x3": (1, 3, 40, 20, 31, 3, 1, (15, 1), 1),
+    "k_gt_h_31_on_7": (2, 5, 7, 7, 31, 31, 1, 15, 1),
+    "k_gt_h_13_on_5x9": (1, 3, 5, 9, 13, 13, 1, 6, 1),
+    "stride2_k7": (2, 3, 17, 18, 7, 7, 2, 3, 1),
+    "stride2_k13_rect": (1, 3, 20, 23, 13, 5, (2, 1), (6, 2), 1),
+    "dilation2_k7": (2, 3, 20, 21, 7, 7, 1, 6, 2),
+    "dilation_stride": (1, 3, 23, 22, 5, 5, 2, 4, (2, 3)),
+    "asym_pad": (2, 3, 14, 15, 7, 7, 1, (1, 5, 6, 0), 1),
+    "big_pad": (1, 2, 6, 6, 3, 5, 1, (4, 4, 5, 5), 1),
+    "c_odd_100": (1, 100, 9, 9, 5, 5, 1, 2, 1),
+    "tall_130": (1, 2, 130, 20, 9, 9, 1, 4, 1),
+    "wide_150": (1, 2, 10, 150, 9, 9, 1, 4, 1),
+    "batch0": (0, 3, 8, 8, 5, 5, 1, 2, 1),
+    "batch1": (1, 3, 8, 8, 5, 5, 1, 2, 1),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LAYOUTS = ("nchw", "channels_last", "sliced")
+
+
+def _make(case, dtype, layout, bias=True, seed=0):
+    N, C, H, W, KH, KW, s, p, d = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "sliced":  # a non-contiguous view of a bigger buffer
+        big = torch.randn(N, C + 2, H + 3, W + 5, generator=gen)
+        x = big.to(dtype).cuda()[:, 1:C + 1, 2:H + 2, 3:W + 3]
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(N, C, H, W, generator=gen).to(dtype).cuda()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(C, 1, KH, KW, generator=gen) / (KH * KW) ** 0.5).to(dtype).cuda()
+    b = torch.randn(C, generator=gen).to(dtype).cuda() if bias else None
+    return x, w, b, s, p, d
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_all_passes_vs_reference(case, dtype, layout):
+    x, w, b, s, p, d = _make(case, DTYPES[dtype], layout)
+    res = compare_all_passes("cuda", x, w, b, s, p, d)
+    assert all(r.ok for r in res), "\n".join(map(str, res))
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", ["k7", "k31", "k63", "even_k8_same", "asym_pad", "k_gt_h_31_on_7", "tall_130",
+                                  "wide_150", "dilation2_k7"])
+def test_fast_kernels_match_generic(case, dtype):
+    """The fast kernels (algo 0) agree with the generic ones (algo 1) within the dtype's rounding."""
+    x, w, b, s, p, d = _make(case, DTYPES[dtype], "nchw")
+    pr = normalize_params(s, p, d, (w.shape[2], w.shape[3]))
+    st, pad, dil = pr.as_lists()
+    ops = torch.ops.lkconv_cuda
+    y0, y1 = ops.fwd(x, w, b, st, pad, dil, 0), ops.fwd(x, w, b, st, pad, dil, 1)
+    g = torch.randn_like(y0)
+    gx0 = ops.grad_input(g, w, list(x.shape), st, pad, dil, 0)
+    gx1 = ops.grad_input(g, w, list(x.shape), st, pad, dil, 1)
+    tol = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}[dtype]
+    torch.testing.assert_close(y0.float(), y1.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(gx0.float(), gx1.float(), atol=tol, rtol=tol)
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_grad_weight_is_deterministic(dtype):
+    x, w, b, s, p, d = _make("k31", DTYPES[dtype], "nchw")
+    x = torch.randn(4, 3, 64, 64, device="cuda").to(DTYPES[dtype])
+    g = torch.randn(4, 3, 64, 64, device="cuda").to(DTYPES[dtype])
+    args = (g, x, list(w.shape), [1, 1], [15, 15, 15, 15], [1, 1])
+    a, b2 = torch.ops.lkconv_cuda.grad_weight(*args), torch.ops.lkconv_cuda.grad_weight(*args)
+    assert torch.equal(a, b2)
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["k7", "stride2_k7", "asym_pad"])
+def test_opcheck_lkconv_ops(case):
+    x, w, b, s, p, d = _make(case, torch.float32, "nchw")
+    pr = normalize_params(s, p, d, (w.shape[2], w.shape[3]))
+    st, pad, dil = pr.as_lists()
+    xr, wr, br = x.clone().requires_grad_(True), w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.lkconv.dwconv2d.default, (xr, wr, br, st, pad, dil, "cuda"))
+    out = torch.ops.lkconv.dwconv2d(x, w, b, st, pad, dil, "cuda")
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.lkconv.dwconv2d_grad_input.default, (g, w, list(x.shape), st, pad, dil, "cuda"))
+    torch.library.opcheck(torch.ops.lkconv.dwconv2d_grad_weight.default, (g, x, list(w.shape), st, pad, dil, "cuda"))
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+def test_auto_picks_cuda():
+    x, w, b, s, p, d = _make("k7", torch.float16, "nchw")
+    pr = normalize_params(s, p, d, (7, 7))
+    assert lkconv.backends.resolve_backend("auto", x, w, pr) == "cuda"
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_cuda_graph_capture(dtype):
+    x, w, b, s, p, d = _make("k13", DTYPES[dtype], "nchw")
+    xr = x.clone().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+
+    def step():
+        y = lkconv.depthwise_conv2d(xr, wr, b, s, p, d, backend="cuda")
+        gx, gw = torch.autograd.grad(y.float().square().sum(), (xr, wr))
+        return y, gx, gw
+
+    s_ = torch.cuda.Stream()
+    s_.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s_):
+        for _ in range(2):
+            eager = step()  # warm-up (also loads the extension) outside the capture
+    torch.cuda.current_stream().wait_stream(s_)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        xr.copy_(torch.randn_like(xr))
+    graph.replay()
+    torch.cuda.synchronize()
+    again = step()
+    for c, e in zip(captured, again):
+        torch.testing.assert_close(c, e, atol=0, rtol=0)  # same kernels, deterministic
+    assert eager[0].shape == captured[0].shape
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(1, 2, 8, 8, device="cuda")
+    w = torch.randn(2, 1, 3, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="padding must have 4 values"):
+        torch.ops.lkconv_cuda.fwd(x, w, None, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        torch.ops.lkconv_cuda.fwd(x, w[:1], None, [1, 1], [1, 1, 1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        torch.ops.lkconv_cuda.fwd(x.double(), w.double(), None, [1, 1], [1, 1, 1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="output size"):
+        torch.ops.lkconv_cuda.fwd(x, torch.randn(2, 1, 11, 11, device="cuda"), None, [1, 1], [0, 0, 0, 0], [1, 1])
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """int64 indexing: 2^31 + elements in one fp16 tensor (needs ~10 GB of GPU memory)."""
+    N, C, H, W = 1, 2, 32768 + 8, 32768
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip(f"needs ~12 GiB free GPU memory, {free / 2**30:.1f} GiB free")
+    x = torch.zeros(N, C, H, W, dtype=torch.float16, device="cuda")
+    assert x.numel() > 2**31
+    x[:, :, -3:, -4:] = 1.0  # only the last corner is non-zero
+    w = torch.ones(C, 1, 3, 3, dtype=torch.float16, device="cuda")
+    for algo in (0, 1):
+        y = torch.ops.lkconv_cuda.fwd(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], algo)
+        ref = torch.nn.functional.conv2d(x[:, :, -6:, -7:].float(), w.float(), None, 1, 1, 1, C)
+        torch.testing.assert_close(y[:, :, -5:, -6:].float(), ref[:, :, 1:, 1:])
+        assert y[:, :, : H - 8].abs().max().item() == 0
+        del y
+    gw = torch.ops.lkconv_cuda.grad_weight(x, x, [C, 1, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
+    # sum over positions of x(shifted) * x: the 3x4 block of ones overlaps itself 3*4 at the centre tap
+    assert gw[0, 0, 1, 1].item() == 12.0
