@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.utils.checkpoint as _cp
 
 from ..nn.modules import LargeKernelConv2d
-from ..reparam import ReparamLargeKernelConv
+from ..reparam import ReparamLargeKernelConv, ReparamModule
 
 __all__ = [
     "RepLKNet",
@@ -119,13 +119,14 @@ class RepLKBlock(nn.Module):
     residual with drop path."""
 
     def __init__(self, in_channels, dw_channels, block_lk_size, small_kernel, drop_path=0.0,
-                 small_kernel_merged=False, sync_bn=False):
+                 small_kernel_merged=False, sync_bn=False, backend=None):
         super().__init__()
         self.pw1 = conv_bn_relu(in_channels, dw_channels, 1, 1, 0, groups=1, sync_bn=sync_bn)
         self.pw2 = conv_bn(dw_channels, in_channels, 1, 1, 0, groups=1, sync_bn=sync_bn)
         self.large_kernel = ReparamLargeKernelConv(
             in_channels=dw_channels, out_channels=dw_channels, kernel_size=block_lk_size, stride=1,
-            groups=dw_channels, small_kernel=small_kernel, small_kernel_merged=small_kernel_merged)
+            groups=dw_channels, small_kernel=small_kernel, small_kernel_merged=small_kernel_merged,
+            backend=backend)
         self.lk_nonlinear = nn.ReLU()
         self.prelkb_bn = _bn(in_channels, sync_bn)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -144,14 +145,14 @@ class RepLKNetStage(nn.Module):
 
     def __init__(self, channels, num_blocks, stage_lk_size, drop_path, small_kernel, dw_ratio=1.0,
                  ffn_ratio=4.0, use_checkpoint=False, small_kernel_merged=False,
-                 norm_intermediate_features=False, sync_bn=False):
+                 norm_intermediate_features=False, sync_bn=False, backend=None):
         super().__init__()
         self.use_checkpoint = bool(use_checkpoint)
         blocks = []
         for i in range(num_blocks):
             dp = drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path
             blocks.append(RepLKBlock(channels, int(channels * dw_ratio), stage_lk_size, small_kernel, dp,
-                                     small_kernel_merged, sync_bn))
+                                     small_kernel_merged, sync_bn, backend))
             blocks.append(ConvFFN(channels, int(channels * ffn_ratio), channels, dp, sync_bn))
         self.blocks = nn.ModuleList(blocks)
         self.norm = _bn(channels, sync_bn) if norm_intermediate_features else nn.Identity()
@@ -250,7 +251,7 @@ class RepLKNet(nn.Module):
             self.stages.append(RepLKNetStage(
                 channels[i], layers[i], large_kernel_sizes[i], dpr[sum(layers[:i]):sum(layers[:i + 1])],
                 small_kernel, dw_ratio, ffn_ratio, use_checkpoint, small_kernel_merged,
-                norm_intermediate_features, sb))
+                norm_intermediate_features, sb, backend))
             if i < n - 1:
                 self.transitions.append(nn.Sequential(
                     conv_bn_relu(channels[i], channels[i + 1], 1, 1, 0, groups=1, sync_bn=sb),
@@ -261,7 +262,7 @@ class RepLKNet(nn.Module):
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.head = nn.Linear(channels[-1], num_classes)
         if backend is not None:
-            set_model_backend(self, backend)
+            set_model_backend(self, backend)  # validates the name
 
     def forward_features(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -292,10 +293,11 @@ class RepLKNet(nn.Module):
         return self.head(x)
 
     def reparameterize(self) -> "RepLKNet":
-        """Merge every large+small kernel pair into one large kernel (in place; returns self)."""
-        from ..reparam import reparameterize
-
-        reparameterize(self)
+        """Merge every large+small kernel pair into one large kernel (in place; returns self).
+        BatchNorm statistics are used as they are: call it on a trained model (eval semantics)."""
+        for m in list(self.modules()):
+            if isinstance(m, ReparamModule):
+                m.reparameterize()
         return self
 
     # the original name
@@ -364,7 +366,8 @@ def create_model(name: str, **kwargs) -> RepLKNet:
 # helpers
 # --------------------------------------------------------------------------------------------------
 def set_model_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
-    """Set the lkconv backend of every lkconv module in ``model`` (None: lkconv's default)."""
+    """Set the lkconv backend of every lkconv module (and of every re-parameterizable block, so the
+    deployed convolutions inherit it) in ``model``; None: lkconv's default.  Returns ``model``."""
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"set_model_backend: backend must be a string or None, got {type(backend).__name__}")
     if backend is not None and backend != "auto":
@@ -374,7 +377,7 @@ def set_model_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
             raise ValueError(f"set_model_backend: unknown backend {backend!r}; choose 'auto' or one of "
                              f"{list_backends()}")
     for m in model.modules():
-        if isinstance(m, LargeKernelConv2d):
+        if isinstance(m, (LargeKernelConv2d, ReparamModule)):
             m.backend = backend
     return model
 

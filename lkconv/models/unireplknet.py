@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.modules import LargeKernelConv2d
+from ..reparam import ReparamModule
 from .replknet import DropPath
 
 __all__ = ["DilatedReparamBlock", "UniRepLKNetBlock", "GRN", "SEBlock", "dilated_to_dense",
@@ -54,7 +55,7 @@ def dilated_to_dense(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
     return dense
 
 
-class DilatedReparamBlock(nn.Module):
+class DilatedReparamBlock(ReparamModule):
     """Depthwise ``kernel_size`` conv + BN, plus dilated small-kernel branches (each conv + BN).
 
     Args:
@@ -75,6 +76,7 @@ class DilatedReparamBlock(nn.Module):
         self.kernel_size = kernel_size
         self.kernel_sizes, self.dilates = (list(v) for v in DILATED_BRANCHES[kernel_size])
         self.deployed = bool(deploy)
+        self.backend = backend
         self.lk_origin = LargeKernelConv2d(channels, channels, kernel_size, 1, kernel_size // 2, 1, channels,
                                            bias=self.deployed, backend=backend)
         if not self.deployed:
@@ -114,7 +116,7 @@ class DilatedReparamBlock(nn.Module):
         k, b = self.get_equivalent_kernel_bias()
         old = self.lk_origin
         new = LargeKernelConv2d(self.channels, self.channels, self.kernel_size, 1, self.kernel_size // 2, 1,
-                                self.channels, bias=True, backend=old.backend, device=k.device, dtype=k.dtype)
+                                self.channels, bias=True, backend=self.backend, device=k.device, dtype=k.dtype)
         new.weight.copy_(k)
         new.bias.copy_(b)
         self.lk_origin = new
