@@ -294,3 +294,150 @@ def test_more_than_2_31_elements():
     gw = torch.ops.lkconv_cuda.grad_weight(x, x, [C, 1, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1])
     # sum over positions of x(shifted) * x: the 3x4 block of ones overlaps itself 3*4 at the centre tap
     assert gw[0, 0, 1, 1].item() == 12.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Host emulation of the fast kernels' tiling/index math (CPU, no GPU needed).  These functions are
+# line-by-line transcriptions of toeplitz_wmma_kernel and fp32_blocked_kernel in csrc/dwconv_fwd.cu
+# (same tile constants, staging, skip conditions, Toeplitz blocks, sliding window), run on tiny
+# shapes and compared with F.conv2d -- they check the index math, not the CUDA code generation.
+# ------------------------------------------------------------------------------------------------
+TC_WARPS, TC_NB = 4, 4
+TC_BM, TC_BN = 16 * TC_WARPS, 16 * TC_NB
+FB_H, FB_W, FB_STRIP = 32, 64, 8
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def emulate_toeplitz(x, w, bias, pt, pl, Ho, Wo):
+    N, C, H, W = x.shape
+    KH, KW = w.shape[2], w.shape[3]
+    KK = (KW + 15 + 15) // 16
+    ldx = 16 * (TC_NB + KK - 1)
+    rows = TC_BM + KH - 1
+    y = torch.full((N, C, Ho, Wo), float("nan"), dtype=torch.float64)
+    for n in range(N):
+        for c in range(C):
+            f = w[c, 0].double()
+            for by in range(_ceil_div(Wo, TC_BN)):
+                for bz in range(_ceil_div(Ho, TC_BM)):
+                    ow0, oh0 = by * TC_BN, bz * TC_BM
+                    Xs = torch.zeros(rows, ldx, dtype=torch.float64)
+                    for r in range(rows):
+                        for q in range(ldx):
+                            ih, iw = oh0 - pt + r, ow0 - pl + q
+                            if 0 <= ih < H and 0 <= iw < W:
+                                Xs[r, q] = x[n, c, ih, iw]
+                    acc = torch.zeros(TC_WARPS, TC_NB, 16, 16, dtype=torch.float64)
+                    kh_lo = min(max(pt - oh0 - TC_BM + 1, 0), KH)
+                    kh_hi = min(max(H + pt - oh0, 0), KH)
+                    for kh in range(kh_lo, kh_hi):
+                        Ts = torch.zeros(KK, 16, 16, dtype=torch.float64)
+                        for kk in range(KK):
+                            for i in range(16):
+                                for nn in range(16):
+                                    kw = 16 * kk + i - nn
+                                    if 0 <= kw < KW:
+                                        Ts[kk, i, nn] = f[kh, kw]
+                        for warp in range(TC_WARPS):
+                            ih0 = oh0 - pt + warp * 16 + kh
+                            if not (ih0 + 15 >= 0 and ih0 < H):
+                                continue
+                            for kk in range(KK):
+                                for j in range(TC_NB):
+                                    iwc = ow0 - pl + 16 * (j + kk)
+                                    if iwc + 15 < 0 or iwc >= W:
+                                        continue
+                                    r0, c0 = warp * 16 + kh, 16 * (j + kk)
+                                    acc[warp, j] += Xs[r0:r0 + 16, c0:c0 + 16] @ Ts[kk]
+                    b = 0.0 if bias is None else float(bias[c])
+                    for warp in range(TC_WARPS):
+                        for j in range(TC_NB):
+                            for m in range(16):
+                                for nn in range(16):
+                                    oh, ow = oh0 + warp * 16 + m, ow0 + 16 * j + nn
+                                    if oh < Ho and ow < Wo:
+                                        y[n, c, oh, ow] = acc[warp, j, m, nn] + b
+    return y
+
+
+def emulate_fp32_blocked(x, w, bias, pt, pl, Ho, Wo):
+    N, C, H, W = x.shape
+    KH, KW = w.shape[2], w.shape[3]
+    ldx, rows = FB_W + KW - 1, FB_H + KH - 1
+    y = torch.full((N, C, Ho, Wo), float("nan"), dtype=torch.float64)
+    for n in range(N):
+        for c in range(C):
+            Fs = w[c, 0].double().flatten().tolist()
+            for by in range(_ceil_div(Wo, FB_W)):
+                for bz in range(_ceil_div(Ho, FB_H)):
+                    ow0, oh0 = by * FB_W, bz * FB_H
+                    Xs = [0.0] * (rows * ldx)
+                    for e in range(rows * ldx):
+                        r, q = divmod(e, ldx)
+                        ih, iw = oh0 - pt + r, ow0 - pl + q
+                        if 0 <= ih < H and 0 <= iw < W:
+                            Xs[e] = float(x[n, c, ih, iw])
+                    for t in range(FB_H * FB_W // FB_STRIP):
+                        row, c0 = t // (FB_W // FB_STRIP), (t % (FB_W // FB_STRIP)) * FB_STRIP
+                        oh, owb = oh0 + row, ow0 + c0
+                        if oh >= Ho or owb >= Wo:
+                            continue
+                        kh_lo, kh_hi = min(max(pt - oh, 0), KH), min(max(H + pt - oh, 0), KH)
+                        kw_lo = min(max(pl - (owb + FB_STRIP - 1), 0), KW)
+                        kw_hi = min(max(W + pl - owb, 0), KW)
+                        acc = [0.0] * FB_STRIP
+                        for kh in range(kh_lo, kh_hi):
+                            xr = (row + kh) * ldx + c0
+                            if kw_lo >= kw_hi:
+                                break
+                            xv = [Xs[xr + kw_lo + j] for j in range(FB_STRIP)]
+                            for kw in range(kw_lo, kw_hi):
+                                fv = Fs[kh * KW + kw]
+                                for j in range(FB_STRIP):
+                                    acc[j] += xv[j] * fv
+                                if kw + 1 < kw_hi:
+                                    xv = xv[1:] + [Xs[xr + kw + FB_STRIP]]
+                                    assert c0 + kw + FB_STRIP < ldx  # the smem read stays in the row
+                        b = 0.0 if bias is None else float(bias[c])
+                        for j in range(FB_STRIP):
+                            if owb + j < Wo:
+                                y[n, c, oh, owb + j] = acc[j] + b
+    return y
+
+
+# (C, H, W, KH, KW, (top, bottom, left, right)): tile edges, K > H, asymmetric and large padding
+EMU_CASES = {
+    "k5_pad2": (1, 9, 11, 5, 5, (2, 2, 2, 2)),
+    "k13_asym": (1, 7, 20, 13, 13, (6, 7, 5, 0)),
+    "k31_on_5x6": (1, 5, 6, 31, 31, (15, 15, 15, 15)),
+    "rect_3x17_tall": (1, 70, 18, 3, 17, (1, 1, 8, 8)),
+    "even_4x6_wide": (1, 6, 70, 4, 6, (1, 2, 2, 3)),
+    "pad_gt_k": (1, 4, 5, 3, 3, (4, 5, 3, 6)),
+}
+
+
+@pytest.mark.parametrize("kernel", ["toeplitz", "fp32_blocked"])
+@pytest.mark.parametrize("case", list(EMU_CASES), ids=list(EMU_CASES))
+def test_fast_kernel_index_math_emulated(kernel, case):
+    C, H, W, KH, KW, pad = EMU_CASES[case]
+    emulate = emulate_toeplitz if kernel == "toeplitz" else emulate_fp32_blocked
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64)
+    b = torch.randn(C, generator=gen, dtype=torch.float64)
+    t, bo, l, r = pad
+    F = torch.nn.functional
+    ref = F.conv2d(F.pad(x, (l, r, t, bo)), w, b, groups=C)
+    Ho, Wo = ref.shape[2:]
+    y = emulate(x, w, b, t, l, Ho, Wo)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    # grad_input (stride 1) as the host code computes it: the same kernel with the flipped filter,
+    # padding top' = KH-1-top, left' = KW-1-left (negative when padding > K-1), output H x W
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    gx = emulate(g, w.flip(2, 3), None, KH - 1 - t, KW - 1 - l, H, W)
+    xr = x.clone().requires_grad_(True)
+    (gx_ref,) = torch.autograd.grad(F.conv2d(F.pad(xr, (l, r, t, bo)), w, None, groups=C), xr, g)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
