@@ -1,0 +1,224 @@
+"""The ``triton`` backend: every pass of the real Triton kernels against the fp64 reference.
+
+Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
+below before the kernels are imported) at tiny shapes that still cover partial tiles, K > H, even,
+rectangular and large kernels, stride 2, dilation, asymmetric padding, channels_last, slices, bias
+and fp32/fp16/bf16.  With a GPU the same file runs the compiled kernels on CUDA tensors (the CPU
+interpreter cases then skip; run ``TRITON_INTERPRET=1 pytest tests/test_backend_triton.py`` for them).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # must happen before the kernels are decorated (triton reads it at @triton.jit time)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+import lkconv  # noqa: E402
+from lkconv.backends import BackendError, UnsupportedError, get_backend  # noqa: E402
+from lkconv.params import normalize_params  # noqa: E402
+from lkconv.testing import compare_all_passes  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# tiny shapes for the interpreter (tiles are 16x16: 17..20 gives partial tiles)
+CPU_CASES = {
+    "k1": dict(shape=(1, 2, 5, 6), k=(1, 1)),
+    "k3-bias": dict(shape=(2, 3, 9, 8), k=(3, 3), padding=1, bias=True),
+    "k7-partial-tiles": dict(shape=(1, 2, 19, 17), k=(7, 7), padding=3),
+    "k13-same": dict(shape=(1, 2, 14, 15), k=(13, 13), padding="same"),
+    "k31-gt-H": dict(shape=(1, 2, 9, 11), k=(31, 31), padding=15),
+    "k31-partial": dict(shape=(1, 1, 20, 18), k=(31, 31), padding=15, bias=True),
+    "k63": dict(shape=(1, 1, 8, 9), k=(63, 63), padding=31),
+    "even-k4-same": dict(shape=(2, 3, 9, 10), k=(4, 4), padding="same", bias=True),
+    "even-rect-6x8-same": dict(shape=(1, 2, 11, 12), k=(6, 8), padding="same"),
+    "rect-3x11": dict(shape=(1, 3, 10, 16), k=(3, 11), padding=(1, 5)),
+    "rect-31x5": dict(shape=(1, 2, 12, 10), k=(31, 5), padding=(15, 2)),
+    "asym-4tuple": dict(shape=(1, 2, 8, 9), k=(5, 3), padding=(0, 3, 2, 1)),
+    "pad-gt-kernel": dict(shape=(1, 2, 6, 7), k=(3, 3), padding=(5, 4, 6, 2)),
+    "valid": dict(shape=(1, 2, 9, 9), k=(5, 5), padding="valid"),
+    "stride2": dict(shape=(2, 3, 13, 12), k=(5, 5), stride=2, padding=2),
+    "stride2-partial": dict(shape=(1, 2, 18, 17), k=(7, 9), stride=2, padding=(3, 4)),
+    "stride-1x3": dict(shape=(1, 2, 11, 19), k=(3, 5), stride=(1, 3), padding=(1, 2)),
+    "dil2": dict(shape=(1, 3, 15, 14), k=(3, 3), dilation=2, padding=2),
+    "dil-2x3-same": dict(shape=(1, 2, 17, 16), k=(5, 4), dilation=(2, 3), padding="same"),
+    "stride2-dil2": dict(shape=(1, 2, 15, 16), k=(3, 3), stride=2, dilation=2, padding=2, bias=True),
+    "channels_last": dict(shape=(2, 5, 9, 9), k=(7, 7), padding=3, layout="channels_last"),
+    "channels_last-k31": dict(shape=(1, 3, 10, 12), k=(31, 31), padding=15, layout="channels_last"),
+    "channels_last-stride2": dict(shape=(1, 3, 11, 10), k=(5, 5), stride=2, padding=2, layout="channels_last"),
+    "noncontig-slice": dict(shape=(2, 4, 10, 10), k=(5, 5), padding=2, layout="slice", bias=True),
+    "batch0": dict(shape=(0, 3, 8, 8), k=(3, 3), padding=1),
+    "batch1-C1": dict(shape=(1, 1, 7, 7), k=(7, 7), padding=3),
+}
+
+# realistic shapes for the GPU (RepLKNet-31B-like layers, batch 2)
+CUDA_CASES = {
+    "c64-56-k31": dict(shape=(2, 64, 56, 56), k=(31, 31), padding=15, bias=True),
+    "c64-56-k31-cl": dict(shape=(2, 64, 56, 56), k=(31, 31), padding=15, layout="channels_last"),
+    "c96-28-k29": dict(shape=(2, 96, 28, 28), k=(29, 29), padding=14),
+    "c128-14-k27-cl": dict(shape=(2, 128, 14, 14), k=(27, 27), padding=13, layout="channels_last"),
+    "c256-7-k13": dict(shape=(2, 256, 7, 7), k=(13, 13), padding=6, bias=True),
+    "c64-56-k31-slice": dict(shape=(2, 64, 56, 56), k=(31, 31), padding=15, layout="slice"),
+    "c32-56-k7-s2": dict(shape=(2, 32, 56, 56), k=(7, 7), stride=2, padding=3),
+    "c32-30-k5-dil3-same": dict(shape=(2, 32, 30, 30), k=(5, 5), dilation=3, padding="same"),
+    "c32-33-even-k8-same": dict(shape=(2, 32, 33, 35), k=(8, 8), padding="same"),
+}
+
+
+def make(c, dtype, device):
+    N, C, H, W = c["shape"]
+    if c.get("layout") == "slice":
+        x = torch.randn(N, 2 * C, H + 3, W + 5, dtype=dtype, device=device)[:, ::2, 1 : 1 + H, 2 : 2 + W]
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(N, C, H, W, dtype=dtype, device=device)
+        if c.get("layout") == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(C, 1, *c["k"], dtype=dtype, device=device)
+    b = torch.randn(C, dtype=dtype, device=device) if c.get("bias") else None
+    return x, w, b
+
+
+def run_case(c, dtype, device):
+    x, w, b = make(c, dtype, device)
+    results = compare_all_passes(
+        "triton", x, w, b, c.get("stride", 1), c.get("padding", 0), c.get("dilation", 1)
+    )
+    assert len(results) >= 3
+    assert all(r.ok for r in results), "\n".join(str(r) for r in results)
+
+
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET,
+    reason="CPU cases run the Triton interpreter (no GPU visible, or TRITON_INTERPRET=1); a GPU is present",
+)
+needs_cuda_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRET,
+    reason="needs a CUDA GPU (and compiled, not interpreted, Triton kernels)",
+)
+
+
+# the tile geometry is dtype-independent: every case runs in fp32, a spread of them in fp16/bf16 too
+# (keeps the interpreter's CI time down)
+CPU_16BIT = [
+    "k3-bias", "k13-same", "k31-gt-H", "k31-partial", "k63", "even-rect-6x8-same", "rect-31x5",
+    "pad-gt-kernel", "stride2-partial", "stride2-dil2", "channels_last-stride2", "noncontig-slice", "batch0",
+]
+CPU_PARAMS = [(c, "fp32") for c in CPU_CASES] + [(c, d) for d in ("fp16", "bf16") for c in CPU_16BIT]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case,dtype", CPU_PARAMS, ids=[f"{c}-{d}" for c, d in CPU_PARAMS])
+def test_cpu_interpreter_all_passes(case, dtype):
+    run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CUDA_CASES))
+def test_cuda_all_passes(case, dtype):
+    run_case(CUDA_CASES[case], DTYPES[dtype], "cuda")
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("case", ["k31-partial", "stride2-dil2", "channels_last-k31", "noncontig-slice"])
+def test_cuda_small_cases(case):
+    # the interpreter's edge cases, compiled
+    for dtype in DTYPES.values():
+        run_case(CPU_CASES[case], dtype, "cuda")
+
+
+def _device():
+    return "cuda" if (torch.cuda.is_available() and not INTERPRET) else "cpu"
+
+
+@pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="no way to run Triton kernels here")
+def test_grad_weight_is_deterministic():
+    dev = _device()
+    x = torch.randn(2, 3, 19, 18, device=dev, dtype=torch.float16)
+    g = torch.randn(2, 3, 19, 18, device=dev, dtype=torch.float16)
+    p = normalize_params(1, "same", 1, (13, 13))
+    be = get_backend("triton")
+    a = be.grad_weight(g, x, (3, 1, 13, 13), p)
+    b = be.grad_weight(g, x, (3, 1, 13, 13), p)
+    assert a.dtype == torch.float16 and a.shape == (3, 1, 13, 13)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="no way to run Triton kernels here")
+def test_float64_is_declined():
+    dev = _device()
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64, device=dev)
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64, device=dev)
+    p = normalize_params(1, 1, 1, (3, 3))
+    why = get_backend("triton").check(x, w, p, "forward")
+    assert why is not None and "float64" in why
+    with pytest.raises(UnsupportedError, match="float64"):
+        lkconv.depthwise_conv2d(x, w, padding=1, backend="triton")
+
+
+@needs_cuda_kernels
+def test_cuda_output_formats_and_tf32_switch():
+    from lkconv.backends.triton import ops as tops
+
+    x = torch.randn(2, 8, 20, 20, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    w = torch.randn(8, 1, 7, 7, device="cuda", dtype=torch.float16)
+    p = normalize_params(1, 3, 1, (7, 7))
+    be = get_backend("triton")
+    y = be.forward(x, w, None, p)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    gx = be.grad_input(y, w, x.shape, p)
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert tops._precision(torch.float32) == "tf32"
+        torch.backends.cudnn.allow_tf32 = False
+        assert tops._precision(torch.float32) == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+def test_cpu_without_interpreter_is_a_clear_error():
+    """In a fresh process without TRITON_INTERPRET: a CPU tensor with backend="triton" raises an
+    lkconv error that says how to run it, and importing the backend does not load the kernels."""
+    code = textwrap.dedent(
+        """
+        import sys, torch, lkconv
+        from lkconv.backends import BackendError
+        import lkconv.backends.triton as tb
+        x = torch.randn(1, 2, 8, 8); w = torch.randn(2, 1, 3, 3)
+        try:
+            lkconv.depthwise_conv2d(x, w, padding=1, backend="triton")
+        except BackendError as e:
+            print("ERR", type(e).__name__, e)
+        else:
+            print("NO ERROR")
+        print("KERNELS_LOADED", "lkconv.backends.triton.kernels" in sys.modules)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # same answer on a GPU box: CPU tensors need the interpreter
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ERR " in out.stdout, out.stdout
+    assert "TRITON_INTERPRET=1" in out.stdout and "CUDA" in out.stdout, out.stdout
+    assert "KERNELS_LOADED False" in out.stdout, out.stdout
+
+
+def test_backend_is_registered_and_reports_status():
+    status = lkconv.backend_status()
+    assert "triton" in status
+    if INTERPRET or torch.cuda.is_available():
+        assert status["triton"] is None, status["triton"]
+    else:
+        assert "CUDA" in status["triton"]
