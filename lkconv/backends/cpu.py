@@ -50,6 +50,7 @@ from .base import Backend
 __all__ = [
     "CPUBackend",
     "FFT_MIN_TAPS",
+    "FFT_MIN_TAPS_PER_PASS",
     "FORCE_PATH",
     "force_path",
     "choose_path",
@@ -67,9 +68,11 @@ __all__ = [
 ]
 
 #: FFT when KH*KW >= FFT_MIN_TAPS * stride_h*stride_w (measured by benchmarks/cpu_threshold.py on
-#: the 2-core dev box, N=8, C=128, 56x56, fp32: direct (oneDNN) wins up to K=7, FFT from K=9 on for
-#: forward+backward; see docs/cpu_backend.md for the table).
+#: the 2-core dev box, N=8, C=128, 56x56, fp32; see docs/cpu_backend.md for the table).
 FFT_MIN_TAPS = 81
+
+#: the same threshold per pass (each pass switches where the FFT starts to win for it)
+FFT_MIN_TAPS_PER_PASS = {"forward": FFT_MIN_TAPS, "grad_input": FFT_MIN_TAPS, "grad_weight": FFT_MIN_TAPS}
 
 #: None (choose by FFT_MIN_TAPS), "fft" or "direct": overrides the choice of every CPUBackend that
 #: was constructed without an explicit ``path``.
@@ -95,9 +98,9 @@ def force_path(path: Optional[str]):
         FORCE_PATH = prev
 
 
-def choose_path(kh: int, kw: int, stride: Tuple[int, int]) -> str:
+def choose_path(kh: int, kw: int, stride: Tuple[int, int], pass_: str = "forward") -> str:
     """The measured rule: "fft" for large kernels (per strided output pixel), else "direct"."""
-    return "fft" if kh * kw >= FFT_MIN_TAPS * stride[0] * stride[1] else "direct"
+    return "fft" if kh * kw >= FFT_MIN_TAPS_PER_PASS[pass_] * stride[0] * stride[1] else "direct"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,6 +188,19 @@ class _Plan:
                     yield n0, min(N, n0 + per), c0, c0 + 1
 
 
+def _spectrum(t: torch.Tensor, plan: "_Plan") -> torch.Tensor:
+    """rfft2 of ``t`` zero-padded to (LH, LW), done axis by axis so the zero rows are never
+    transformed along W (same result as ``torch.fft.rfft2(t, s=plan.s)``)."""
+    return torch.fft.fft(torch.fft.rfft(t, n=plan.LW, dim=-1), n=plan.LH, dim=-2)
+
+
+def _inverse(spec: torch.Tensor, plan: "_Plan", rows: slice, cols: slice) -> torch.Tensor:
+    """``torch.fft.irfft2(spec, s=plan.s)[..., rows, cols]``, transforming along W only the rows
+    that are kept."""
+    y = torch.fft.ifft(spec, dim=-2)[:, :, rows]
+    return torch.fft.irfft(y, n=plan.LW, dim=-1)[:, :, :, cols]
+
+
 def _compute_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float64 if dt == torch.float64 else torch.float32
 
@@ -210,9 +226,9 @@ def fft_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
     bias_c = None if bias is None else bias.to(cdt)
     for n0, n1, c0, c1 in plan.chunks(N, C, isz):
         hf = plan.kernel_spectrum(w3[c0:c1])
-        xf = torch.fft.rfft2(x[n0:n1, c0:c1].to(cdt), s=plan.s)
+        xf = _spectrum(x[n0:n1, c0:c1].to(cdt), plan)
         xf.mul_(hf)
-        y = torch.fft.irfft2(xf, s=plan.s)[:, :, 0 : plan.n1 : plan.sh, 0 : plan.m1 : plan.sw]
+        y = _inverse(xf, plan, slice(0, plan.n1, plan.sh), slice(0, plan.m1, plan.sw))
         if bias_c is not None:
             y = y + bias_c[c0:c1].view(1, -1, 1, 1)
         out[n0:n1, c0:c1].copy_(y)
@@ -242,9 +258,9 @@ def fft_grad_input(grad_out, weight, input_shape: Sequence[int], p: ConvParams) 
     isz = torch.empty((), dtype=cdt).element_size()
     for n0, n1, c0, c1 in plan.chunks(N, C, isz):
         hf = plan.kernel_spectrum(w3[c0:c1])
-        gf = torch.fft.rfft2(_zero_insert(grad_out[n0:n1, c0:c1].to(cdt), plan), s=plan.s)
-        gf.mul_(hf.conj_physical())
-        gx[n0:n1, c0:c1].copy_(torch.fft.irfft2(gf, s=plan.s)[:, :, :H, :W])
+        gf = _spectrum(_zero_insert(grad_out[n0:n1, c0:c1].to(cdt), plan), plan)
+        gf.mul_(hf.conj())
+        gx[n0:n1, c0:c1].copy_(_inverse(gf, plan, slice(0, H), slice(0, W)))
     return gx
 
 
@@ -260,9 +276,9 @@ def fft_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) -> 
     isz = torch.empty((), dtype=cdt).element_size()
     acc = {}
     for n0, n1, c0, c1 in plan.chunks(N, C, isz):
-        xf = torch.fft.rfft2(x[n0:n1, c0:c1].to(cdt), s=plan.s)
-        gf = torch.fft.rfft2(_zero_insert(grad_out[n0:n1, c0:c1].to(cdt), plan), s=plan.s)
-        gf.mul_(xf.conj_physical())
+        xf = _spectrum(x[n0:n1, c0:c1].to(cdt), plan)
+        gf = _spectrum(_zero_insert(grad_out[n0:n1, c0:c1].to(cdt), plan), plan)
+        gf.mul_(xf.conj())
         part = gf.sum(0)
         if (c0, c1) in acc:
             acc[(c0, c1)] += part
@@ -424,27 +440,27 @@ class CPUBackend(Backend):
             return f"the cpu backend runs on CPU tensors only (weight on {weight.device.type})"
         return None
 
-    def _path(self, weight_shape, p: ConvParams) -> str:
+    def _path(self, weight_shape, p: ConvParams, pass_: str = "forward") -> str:
         if self.path is not None:
             return self.path
         if FORCE_PATH is not None:
             return FORCE_PATH
-        return choose_path(weight_shape[2], weight_shape[3], p.stride)
+        return choose_path(weight_shape[2], weight_shape[3], p.stride, pass_)
 
     # An FFT spreads a NaN/Inf over its whole plane; torch's convolution keeps it local.  Inputs
     # that are not all finite therefore take the direct path (one cheap pass over the data), so
     # NaN/Inf propagate exactly as in F.conv2d.
     def forward(self, x, weight, bias, params):
-        if self._path(weight.shape, params) == "fft" and _finite(x, weight):
+        if self._path(weight.shape, params, "forward") == "fft" and _finite(x, weight):
             return fft_forward(x, weight, bias, params)
         return direct_forward(x, weight, bias, params)
 
     def grad_input(self, grad_out, weight, input_shape, params):
-        if self._path(weight.shape, params) == "fft" and _finite(grad_out, weight):
+        if self._path(weight.shape, params, "grad_input") == "fft" and _finite(grad_out, weight):
             return fft_grad_input(grad_out, weight, input_shape, params)
         return direct_grad_input(grad_out, weight, input_shape, params)
 
     def grad_weight(self, grad_out, x, weight_shape, params):
-        if self._path(weight_shape, params) == "fft" and _finite(grad_out, x):
+        if self._path(weight_shape, params, "grad_weight") == "fft" and _finite(grad_out, x):
             return fft_grad_weight(grad_out, x, weight_shape, params)
         return direct_grad_weight(grad_out, x, weight_shape, params)

@@ -1,0 +1,161 @@
+"""Measure where the CPU backend should switch from direct convolution to FFT, and how it compares
+with PyTorch's own CPU depthwise convolution.
+
+For each kernel size K (square, "same" padding, stride 1) at a RepLKNet-like layer shape
+(default N=8, C=128, 56x56, fp32) it times, per pass (forward, grad_input, grad_weight):
+
+* ``torch``  — PyTorch's F.conv2d / aten.convolution_backward (oneDNN), i.e. lkconv's direct path
+* ``slices`` — lkconv's own vectorised direct method (sum of shifted slices, in-place FMAs)
+* ``fft``    — lkconv's rfft2 path
+
+plus ``torch autograd`` (F.conv2d(groups=C) forward + backward for both grads, the baseline of the
+5x target) and ``lkconv cpu`` (the backend's own choice, forward + both grads, through autograd).
+Each number is the median of ``--repeats`` runs after one warm-up.  The machine may be shared:
+report medians and say so.
+
+    python benchmarks/cpu_threshold.py                    # full table, prints markdown
+    python benchmarks/cpu_threshold.py --ks 3 7 31 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lkconv  # noqa: E402
+from lkconv.backends import cpu  # noqa: E402
+from lkconv.params import normalize_params  # noqa: E402
+
+PASSES = ("forward", "grad_input", "grad_weight")
+
+
+def timeit_interleaved(fns: dict, repeats: int, slow_s: float = 2.0) -> dict:
+    """Median seconds per callable.  The callables are run round-robin (one warm-up round first)
+    so that load changes on a shared machine hit them all alike; one that takes more than
+    ``slow_s`` is timed at most twice."""
+    ts = {k: [] for k in fns}
+    for f in fns.values():
+        f()  # warm-up
+    for _ in range(repeats):
+        for k, f in fns.items():
+            if len(ts[k]) >= 2 and min(ts[k]) > slow_s:
+                continue
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def impls(x, w, g, p):
+    shape = x.shape
+    return {
+        "torch": (
+            lambda: cpu.direct_forward(x, w, None, p),
+            lambda: cpu.direct_grad_input(g, w, shape, p),
+            lambda: cpu.direct_grad_weight(g, x, w.shape, p),
+        ),
+        "slices": (
+            lambda: cpu.slices_forward(x, w, None, p),
+            lambda: cpu.slices_grad_input(g, w, shape, p),
+            lambda: cpu.slices_grad_weight(g, x, w.shape, p),
+        ),
+        "fft": (
+            lambda: cpu.fft_forward(x, w, None, p),
+            lambda: cpu.fft_grad_input(g, w, shape, p),
+            lambda: cpu.fft_grad_weight(g, x, w.shape, p),
+        ),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--c", type=int, default=128)
+    ap.add_argument("--hw", type=int, default=56)
+    ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 7, 9, 11, 13, 17, 21, 27, 31])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--slices-max-k", type=int, default=13, help="skip the slices method above this K (slow)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dt = getattr(torch, a.dtype)
+    torch.manual_seed(0)
+    N, C, H = a.n, a.c, a.hw
+    print(f"# cpu threshold: N={N} C={C} {H}x{H} {a.dtype}, 'same' padding, stride 1, "
+          f"threads={torch.get_num_threads()}, median of {a.repeats}; torch {torch.__version__}")
+    print(f"# current rule: FFT when KH*KW >= {cpu.FFT_MIN_TAPS} (per pass: {cpu.FFT_MIN_TAPS_PER_PASS})")
+    rows = []
+    hdr = ("| K | pass | torch (oneDNN) ms | slices ms | fft ms | fastest |")
+    print(hdr)
+    print("|---|---|---:|---:|---:|---|")
+    for K in a.ks:
+        x = torch.randn(N, C, H, H, dtype=dt)
+        w = torch.randn(C, 1, K, K, dtype=dt)
+        p = normalize_params(1, "same", 1, (K, K))
+        g = torch.randn(N, C, H, H, dtype=dt)
+        fns = impls(x, w, g, p)
+        # end to end: torch autograd vs lkconv's cpu backend (its own choice) through autograd
+        xr = x.clone().requires_grad_(True)
+        wr = w.clone().requires_grad_(True)
+
+        def torch_fwd():
+            with torch.no_grad():
+                F.conv2d(x, w, None, 1, "same", 1, C)
+
+        def torch_fb():
+            out = F.conv2d(xr, wr, None, 1, "same", 1, C)
+            torch.autograd.grad(out, (xr, wr), g)
+
+        def lk_fwd():
+            with torch.no_grad():
+                lkconv.depthwise_conv2d(x, w, None, 1, "same", backend="cpu")
+
+        def lk_fb():
+            out = lkconv.depthwise_conv2d(xr, wr, None, 1, "same", backend="cpu")
+            torch.autograd.grad(out, (xr, wr), g)
+
+        todo = {}
+        for i, pass_ in enumerate(PASSES):
+            for name in ("torch", "slices", "fft"):
+                if name == "slices" and K > a.slices_max_k:
+                    continue
+                todo[(pass_, name)] = fns[name][i]
+        for k, f in (("torch_fwd", torch_fwd), ("torch_fb", torch_fb), ("lk_fwd", lk_fwd), ("lk_fb", lk_fb)):
+            todo[k] = f
+        med = timeit_interleaved(todo, a.repeats)
+        res = {}
+        for pass_ in PASSES:
+            t = {name: med[(pass_, name)] for name in ("torch", "slices", "fft") if (pass_, name) in med}
+            best = min(t, key=t.get)
+            res[pass_] = t
+            fmt = lambda n: f"{t[n] * 1e3:.1f}" if n in t else "-"  # noqa: E731
+            print(f"| {K} | {pass_} | {fmt('torch')} | {fmt('slices')} | {fmt('fft')} | {best} |", flush=True)
+        e2e = {k: med[k] for k in ("torch_fwd", "torch_fb", "lk_fwd", "lk_fb")}
+        rows.append((K, res, e2e))
+    print()
+    print("| K | torch fwd ms | lkconv cpu fwd ms | speedup | torch fwd+bwd ms | lkconv cpu fwd+bwd ms | speedup | paths |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for K, res, e in rows:
+        paths = "/".join(cpu.choose_path(K, K, (1, 1), ps)[0] for ps in PASSES)
+        print(f"| {K} | {e['torch_fwd'] * 1e3:.0f} | {e['lk_fwd'] * 1e3:.0f} | {e['torch_fwd'] / e['lk_fwd']:.1f}x "
+              f"| {e['torch_fb'] * 1e3:.0f} | {e['lk_fb'] * 1e3:.0f} | {e['torch_fb'] / e['lk_fb']:.1f}x | {paths} |")
+    print()
+    # crossover per pass: smallest K from which FFT beats the best direct method at every larger K
+    for pass_ in PASSES:
+        ks = [K for K, res, _ in rows]
+        win = [res[pass_]["fft"] < min(v for n, v in res[pass_].items() if n != "fft") for _, res, _ in rows]
+        cross = next((ks[i] for i in range(len(ks)) if all(win[i:])), None)
+        print(f"# {pass_}: FFT fastest from K = {cross} on (taps {cross * cross if cross else '-'})")
+
+
+if __name__ == "__main__":
+    main()
