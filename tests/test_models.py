@@ -401,7 +401,9 @@ def test_unireplknet_block_equivalence_and_train():
 
 
 def test_dilated_reparam_block_bad_kernel():
-    with pytest.raises(ValueError, match="kernel_size must be one of"):
+    with pytest.raises(ValueError, match="kernel_size"):
         DilatedReparamBlock(4, 31)
-    with pytest.raises(ValueError, match="channels"):
-        DilatedReparamBlock(0, 7)
+    with pytest.raises(ValueError, match="kernel_size must be one of"):
+        UniRepLKNetBlock(4, 31)
+    with pytest.raises(ValueError, match="dim"):
+        UniRepLKNetBlock(0, 7)

@@ -275,6 +275,11 @@ def train(args: argparse.Namespace) -> Dict:
         if progress is not None:
             progress.close()
         elapsed = (time.perf_counter() - t_first) if t_first is not None else 0.0
+        if distributed:
+            # DDP keeps parameters in sync (gradient all-reduce) but BN running statistics only get
+            # rank 0's values at the start of each forward: make every rank end with rank 0's.
+            for b in model.buffers():
+                dist.broadcast(b, 0)
         if args.checkpoint:
             save(args.steps)
 

@@ -11,126 +11,15 @@ GELU -> GRN -> Linear reduce -> BN -> layer scale, residual with drop path).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn.modules import LargeKernelConv2d
-from ..reparam import ReparamModule
+from ..reparam import DILATED_BRANCHES, DilatedReparamBlock
+from ..reparam.transforms import fuse_conv_bn
 from .replknet import DropPath
 
-__all__ = ["DilatedReparamBlock", "UniRepLKNetBlock", "GRN", "SEBlock", "dilated_to_dense",
-           "DILATED_BRANCHES"]
-
-#: kernel size -> (small kernel sizes, dilation rates) of the parallel branches (the paper's choice)
-DILATED_BRANCHES: Dict[int, Tuple[List[int], List[int]]] = {
-    17: ([5, 9, 3, 3, 3], [1, 2, 4, 5, 7]),
-    15: ([5, 7, 3, 3, 3], [1, 2, 3, 5, 7]),
-    13: ([5, 7, 3, 3, 3], [1, 2, 3, 4, 5]),
-    11: ([5, 5, 3, 3, 3], [1, 2, 3, 4, 5]),
-    9: ([5, 5, 3, 3], [1, 2, 3, 4]),
-    7: ([5, 3, 3], [1, 2, 3]),
-    5: ([3, 3], [1, 2]),
-}
-
-
-def _fuse_bn(weight: torch.Tensor, bias, bn: nn.BatchNorm2d):
-    std = (bn.running_var + bn.eps).sqrt()
-    t = bn.weight / std
-    b = bn.bias - bn.running_mean * t
-    if bias is not None:
-        b = b + bias * t
-    return weight * t.reshape(-1, 1, 1, 1), b
-
-
-def dilated_to_dense(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
-    """(C, 1, k, k) kernel with dilation r -> the equivalent dense (C, 1, r(k-1)+1, r(k-1)+1) kernel."""
-    if dilation == 1:
-        return kernel
-    c, one, kh, kw = kernel.shape
-    dense = kernel.new_zeros(c, one, dilation * (kh - 1) + 1, dilation * (kw - 1) + 1)
-    dense[:, :, ::dilation, ::dilation] = kernel
-    return dense
-
-
-class DilatedReparamBlock(ReparamModule):
-    """Depthwise ``kernel_size`` conv + BN, plus dilated small-kernel branches (each conv + BN).
-
-    Args:
-        channels: input = output channels.
-        kernel_size: one of 5, 7, 9, 11, 13, 15, 17 (the branch layout of :data:`DILATED_BRANCHES`).
-        deploy: build the merged structure directly (one depthwise conv with bias).
-        backend: lkconv backend of the large-kernel convolution (None: default).
-    """
-
-    def __init__(self, channels: int, kernel_size: int, deploy: bool = False, backend=None):
-        super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"DilatedReparamBlock: channels must be a positive int, got {channels!r}")
-        if kernel_size not in DILATED_BRANCHES:
-            raise ValueError(f"DilatedReparamBlock: kernel_size must be one of {sorted(DILATED_BRANCHES)}, "
-                             f"got {kernel_size!r}")
-        self.channels = channels
-        self.kernel_size = kernel_size
-        self.kernel_sizes, self.dilates = (list(v) for v in DILATED_BRANCHES[kernel_size])
-        self.deployed = bool(deploy)
-        self.backend = backend
-        self.lk_origin = LargeKernelConv2d(channels, channels, kernel_size, 1, kernel_size // 2, 1, channels,
-                                           bias=self.deployed, backend=backend)
-        if not self.deployed:
-            self.origin_bn = nn.BatchNorm2d(channels)
-            for k, r in zip(self.kernel_sizes, self.dilates):
-                setattr(self, f"dil_conv_k{k}_{r}",
-                        nn.Conv2d(channels, channels, k, 1, (r * (k - 1) + 1) // 2, r, channels, bias=False))
-                setattr(self, f"dil_bn_k{k}_{r}", nn.BatchNorm2d(channels))
-
-    def forward(self, x):
-        if self.deployed:
-            return self.lk_origin(x)
-        out = self.origin_bn(self.lk_origin(x))
-        for k, r in zip(self.kernel_sizes, self.dilates):
-            out = out + getattr(self, f"dil_bn_k{k}_{r}")(getattr(self, f"dil_conv_k{k}_{r}")(x))
-        return out
-
-    @torch.no_grad()
-    def get_equivalent_kernel_bias(self):
-        """The (C, 1, K, K) kernel and (C,) bias of the merged convolution (eval-mode BN statistics)."""
-        if self.deployed:
-            return self.lk_origin.weight.detach().clone(), self.lk_origin.bias.detach().clone()
-        k, b = _fuse_bn(self.lk_origin.weight, None, self.origin_bn)
-        for ks, r in zip(self.kernel_sizes, self.dilates):
-            kk, bb = _fuse_bn(getattr(self, f"dil_conv_k{ks}_{r}").weight, None, getattr(self, f"dil_bn_k{ks}_{r}"))
-            dense = dilated_to_dense(kk, r)
-            p = (self.kernel_size - dense.shape[-1]) // 2
-            k = k + F.pad(dense, [p, p, p, p])
-            b = b + bb
-        return k, b
-
-    @torch.no_grad()
-    def reparameterize(self) -> "DilatedReparamBlock":
-        """Install the merged form (in place): one depthwise conv with bias.  Returns self."""
-        if self.deployed:
-            return self
-        k, b = self.get_equivalent_kernel_bias()
-        old = self.lk_origin
-        new = LargeKernelConv2d(self.channels, self.channels, self.kernel_size, 1, self.kernel_size // 2, 1,
-                                self.channels, bias=True, backend=self.backend, device=k.device, dtype=k.dtype)
-        new.weight.copy_(k)
-        new.bias.copy_(b)
-        self.lk_origin = new
-        del self.origin_bn
-        for ks, r in zip(self.kernel_sizes, self.dilates):
-            delattr(self, f"dil_conv_k{ks}_{r}")
-            delattr(self, f"dil_bn_k{ks}_{r}")
-        self.deployed = True
-        return self
-
-    merge_dilated_branches = reparameterize
-
-    def extra_repr(self):
-        return f"channels={self.channels}, kernel_size={self.kernel_size}, deployed={self.deployed}"
+__all__ = ["DilatedReparamBlock", "UniRepLKNetBlock", "GRN", "SEBlock", "DILATED_BRANCHES"]
 
 
 class GRN(nn.Module):
@@ -189,6 +78,8 @@ class UniRepLKNetBlock(nn.Module):
         if kernel_size not in DILATED_BRANCHES:
             raise ValueError(f"UniRepLKNetBlock: kernel_size must be one of {sorted(DILATED_BRANCHES)}, "
                              f"got {kernel_size!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"UniRepLKNetBlock: dim must be a positive int, got {dim!r}")
         self.dwconv = DilatedReparamBlock(dim, kernel_size, deploy=False, backend=backend)
         self.norm = nn.BatchNorm2d(dim)
         self.se = SEBlock(dim, max(dim // 4, 1))
@@ -212,7 +103,7 @@ class UniRepLKNetBlock(nn.Module):
         self.dwconv.reparameterize()
         if isinstance(self.norm, nn.BatchNorm2d):
             conv = self.dwconv.lk_origin
-            w, b = _fuse_bn(conv.weight, conv.bias, self.norm)
+            w, b = fuse_conv_bn(conv.weight, conv.bias, self.norm)
             conv.weight.copy_(w)
             conv.bias.copy_(b)
             self.norm = nn.Identity()
