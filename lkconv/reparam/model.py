@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..nn import LargeKernelConv2d
 from . import transforms as T
-from .blocks.common import ReparamModule
+
 
 __all__ = ["reparameterize", "to_plain", "fuse_conv_bn_modules"]
 

@@ -10,7 +10,7 @@ Conventions: a conv kernel has shape (O, I/groups, KH, KW) as in ``nn.Conv2d``; 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

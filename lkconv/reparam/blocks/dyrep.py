@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import transforms as T
-from .common import BNAndPad, ConvBN, ReparamModule, conv_from_kernel, make_conv
+from .common import BNAndPad, ConvBN, ReparamModule, conv_from_kernel
 
 __all__ = ["DyRepBlock", "DYREP_BRANCHES"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from .. import transforms as T
