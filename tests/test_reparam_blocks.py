@@ -417,3 +417,26 @@ def test_dyrep_bad_names():
         b.prune("kxk")
     with pytest.raises(ValueError, match="already"):
         b.grow("kxk")
+
+
+# ------------------------------------------------------------------------------------------------
+# training form: forward/backward in train mode (batch statistics), finite gradients everywhere
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: ReparamLargeKernelConv(4, 4, 9, 1, 4, 3),
+    lambda: ACBlock(4, 6, 3),
+    lambda: RepVGGBlock(4, 4),
+    lambda: DiverseBranchBlock(4, 4, 3, groups=2),
+    lambda: DilatedReparamBlock(4, 7),
+    lambda: ResRepBlock(4, 6, 3, 1, 1),
+    lambda: RMBlock(4, 6, 2),
+    lambda: DyRepBlock(4, 4, 3, branches=("1x1", "1x1_kxk", "1x1_avg", "identity")),
+], ids=["replk", "acnet", "repvgg", "dbb", "dilated", "resrep", "rmnet", "dyrep"])
+def test_training_form_backward(make):
+    b = make().train()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    y = b(x)
+    y.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for n, p in b.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n

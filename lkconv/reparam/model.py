@@ -11,7 +11,6 @@ import torch.nn as nn
 from ..nn import LargeKernelConv2d
 from . import transforms as T
 
-
 __all__ = ["reparameterize", "to_plain", "fuse_conv_bn_modules"]
 
 _ACTIVE: Set[int] = set()  # modules whose own reparameterize() is running (guards recursion)
