@@ -60,7 +60,7 @@ def fuse_conv_bn_modules(model: nn.Module) -> int:
         for a, b in zip(names, names[1:]):
             conv, bn = seq._modules[a], seq._modules[b]
             if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
-                    and bn.num_features == conv.out_channels and conv.padding_mode == "zeros"):
+                    and bn.num_features == conv.out_channels):
                 seq._modules[a] = _fused_conv(conv, bn)
                 seq._modules[b] = nn.Identity()
                 n += 1
