@@ -103,31 +103,35 @@ def dw_fwd_kernel(
     k_lo = tl.maximum(-c0, 0)
     k_hi = tl.minimum(W - c0, L)
 
+    # one flat loop over (kernel row, column chunk): a single pipelinable loop for the compiler
+    n_chunks = (tl.maximum(k_hi - k_lo, 0) + BK - 1) // BK
+    n_iter = tl.maximum(kh_hi - kh_lo, 0) * n_chunks
+
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kh in range(kh_lo, kh_hi):
+    for it in range(0, n_iter):
+        kh = kh_lo + it // n_chunks
+        kk = k_lo + (it % n_chunks) * BK + offs_k
         rows = offs_m * SH + kh * DH - PT
         rmask = (rows >= 0) & (rows < H)
+        cols = c0 + kk
+        cmask = cols < W
         if BIG:
             rows = rows.to(tl.int64)
-        for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + offs_k
-            cols = c0 + kk
-            if BIG:
-                cols = cols.to(tl.int64)
-            a = tl.load(
-                x_base + rows[:, None] * sxh + cols[None, :] * sxw,
-                mask=rmask[:, None] & (cols < W)[None, :],
-                other=0.0,
-            )
-            d = kk[:, None] - offs_n[None, :] * SW
-            if DW == 1:
-                kw = d
-                tmask = (d >= 0) & (d < KW)
-            else:
-                kw = d // DW
-                tmask = (d >= 0) & (d % DW == 0) & (kw < KW)
-            t = tl.load(f_base + kh * KW + kw, mask=tmask, other=0.0)
-            acc = _mma(a, t, acc, PREC, UPCAST)
+            cols = cols.to(tl.int64)
+        a = tl.load(
+            x_base + rows[:, None] * sxh + cols[None, :] * sxw,
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        d = kk[:, None] - offs_n[None, :] * SW
+        if DW == 1:
+            kw = d
+            tmask = (d >= 0) & (d < KW)
+        else:
+            kw = d // DW
+            tmask = (d >= 0) & (d % DW == 0) & (kw < KW)
+        t = tl.load(f_base + kh * KW + kw, mask=tmask, other=0.0)
+        acc = _mma(a, t, acc, PREC, UPCAST)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
@@ -188,32 +192,35 @@ def dw_dgrad_kernel(
     j_lo = (tl.maximum(w0 + PL - (KW - 1) * DW, 0) + SW - 1) // SW
     j_hi = tl.minimum((tl.maximum(w0 + BN - 1 + PL, -1) + SW) // SW, WO)
 
+    n_chunks = (tl.maximum(j_hi - j_lo, 0) + BK - 1) // BK
+    n_iter = tl.maximum(kh_hi - kh_lo, 0) * n_chunks
+
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kh in range(kh_lo, kh_hi):
+    for it in range(0, n_iter):
+        kh = kh_lo + it // n_chunks
+        jj = j_lo + (it % n_chunks) * BK + offs_k
         num = offs_m + PT - kh * DH
         gi = num // SH
         rmask = (num >= 0) & (num % SH == 0) & (gi < HO)
+        jmask = jj < j_hi
+        jjo = jj
         if BIG:
             gi = gi.to(tl.int64)
-        for jb in range(j_lo, j_hi, BK):
-            jj = jb + offs_k
-            jjo = jj
-            if BIG:
-                jjo = jj.to(tl.int64)
-            a = tl.load(
-                g_base + gi[:, None] * sgh + jjo[None, :] * sgw,
-                mask=rmask[:, None] & (jj < j_hi)[None, :],
-                other=0.0,
-            )
-            d = (w0 + offs_n)[None, :] + PL - jj[:, None] * SW
-            if DW == 1:
-                kw = d
-                tmask = (d >= 0) & (d < KW)
-            else:
-                kw = d // DW
-                tmask = (d >= 0) & (d % DW == 0) & (kw < KW)
-            t = tl.load(f_base + kh * KW + kw, mask=tmask, other=0.0)
-            acc = _mma(a, t, acc, PREC, UPCAST)
+            jjo = jj.to(tl.int64)
+        a = tl.load(
+            g_base + gi[:, None] * sgh + jjo[None, :] * sgw,
+            mask=rmask[:, None] & jmask[None, :],
+            other=0.0,
+        )
+        d = (w0 + offs_n)[None, :] + PL - jj[:, None] * SW
+        if DW == 1:
+            kw = d
+            tmask = (d >= 0) & (d < KW)
+        else:
+            kw = d // DW
+            tmask = (d >= 0) & (d % DW == 0) & (kw < KW)
+        t = tl.load(f_base + kh * KW + kw, mask=tmask, other=0.0)
+        acc = _mma(a, t, acc, PREC, UPCAST)
 
     ocols = w0 + offs_n
     orows = offs_m
@@ -256,7 +263,6 @@ def dw_wgrad_kernel(
     offs_w = kw0 + tl.arange(0, BKW)
     offs_k = tl.arange(0, BK)
     kw_last = tl.minimum(kw0 + BKW, KW) - 1
-    kh_last = tl.minimum(kh0 + BKH, KH) - 1
 
     # input columns this kw block can meet: j*SW + kw*DW - PL, j < WO, kw in [kw0, kw_last]
     col_lo = tl.maximum(kw0 * DW - PL, 0)
@@ -264,42 +270,44 @@ def dw_wgrad_kernel(
 
     q_lo = s * ROWS_PER_SPLIT
     q_hi = tl.minimum(q_lo + ROWS_PER_SPLIT, ROWS)
+    n_chunks = (tl.maximum(col_hi - col_lo, 0) + BK - 1) // BK
+    n_iter = tl.maximum(q_hi - q_lo, 0) * n_chunks
     kwmask = (offs_w < KW)[None, :]
+    khmask = offs_h < KH
+    c64 = c.to(tl.int64)
     acc = tl.zeros((BKH, BKW), dtype=tl.float32)
-    for q in range(q_lo, q_hi):
+    # one flat loop over (row q = (n, i), column chunk); rows of the kh block that fall into the
+    # padding are masked (the loads are skipped, the dot adds zeros)
+    for it in range(0, n_iter):
+        q = q_lo + it // n_chunks
+        cols = col_lo + (it % n_chunks) * BK + offs_k
         n = q // HO
         i = q % HO
-        x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
-        g_row = g_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * sgc + i.to(tl.int64) * sgh
+        x_base = x_ptr + n.to(tl.int64) * sxn + c64 * sxc
+        g_row = g_ptr + n.to(tl.int64) * sgn + c64 * sgc + i.to(tl.int64) * sgh
         rows = i * SH + offs_h * DH - PT
-        rmask = (rows >= 0) & (rows < H) & (offs_h < KH)
+        rmask = (rows >= 0) & (rows < H) & khmask
+        cmask = cols < W
+        colso = cols
         if BIG:
             rows = rows.to(tl.int64)
-        # skip the row entirely when this kh block only meets padding
-        r_first = i * SH + kh0 * DH - PT
-        r_last = i * SH + kh_last * DH - PT
-        hi = tl.where((r_last >= 0) & (r_first < H), col_hi, col_lo)
-        for k0 in range(col_lo, hi, BK):
-            cols = k0 + offs_k
-            colso = cols
-            if BIG:
-                colso = cols.to(tl.int64)
-            a = tl.load(
-                x_base + rows[:, None] * sxh + colso[None, :] * sxw,
-                mask=rmask[:, None] & (cols < W)[None, :],
-                other=0.0,
-            )
-            d = cols[:, None] + PL - offs_w[None, :] * DW  # = j * SW
-            if SW == 1:
-                jj = d
-                bmask = (d >= 0) & (d < WO) & kwmask
-            else:
-                jj = d // SW
-                bmask = (d >= 0) & (d % SW == 0) & (jj < WO) & kwmask
-            if BIG:
-                jj = jj.to(tl.int64)
-            b = tl.load(g_row + jj * sgw, mask=bmask, other=0.0)
-            acc = _mma(a, b, acc, PREC, UPCAST)
+            colso = cols.to(tl.int64)
+        a = tl.load(
+            x_base + rows[:, None] * sxh + colso[None, :] * sxw,
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        d = cols[:, None] + PL - offs_w[None, :] * DW  # = j * SW
+        if SW == 1:
+            jj = d
+            bmask = (d >= 0) & (d < WO) & kwmask
+        else:
+            jj = d // SW
+            bmask = (d >= 0) & (d % SW == 0) & (jj < WO) & kwmask
+        if BIG:
+            jj = jj.to(tl.int64)
+        b = tl.load(g_row + jj * sgw, mask=bmask, other=0.0)
+        acc = _mma(a, b, acc, PREC, UPCAST)
 
     ws = ws_ptr + (s.to(tl.int64) * C + c) * (KH * KW)
     tl.store(
