@@ -45,15 +45,21 @@ __global__ void __launch_bounds__(WG_THREADS) wgrad_partial_kernel(WgradArgs a) 
     A acc = 0;
     if (lane < L && tap < taps) {
       const int64_t kh = tap / a.KW, kw = tap % a.KW;
-      for (int64_t r = r0 + lane; r < r1; r += L) {
-        const int64_t ow = r % a.Wo;
-        const int64_t t = r / a.Wo;
-        const int64_t oh = t % a.Ho, n = t / a.Ho;
+      // position r = (n * Ho + oh) * Wo + ow, advanced incrementally (no int64 division per step)
+      int64_t r = r0 + lane;
+      int64_t ow = r % a.Wo, oh = (r / a.Wo) % a.Ho, n = r / (a.Wo * a.Ho);
+      for (; r < r1; r += L) {
         const int64_t ih = oh * a.sh - a.pt + kh * a.dh;
         const int64_t iw = ow * a.sw - a.pl + kw * a.dw_;
-        if (ih < 0 || ih >= a.H || iw < 0 || iw >= a.W) continue;
-        acc += (A)Cvt<T>::to_f(x[n * a.xs[0] + c * a.xs[1] + ih * a.xs[2] + iw * a.xs[3]]) *
-               (A)Cvt<T>::to_f(g[n * a.gs[0] + c * a.gs[1] + oh * a.gs[2] + ow * a.gs[3]]);
+        if (ih >= 0 && ih < a.H && iw >= 0 && iw < a.W) {
+          acc += (A)Cvt<T>::to_f(x[n * a.xs[0] + c * a.xs[1] + ih * a.xs[2] + iw * a.xs[3]]) *
+                 (A)Cvt<T>::to_f(g[n * a.gs[0] + c * a.gs[1] + oh * a.gs[2] + ow * a.gs[3]]);
+        }
+        ow += L;
+        while (ow >= a.Wo) {
+          ow -= a.Wo;
+          if (++oh == a.Ho) { oh = 0; ++n; }
+        }
       }
     }
     red[threadIdx.x] = acc;

@@ -441,3 +441,77 @@ def test_fast_kernel_index_math_emulated(kernel, case):
     xr = x.clone().requires_grad_(True)
     (gx_ref,) = torch.autograd.grad(F.conv2d(F.pad(xr, (l, r, t, bo)), w, None, groups=C), xr, g)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
+
+
+def _wgrad_splits(N, Ho, Wo, C):  # transcription of wgrad_splits() in csrc/dwconv_bwd_weight.cu
+    R = N * Ho * Wo
+    s = _ceil_div(R, 2048)
+    s = min(s, _ceil_div(2048, max(C, 1)), 1024, 65535)
+    return max(s, 1)
+
+
+def emulate_wgrad(x, g, KH, KW, stride, pt, pl, dil, splits=None, threads=256):
+    """Transcription of wgrad_partial_kernel + wgrad_reduce_kernel (split/lane decomposition and the
+    incremental position walk)."""
+    N, C, H, W = x.shape
+    Ho, Wo = g.shape[2:]
+    sh, sw = stride
+    dh, dw = dil
+    taps, R = KH * KW, N * Ho * Wo
+    splits = splits or _wgrad_splits(N, Ho, Wo, C)
+    partial = torch.full((splits, C, taps), float("nan"), dtype=torch.float64)
+    chunk = _ceil_div(R, splits)
+    P = min(taps, threads)
+    L = threads // P
+    for c in range(C):
+        for s in range(splits):
+            r0, r1 = s * chunk, min(s * chunk + chunk, R)
+            for base in range(0, taps, P):
+                red = [0.0] * threads
+                for tid in range(threads):
+                    slot, lane = tid % P, tid // P
+                    tap = base + slot
+                    acc = 0.0
+                    if lane < L and tap < taps:
+                        kh, kw = divmod(tap, KW)
+                        r = r0 + lane
+                        ow, oh, n = r % Wo, (r // Wo) % Ho, r // (Wo * Ho)
+                        while r < r1:
+                            ih, iw = oh * sh - pt + kh * dh, ow * sw - pl + kw * dw
+                            if 0 <= ih < H and 0 <= iw < W:
+                                acc += float(x[n, c, ih, iw]) * float(g[n, c, oh, ow])
+                            ow += L
+                            while ow >= Wo:
+                                ow -= Wo
+                                oh += 1
+                                if oh == Ho:
+                                    oh, n = 0, n + 1
+                            r += L
+                    red[tid] = acc
+                for slot in range(P):
+                    if base + slot < taps:
+                        partial[s, c, base + slot] = sum(red[l * P + slot] for l in range(L))
+    return partial.sum(0).reshape(C, 1, KH, KW)
+
+
+# (N, C, H, W, KH, KW, stride, (top, bottom, left, right), dilation, splits, threads)
+WGRAD_EMU = {
+    "k3_lanes": (2, 1, 5, 3, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 3, 64),       # L > Wo: multi-row steps
+    "k5_stride2_dil": (1, 2, 9, 8, 3, 2, (2, 1), (2, 0, 1, 3), (2, 2), 2, 4),   # taps > threads: several bases
+    "k7_one_split": (2, 1, 6, 7, 7, 7, (1, 1), (3, 3, 3, 3), (1, 1), None, 64),
+}
+
+
+@pytest.mark.parametrize("case", list(WGRAD_EMU), ids=list(WGRAD_EMU))
+def test_wgrad_decomposition_emulated(case):
+    N, C, H, W, KH, KW, st, pad, dil, splits, threads = WGRAD_EMU[case]
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64, requires_grad=True)
+    t, bo, l, r = pad
+    F = torch.nn.functional
+    out = F.conv2d(F.pad(x, (l, r, t, bo)), w, None, st, 0, dil, groups=C)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (gw_ref,) = torch.autograd.grad(out, w, g)
+    gw = emulate_wgrad(x, g, KH, KW, st, t, l, dil, splits, threads)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
