@@ -28,11 +28,24 @@ def read_csv(path: str) -> List[Dict]:
         return list(csv.DictReader(f))
 
 
+def _num(v) -> str:
+    """Readable fixed-point numbers (no exponent for anything a benchmark produces)."""
+    v = float(v)
+    a = abs(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
 def _rate(r: Dict, cuda: bool) -> str:
     if not r.get("gflops"):
         return ""
     g = float(r["gflops"])
-    return f"{g / 1e3:.3g}" if cuda else f"{g:.3g}"
+    return _num(g / 1e3) if cuda else _num(g)
 
 
 def unavailable_lines(rows: Sequence[Dict]) -> List[str]:
@@ -66,9 +79,9 @@ def format_table(rows: Sequence[Dict], cuda: bool = False, markdown: bool = Fals
             continue
         ok = r["status"] == "ok"
         line = [r["shape"], r["dtype"], r["pass"], r["provider"],
-                f"{float(r['ms']):.4g}" if ok else "",
-                f"{float(r['ms_min']):.3g}-{float(r['ms_max']):.3g}" if ok else "",
-                _rate(r, cuda), f"{float(r['gbps']):.3g}" if r.get("gbps") else ""]
+                _num(r["ms"]) if ok else "",
+                f"{_num(r['ms_min'])}-{_num(r['ms_max'])}" if ok else "",
+                _rate(r, cuda), _num(r["gbps"]) if r.get("gbps") else ""]
         if cuda:
             line += [r.get("pct_floor") or ""]
         status = r["status"] if ok else f"{r['status']}: {r['note']}"
@@ -87,7 +100,7 @@ def format_summary(rows: Sequence[Dict], markdown: bool = False) -> str:
     for r in rows:
         k = (r["shape"], r["dtype"], r["pass"], r["provider"])
         if r["status"] == "ok":
-            s = f"{float(r['ms']):.3g} ms"
+            s = f"{_num(r['ms'])} ms"
             if r.get("speedup") and r["provider"] != "torch":
                 s += f" ({float(r['speedup']):.2f}x)"
             cell[k] = s

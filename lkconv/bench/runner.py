@@ -179,7 +179,7 @@ def _measure(case: Case, prov: Provider, pass_: str, device, peak, cpu_timing, c
     flops = shape.flops(pass_)
     nbytes = shape.bytes(pass_, case.x.element_size())
     sec = t.median / 1e3
-    row.update(status="ok", ms=f"{t.median:.4g}", ms_min=f"{t.min:.4g}", ms_max=f"{t.max:.4g}", reps=t.n,
+    row.update(status="ok", ms=f"{t.median:.6g}", ms_min=f"{t.min:.6g}", ms_max=f"{t.max:.6g}", reps=t.n,
                gflops=f"{flops / sec / 1e9:.4g}", gbps=f"{nbytes / sec / 1e9:.4g}")
     if case.n_gate < shape.n:
         row["note"] = f"gate: reference on {case.n_gate}/{shape.n} images"

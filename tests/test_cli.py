@@ -1,0 +1,121 @@
+"""`python -m lkconv ...` end to end (subprocesses), plus the in-process dispatch of `train`."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+import lkconv
+from lkconv.bench import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lkconv.__file__)))
+
+
+def _run(*args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "lkconv", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_help_and_bench_help():
+    p = _run("--help")
+    assert p.returncode == 0, p.stderr
+    for cmd in ("info", "bench", "verify", "suite", "train", "examples"):
+        assert cmd in p.stdout
+    # argparse runs in-process for the sub-command help (no second interpreter start)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--help"])
+    assert e.value.code == 0
+
+
+def test_bench_help_text(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "--shape" in out and "examples" in out and "replknet31b" in out and "WRONG" in out
+
+
+def test_info_runs():
+    p = _run("info")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert f"lkconv   {lkconv.__version__}" in out and "torch" in out and "backends:" in out
+    for name in lkconv.backend_status():
+        assert f"  {name}" in out
+    assert "available" in out and "auto picks" in out and "cpu  float32  K=31 ->" in out
+
+
+def test_bench_tiny_shape_end_to_end(tmp_path):
+    out = tmp_path / "res"
+    p = _run("bench", "--shape", "2,4,10,10,5", "--passes", "forward,all", "--out", str(out), "--no-plot",
+             "--no-progress", "--repeats", "1", "--target-s", "0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "summary" in p.stdout and "2x4x10x10 K5" in p.stdout
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["provider"] for r in rows} == {"torch", "torch-cl", "lkconv-cpu"}
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in rows), rows
+    assert (out / "results.md").read_text().count("2x4x10x10 K5") >= 4
+    assert (out / "env.json").exists()
+
+
+def test_bad_arguments_are_clear(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--shape", "1,2,3"])
+    assert "--shape" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--set", "tiny", "--providers", "nope"])
+    assert "--providers" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--set", "tiny", "--ks", "3,x"])
+    assert "--ks" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["verify", "--cases", "nope"])
+    assert "--cases" in str(e.value.code)
+
+
+def test_train_delegates_or_exits_2(monkeypatch, capsys):
+    import types
+
+    monkeypatch.setitem(sys.modules, "lkconv.models.train", None)  # import fails
+    assert cli.main(["train", "--epochs", "1"]) == 2
+    assert "lkconv.models.train" in capsys.readouterr().err
+    seen = []
+    fake = types.ModuleType("lkconv.models.train")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "lkconv.models.train", fake)
+    assert cli.main(["train", "--epochs", "1", "--help"]) == 0
+    assert seen == [["--epochs", "1", "--help"]]
+
+
+def test_verify_command_exit_code(capsys):
+    assert cli.main(["verify", "--backends", "cpu", "--devices", "cpu", "--cases", "k3,k31-gt-H"]) == 0
+    out = capsys.readouterr().out
+    assert "pass" in out and "0 failed" in out
+
+
+def test_suite_orchestration(tmp_path, monkeypatch):
+    """The suite's steps, their order and summary.md, with each step's subprocess stubbed out
+    (the real steps are `python -m lkconv info/verify/bench` and pytest, tested above)."""
+    from lkconv.bench import suite
+
+    calls = []
+
+    def fake_step(name, cmd, log_path, timeout, cwd, echo=True, env=None):
+        calls.append((name, cmd, timeout))
+        open(log_path, "w").write("ok\n")
+        return dict(step=name, rc=5 if name == "tests" else 0, seconds=0.1, log=os.path.basename(log_path),
+                    note="", command=" ".join(cmd))
+
+    monkeypatch.setattr(suite, "_run_step", fake_step)
+    rc = suite.run_suite(str(tmp_path / "run"), budget_s=570, echo=False)
+    assert rc == 0  # pytest's "no tests selected" (5) is not a failure
+    names = [c[0] for c in calls]
+    assert names[:4] == ["build", "info", "verify", "tests"] and names[4].startswith("bench_")
+    assert calls[0][1][-4:] == ["--no-build-isolation", "--no-deps", "-v", "-e", "."][-4:]
+    assert "--no-build-isolation" in calls[0][1]
+    assert all(0 < c[2] <= 570 for c in calls)
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    for n in names:
+        assert f"| {n} |" in summary
+    assert (tmp_path / "run" / "env.json").exists()
