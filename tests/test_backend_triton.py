@@ -95,14 +95,22 @@ def run_case(c, dtype, device):
     assert all(r.ok for r in results), "\n".join(str(r) for r in results)
 
 
-needs_interpreter = pytest.mark.skipif(
+_skip_no_interp = pytest.mark.skipif(
     not INTERPRET,
     reason="CPU cases run the Triton interpreter (no GPU visible, or TRITON_INTERPRET=1); a GPU is present",
 )
-needs_cuda_kernels = pytest.mark.skipif(
+_skip_no_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or INTERPRET,
     reason="needs a CUDA GPU (and compiled, not interpreted, Triton kernels)",
 )
+
+
+def needs_interpreter(f):
+    return pytest.mark.triton_interp(_skip_no_interp(f))
+
+
+def needs_cuda_kernels(f):
+    return pytest.mark.gpu(_skip_no_cuda(f))
 
 
 # the tile geometry is dtype-independent: every case runs in fp32, a spread of them in fp16/bf16 too
