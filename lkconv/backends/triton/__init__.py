@@ -70,8 +70,8 @@ class TritonBackend(Backend):
     # -- support ----------------------------------------------------------------------------------
     def check(self, x, weight, params, pass_):
         dev = x.device.type
+        interp = self._interpreted if self._interpreted is not None else _env_interpret()
         if dev == "cpu":
-            interp = self._interpreted if self._interpreted is not None else _env_interpret()
             if not interp:
                 return (
                     "CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1 before triton is "
@@ -79,8 +79,8 @@ class TritonBackend(Backend):
                 )
         elif dev != "cuda":
             return f"device type {dev!r} not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
-        elif self._interpreted:
-            return "the Triton kernels were built for the CPU interpreter (TRITON_INTERPRET=1) in this process"
+        elif interp:
+            return "TRITON_INTERPRET=1: the Triton kernels run in the CPU interpreter in this process (CPU tensors only)"
         if x.dtype not in _DTYPES:
             return f"dtype {x.dtype} not supported (float16, bfloat16, float32; use backend 'torch' or 'cpu' for float64)"
         if weight.dtype != x.dtype:
