@@ -331,6 +331,14 @@ _COMPILE_CHECK = textwrap.dedent(
     compile_(K.dw_fwd_kernel, "fp16", dict(geo(3, 2, 3), HAS_BIAS=False, PLANE_FAST=True, BM=16, BN=16, BK=16), 90, ones=True)
     compile_(K.dw_dgrad_kernel, "fp16", dict(geo(1, 1, 1), PLANE_FAST=False, BM=16, BN=16, BK=16), 90, ones=True)
     compile_(K.dw_wgrad_kernel, "fp16", dict(geo(3, 2, 3), BKH=16, BKW=16, BK=16), 90, ones=True)
+    # the GPU launchers: autotuners build without a GPU; tiles far larger than the plane are pruned
+    from lkconv.backends.triton import ops as O
+    assert not O.INTERPRETED
+    cfgs = O._conv_configs()
+    small = O._prune_conv("HO", "WO")(cfgs, {"HO": 7, "WO": 7})
+    assert [(c.kwargs["BM"], c.kwargs["BN"]) for c in small] == [(16, 16)], small
+    big = O._prune_conv("HO", "WO")(cfgs, {"HO": 56, "WO": 56})
+    assert len(big) >= 3 and all(c.kwargs["BM"] <= 64 for c in big), big
     print("COMPILED")
     """
 )

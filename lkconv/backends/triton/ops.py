@@ -3,8 +3,8 @@
 Imported lazily by :class:`lkconv.backends.triton.TritonBackend` (it imports triton).  Under the
 CPU interpreter (``TRITON_INTERPRET=1`` when :mod:`.kernels` was imported) every kernel runs with one
 fixed, minimal tile configuration (autotuning is pointless there); on the GPU the kernels are wrapped
-in ``@triton.autotune`` keyed on ``(KH, KW, H, W)`` plus the argument dtypes (which Triton's
-autotuner adds to the key itself).
+in ``@triton.autotune`` keyed on ``(KH, KW, H, W)``, stride, dilation and layout, plus the argument
+dtypes (which Triton's autotuner adds to the key itself).
 """
 from __future__ import annotations
 
@@ -24,23 +24,40 @@ _I32 = 2**31 - 1
 # ------------------------------------------------------------------------------------------------
 # forward / grad_input: (BM output rows, BN output columns, BK input columns per dot, warps, stages).
 # BN stays small because the Toeplitz B tile's useful density is KW / (BN*SW + KW - 1): 0.65 at K=31
-# with BN=16; BM carries the reuse of every gathered T tile.  The list is deliberately short: big
-# planes (56x56) want BM=64/128, small planes (7x7, 14x14) want BM=16/32 (a tile never spans planes).
+# with BN=16; BM carries the reuse of every gathered T tile.  The list is deliberately short (every
+# config is one more compile on a cold cache): big planes (56x56) want BM=64/128, small planes
+# (7x7, 14x14) BM=16/32 (a tile never spans planes); configs with tiles much larger than the plane
+# are pruned before benchmarking (_prune_conv).
 _CONV_CONFIGS = [
     (16, 16, 32, 2, 2),
     (32, 16, 32, 4, 2),
     (64, 16, 32, 4, 3),
     (128, 16, 32, 4, 3),
     (64, 32, 64, 4, 3),
-    (128, 32, 32, 8, 3),
 ]
-# grad_weight: BKH/BKW are fixed by the kernel size (below); BK (input columns per dot) and warps tuned
-_WGRAD_CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 8, 3), (128, 8, 3)]
+# grad_weight: BKH/BKW are fixed by the kernel size (see _kblock); BK (input columns per dot), warps
+# and stages are tuned
+_WGRAD_CONFIGS = [(32, 4, 2), (64, 4, 3), (128, 8, 3)]
 
 _INTERP_CONV = dict(BM=16, BN=16, BK=16)
 _INTERP_WGRAD_BK = 16
 
-_KEY = ["KH", "KW", "H", "W"]
+# autotune keys: kernel size, plane size, geometry, layout (Triton's autotuner adds the dtypes)
+_CONV_KEY = ["KH", "KW", "H", "W", "SH", "SW", "DH", "DW", "PLANE_FAST"]
+_WGRAD_KEY = ["KH", "KW", "H", "W", "SH", "SW", "DH", "DW"]
+
+
+def _prune_conv(rows_arg: str, cols_arg: str):
+    """Drop configs whose tile is more than one power of two larger than the output plane."""
+
+    def prune(configs, named_args, **kwargs):
+        rows, cols = int(named_args[rows_arg]), int(named_args[cols_arg])
+        bm_cap = max(16, triton.next_power_of_2(max(rows, 1)))
+        bn_cap = max(16, triton.next_power_of_2(max(cols, 1)))
+        kept = [c for c in configs if c.kwargs["BM"] <= bm_cap and c.kwargs["BN"] <= bn_cap]
+        return kept or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
+
+    return prune
 
 
 def _conv_configs():
@@ -58,9 +75,13 @@ if INTERPRETED:
     _dgrad = K.dw_dgrad_kernel
     _wgrad = K.dw_wgrad_kernel
 else:  # pragma: no cover - needs a GPU
-    _fwd = triton.autotune(configs=_conv_configs(), key=_KEY)(K.dw_fwd_kernel)
-    _dgrad = triton.autotune(configs=_conv_configs(), key=_KEY)(K.dw_dgrad_kernel)
-    _wgrad = triton.autotune(configs=_wgrad_configs(), key=_KEY)(K.dw_wgrad_kernel)
+    _fwd = triton.autotune(
+        configs=_conv_configs(), key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune_conv("HO", "WO")}
+    )(K.dw_fwd_kernel)
+    _dgrad = triton.autotune(
+        configs=_conv_configs(), key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune_conv("H", "W")}
+    )(K.dw_dgrad_kernel)
+    _wgrad = triton.autotune(configs=_wgrad_configs(), key=_WGRAD_KEY)(K.dw_wgrad_kernel)
 
 
 def _conv_meta():
