@@ -164,6 +164,16 @@ def test_cpu_interpreter_other_tile_configs(name, monkeypatch):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("case", ["channels_last", "channels_last-stride2"])
+def test_cpu_interpreter_channels_last_copy_strategy(case, monkeypatch):
+    """The alternative channels_last strategy (one explicit NCHW copy of the input) is exact too."""
+    from lkconv.backends.triton import ops as tops
+
+    monkeypatch.setattr(tops, "CHANNELS_LAST_INPUT", "copy")
+    run_case(CPU_CASES[case], torch.float16, "cpu")
+
+
+@needs_interpreter
 def test_cpu_interpreter_opcheck_channels_last():
     """torch.library.opcheck (schema, fake kernel strides vs real, autograd registration) with the
     triton backend on all three ops."""

@@ -130,6 +130,19 @@ def _flat_weight(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
     return w.reshape(C, KH * KW).contiguous()
 
 
+#: how channels_last inputs are read: "strides" (directly, programs ordered channel-fastest so
+#: neighbouring channels share cache lines) or "copy" (one explicit NCHW copy of the input first; the
+#: output is still written channels_last).  A module-level switch for the GPU benchmark to compare;
+#: both are tested under the interpreter.
+CHANNELS_LAST_INPUT = "strides"
+
+
+def _read_layout(t: torch.Tensor) -> torch.Tensor:
+    if CHANNELS_LAST_INPUT == "copy" and _is_channels_last(t):
+        return t.contiguous()
+    return t
+
+
 def _empty_like_format(shape, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     fmt = torch.channels_last if _is_channels_last(ref) else torch.contiguous_format
     return torch.empty(shape, dtype=dtype, device=ref.device, memory_format=fmt)
@@ -177,6 +190,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias, p: ConvParams) -> torch
     KH, KW = weight.shape[2], weight.shape[3]
     HO, WO = p.out_size(H, W, KH, KW)
     out = _empty_like_format((N, C, HO, WO), x, x.dtype)
+    x = _read_layout(x)
     b = None if bias is None else bias.contiguous()
     t, _, l, _ = p.padding
     return _conv(x, _flat_weight(weight), b, out, KH, KW, p.stride, p.dilation, t, l)
@@ -188,6 +202,7 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
     t, _, l, _ = p.padding
     dh, dw = p.dilation
     gx = _empty_like_format((N, C, H, W), grad_out, grad_out.dtype)
+    grad_out = _read_layout(grad_out)
     if gx.numel() == 0:
         return gx
     if p.stride == (1, 1):
@@ -238,6 +253,7 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     rows = N * HO
     if rows == 0 or WO == 0:
         return torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
+    x, grad_out = _read_layout(x), _read_layout(grad_out)
     BKH, BKW = _kblock(KH), _kblock(KW)
     per_split = C * triton.cdiv(KH, BKH) * triton.cdiv(KW, BKW)
     splits = _num_splits(rows, per_split, x.device)
