@@ -4,7 +4,9 @@ with PyTorch's own CPU depthwise convolution.
 For each kernel size K (square, "same" padding, stride 1) at a RepLKNet-like layer shape
 (default N=8, C=128, 56x56, fp32) it times, per pass (forward, grad_input, grad_weight):
 
-* ``torch``  — PyTorch's F.conv2d / aten.convolution_backward (oneDNN), i.e. lkconv's direct path
+* ``torch``  — PyTorch's F.conv2d / aten.convolution_backward as is (the ``torch`` backend)
+* ``direct`` — lkconv's direct path: oneDNN used well (explicit pre-padding above the padding
+  cliff; grad_weight as a forward convolution with grad_out as the kernel)
 * ``slices`` — lkconv's own vectorised direct method (sum of shifted slices, in-place FMAs)
 * ``fft``    — lkconv's rfft2 path
 
@@ -31,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lkconv  # noqa: E402
 from lkconv.backends import cpu  # noqa: E402
+from lkconv.backends.torch_native import TorchBackend  # noqa: E402
 from lkconv.params import normalize_params  # noqa: E402
 
 PASSES = ("forward", "grad_input", "grad_weight")
+NAMES = ("torch", "direct", "slices", "fft")
 
 
 def timeit_interleaved(fns: dict, repeats: int, slow_s: float = 2.0) -> dict:
@@ -55,8 +59,14 @@ def timeit_interleaved(fns: dict, repeats: int, slow_s: float = 2.0) -> dict:
 
 def impls(x, w, g, p):
     shape = x.shape
+    tb = TorchBackend()
     return {
         "torch": (
+            lambda: tb.forward(x, w, None, p),
+            lambda: tb.grad_input(g, w, shape, p),
+            lambda: tb.grad_weight(g, x, w.shape, p),
+        ),
+        "direct": (
             lambda: cpu.direct_forward(x, w, None, p),
             lambda: cpu.direct_grad_input(g, w, shape, p),
             lambda: cpu.direct_grad_weight(g, x, w.shape, p),
@@ -82,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 7, 9, 11, 13, 17, 21, 27, 31])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--slices-max-k", type=int, default=13, help="skip the slices method above this K (slow)")
+    ap.add_argument("--slices-max-k", type=int, default=9, help="skip the slices method above this K (slow)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -94,9 +104,8 @@ def main(argv=None):
           f"threads={torch.get_num_threads()}, median of {a.repeats}; torch {torch.__version__}")
     print(f"# current rule: FFT when KH*KW >= {cpu.FFT_MIN_TAPS} (per pass: {cpu.FFT_MIN_TAPS_PER_PASS})")
     rows = []
-    hdr = ("| K | pass | torch (oneDNN) ms | slices ms | fft ms | fastest |")
-    print(hdr)
-    print("|---|---|---:|---:|---:|---|")
+    print("| K | pass | torch ms | lkconv direct ms | slices ms | fft ms | fastest |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for K in a.ks:
         x = torch.randn(N, C, H, H, dtype=dt)
         w = torch.randn(C, 1, K, K, dtype=dt)
@@ -125,7 +134,7 @@ def main(argv=None):
 
         todo = {}
         for i, pass_ in enumerate(PASSES):
-            for name in ("torch", "slices", "fft"):
+            for name in NAMES:
                 if name == "slices" and K > a.slices_max_k:
                     continue
                 todo[(pass_, name)] = fns[name][i]
@@ -134,11 +143,12 @@ def main(argv=None):
         med = timeit_interleaved(todo, a.repeats)
         res = {}
         for pass_ in PASSES:
-            t = {name: med[(pass_, name)] for name in ("torch", "slices", "fft") if (pass_, name) in med}
+            t = {name: med[(pass_, name)] for name in NAMES if (pass_, name) in med}
             best = min(t, key=t.get)
             res[pass_] = t
             fmt = lambda n: f"{t[n] * 1e3:.1f}" if n in t else "-"  # noqa: E731
-            print(f"| {K} | {pass_} | {fmt('torch')} | {fmt('slices')} | {fmt('fft')} | {best} |", flush=True)
+            print(f"| {K} | {pass_} | {fmt('torch')} | {fmt('direct')} | {fmt('slices')} | {fmt('fft')} | {best} |",
+                  flush=True)
         e2e = {k: med[k] for k in ("torch_fwd", "torch_fb", "lk_fwd", "lk_fb")}
         rows.append((K, res, e2e))
     print()
@@ -152,7 +162,8 @@ def main(argv=None):
     # crossover per pass: smallest K from which FFT beats the best direct method at every larger K
     for pass_ in PASSES:
         ks = [K for K, res, _ in rows]
-        win = [res[pass_]["fft"] < min(v for n, v in res[pass_].items() if n != "fft") for _, res, _ in rows]
+        win = [res[pass_]["fft"] < min(v for n, v in res[pass_].items() if n in ("direct", "slices"))
+               for _, res, _ in rows]
         cross = next((ks[i] for i in range(len(ks)) if all(win[i:])), None)
         print(f"# {pass_}: FFT fastest from K = {cross} on (taps {cross * cross if cross else '-'})")
 
