@@ -276,3 +276,18 @@ def test_verify_passes_and_flags_a_wrong_backend():
         B._FACTORIES.pop("wrong-test", None)
         B._INSTANCES.pop("wrong-test", None)
     assert rows[0]["status"] == "FAIL" and "grad_weight" in rows[0]["detail"]
+
+
+def test_percent_of_floor_columns():
+    """The roofline columns (filled on GPU runs) from the peak table, exercised with a given GPU name."""
+    shape = TINY[1]
+    rows = run_benchmark([shape], [make_provider("torch")], ["fp32"], ["forward", "all"], "cpu",
+                         gpu_name="NVIDIA H100 80GB HBM3", **FAST)
+    peak = lookup_peak("NVIDIA H100 80GB HBM3")
+    for r in rows:
+        assert r["status"] == "ok" and r["bound"] in ("compute", "memory")
+        fl, bound = floor_seconds(peak, "fp32", shape.flops(r["pass"]), shape.bytes(r["pass"], 4))
+        assert bound == r["bound"]
+        assert abs(float(r["pct_floor"]) - 100 * fl / (float(r["ms"]) / 1e3)) <= 0.01 * float(r["pct_floor"])
+    table = format_table(rows, cuda=True)
+    assert "% floor" in table and "TFLOP/s" in table

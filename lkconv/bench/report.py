@@ -158,6 +158,9 @@ def write_plots(rows: Sequence[Dict], out_dir: str, log=print) -> List[str]:
                 label = prov if len({g for _, g in series}) == 1 else f"{prov} [{group}]"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
             ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+            ys = [p[1] for pts in series.values() for p in pts if p[1] > 0]
+            if ys and max(ys) / min(ys) > 10:  # speedups spanning decades: log scale
+                ax.set_yscale("log")
             ax.set_title(f"{dtype} {pass_}")
             ax.set_xlabel("kernel size K")
             ax.set_ylabel("speedup vs torch NCHW")

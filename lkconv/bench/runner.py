@@ -74,7 +74,8 @@ def run_benchmark(
             raise ValueError(f"unknown pass {p!r} (argument: --passes); choose from {list(PASSES)}")
     if device.type == "cuda" and gpu_name is None:
         gpu_name = torch.cuda.get_device_name(device)
-    peak = lookup_peak(gpu_name) if device.type == "cuda" else None
+    # the peak table applies to GPU runs (gpu_name may also be given explicitly, e.g. in tests)
+    peak = lookup_peak(gpu_name)
 
     unavailable = {}
     for prov in providers:
