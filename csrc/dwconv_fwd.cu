@@ -187,17 +187,20 @@ __global__ void __launch_bounds__(FB_THREADS) fp32_blocked_kernel(ConvArgs a) {
 // Check: input column of A = ow0 - pl + 16j + 16kk + i = ow + kw - pl with kw = 16kk + i - nn. With
 // KK = ceil((KW + 15) / 16) chunks every kw in [0, KW) and every nn in [0, 16) is covered exactly once.
 //
-// CTA: 4 warps; tile TC_BM = 64 output rows (16 per warp) x TC_BN = 16*TC_NB = 64 output columns of one (n, c).
-// Shared memory: Cs (fp32 staging of the accumulators), Xs ((64+KH-1) x 16*(TC_NB+KK-1)), Ts (KK 16x16
+// CTA: TC_WARPS warps; tile TC_BM = 16*TC_WARPS output rows (16 per warp) x TC_BN = 16*TC_NB output columns
+// of one (n, c).  Shared memory: Cs (fp32 staging of the accumulators), Xs ((TC_BM+KH-1) x 16*(TC_NB+KK-1)), Ts (KK 16x16
 // Toeplitz blocks for the current kh), Fs (the filter).  Kernel rows whose input rows all lie in the
 // zero border are skipped (CTA-uniform), as are per-warp rows and per-(j, kk) column chunks outside the image.
+// Two tile configurations (template <WARPS, NB>): the big one (4 warps x 4 column fragments = 64 x 64
+// outputs) and a small one (1 x 1 = 16 x 16) for small feature maps (7x7, 14x14, 28x28), where a 64 x 64
+// tile would mostly compute padding.  The launcher picks the one with less wasted area.
 // ------------------------------------------------------------------------------------------------
-constexpr int TC_WARPS = 4, TC_NB = 4, TC_BM = 16 * TC_WARPS, TC_BN = 16 * TC_NB, TC_THREADS = 32 * TC_WARPS;
 
 struct TcLayout {
   int64_t KK, ldx, rows, cs_bytes, xs_bytes, ts_bytes, fs_bytes, total;
 };
-__host__ __device__ inline TcLayout tc_layout(int64_t KH, int64_t KW) {
+__host__ __device__ inline TcLayout tc_layout(int64_t KH, int64_t KW, int TC_WARPS, int TC_NB) {
+  const int TC_BM = 16 * TC_WARPS, TC_BN = 16 * TC_NB;
   TcLayout L;
   L.KK = (KW + 15 + 15) / 16;           // ceil((KW + 15) / 16)
   L.ldx = 16 * (TC_NB + L.KK - 1);      // multiple of 16 elements: rows stay 32-byte aligned
@@ -210,13 +213,14 @@ __host__ __device__ inline TcLayout tc_layout(int64_t KH, int64_t KW) {
   return L;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(TC_THREADS) toeplitz_wmma_kernel(ConvArgs a) {
+template <typename T, int TC_WARPS, int TC_NB>
+__global__ void __launch_bounds__(32 * TC_WARPS) toeplitz_wmma_kernel(ConvArgs a) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   using namespace nvcuda;
+  constexpr int TC_BM = 16 * TC_WARPS, TC_BN = 16 * TC_NB, TC_THREADS = 32 * TC_WARPS;
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const int KH = (int)a.KH, KW = (int)a.KW;
-  const TcLayout L = tc_layout(KH, KW);
+  const TcLayout L = tc_layout(KH, KW, TC_WARPS, TC_NB);
   const int KK = (int)L.KK, ldx = (int)L.ldx, rows = (int)L.rows;
   float* Cs = reinterpret_cast<float*>(smem_tc);
   T* Xs = reinterpret_cast<T*>(smem_tc + L.cs_bytes);
@@ -335,21 +339,37 @@ bool try_fp32_blocked(const ConvArgs& a, cudaStream_t stream) {
   return true;
 }
 
+template <typename T, int WARPS, int NB>
+bool launch_toeplitz_cfg(const ConvArgs& a, cudaStream_t stream) {
+  const TcLayout L = tc_layout(a.KH, a.KW, WARPS, NB);
+  if (L.total > a.max_smem_optin) return false;
+  const int64_t gx = a.N * a.C, gy = ceil_div(a.Wo, 16 * NB), gz = ceil_div(a.Ho, 16 * WARPS);
+  if (!grid_ok(gx, gy, gz)) return false;
+  if (L.total > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(toeplitz_wmma_kernel<T, WARPS, NB>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L.total));
+  }
+  toeplitz_wmma_kernel<T, WARPS, NB>
+      <<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), 32 * WARPS, (size_t)L.total, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+// 1 = the small 16 x 16 tile, 0 = the big 64 x 64 tile: whichever computes fewer outputs in total
+// (ties -> big, which reuses the Toeplitz blocks over 16 fragments instead of 1)
+inline bool toeplitz_small_tile(int64_t Ho, int64_t Wo) {
+  const int64_t big = ceil_div(Ho, 64) * 64 * ceil_div(Wo, 64) * 64;
+  const int64_t small = ceil_div(Ho, 16) * 16 * ceil_div(Wo, 16) * 16;
+  return 2 * small <= big;  // small must save at least half the area to be worth its lower reuse
+}
+
 template <typename T>
 bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
   if (a.sm_major < 8) return false;  // kernel body is compiled for sm80+ only
   if (a.sh != 1 || a.sw != 1 || a.dh != 1 || a.dw != 1) return false;
   if (a.KH > 1024 || a.KW > 1024) return false;
-  const TcLayout L = tc_layout(a.KH, a.KW);
-  if (L.total > a.max_smem_optin) return false;
-  const int64_t gx = a.N * a.C, gy = ceil_div(a.Wo, TC_BN), gz = ceil_div(a.Ho, TC_BM);
-  if (!grid_ok(gx, gy, gz)) return false;
-  if (L.total > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(toeplitz_wmma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L.total));
-  }
-  toeplitz_wmma_kernel<T><<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), TC_THREADS, (size_t)L.total, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return true;
+  if (toeplitz_small_tile(a.Ho, a.Wo)) return launch_toeplitz_cfg<T, 1, 1>(a, stream);
+  return launch_toeplitz_cfg<T, 4, 4>(a, stream);
 }
 
 }  // namespace

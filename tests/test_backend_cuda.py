@@ -302,8 +302,6 @@ def test_more_than_2_31_elements():
 # (same tile constants, staging, skip conditions, Toeplitz blocks, sliding window), run on tiny
 # shapes and compared with F.conv2d -- they check the index math, not the CUDA code generation.
 # ------------------------------------------------------------------------------------------------
-TC_WARPS, TC_NB = 4, 4
-TC_BM, TC_BN = 16 * TC_WARPS, 16 * TC_NB
 FB_H, FB_W, FB_STRIP = 32, 64, 8
 
 
@@ -311,7 +309,18 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-def emulate_toeplitz(x, w, bias, pt, pl, Ho, Wo):
+def _toeplitz_small_tile(Ho, Wo):  # transcription of toeplitz_small_tile()
+    big = _ceil_div(Ho, 64) * 64 * _ceil_div(Wo, 64) * 64
+    small = _ceil_div(Ho, 16) * 16 * _ceil_div(Wo, 16) * 16
+    return 2 * small <= big
+
+
+def emulate_toeplitz(x, w, bias, pt, pl, Ho, Wo, config=None):
+    """config: (TC_WARPS, TC_NB); None = what the launcher picks"""
+    if config is None:
+        config = (1, 1) if _toeplitz_small_tile(Ho, Wo) else (4, 4)
+    TC_WARPS, TC_NB = config
+    TC_BM, TC_BN = 16 * TC_WARPS, 16 * TC_NB
     N, C, H, W = x.shape
     KH, KW = w.shape[2], w.shape[3]
     KK = (KW + 15 + 15) // 16
@@ -419,11 +428,24 @@ EMU_CASES = {
 }
 
 
-@pytest.mark.parametrize("kernel", ["toeplitz", "fp32_blocked"])
+EMU_KERNELS = {
+    "toeplitz_64x64": lambda *a: emulate_toeplitz(*a, config=(4, 4)),
+    "toeplitz_16x16": lambda *a: emulate_toeplitz(*a, config=(1, 1)),
+    "toeplitz_auto": emulate_toeplitz,
+    "fp32_blocked": emulate_fp32_blocked,
+}
+
+
+def test_toeplitz_tile_choice():
+    assert _toeplitz_small_tile(7, 7) and _toeplitz_small_tile(14, 14) and _toeplitz_small_tile(28, 28)
+    assert not _toeplitz_small_tile(56, 56) and not _toeplitz_small_tile(64, 100)
+
+
+@pytest.mark.parametrize("kernel", list(EMU_KERNELS))
 @pytest.mark.parametrize("case", list(EMU_CASES), ids=list(EMU_CASES))
 def test_fast_kernel_index_math_emulated(kernel, case):
     C, H, W, KH, KW, pad = EMU_CASES[case]
-    emulate = emulate_toeplitz if kernel == "toeplitz" else emulate_fp32_blocked
+    emulate = EMU_KERNELS[kernel]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, C, H, W, generator=gen, dtype=torch.float64)
     w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64)
