@@ -291,3 +291,33 @@ def test_percent_of_floor_columns():
         assert abs(float(r["pct_floor"]) - 100 * fl / (float(r["ms"]) / 1e3)) <= 0.01 * float(r["pct_floor"])
     table = format_table(rows, cuda=True)
     assert "% floor" in table and "TFLOP/s" in table
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_cuda_paths_tiny():
+    """On a GPU box: CUDA timer, gate on the device (all dtype modes), every GPU provider either
+    measured correctly or declined with a reason, and a wrong provider caught."""
+    from lkconv.bench.providers import default_providers
+    from lkconv.bench.timing import time_cuda
+
+    dev = torch.device("cuda")
+    shapes = [Shape(2, 16, 20, 20, 7, 7, "tiny"), Shape(2, 16, 20, 20, 13, 13, "tiny")]
+    provs = default_providers(dev) + [ScaledTorch(which=0, scale=1.1)]  # 10%: beyond the bf16 floor
+    rows = run_benchmark(shapes, provs, ["tf32", "fp32", "fp16", "bf16"], ["forward", "grad_input", "grad_weight",
+                                                                          "all"], dev, progress=False,
+                         cuda_timing=dict(rep_ms=5, min_rep=3, max_rep=10, warmup_ms=1))
+    for r in rows:
+        if r["provider"] == "wrong":
+            assert r["status"] == "WRONG", r
+        elif r["provider"] in ("torch", "torch-cl"):
+            assert r["status"] == "ok", r
+        else:
+            assert r["status"] in ("ok", "unavailable", "unsupported"), r
+        if r["status"] == "ok":
+            assert float(r["ms"]) > 0 and int(r["reps"]) >= 3
+            if lookup_peak(torch.cuda.get_device_name()) is not None:
+                assert r["pct_floor"] != ""
+    x = torch.randn(1 << 20, device=dev)
+    t = time_cuda(lambda: x.mul_(1.0), rep_ms=2, min_rep=4, max_rep=8, warmup_ms=1)
+    assert 4 <= t.n <= 8 and t.min > 0
