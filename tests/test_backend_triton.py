@@ -128,19 +128,34 @@ def test_cpu_interpreter_all_passes(case, dtype):
     run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
 
 
+@pytest.fixture
+def one_config(monkeypatch):
+    """Correctness runs on the GPU launch one default tile config per kernel (autotuning every case
+    would compile every config of every variant); test_cuda_autotuned covers the autotuner."""
+    from lkconv.backends.triton import ops as tops
+
+    monkeypatch.setattr(tops, "AUTOTUNE", False)
+
+
 @needs_cuda_kernels
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case", list(CUDA_CASES))
-def test_cuda_all_passes(case, dtype):
+def test_cuda_all_passes(case, dtype, one_config):
     run_case(CUDA_CASES[case], DTYPES[dtype], "cuda")
 
 
 @needs_cuda_kernels
 @pytest.mark.parametrize("case", ["k31-partial", "stride2-dil2", "channels_last-k31", "noncontig-slice"])
-def test_cuda_small_cases(case):
+def test_cuda_small_cases(case, one_config):
     # the interpreter's edge cases, compiled
     for dtype in DTYPES.values():
         run_case(CPU_CASES[case], dtype, "cuda")
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("case", ["c32-56-k31", "c256-7-k13"])
+def test_cuda_autotuned(case):
+    run_case(CUDA_CASES[case], torch.float16, "cuda")
 
 
 # the GPU autotunes over other tile shapes: run a few of them through the interpreter as well
@@ -326,8 +341,8 @@ _COMPILE_CHECK = textwrap.dedent(
                             options=dict(num_warps=warps, num_stages=3))
         return ck.asm["ptx"]
 
-    def geo(k, s, d, big=False, prec=None):
-        return dict(KH=k, KW=k, SH=s, SW=s, DH=d, DW=d, BIG=big, PREC=prec, UPCAST=False)
+    def geo(k, s, d, big=False, prec=None):  # k: the BKH/BKW block only (KH, KW are runtime ints)
+        return dict(SH=s, SW=s, DH=d, DW=d, BIG=big, PREC=prec, UPCAST=False)
 
     conv = dict(PLANE_FAST=False, BM=64, BN=16, BK=32)
     for arch in (90, 80):

@@ -34,6 +34,9 @@ fp32 operands use ``input_precision=PREC`` ("tf32" or "ieee", chosen by the laun
 ``torch.backends.cudnn.allow_tf32``).  ``UPCAST`` (constexpr) converts operands to fp32 before the dot:
 the launcher sets it for bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong.
 
+Kernel sizes are runtime arguments (one binary serves every K; only stride, dilation, flags, dtype
+and tile sizes are compile-time), which keeps the number of compiles on a cold cache small.
+
 Offsets: the (n, c) plane base is always computed in int64; with ``BIG`` the in-plane offsets are
 int64 as well (the launcher sets it when an in-plane offset can reach 2**31).
 """
@@ -65,7 +68,7 @@ def dw_fwd_kernel(
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
     PT, PL,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH, KW,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, PLANE_FAST: tl.constexpr, BIG: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -99,7 +102,7 @@ def dw_fwd_kernel(
     kh_hi = tl.minimum((tl.maximum(H - 1 + PT - i0 * SH, -1) + DH) // DH, KH)
     # input columns of the tile: c0 + [0, L), clipped to the real input [0, W)
     c0 = j0 * SW - PL
-    L: tl.constexpr = (BN - 1) * SW + (KW - 1) * DW + 1
+    L = (BN - 1) * SW + (KW - 1) * DW + 1
     k_lo = tl.maximum(-c0, 0)
     k_hi = tl.minimum(W - c0, L)
 
@@ -154,7 +157,7 @@ def dw_dgrad_kernel(
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     PT, PL,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH, KW,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     PLANE_FAST: tl.constexpr, BIG: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -241,7 +244,7 @@ def dw_wgrad_kernel(
     sxn, sxc, sxh, sxw,
     sgn, sgc, sgh, sgw,
     PT, PL,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH, KW,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BIG: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BKH: tl.constexpr, BKW: tl.constexpr, BK: tl.constexpr,

@@ -70,22 +70,41 @@ def _wgrad_configs():
     return [triton.Config(dict(BK=bk), num_warps=w, num_stages=s) for bk, w, s in _WGRAD_CONFIGS]
 
 
+#: False: launch one default configuration instead of autotuning (GPU correctness tests use it to
+#: keep the number of compiles down; benchmarks and normal use leave it True)
+AUTOTUNE = True
+
 if INTERPRETED:
-    _fwd = K.dw_fwd_kernel
-    _dgrad = K.dw_dgrad_kernel
-    _wgrad = K.dw_wgrad_kernel
+    _fwd_tuned = _dgrad_tuned = _wgrad_tuned = None
 else:  # pragma: no cover - needs a GPU
-    _fwd = triton.autotune(
+    _fwd_tuned = triton.autotune(
         configs=_conv_configs(), key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune_conv("HO", "WO")}
     )(K.dw_fwd_kernel)
-    _dgrad = triton.autotune(
+    _dgrad_tuned = triton.autotune(
         configs=_conv_configs(), key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune_conv("H", "W")}
     )(K.dw_dgrad_kernel)
-    _wgrad = triton.autotune(configs=_wgrad_configs(), key=_WGRAD_KEY)(K.dw_wgrad_kernel)
+    _wgrad_tuned = triton.autotune(configs=_wgrad_configs(), key=_WGRAD_KEY)(K.dw_wgrad_kernel)
 
 
-def _conv_meta():
-    return dict(_INTERP_CONV) if INTERPRETED else {}
+def _launch_conv(tuned, base, grid, rows: int, args, kwargs) -> None:
+    """Launch a forward/dgrad kernel: fixed tiles under the interpreter, autotuned on the GPU (or one
+    default config sized to the plane when AUTOTUNE is False)."""
+    if INTERPRETED:
+        base[grid](*args, **kwargs, **_INTERP_CONV)
+    elif AUTOTUNE:
+        tuned[grid](*args, **kwargs)
+    else:
+        bm = min(64, max(16, triton.next_power_of_2(max(rows, 1))))
+        base[grid](*args, **kwargs, BM=bm, BN=16, BK=32, num_warps=4, num_stages=3)
+
+
+def _launch_wgrad(grid, args, kwargs) -> None:
+    if INTERPRETED:
+        K.dw_wgrad_kernel[grid](*args, **kwargs, BK=_INTERP_WGRAD_BK)
+    elif AUTOTUNE:
+        _wgrad_tuned[grid](*args, **kwargs)
+    else:
+        K.dw_wgrad_kernel[grid](*args, **kwargs, BK=64, num_warps=4, num_stages=3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,23 +184,24 @@ def _conv(x, wflat, bias, out, KH, KW, stride, dilation, pt, pl):
     HO, WO = out.shape[2], out.shape[3]
     if out.numel() == 0:
         return out
-    meta = _conv_meta()
     NC = N * C
 
     def grid(m):
         return (triton.cdiv(HO, m["BM"]) * triton.cdiv(WO, m["BN"]) * NC,)
 
+    args = (
+        x, wflat, bias if bias is not None else wflat, out,
+        NC, C, H, W, HO, WO,
+        *x.stride(), *out.stride(),
+        pt, pl,
+    )
+    kwargs = dict(
+        KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+        HAS_BIAS=bias is not None, PLANE_FAST=_plane_fast(x), BIG=_big(x, out),
+        PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+    )
     with _device_guard(x):
-        _fwd[grid](
-            x, wflat, bias if bias is not None else wflat, out,
-            NC, C, H, W, HO, WO,
-            *x.stride(), *out.stride(),
-            pt, pl,
-            KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-            HAS_BIAS=bias is not None, PLANE_FAST=_plane_fast(x), BIG=_big(x, out),
-            PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
-            **meta,
-        )
+        _launch_conv(_fwd_tuned, K.dw_fwd_kernel, grid, HO, args, kwargs)
     return out
 
 
@@ -213,23 +233,24 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
             (KH - 1) * dh - t, (KW - 1) * dw - l,
         )
     HO, WO = grad_out.shape[2], grad_out.shape[3]
-    meta = _conv_meta()
     NC = N * C
 
     def grid(m):
         return (triton.cdiv(H, m["BM"]) * triton.cdiv(W, m["BN"]) * NC,)
 
+    args = (
+        grad_out, _flat_weight(weight), gx,
+        NC, C, H, W, HO, WO,
+        *grad_out.stride(), *gx.stride(),
+        t, l,
+    )
+    kwargs = dict(
+        KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=dh, DW=dw,
+        PLANE_FAST=_plane_fast(grad_out), BIG=_big(grad_out, gx),
+        PREC=_precision(grad_out.dtype), UPCAST=_upcast(grad_out.dtype),
+    )
     with _device_guard(grad_out):
-        _dgrad[grid](
-            grad_out, _flat_weight(weight), gx,
-            NC, C, H, W, HO, WO,
-            *grad_out.stride(), *gx.stride(),
-            t, l,
-            KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=dh, DW=dw,
-            PLANE_FAST=_plane_fast(grad_out), BIG=_big(grad_out, gx),
-            PREC=_precision(grad_out.dtype), UPCAST=_upcast(grad_out.dtype),
-            **meta,
-        )
+        _launch_conv(_dgrad_tuned, K.dw_dgrad_kernel, grid, H, args, kwargs)
     return gx
 
 
@@ -261,17 +282,18 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     splits = triton.cdiv(rows, rows_per_split)
     ws = torch.empty((splits, C, KH, KW), dtype=torch.float32, device=x.device)
     t, _, l, _ = p.padding
-    meta = dict(BK=_INTERP_WGRAD_BK) if INTERPRETED else {}
+    args = (
+        x, grad_out, ws,
+        C, H, W, HO, WO, rows, rows_per_split,
+        *x.stride(), *grad_out.stride(),
+        t, l,
+    )
+    kwargs = dict(
+        KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=p.dilation[0], DW=p.dilation[1],
+        BIG=_big(x, grad_out), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+        BKH=BKH, BKW=BKW,
+    )
     with _device_guard(x):
-        _wgrad[(per_split * splits,)](
-            x, grad_out, ws,
-            C, H, W, HO, WO, rows, rows_per_split,
-            *x.stride(), *grad_out.stride(),
-            t, l,
-            KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=p.dilation[0], DW=p.dilation[1],
-            BIG=_big(x, grad_out), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
-            BKH=BKH, BKW=BKW,
-            **meta,
-        )
+        _launch_wgrad((per_split * splits,), args, kwargs)
     # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
     return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
