@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 import lkconv  # noqa: E402
-from lkconv.backends import BackendError, UnsupportedError, get_backend  # noqa: E402
+from lkconv.backends import UnsupportedError, get_backend  # noqa: E402
 from lkconv.params import normalize_params  # noqa: E402
 from lkconv.testing import compare_all_passes  # noqa: E402
 
