@@ -87,7 +87,7 @@ def format_table(rows: Sequence[Dict], cuda: bool = False, markdown: bool = Fals
         status = r["status"] if ok else f"{r['status']}: {r['note']}"
         if not markdown and len(status) > 70:
             status = status[:67] + "..."
-        line += [f"{float(r['speedup']):.2f}x" if r.get("speedup") else "", status]
+        line += [f"{_num(r['speedup'])}x" if r.get("speedup") else "", status]
         body.append(line)
     return _table(header, body, markdown)
 
@@ -102,7 +102,7 @@ def format_summary(rows: Sequence[Dict], markdown: bool = False) -> str:
         if r["status"] == "ok":
             s = f"{_num(r['ms'])} ms"
             if r.get("speedup") and r["provider"] != "torch":
-                s += f" ({float(r['speedup']):.2f}x)"
+                s += f" ({_num(r['speedup'])}x)"
             cell[k] = s
         elif r["status"] in ("WRONG", "error", "skipped"):
             cell[k] = r["status"]
