@@ -179,6 +179,26 @@ def test_cpu_interpreter_other_tile_configs(name, monkeypatch):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("case", ["k7-partial-tiles", "channels_last-stride2"])
+def test_cpu_interpreter_int64_offsets(case, monkeypatch):
+    """The BIG (int64 in-plane offsets) variant of every kernel, forced on at a small shape."""
+    from lkconv.backends.triton import ops as tops
+
+    monkeypatch.setattr(tops, "_big", lambda *ts: True)
+    run_case(CPU_CASES[case], torch.float16, "cpu")
+
+
+def test_int64_switch_threshold():
+    """BIG turns on exactly when an in-plane offset (plus a tile of slack) can reach 2**31."""
+    from lkconv.backends.triton import ops as tops
+
+    small = torch.empty(1, 1, 8, 8, device="meta")
+    assert not tops._big(small)
+    huge = torch.empty(1, 1, 2**16, 2**15 + 8, device="meta")  # (H-1)*W > 2**31
+    assert tops._big(huge)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("case", ["channels_last", "channels_last-stride2"])
 def test_cpu_interpreter_channels_last_copy_strategy(case, monkeypatch):
     """The alternative channels_last strategy (one explicit NCHW copy of the input) is exact too."""
