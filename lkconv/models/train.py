@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--steps", type=int, default=30, help="total optimizer steps (including resumed ones)")
+    p.add_argument("--steps", type=int, default=60, help="total optimizer steps (including resumed ones)")
     p.add_argument("--num-samples", type=int, default=1024, help="training set size")
     p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--drop-path", type=float, default=0.0)
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
