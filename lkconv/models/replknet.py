@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
