@@ -120,9 +120,12 @@ def run_suite(outdir: str, budget_s: float = 570.0, skip_build: bool = False, sk
                               command=""))
         else:
             say("building the extension: pip install --no-build-isolation -e .")
+            benv = dict(env)
+            if dev == "cuda":  # on a GPU box a failed CUDA build must fail the step, not install pure Python
+                benv.setdefault("LKCONV_BUILD_CUDA", "1")
             steps.append(_run_step("build", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-v",
                                              "-e", "."], os.path.join(outdir, "build.log"),
-                                   min(300.0, left() - 200), root, echo, env))
+                                   min(300.0, left() - 200), root, echo, benv))
     # 3./4. info and verify
     say("python -m lkconv info")
     steps.append(_run_step("info", [py, "-m", "lkconv", "info"], os.path.join(outdir, "info.log"),
