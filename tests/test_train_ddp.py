@@ -98,3 +98,20 @@ def test_ddp_two_processes_gloo_params_in_sync(tmp_path):
     torch.manual_seed(0)
     init = create_model("tiny", num_classes=3).state_dict()
     assert any(not torch.equal(init[k], r0[k]) for k in r0 if k.endswith("weight"))
+
+
+def test_deploy_check_detects_a_wrong_deployment(monkeypatch, capsys):
+    import lkconv
+    from lkconv.reparam import reparameterize
+
+    def broken(model):  # re-parameterizes, then corrupts the merged biases
+        reparameterize(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lkb_reparam.bias"):
+                    p.add_(1.0)
+        return model
+
+    monkeypatch.setattr(lkconv, "reparameterize", broken, raising=False)
+    assert main(COMMON + ["--steps", "1"]) == 1
+    assert "does not match" in capsys.readouterr().err

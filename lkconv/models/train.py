@@ -323,7 +323,16 @@ def train(args: argparse.Namespace) -> Dict:
 
 @torch.no_grad()
 def _deploy_check(model: nn.Module, args, device, mem_fmt) -> Dict:
-    """Eval accuracy of the trained model and equality of the re-parameterized copy (fp32, eval)."""
+    """Eval accuracy of the trained model and equality of the re-parameterized copy (fp32, eval,
+    TF32 off so that the comparison is IEEE fp32 on GPUs too)."""
+    from lkconv.testing import no_tf32
+
+    with no_tf32():
+        return _deploy_check_fp32(model, args, device, mem_fmt)
+
+
+@torch.no_grad()
+def _deploy_check_fp32(model: nn.Module, args, device, mem_fmt) -> Dict:
     import lkconv
 
     ev = SyntheticPatterns(args.eval_samples, args.num_classes, args.image_size, seed=args.seed,
