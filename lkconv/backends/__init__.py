@@ -15,6 +15,7 @@ overridden globally with :func:`set_backend` / :func:`use_backend`, or per call 
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -95,7 +96,18 @@ class _BrokenBackend(Backend):
         return self._why
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo (2+ s) at
+    ``import lkconv``: the public decorator only sets this marker on the function.  If dynamo is
+    already loaded, use the public API.  tests/test_ops_contract.py proves the marker works
+    (compile with fullgraph=True through ``auto``)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _unavailable_reason(name: str) -> str:
     """"" when backend ``name`` is usable, else why not.  Opaque to torch.compile (evaluated once at
     trace time): creating a backend may import triton or load the compiled extension."""
