@@ -40,6 +40,9 @@ PASSES = ("forward", "grad_input", "grad_weight")
 NAMES = ("torch", "direct", "slices", "fft")
 
 
+CLOCK = time.perf_counter
+
+
 def timeit_interleaved(fns: dict, repeats: int, slow_s: float = 2.0) -> dict:
     """Median seconds per callable.  The callables are run round-robin (one warm-up round first)
     so that load changes on a shared machine hit them all alike; one that takes more than
@@ -51,9 +54,9 @@ def timeit_interleaved(fns: dict, repeats: int, slow_s: float = 2.0) -> dict:
         for k, f in fns.items():
             if len(ts[k]) >= 2 and min(ts[k]) > slow_s:
                 continue
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             f()
-            ts[k].append(time.perf_counter() - t0)
+            ts[k].append(CLOCK() - t0)
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
@@ -94,14 +97,19 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--slices-max-k", type=int, default=9, help="skip the slices method above this K (slow)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall: perf_counter; cpu: process CPU time (robust to other processes on a "
+                         "shared machine; use with --threads 1)")
     a = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.threads:
         torch.set_num_threads(a.threads)
     dt = getattr(torch, a.dtype)
     torch.manual_seed(0)
     N, C, H = a.n, a.c, a.hw
     print(f"# cpu threshold: N={N} C={C} {H}x{H} {a.dtype}, 'same' padding, stride 1, "
-          f"threads={torch.get_num_threads()}, median of {a.repeats}; torch {torch.__version__}")
+          f"threads={torch.get_num_threads()}, {a.clock} clock, median of {a.repeats}; torch {torch.__version__}")
     print(f"# current rule: FFT when KH*KW >= {cpu.FFT_MIN_TAPS} (per pass: {cpu.FFT_MIN_TAPS_PER_PASS})")
     rows = []
     print("| K | pass | torch ms | lkconv direct ms | slices ms | fft ms | fastest |")

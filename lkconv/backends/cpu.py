@@ -23,11 +23,16 @@ Padding never materialises: the zero padding is the FFT buffer's tail.  fp64 run
 fp32 in complex64; fp16/bf16 are computed in fp32 and cast once at the end.  Work is chunked over
 channels and batch so the complex buffers stay under :data:`CHUNK_BYTES`.
 
-**Direct path**: PyTorch's own ``F.conv2d`` / ``aten.convolution_backward`` (oneDNN on fp32), with
-asymmetric padding applied by an explicit ``F.pad``, fp16/bf16 computed in fp32.  A vectorised
+**Direct path**: oneDNN through PyTorch, used where it is fast: forward ``F.conv2d`` with an
+explicit ``F.pad`` when the padding is asymmetric or larger than :data:`DIRECT_MAX_CONV_PAD`
+(oneDNN's padding cliff); grad_input ``aten.convolution_backward``; grad_weight as a *forward*
+depthwise convolution of the padded input with grad_out as the kernel (:func:`direct_grad_weight`),
+4-20x faster than aten's own weight gradient.  fp16/bf16 are computed in fp32.  A vectorised
 "sum of shifted slices" implementation (:func:`slices_forward` & co.) is kept for the threshold
-benchmark (``benchmarks/cpu_threshold.py``), which measured it slower than oneDNN on this machine
-for every pass (see ``docs/cpu_backend.md``).
+benchmark (``benchmarks/cpu_threshold.py``), which measured it slower than oneDNN for every pass.
+
+**Non-finite inputs**: an FFT would smear a NaN/Inf over its whole plane, while ``F.conv2d`` keeps
+it local; inputs that are not all finite (one cheap ``isfinite`` pass) take the direct path.
 
 **Choice**: FFT when the kernel has at least :data:`FFT_MIN_TAPS` taps per output pixel, i.e.
 ``KH*KW >= FFT_MIN_TAPS * sh*sw`` (the FFT path computes all stride-1 outputs; the direct one only
@@ -67,12 +72,14 @@ __all__ = [
     "slices_grad_weight",
 ]
 
-#: FFT when KH*KW >= FFT_MIN_TAPS * stride_h*stride_w (measured by benchmarks/cpu_threshold.py on
-#: the 2-core dev box, N=8, C=128, 56x56, fp32; see docs/cpu_backend.md for the table).
-FFT_MIN_TAPS = 81
+#: FFT when KH*KW >= threshold * stride_h*stride_w.  Measured by benchmarks/cpu_threshold.py on the
+#: 2-core dev box (N=8, C=128, 56x56, fp32, "same", 1 thread, process CPU time because the box is
+#: shared; docs/cpu_backend.md has the tables): against lkconv's direct path the FFT wins the forward
+#: and grad_input from K=21 (441 taps) and grad_weight from K=27 (729 taps).
+FFT_MIN_TAPS = 441
 
-#: the same threshold per pass (each pass switches where the FFT starts to win for it)
-FFT_MIN_TAPS_PER_PASS = {"forward": FFT_MIN_TAPS, "grad_input": FFT_MIN_TAPS, "grad_weight": FFT_MIN_TAPS}
+#: the threshold per pass (each pass switches where the FFT starts to win for it)
+FFT_MIN_TAPS_PER_PASS = {"forward": FFT_MIN_TAPS, "grad_input": FFT_MIN_TAPS, "grad_weight": 729}
 
 #: None (choose by FFT_MIN_TAPS), "fft" or "direct": overrides the choice of every CPUBackend that
 #: was constructed without an explicit ``path``.
@@ -341,6 +348,26 @@ def direct_grad_input(grad_out, weight, input_shape: Sequence[int], p: ConvParam
     return gx.to(grad_out.dtype)
 
 
+#: up to this many taps aten's own weight gradient is faster than the conv-with-grad_out-as-kernel
+#: formulation (measured: K=3 6.2 vs 7.2 ms; K=5 146 vs 30 ms, 1 thread CPU time)
+DIRECT_ATEN_GW_MAX_TAPS = 9
+
+
+def _aten_grad_weight(grad_out, x, weight_shape, p: ConvParams) -> torch.Tensor:
+    C = weight_shape[0]
+    cdt = _compute_dtype(x.dtype)
+    pre, pad = _split_pad(p)
+    xc = x.to(cdt)
+    if pre is not None:
+        xc = F.pad(xc, pre)
+    dummy = xc.new_empty(1).expand(tuple(weight_shape))
+    gw = torch.ops.aten.convolution_backward(
+        grad_out.to(cdt), xc, dummy, None, list(p.stride), pad, list(p.dilation),
+        False, [0, 0], C, [False, True, False],
+    )[1]
+    return gw.to(x.dtype)
+
+
 def direct_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) -> torch.Tensor:
     """grad_weight as a *forward* depthwise convolution in which grad_out is the kernel:
 
@@ -355,6 +382,8 @@ def direct_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) 
     cdt = _compute_dtype(x.dtype)
     if N == 0 or C == 0:
         return torch.zeros(tuple(weight_shape), dtype=x.dtype, device=x.device)
+    if KH * KW <= DIRECT_ATEN_GW_MAX_TAPS:
+        return _aten_grad_weight(grad_out, x, weight_shape, p)
     t, b, l, r = p.padding
     Ho, Wo = grad_out.shape[2], grad_out.shape[3]
     xp = F.pad(x.to(cdt), (l, r, t, b)).contiguous()
