@@ -97,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--slices-max-k", type=int, default=9, help="skip the slices method above this K (slow)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--e2e-only", action="store_true",
+                    help="only the end-to-end comparison with torch (skip the per-pass table)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="wall: perf_counter; cpu: process CPU time (robust to other processes on a "
                          "shared machine; use with --threads 1)")
@@ -141,7 +143,7 @@ def main(argv=None):
             torch.autograd.grad(out, (xr, wr), g)
 
         todo = {}
-        for i, pass_ in enumerate(PASSES):
+        for i, pass_ in enumerate(() if a.e2e_only else PASSES):
             for name in NAMES:
                 if name == "slices" and K > a.slices_max_k:
                     continue
@@ -150,7 +152,7 @@ def main(argv=None):
             todo[k] = f
         med = timeit_interleaved(todo, a.repeats)
         res = {}
-        for pass_ in PASSES:
+        for pass_ in () if a.e2e_only else PASSES:
             t = {name: med[(pass_, name)] for name in NAMES if (pass_, name) in med}
             best = min(t, key=t.get)
             res[pass_] = t
@@ -168,7 +170,7 @@ def main(argv=None):
               f"| {e['torch_fb'] * 1e3:.0f} | {e['lk_fb'] * 1e3:.0f} | {e['torch_fb'] / e['lk_fb']:.1f}x | {paths} |")
     print()
     # crossover per pass: smallest K from which FFT beats the best direct method at every larger K
-    for pass_ in PASSES:
+    for pass_ in () if a.e2e_only else PASSES:
         ks = [K for K, res, _ in rows]
         win = [res[pass_]["fft"] < min(v for n, v in res[pass_].items() if n in ("direct", "slices"))
                for _, res, _ in rows]
