@@ -52,8 +52,9 @@ def _ref_check(backend, x, w, b, g, out, gx, gw, gb, padding, stride=1, dilation
     ref = reference_all_passes(x, w, b, p, g)
     td = _torch_d_all_passes(x, w, b, p, g)
     msgs, ok = [], True
+    td_gb = None if b is None else g.sum(dim=(0, 2, 3))  # PyTorch's bias gradient in this dtype
     for name, o, r, t in zip(("forward", "grad_input", "grad_weight", "grad_bias"), (out, gx, gw, gb), ref,
-                             (*td, None)):
+                             (*td, td_gb)):
         if o is None or r is None:
             continue
         err = (o.detach().double().cpu() - r).abs().max().item()
