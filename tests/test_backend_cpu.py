@@ -182,15 +182,17 @@ def test_fft_length_is_tight_for_same_padding():
     assert cpu_mod._axis(56, 0, 31, 1, 26, 1)[2] == 56
 
 
-def test_choose_path_uses_the_measured_threshold():
-    t = cpu_mod.FFT_MIN_TAPS
-    k = math.isqrt(t)
-    assert cpu_mod.choose_path(31, 31, (1, 1)) == "fft"
-    assert cpu_mod.choose_path(3, 3, (1, 1)) == "direct"
-    kk = k if k * k >= t else k + 1
-    assert cpu_mod.choose_path(kk, kk, (1, 1)) == "fft"
-    assert cpu_mod.choose_path(kk - 1, kk - 1, (1, 1)) == "direct"
-    assert cpu_mod.choose_path(kk, kk, (2, 2)) == ("fft" if kk * kk >= 4 * t else "direct")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_choose_path_uses_the_measured_threshold(threads):
+    table = cpu_mod.FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD if threads == 1 else cpu_mod.FFT_MIN_TAPS_PER_PASS
+    for pass_, t in table.items():
+        kk = math.isqrt(t)
+        kk = kk if kk * kk >= t else kk + 1
+        assert cpu_mod.choose_path(31, 31, (1, 1), pass_, threads) == "fft"
+        assert cpu_mod.choose_path(3, 3, (1, 1), pass_, threads) == "direct"
+        assert cpu_mod.choose_path(kk, kk, (1, 1), pass_, threads) == "fft"
+        assert cpu_mod.choose_path(kk - 1, kk - 1, (1, 1), pass_, threads) == "direct"
+        assert cpu_mod.choose_path(kk, kk, (2, 2), pass_, threads) == ("fft" if kk * kk >= 4 * t else "direct")
 
 
 def test_path_selection_and_validation():

@@ -34,8 +34,9 @@ benchmark (``benchmarks/cpu_threshold.py``), which measured it slower than oneDN
 **Non-finite inputs**: an FFT would smear a NaN/Inf over its whole plane, while ``F.conv2d`` keeps
 it local; inputs that are not all finite (one cheap ``isfinite`` pass) take the direct path.
 
-**Choice**: FFT when the kernel has at least :data:`FFT_MIN_TAPS` taps per output pixel, i.e.
-``KH*KW >= FFT_MIN_TAPS * sh*sw`` (the FFT path computes all stride-1 outputs; the direct one only
+**Choice**: FFT when the kernel has at least a measured number of taps per output pixel, i.e.
+``KH*KW >= threshold * sh*sw`` (per pass; :data:`FFT_MIN_TAPS_PER_PASS`, or
+:data:`FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD` when torch runs single-threaded) (the FFT path computes all stride-1 outputs; the direct one only
 the strided ones).  The constant was measured by ``benchmarks/cpu_threshold.py``.
 
 Forcing a path (tests, benchmarks): ``CPUBackend(path="fft" | "direct")``, or for the registered
@@ -56,6 +57,7 @@ __all__ = [
     "CPUBackend",
     "FFT_MIN_TAPS",
     "FFT_MIN_TAPS_PER_PASS",
+    "FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD",
     "FORCE_PATH",
     "force_path",
     "choose_path",
@@ -74,12 +76,18 @@ __all__ = [
 
 #: FFT when KH*KW >= threshold * stride_h*stride_w.  Measured by benchmarks/cpu_threshold.py on the
 #: 2-core dev box (N=8, C=128, 56x56, fp32, "same", 1 thread, process CPU time because the box is
-#: shared; docs/cpu_backend.md has the tables): against lkconv's direct path the FFT wins the forward
-#: and grad_input from K=21 (441 taps) and grad_weight from K=27 (729 taps).
+#: shared; 64 MiB FFT chunks, the multi-threaded default; docs/cpu_backend.md has the tables):
+#: against lkconv's direct path the FFT wins the forward and grad_input from K=21 (441 taps) and
+#: grad_weight from K=27 (729 taps).
 FFT_MIN_TAPS = 441
 
 #: the threshold per pass (each pass switches where the FFT starts to win for it)
 FFT_MIN_TAPS_PER_PASS = {"forward": FFT_MIN_TAPS, "grad_input": FFT_MIN_TAPS, "grad_weight": 729}
+
+#: the same when torch runs single-threaded, where the FFT uses 1 MiB chunks and is ~2x faster
+#: (measured the same way: FFT ahead or tied in all three passes from K=15, 225 taps; behind in the
+#: forward at K=11)
+FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD = {"forward": 225, "grad_input": 225, "grad_weight": 225}
 
 #: None (choose by FFT_MIN_TAPS), "fft" or "direct": overrides the choice of every CPUBackend that
 #: was constructed without an explicit ``path``.
@@ -98,6 +106,7 @@ def _chunk_bytes() -> int:
         return CHUNK_BYTES
     return 2**20 if torch.get_num_threads() == 1 else 64 * 2**20
 
+
 _PATHS = ("fft", "direct")
 
 
@@ -115,9 +124,14 @@ def force_path(path: Optional[str]):
         FORCE_PATH = prev
 
 
-def choose_path(kh: int, kw: int, stride: Tuple[int, int], pass_: str = "forward") -> str:
-    """The measured rule: "fft" for large kernels (per strided output pixel), else "direct"."""
-    return "fft" if kh * kw >= FFT_MIN_TAPS_PER_PASS[pass_] * stride[0] * stride[1] else "direct"
+def choose_path(kh: int, kw: int, stride: Tuple[int, int], pass_: str = "forward",
+                threads: Optional[int] = None) -> str:
+    """The measured rule: "fft" for large kernels (per strided output pixel), else "direct".
+    ``threads``: torch's intra-op thread count (default: the current one)."""
+    if threads is None:
+        threads = torch.get_num_threads()
+    table = FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD if threads == 1 else FFT_MIN_TAPS_PER_PASS
+    return "fft" if kh * kw >= table[pass_] * stride[0] * stride[1] else "direct"
 
 
 # ------------------------------------------------------------------------------------------------
