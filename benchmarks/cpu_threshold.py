@@ -114,8 +114,9 @@ def main(argv=None):
           f"threads={torch.get_num_threads()}, {a.clock} clock, median of {a.repeats}; torch {torch.__version__}")
     print(f"# current rule: FFT when KH*KW >= {cpu.FFT_MIN_TAPS} (per pass: {cpu.FFT_MIN_TAPS_PER_PASS})")
     rows = []
-    print("| K | pass | torch ms | lkconv direct ms | slices ms | fft ms | fastest |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    if not a.e2e_only:
+        print("| K | pass | torch ms | lkconv direct ms | slices ms | fft ms | fastest |")
+        print("|---|---|---:|---:|---:|---:|---|")
     for K in a.ks:
         x = torch.randn(N, C, H, H, dtype=dt)
         w = torch.randn(C, 1, K, K, dtype=dt)
