@@ -108,3 +108,12 @@ def test_convert_backend_and_training_through_module():
     model(x).sum().backward()
     assert model[1].weight.grad is not None and model[1].weight.grad.abs().sum() > 0
     assert "backend='reference'" in repr(model[1])
+
+
+def test_backend_name_checked_at_construction():
+    with pytest.raises(ValueError, match="backend"):
+        LargeKernelConv2d(4, 4, 5, groups=4, backend="foo")
+    with pytest.raises(ValueError, match="backend"):
+        convert(_mixed_model(), backend="foo")
+    with pytest.raises(ValueError, match="min_kernel"):
+        convert(_mixed_model(), min_kernel=True)

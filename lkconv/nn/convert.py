@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .modules import LargeKernelConv2d
+from .modules import LargeKernelConv2d, _check_backend_name
 
 __all__ = ["convert", "is_eligible"]
 
@@ -37,8 +37,9 @@ def convert(model: nn.Module, min_kernel: int = 5, inplace: bool = True, backend
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"lkconv.convert: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(min_kernel, int) or min_kernel < 1:
+    if not isinstance(min_kernel, int) or isinstance(min_kernel, bool) or min_kernel < 1:
         raise ValueError(f"lkconv.convert: min_kernel must be a positive int, got {min_kernel!r}")
+    _check_backend_name(backend)
     if not inplace:
         model = copy.deepcopy(model)
     if is_eligible(model, min_kernel):

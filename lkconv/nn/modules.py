@@ -17,6 +17,16 @@ from ..functional import depthwise_conv2d
 __all__ = ["LargeKernelConv2d", "DepthWiseConv2dImplicitGEMM"]
 
 
+def _check_backend_name(backend):
+    """Fail at construction, not at the first forward, on a misspelt backend name."""
+    from ..backends import list_backends
+
+    if backend is not None and (not isinstance(backend, str) or (backend != "auto" and backend not in list_backends())):
+        raise ValueError(f"lkconv: unknown backend {backend!r} (argument: backend); choose None, 'auto' or one of "
+                         f"{list_backends()}")
+    return backend
+
+
 class LargeKernelConv2d(nn.Conv2d):
     """``nn.Conv2d`` with the same constructor, restricted to depthwise convolution
     (``groups == in_channels == out_channels``), computed by :func:`lkconv.depthwise_conv2d`.
@@ -48,7 +58,7 @@ class LargeKernelConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device, dtype,
         )
-        self.backend = backend
+        self.backend = _check_backend_name(backend)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -73,7 +83,7 @@ class LargeKernelConv2d(nn.Conv2d):
         new._parameters = dict(conv._parameters)
         new._buffers = dict(conv._buffers)
         new._modules = dict(conv._modules)
-        new.backend = backend
+        new.backend = _check_backend_name(backend)
         if not (new.groups == new.in_channels == new.out_channels):
             raise ValueError(f"lkconv: {conv} is not a depthwise convolution")
         return new
