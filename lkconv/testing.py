@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .backends.reference import reference_forward, reference_grad_input, reference_grad_weight
 from .params import ConvParams, normalize_params
 
-__all__ = ["FLOORS", "tolerance", "reference_all_passes", "compare_all_passes", "PassResult", "no_tf32"]
+__all__ = ["FLOORS", "tolerance", "tf32", "reference_all_passes", "compare_all_passes", "PassResult", "no_tf32"]
 
 #: relative floor per dtype (multiplied by max(1, max|ref|))
 FLOORS: Dict[torch.dtype, float] = {
@@ -32,15 +32,20 @@ FLOORS: Dict[torch.dtype, float] = {
 
 
 @contextlib.contextmanager
-def no_tf32():
-    """TF32 off for convolutions and matmuls (fp32 comparisons are IEEE)."""
+def tf32(enabled: bool):
+    """Set TF32 for convolutions and matmuls inside the block; restore afterwards."""
     a, b = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = a, b
+
+
+def no_tf32():
+    """TF32 off for convolutions and matmuls (fp32 comparisons are IEEE)."""
+    return tf32(False)
 
 
 def tolerance(ref: torch.Tensor, torch_d: Optional[torch.Tensor], dtype: torch.dtype) -> float:

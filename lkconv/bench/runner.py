@@ -1,7 +1,6 @@
 """The benchmark loop: shape -> dtype -> pass -> provider; gate, then time; one row per measurement."""
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -12,6 +11,7 @@ from .peaks import floor_seconds, lookup_peak
 from .providers import DTYPES, Provider
 from .shapes import PASSES, Shape
 from .timing import time_cpu, time_cuda
+from ..testing import tf32
 
 __all__ = ["run_benchmark", "ROW_FIELDS", "STATUSES"]
 
@@ -23,17 +23,6 @@ ROW_FIELDS = [
 #: ok: gated and timed; WRONG: failed the gate (not timed); unsupported / unavailable: declined;
 #: error: raised; skipped: time budget exhausted
 STATUSES = ("ok", "WRONG", "unsupported", "unavailable", "error", "skipped")
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool):
-    a, b = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = a, b
 
 
 def _row(shape: Shape, dtype: str, pass_: str, provider: str, status: str, note: str = "") -> Dict:
@@ -151,7 +140,7 @@ def _measure(case: Case, prov: Provider, pass_: str, device, peak, cpu_timing, c
     shape, dtype = case.shape, case.dtype_mode
     row = _row(shape, dtype, pass_, prov.name, "error")
     try:
-        with _tf32(case.tf32):
+        with tf32(case.tf32):
             x, w, g_gate = prov.prepare(case.x, case.w, case.g_gate)
             fn = prov.make(pass_, x, w, g_gate, shape)
             outs = fn()  # the gate's call doubles as the first warm-up (autotuning, JIT, caches)
