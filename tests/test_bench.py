@@ -1,7 +1,6 @@
 """The benchmark code paths (lkconv.bench) on CPU at tiny sizes: shapes, peak table, correctness
 gate (including deliberately wrong providers), runner statuses, CSV / markdown / PNG outputs, verify.
 Speed is never asserted here; benchmarks/ and `python -m lkconv bench` measure it."""
-import csv
 import importlib.util
 
 import pytest

@@ -11,7 +11,6 @@ timm is a test-only dependency (``pip install timm``); without it this file is s
 built with ``pretrained=False`` at tiny sizes; BatchNorm statistics and layer scales are randomised
 (one training-mode calibration pass) so that no branch is numerically invisible.
 """
-import copy
 
 import pytest
 import torch

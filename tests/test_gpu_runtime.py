@@ -13,7 +13,6 @@ against the full reference (``test_region_checker_on_cpu``), so it runs in CI to
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lkconv
 from lkconv.backends.reference import reference_forward, reference_grad_input, reference_grad_weight

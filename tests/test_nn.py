@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lkconv
 from lkconv.nn import DepthWiseConv2dImplicitGEMM, LargeKernelConv2d, convert
 
 

@@ -5,7 +5,7 @@ import csv
 import json
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from .env import format_env_markdown
 from .runner import ROW_FIELDS
