@@ -153,3 +153,49 @@ def _backward(ctx, grad):
 
 
 dwconv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Double (and higher) backward.  With A_w the depthwise conv x -> conv(x, w), both gradient ops are
+# bilinear:  grad_input(go, w) = A_w^T go  and  <grad_weight(go, x), v> = <go, conv(x, v)>.  So their
+# vector-Jacobian products are the three ops again, on the same backend:
+#   grad_input:   d/d go = conv(g, w)              d/d w = grad_weight(go, x=g)
+#   grad_weight:  d/d go = conv(x, g)              d/d x = grad_input(go, w=g)
+# where g is the incoming gradient (shaped like the op's output).  Autograd composes these to any order.
+def _gi_setup_context(ctx, inputs, output):
+    grad_out, weight, input_size, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(grad_out, weight)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), backend)
+
+
+def _gi_backward(ctx, g):
+    grad_out, weight = ctx.saved_tensors
+    stride, padding, dilation, backend = ctx.conv_args
+    d_go = d_w = None
+    if ctx.needs_input_grad[0]:
+        d_go = dwconv2d(g, weight, None, stride, padding, dilation, backend)
+    if ctx.needs_input_grad[1]:
+        d_w = dwconv2d_grad_weight(grad_out, g, list(weight.shape), stride, padding, dilation, backend)
+    return d_go, d_w, None, None, None, None, None
+
+
+dwconv2d_grad_input.register_autograd(_gi_backward, setup_context=_gi_setup_context)
+
+
+def _gw_setup_context(ctx, inputs, output):
+    grad_out, x, weight_size, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(grad_out, x)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), backend)
+
+
+def _gw_backward(ctx, g):
+    grad_out, x = ctx.saved_tensors
+    stride, padding, dilation, backend = ctx.conv_args
+    d_go = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_go = dwconv2d(x, g, None, stride, padding, dilation, backend)
+    if ctx.needs_input_grad[1]:
+        d_x = dwconv2d_grad_input(grad_out, g, list(x.shape), stride, padding, dilation, backend)
+    return d_go, d_x, None, None, None, None, None
+
+
+dwconv2d_grad_weight.register_autograd(_gw_backward, setup_context=_gw_setup_context)

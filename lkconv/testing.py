@@ -142,3 +142,46 @@ def compare_all_passes(
     if check_memory_format:
         assert memory_format_of(out) == memory_format_of(x) or out.numel() == 0, "forward memory format"
     return results
+
+
+def double_backward_errors(
+    backend: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+) -> Dict[str, float]:
+    """Second-order check: a gradient penalty ``|dL/dx|^2 + |dL/dw|^2 + <dL/dx, x>`` with
+    ``L = sum(sin(y) * y)``, differentiated again w.r.t. x, w (and b), through ``lkconv`` on
+    ``backend`` in x's dtype/device, against PyTorch's own double backward of F.conv2d in fp64 on the
+    CPU.  Returns ``{name: max|ours - ref| / max(1, max|ref|)}`` (TF32 off)."""
+    from .functional import depthwise_conv2d
+
+    p = normalize_params(stride, padding, dilation, (w.shape[2], w.shape[3]))
+    t, bo, le, r = p.padding
+
+    def grads(fn, xs, ws, bs):
+        xs = xs.detach().requires_grad_(True)
+        ws = ws.detach().requires_grad_(True)
+        bs = None if bs is None else bs.detach().requires_grad_(True)
+        y = fn(xs, ws, bs)
+        gx, gw = torch.autograd.grad((y.sin() * y).sum(), (xs, ws), create_graph=True)
+        pen = (gx ** 2).sum() + (gw ** 2).sum() + (gx * xs).sum()
+        return torch.autograd.grad(pen, [v for v in (xs, ws, bs) if v is not None])
+
+    def ours(xs, ws, bs):
+        return depthwise_conv2d(xs, ws, bs, stride, padding, dilation, backend=backend)
+
+    def ref(xs, ws, bs):
+        return F.conv2d(F.pad(xs, (le, r, t, bo)), ws, bs, p.stride, 0, p.dilation, groups=xs.shape[1])
+
+    with no_tf32():
+        a = grads(ours, x, w, b)
+    d = lambda v: None if v is None else v.detach().double().cpu()  # noqa: E731
+    rr = grads(ref, d(x), d(w), d(b))
+    out = {}
+    for name, u, v in zip(("x", "weight", "bias"), a, rr):
+        out[name] = (u.detach().double().cpu() - v).abs().max().item() / max(1.0, v.abs().max().item())
+    return out

@@ -219,6 +219,19 @@ def test_opcheck_lkconv_ops(case):
 
 @requires_cuda_backend
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", ["k7", "k31", "stride2_k13_rect", "dilation_stride", "asym_pad"])
+def test_double_backward(case):
+    """Second order (a gradient penalty) through the CUDA kernels, fp32 (IEEE), vs PyTorch's fp64
+    double backward of F.conv2d."""
+    from lkconv.testing import double_backward_errors
+
+    x, w, b, s, p, d = _make(case, torch.float32, "nchw")
+    errs = double_backward_errors("cuda", x, w, b, s, p, d)
+    assert max(errs.values()) < 5e-5, errs
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
 def test_auto_picks_cuda():
     x, w, b, s, p, d = _make("k7", torch.float16, "nchw")
     pr = normalize_params(s, p, d, (7, 7))

@@ -128,6 +128,17 @@ def test_cpu_interpreter_all_passes(case, dtype):
     run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
 
 
+@needs_interpreter
+def test_cpu_interpreter_double_backward():
+    """Second order (gradient penalty) through the Triton kernels vs PyTorch's fp64 double backward."""
+    from lkconv.testing import double_backward_errors
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(1, 2, 9, 10), torch.randn(2, 1, 5, 3), torch.randn(2)
+    errs = double_backward_errors("triton", x, w, b, stride=2, padding=(2, 1), dilation=(1, 2))
+    assert max(errs.values()) < 5e-5, errs
+
+
 @pytest.fixture
 def one_config(monkeypatch):
     """Correctness runs on the GPU launch one default tile config per kernel (autotuning every case
@@ -150,6 +161,18 @@ def test_cuda_small_cases(case, one_config):
     # the interpreter's edge cases, compiled
     for dtype in DTYPES.values():
         run_case(CPU_CASES[case], dtype, "cuda")
+
+
+@needs_cuda_kernels
+def test_cuda_double_backward(one_config):
+    """Second order (gradient penalty) through the compiled kernels, fp32 IEEE, vs fp64 PyTorch."""
+    from lkconv.testing import double_backward_errors
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 8, 30, 33).cuda(), torch.randn(8, 1, 13, 9).cuda(), torch.randn(8).cuda()
+    for kw in (dict(padding="same"), dict(stride=2, padding=(6, 4), dilation=(1, 2))):
+        errs = double_backward_errors("triton", x, w, b, **kw)
+        assert max(errs.values()) < 5e-5, (kw, errs)
 
 
 @needs_cuda_kernels
@@ -295,6 +318,30 @@ def test_cuda_output_formats_and_tf32_switch():
         assert tops._precision(torch.float32) == "ieee"
     finally:
         torch.backends.cudnn.allow_tf32 = old
+
+
+def test_interpreter_selftest_explains_a_broken_interpreter(monkeypatch):
+    """Triton 3.6's interpreter + numpy >= 2.4 fails every kernel with "only 0-dimensional arrays can
+    be converted to Python scalars"; the probe must turn that into an availability reason with the fix,
+    not let each call die with an InterpreterError.  Simulated here by a jit that raises that error."""
+    import lkconv.backends.triton as tb
+
+    if INTERPRET:
+        assert tb._interpreter_selftest() is None  # this environment's interpreter works
+
+    class _Broken:
+        def __init__(self, fn):
+            pass
+
+        def __getitem__(self, grid):
+            def run(*a, **k):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return run
+
+    monkeypatch.setattr(triton, "jit", _Broken)
+    reason = tb._interpreter_selftest()
+    assert reason is not None and "TRITON_INTERPRET=1" in reason, reason
+    assert "numpy<2.4" in reason and triton.__version__ in reason, reason
 
 
 def test_cpu_without_interpreter_is_a_clear_error():

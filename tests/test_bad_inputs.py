@@ -133,6 +133,8 @@ BAD_INPUTS = [
     ("convert-min-kernel-0", lambda: lkconv.convert(nn.Conv2d(3, 3, 5, groups=3), min_kernel=0), ValueError, r"min_kernel must be a positive int"),
     ("convert-min-kernel-str", lambda: lkconv.convert(nn.Conv2d(3, 3, 5, groups=3), min_kernel="5"), ValueError, r"min_kernel must be a positive int"),
     ("convert-min-kernel-float", lambda: lkconv.convert(nn.Conv2d(3, 3, 5, groups=3), min_kernel=5.0), ValueError, r"min_kernel"),
+    ("convert-min-kernel-bool", lambda: lkconv.convert(nn.Conv2d(3, 3, 5, groups=3), min_kernel=True), ValueError, r"min_kernel must be a positive int"),
+    ("convert-unknown-backend", lambda: lkconv.convert(nn.Conv2d(3, 3, 5, groups=3), backend="foo"), ValueError, r"unknown backend 'foo'"),
 ]
 
 

@@ -61,6 +61,71 @@ def test_gradcheck_fp64(backend, sample):
     assert torch.autograd.gradcheck(lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, **kw), (x, w, b))
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("sample", list(SAMPLES), ids=list(SAMPLES))
+def test_gradgradcheck_fp64(backend, sample):
+    """Double backward (gradient penalties, Hessian-vector products): the grad ops have autograd
+    formulas of their own, checked numerically to second order."""
+    x, w, b, p = _args(**SAMPLES[sample])
+    x = x[:1, :, :6, :7].clone().requires_grad_(True)
+    w.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    kw = dict(stride=p.stride, padding=p.padding, dilation=p.dilation, backend=backend)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, **kw), (x, w, b))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("geom", [
+    dict(k=(31, 31), padding=15),
+    dict(k=(4, 6), stride=2, padding=(1, 2), dilation=(2, 1)),
+    dict(k=(3, 3), stride=(2, 3), padding=(0, 3, 2, 1), dilation=2),
+], ids=["k31", "even-rect-stride2-dil", "asym-pad"])
+def test_double_backward_matches_torch(backend, geom):
+    """A WGAN-GP style gradient penalty, differentiated again: every second-order gradient equals
+    PyTorch's own double backward of F.conv2d(groups=C) in fp64."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    k = geom["k"]
+    stride, padding, dilation = geom.get("stride", 1), geom["padding"], geom.get("dilation", 1)
+    x = torch.randn(2, 3, 13, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, *k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def ours(x, w, b):
+        return lkconv.depthwise_conv2d(x, w, b, stride, padding, dilation, backend=backend)
+
+    def theirs(x, w, b):
+        if isinstance(padding, tuple) and len(padding) == 4:
+            t, bo, le, r = padding
+            return F.conv2d(F.pad(x, (le, r, t, bo)), w, b, stride, 0, dilation, groups=3)
+        return F.conv2d(x, w, b, stride, padding, dilation, groups=3)
+
+    def penalty_grads(fn):
+        y = fn(x, w, b)
+        gx, gw = torch.autograd.grad((y.sin() * y).sum(), (x, w), create_graph=True)
+        pen = (gx ** 2).sum() + (gw ** 2).sum() + (gx * x).sum()
+        return torch.autograd.grad(pen, (x, w, b))
+
+    for name, a, r in zip(("x", "weight", "bias"), penalty_grads(ours), penalty_grads(theirs)):
+        scale = r.abs().max().item()
+        assert (a - r).abs().max().item() <= 1e-10 * max(scale, 1.0), name
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck_grad_ops_with_autograd(backend):
+    """opcheck on the gradient ops with inputs that require grad: their autograd registration."""
+    x, w, b, p = _args(k=(5, 3), stride=2, padding=(2, 1))
+    s, pad, d = p.as_lists()
+    out = torch.ops.lkconv.dwconv2d(x, w, None, s, pad, d, backend)
+    g = torch.randn_like(out).requires_grad_(True)
+    torch.library.opcheck(torch.ops.lkconv.dwconv2d_grad_input.default,
+                          (g, w.clone().requires_grad_(True), list(x.shape), s, pad, d, backend))
+    torch.library.opcheck(torch.ops.lkconv.dwconv2d_grad_weight.default,
+                          (g, x.clone().requires_grad_(True), list(w.shape), s, pad, d, backend))
+
+
 def test_fake_kernel_strides_follow_input():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -26,6 +26,41 @@ def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_selftest() -> Optional[str]:
+    """Run one tiny kernel with a data-dependent loop bound in Triton's interpreter; the reason it
+    cannot be used, or None.  Triton 3.6's interpreter turns a loop bound into an int with
+    ``int(array)``, which NumPy >= 2.4 refuses for 1-element 1-D arrays (fixed in later Triton
+    releases with ``.squeeze()``): every lkconv kernel would then fail with an obscure TypeError."""
+    try:
+        import numpy as np
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _count(o_ptr, a, b):
+            n = tl.maximum(a - b, 0)
+            acc = 0
+            for _ in range(0, n):
+                acc += 1
+            tl.store(o_ptr, acc)
+
+        out = torch.zeros(1, dtype=torch.int32)
+        _count[(1,)](out, 5, 2)
+        if int(out.item()) != 3:
+            return f"Triton {triton.__version__}'s interpreter miscounted a loop (got {int(out.item())}, expected 3)"
+        return None
+    except Exception as e:
+        try:
+            versions = f"triton {triton.__version__} + numpy {np.__version__}"
+        except Exception:
+            versions = "this triton/numpy"
+        hint = ""
+        if "0-dimensional" in str(e):
+            hint = ("; Triton's interpreter calls int() on 1-element arrays, which numpy >= 2.4 refuses: "
+                    "pip install 'numpy<2.4', or a newer triton")
+        return f"Triton's interpreter (TRITON_INTERPRET=1) cannot run kernels with {versions} ({type(e).__name__}: {e}){hint}"
+
+
 class TritonBackend(Backend):
     name = "triton"
     description = (
@@ -48,6 +83,9 @@ class TritonBackend(Backend):
             import triton  # noqa: F401
         except Exception as e:  # ImportError, or a broken install
             self._triton_missing = f"triton cannot be imported ({type(e).__name__}: {e}); pip install triton"
+        else:
+            if _env_interpret():
+                self._triton_missing = _interpreter_selftest()
         self._probed = True
 
     def unavailable_reason(self) -> Optional[str]:
