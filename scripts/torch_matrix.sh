@@ -24,12 +24,12 @@ versions=("$@")
 [ ${#versions[@]} -eq 0 ] && versions=(2.11.0)
 
 # what goes with each torch release: torchvision (timm imports it; left to pip, which picks the release
-# built for this torch), and for the releases that ship triton 3.6, numpy < 2.4 (that triton's
+# built for this torch), and for torch 2.11, which ships triton 3.6, numpy < 2.4 (that triton's
 # interpreter calls int() on 1-element arrays, which numpy 2.4 refuses; lkconv's triton backend then
-# reports itself unavailable under TRITON_INTERPRET=1)
+# reports itself unavailable under TRITON_INTERPRET=1; triton 3.7.1 of torch 2.12.1 is fixed)
 pins_for() {
     case "$1" in
-        2.11.*|2.12.*) echo "torchvision numpy<2.4" ;;
+        2.11.*) echo "torchvision numpy<2.4" ;;
         *) echo "torchvision" ;;
     esac
 }
@@ -46,10 +46,10 @@ for v in "${versions[@]}"; do
     fi
     # shellcheck disable=SC2207
     pkgs=("torch==$v" $(pins_for "$v"))
-    # PIP_CONSTRAINT= : this machine's pip caps torch at the CI version; the matrix asks for others.
-    # PIP_FIND_LINKS= : PyPI's CUDA builds, not a local CPU-only wheel of the same version (PyPI's torchvision
-    # does not import beside that one)
-    if ! PIP_CONSTRAINT= PIP_FIND_LINKS= "$py" -m pip install -q "${pkgs[@]}" >"$log" 2>&1; then
+    # pip --isolated: PyPI only, without this machine's pip configuration -- its constraint caps torch
+    # at the CI version, and its local CPU-only wheel of a release would win over PyPI's CUDA build
+    # ("2.13.0+cpu" sorts above "2.13.0"), beside which PyPI's torchvision does not import
+    if ! "$py" -m pip --isolated install -q "${pkgs[@]}" >"$log" 2>&1; then
         tail -5 "$log"
         summary+=("torch $v: NOT RUN (pip could not install ${pkgs[*]}; see $log)")
         [ "$status" -eq 0 ] && status=3
@@ -59,7 +59,7 @@ for v in "${versions[@]}"; do
     src="$venv/src"
     rm -rf "$src" && mkdir -p "$src"
     git ls-files -z | xargs -0 cp --parents -t "$src"
-    if ! (cd "$src" && PIP_CONSTRAINT= PIP_FIND_LINKS= "$py" -m pip install -q -e ".[test]" "${pkgs[@]}" timm) >>"$log" 2>&1; then
+    if ! (cd "$src" && "$py" -m pip --isolated install -q -e ".[test]" "${pkgs[@]}" timm) >>"$log" 2>&1; then
         tail -5 "$log"
         summary+=("torch $v: NOT RUN (pip could not install lkconv's test extras; see $log)")
         [ "$status" -eq 0 ] && status=3

@@ -51,28 +51,18 @@ def test_opcheck_all_ops(backend, sample):
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("sample", list(SAMPLES), ids=list(SAMPLES))
-def test_gradcheck_fp64(backend, sample):
+@pytest.mark.parametrize("order", ["gradcheck", "gradgradcheck"])
+def test_gradcheck_fp64(backend, sample, order):
+    """First and second order (double backward: gradient penalties, Hessian-vector products; the
+    grad ops have autograd formulas of their own), checked numerically in fp64."""
     x, w, b, p = _args(**SAMPLES[sample])
     x = x[:1, :, :6, :7].clone().requires_grad_(True)
     w.requires_grad_(True)
     if b is not None:
         b.requires_grad_(True)
     kw = dict(stride=p.stride, padding=p.padding, dilation=p.dilation, backend=backend)
-    assert torch.autograd.gradcheck(lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, **kw), (x, w, b))
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("sample", list(SAMPLES), ids=list(SAMPLES))
-def test_gradgradcheck_fp64(backend, sample):
-    """Double backward (gradient penalties, Hessian-vector products): the grad ops have autograd
-    formulas of their own, checked numerically to second order."""
-    x, w, b, p = _args(**SAMPLES[sample])
-    x = x[:1, :, :6, :7].clone().requires_grad_(True)
-    w.requires_grad_(True)
-    if b is not None:
-        b.requires_grad_(True)
-    kw = dict(stride=p.stride, padding=p.padding, dilation=p.dilation, backend=backend)
-    assert torch.autograd.gradgradcheck(lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, **kw), (x, w, b))
+    check = getattr(torch.autograd, order)
+    assert check(lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, **kw), (x, w, b))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
