@@ -427,26 +427,31 @@ def _triton_device():
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
+def _rerun_under_interpreter(test_name: str):
+    """Run ``test_name`` of this file in a subprocess with TRITON_INTERPRET=1 (the variable must be set
+    before triton is imported, which may already have happened in this process)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lkconv.backends.triton") is None:
+        pytest.skip("lkconv.backends.triton does not exist yet")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"{__file__}::{test_name}"]
+    r = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=600)
+    tail = (r.stdout + r.stderr)[-6000:]
+    if r.returncode == 5 or " skipped" in tail and " passed" not in tail:
+        pytest.skip(f"{test_name} under TRITON_INTERPRET=1 skipped in the subprocess:\n" + tail[-1500:])
+    assert r.returncode == 0, f"{test_name} under TRITON_INTERPRET=1 failed:\n{tail}"
+
+
 def test_fuzz_triton():
     """Triton: on the GPU if there is one, else under TRITON_INTERPRET=1 on CPU tensors (tiny sizes).
     Without the variable set (it must be set before triton is imported) it re-runs in a subprocess."""
     device = _triton_device()
     if device is None:
-        import importlib.util
-
-        if importlib.util.find_spec("lkconv.backends.triton") is None:
-            pytest.skip("lkconv.backends.triton does not exist yet")
-        if importlib.util.find_spec("triton") is None:
-            pytest.skip("triton is not installed")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-               f"{__file__}::test_fuzz_triton"]
-        r = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           capture_output=True, text=True, timeout=600)
-        tail = (r.stdout + r.stderr)[-6000:]
-        if r.returncode == 5 or " skipped" in tail and " passed" not in tail:
-            pytest.skip("triton under TRITON_INTERPRET=1 skipped in the subprocess:\n" + tail[-1500:])
-        assert r.returncode == 0, f"triton fuzz under TRITON_INTERPRET=1 failed:\n{tail}"
+        _rerun_under_interpreter("test_fuzz_triton")
         return
     _require("triton")
     tiny = device == "cpu"
@@ -473,6 +478,78 @@ def test_fuzz_cuda_device(backend):
         pytest.skip("needs a CUDA GPU (none visible)")
     _require(backend)
     _fuzz(backend, "cuda", conv_cases())
+
+
+# ------------------------------------------------------------------------------------------------
+# second order: double backward (gradient penalties) against PyTorch's fp64 double backward
+# ------------------------------------------------------------------------------------------------
+#: examples per (backend, device) for the second-order property
+DOUBLE_EXAMPLES = {
+    "ci": {("cpu", "cpu"): 40, ("torch", "cpu"): 15, ("triton", "cpu"): 5, ("cuda", "cuda"): 100,
+           ("triton", "cuda"): 100},
+    "gpu": {("cpu", "cpu"): 500, ("torch", "cpu"): 100, ("triton", "cpu"): 50, ("cuda", "cuda"): 1000,
+            ("triton", "cuda"): 1000},
+}
+#: max |ours - ref| / max(1, max|ref|) over the second-order gradients
+DOUBLE_TOL = {"fp64": 1e-9, "fp32": 1e-4}
+
+
+def run_double_backward_case(case, backend: str, device: str = "cpu"):
+    """Second-order check of one valid case (fp32/fp64): lkconv.testing.double_backward_errors."""
+    from lkconv.testing import double_backward_errors
+
+    note(call_repr(case, backend, device))
+    x, w, b, _ = build(case, device)
+    if case["unbatched"]:
+        x = x.squeeze(0)
+    errs = double_backward_errors(backend, x, w, b, case["stride"], case["padding"], case["dilation"])
+    note(f"second-order errors: {errs}")
+    tol = DOUBLE_TOL[case["dtype"]]
+    bad = {k: v for k, v in errs.items() if not v <= tol}  # NaN fails
+    assert not bad, f"double backward vs PyTorch fp64: {errs} > {tol}\n" + call_repr(case, backend, device)
+
+
+def _fuzz_double(backend, device, tiny=False):
+    _require(backend)
+    n = int(os.environ.get("LKCONV_FUZZ_EXAMPLES") or DOUBLE_EXAMPLES[PROFILE][(backend, device)])
+    dtypes = ("fp32",) if backend == "triton" else ("fp32", "fp64")
+
+    def valid(case):
+        if expected_error(case) is not None or case["N"] == 0:
+            return False
+        p = normalize_params(case["stride"], case["padding"], case["dilation"], (case["KH"], case["KW"]))
+        x, w, _, _ = build(case, device)
+        return all(get_backend(backend).check(x, w, p, ps) is None for ps in ("forward", "grad_input", "grad_weight"))
+
+    @settings(settings.get_profile(PROFILE), max_examples=n)
+    @given(case=conv_cases(tiny=tiny, dtypes=dtypes).filter(valid))
+    def inner(case):
+        run_double_backward_case(case, backend, device)
+
+    inner()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_fuzz_double_backward_cpu(backend):
+    _fuzz_double(backend, "cpu")
+
+
+def test_fuzz_double_backward_triton_interpreter():
+    device = _triton_device()
+    if device is None:
+        _rerun_under_interpreter("test_fuzz_double_backward_triton_interpreter")
+        return
+    if device != "cpu":
+        pytest.skip("a GPU is present: test_fuzz_double_backward_cuda[triton] runs the compiled kernels")
+    _fuzz_double("triton", "cpu", tiny=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_fuzz_double_backward_cuda(backend):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible)")
+    _fuzz_double(backend, "cuda")
 
 
 # ------------------------------------------------------------------------------------------------
