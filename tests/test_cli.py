@@ -119,3 +119,24 @@ def test_suite_orchestration(tmp_path, monkeypatch):
     for n in names:
         assert f"| {n} |" in summary
     assert (tmp_path / "run" / "env.json").exists()
+
+
+def test_suite_test_commands():
+    """The pytest steps: one `-m gpu` run without xdist or GPU; with both, the non-slow GPU tests in
+    parallel and the slow (> 2**31 elements, ~25 GiB) ones afterwards in one process."""
+    from lkconv.bench.suite import gpu_test_commands
+
+    def opt(cmd, flag):  # the value of the last `flag` in cmd (the first -m is `-m pytest`)
+        idx = [k for k, a in enumerate(cmd) if a == flag]
+        return cmd[idx[-1] + 1] if idx else None
+
+    (one,) = gpu_test_commands("py", "/o", "cpu", False, True)
+    assert one[0] == "tests" and opt(one[1], "-m") == "gpu" and "-n" not in one[1]
+    (one,) = gpu_test_commands("py", "/o", "cuda", False, False)
+    assert opt(one[1], "-m") == "gpu" and "-n" not in one[1]
+    fast, slow = gpu_test_commands("py", "/o", "cuda", False, True, workers=6)
+    assert opt(fast[1], "-m") == "gpu and not slow" and opt(fast[1], "-n") == "6"
+    assert slow[0] == "tests_slow" and opt(slow[1], "-m") == "gpu and slow" and "-n" not in slow[1]
+    assert fast[2] + slow[2] <= 400
+    (every,) = gpu_test_commands("py", "/o", "cuda", True, True)
+    assert opt(every[1], "-m") == "pytest"  # no marker selection: the whole suite

@@ -7,6 +7,8 @@ Steps (each a subprocess; output streamed to the console and to a log in OUTDIR)
 3. ``python -m lkconv info``                                                  -> info.log
 4. ``python -m lkconv verify``                                                -> verify.log
 5. tests: ``pytest -m gpu`` (``--all-tests``: the whole suite)                -> tests.log, tests.xml
+   (with pytest-xdist on a GPU box: ``-m "gpu and not slow" -n 8``, then ``-m "gpu and slow"``
+   -> tests_slow.log, tests_slow.xml)
 6. benchmarks: the RepLKNet-31B set (all dtypes and passes), then a reduced K sweep
    -> bench_replknet31b/, bench_ksweep/ (CSV, markdown, PNG each)
 7. summary.md: every step with exit code, time and log
@@ -73,6 +75,31 @@ def _run_step(name: str, cmd: List[str], log_path: str, timeout: float, cwd: Opt
                 note=note, command=" ".join(cmd))
 
 
+def _xdist_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("xdist") is not None
+
+
+def gpu_test_commands(py: str, outdir: str, dev: str, all_tests: bool, xdist: bool, workers: Optional[int] = None):
+    """The pytest steps as (name, command, time cap in s).  On a GPU box with pytest-xdist the GPU
+    tests run in parallel processes (Triton JIT-compiles every kernel variant a test meets, which is
+    CPU-bound; the GPU has room for several small tests at once), except those marked ``slow`` (the
+    > 2**31-element tests need ~25 GiB each), which run afterwards in one process."""
+    base = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+    xml = f"--junitxml={os.path.join(outdir, 'tests.xml')}"
+    if all_tests:
+        return [("tests", [*base, xml], 400.0)]
+    if dev == "cuda" and xdist:
+        n = workers or max(2, min(8, (os.cpu_count() or 4) // 2))
+        return [
+            ("tests", [*base, "-m", "gpu and not slow", "-n", str(n), xml], 200.0),
+            ("tests_slow", [*base, "-m", "gpu and slow",
+                            f"--junitxml={os.path.join(outdir, 'tests_slow.xml')}"], 120.0),
+        ]
+    return [("tests", [*base, "-m", "gpu", xml], 180.0)]
+
+
 def run_suite(outdir: str, budget_s: float = 570.0, skip_build: bool = False, skip_tests: bool = False,
               all_tests: bool = False, skip_bench: bool = False, bench_extra: Sequence[str] = (),
               echo: bool = True) -> int:
@@ -135,14 +162,13 @@ def run_suite(outdir: str, budget_s: float = 570.0, skip_build: bool = False, sk
                            min(120.0, left() - 150), root, echo, env))
     # 5. tests
     if not skip_tests:
-        sel = [] if all_tests else ["-m", "gpu"]
-        say("pytest " + (" ".join(sel) or "(all tests)"))
-        steps.append(_run_step("tests", [py, "-m", "pytest", "-q", "-rs", *sel, "-p", "no:cacheprovider",
-                                         f"--junitxml={os.path.join(outdir, 'tests.xml')}"],
-                               os.path.join(outdir, "tests.log"),
-                               min(400.0 if all_tests else 180.0, left() - 120), root, echo, env))
-        if steps[-1]["rc"] == 5:  # pytest: no tests collected/selected
-            steps[-1]["note"] = "no tests selected (pytest exit code 5)"
+        for name, cmd, cap in gpu_test_commands(py, outdir, dev, all_tests, _xdist_available()):
+            say(" ".join(cmd[1:]))
+            reserve = 120 if name == "tests" else 100  # keep time for the benchmarks
+            steps.append(_run_step(name, cmd, os.path.join(outdir, f"{name}.log"), min(cap, left() - reserve),
+                                   root, echo, env))
+            if steps[-1]["rc"] == 5:  # pytest: no tests collected/selected
+                steps[-1]["note"] = "no tests selected (pytest exit code 5)"
     # 6. benchmarks
     if not skip_bench:
         if dev == "cuda":
