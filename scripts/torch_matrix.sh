@@ -36,6 +36,9 @@ pins_for() {
 
 status=0
 summary=()
+# the copies below have no .git: tell `lkconv info` / the benchmarks which commit they are
+LKCONV_GIT_COMMIT="$(git rev-parse --short=12 HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"
+export LKCONV_GIT_COMMIT
 for v in "${versions[@]}"; do
     printf '\n=== torch %s (%s)\n' "$v" "$(date -u +%H:%M:%S)"
     venv="$root/.venv-torch$v"

@@ -23,10 +23,12 @@ def pkg_version(name: str) -> Optional[str]:
 
 
 def git_commit() -> Optional[str]:
-    """The git commit of the lkconv checkout (with "+dirty" when it has local changes), or None."""
+    """The git commit of the lkconv checkout (with "+dirty" when it has local changes), or None.
+    A copy of the tree without ``.git`` (scripts/torch_matrix.sh makes one) passes its source commit
+    in ``LKCONV_GIT_COMMIT``."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not os.path.exists(os.path.join(root, ".git")):
-        return None
+        return os.environ.get("LKCONV_GIT_COMMIT") or None
     try:
         rev = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
