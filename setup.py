@@ -8,7 +8,7 @@ toolkit and a CUDA build of torch are importable at build time.
   installs pure Python.  Build the extension with ``pip install --no-build-isolation -e .`` or
   ``python setup.py build_ext --inplace`` (what .ci/build_cuda.sh does).
 * ``LKCONV_BUILD_CUDA=0``: never build it.   ``LKCONV_BUILD_CUDA=1``: build it or fail loudly.
-* ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0") and ``MAX_JOBS`` are honoured.
+* ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0+PTX") and ``MAX_JOBS`` are honoured.
 * ``CUDA_HOME`` is found from ``nvcc --dryrun`` when unset (nvcc may be a wrapper script), and the pip
   ``nvidia/cu*/include`` folder is added for the CUDA library headers torch includes.
 """

@@ -3,12 +3,12 @@
 # its ops.  Builds lkconv._C in place (python setup.py build_ext --inplace), so it also serves an
 # editable install.  Exits non-zero on any failure.
 #
-#   env: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS (default: number of CPUs), CUDA_HOME (found
+#   env: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"), MAX_JOBS (default: number of CPUs), CUDA_HOME (found
 #        from `nvcc --dryrun` when unset; see csrc/build_env.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
 python - <<'PY'

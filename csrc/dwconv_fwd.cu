@@ -369,7 +369,8 @@ bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
   if (a.sh != 1 || a.sw != 1 || a.dh != 1 || a.dw != 1) return false;
   if (a.KH > 1024 || a.KW > 1024) return false;
   if (toeplitz_small_tile(a.Ho, a.Wo)) return launch_toeplitz_cfg<T, 1, 1>(a, stream);
-  return launch_toeplitz_cfg<T, 4, 4>(a, stream);
+  // the big tile's shared memory may exceed the device's limit where the small one still fits
+  return launch_toeplitz_cfg<T, 4, 4>(a, stream) || launch_toeplitz_cfg<T, 1, 1>(a, stream);
 }
 
 }  // namespace

@@ -136,6 +136,10 @@ CASES = {
     "c_odd_100": (1, 100, 9, 9, 5, 5, 1, 2, 1),
     "tall_130": (1, 2, 130, 20, 9, 9, 1, 4, 1),
     "wide_150": (1, 2, 10, 150, 9, 9, 1, 4, 1),
+    # the 64x64 tensor-core tile (every case above gets the 16x16 one in fp16/bf16): one CTA per
+    # plane at RepLKNet's 56x56, and a 3x3 grid of CTAs per plane (blockIdx.y/z tile offsets)
+    "k31_56": (2, 4, 56, 56, 31, 31, 1, 15, 1),
+    "big_tile_multi": (1, 3, 150, 140, 31, 31, 1, 15, 1),
     "batch0": (0, 3, 8, 8, 5, 5, 1, 2, 1),
     "batch1": (1, 3, 8, 8, 5, 5, 1, 2, 1),
 }
@@ -174,7 +178,7 @@ def test_all_passes_vs_reference(case, dtype, layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case", ["k7", "k31", "k63", "even_k8_same", "asym_pad", "k_gt_h_31_on_7", "tall_130",
-                                  "wide_150", "dilation2_k7"])
+                                  "wide_150", "dilation2_k7", "k31_56", "big_tile_multi"])
 def test_fast_kernels_match_generic(case, dtype):
     """The fast kernels (algo 0) agree with the generic ones (algo 1) within the dtype's rounding."""
     x, w, b, s, p, d = _make(case, DTYPES[dtype], "nchw")

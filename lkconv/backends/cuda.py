@@ -134,7 +134,7 @@ class CUDABackend(Backend):
         major, minor = torch.cuda.get_device_capability()
         if major < 8:
             return (f"compute capability {major}.{minor} < 8.0; the kernels are built for sm80+ "
-                    "(TORCH_CUDA_ARCH_LIST, default '8.0;9.0')")
+                    "(TORCH_CUDA_ARCH_LIST, default '8.0;9.0+PTX')")
         return load_extension()
 
     # -- support ----------------------------------------------------------------------------------
