@@ -236,6 +236,23 @@ def test_double_backward(case):
 
 @requires_cuda_backend
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_nonfinite_inputs(dtype):
+    """Inf/NaN inputs: never a finite number where F.conv2d gives Inf/NaN; finite outputs exact (the
+    tensor-core tiles may spread NaN further than F.conv2d; documented)."""
+    from lkconv.backends.reference import reference_forward
+    from lkconv.testing import nonfinite_contract_violations
+
+    x, w, b, s, p, d = _make("k31_56", DTYPES[dtype], "nchw", bias=False)
+    x[0, 1, 20, 30] = float("inf")
+    x[1, 2, 3, 4] = float("nan")
+    y = lkconv.depthwise_conv2d(x, w, None, s, p, d, backend="cuda")
+    ref = reference_forward(x.double().cpu(), w.double().cpu(), None, normalize_params(s, p, d, (31, 31)))
+    assert not nonfinite_contract_violations(y, ref, DTYPES[dtype])
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
 def test_auto_picks_cuda():
     x, w, b, s, p, d = _make("k7", torch.float16, "nchw")
     pr = normalize_params(s, p, d, (7, 7))

@@ -129,6 +129,45 @@ def test_cpu_interpreter_all_passes(case, dtype):
 
 
 @needs_interpreter
+def test_new_tf32_api_does_not_break_fp32_calls():
+    """Setting TF32 through PyTorch's new fp32_precision API makes the legacy allow_tf32 getter raise;
+    the backend must not read it (found by review: every fp32 call failed)."""
+    conv = torch.backends.cudnn.conv
+    old = conv.fp32_precision
+    try:
+        for prec in ("ieee", "tf32"):
+            conv.fp32_precision = prec
+            y = lkconv.depthwise_conv2d(torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3), padding=1, backend="triton")
+            assert y.shape == (1, 2, 8, 8)
+    finally:
+        conv.fp32_precision = old
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cpu_interpreter_nonfinite_inputs(dtype):
+    """Inf/NaN inputs: never a finite number where F.conv2d gives Inf/NaN; finite outputs exact.
+    (The GEMM tiles may spread NaN further than F.conv2d: documented in docs/triton_backend.md.)"""
+    from lkconv.backends.reference import reference_forward
+    from lkconv.testing import nonfinite_contract_violations
+
+    dt = DTYPES[dtype]
+    x = torch.randn(1, 2, 12, 40)
+    x[0, 0, 5, 20] = float("inf")
+    x[0, 1, 2, 3] = float("nan")
+    w = torch.randn(2, 1, 3, 5)
+    p = normalize_params(1, (1, 2), 1, (3, 5))
+    y = lkconv.depthwise_conv2d(x.to(dt), w.to(dt), padding=(1, 2), backend="triton")
+    ref = reference_forward(x.double(), w.to(dt).double(), None, p)
+    assert not nonfinite_contract_violations(y, ref, dt)
+    # the checker itself: hiding the Inf/NaN, or a wrong finite value, is reported
+    assert nonfinite_contract_violations(torch.nan_to_num(y), ref, dt)
+    wrong = y.clone()
+    wrong[0, 1, 11, 0] += 1
+    assert nonfinite_contract_violations(wrong, ref, dt)
+
+
+@needs_interpreter
 def test_cpu_interpreter_double_backward():
     """Second order (gradient penalty) through the Triton kernels vs PyTorch's fp64 double backward."""
     from lkconv.testing import double_backward_errors

@@ -127,8 +127,10 @@ class TritonBackend(Backend):
         KH, KW = weight.shape[2], weight.shape[3]
         if C * KH * KW > _I32:
             return "C*KH*KW exceeds 2**31 (filter offsets are int32)"
-        # one program per (plane, 16x16 tile) at worst: the 1-D grid must stay below 2**31
-        tiles = ((x.shape[2] + 15) // 16) * ((x.shape[3] + 15) // 16)
+        # one program per (plane, 16x16 tile) at worst: the 1-D grid must stay below 2**31; the
+        # forward's grid covers the output plane, grad_input's the input plane (either may be larger)
+        ho, wo = params.out_size(x.shape[2], x.shape[3], KH, KW)
+        tiles = max(((x.shape[2] + 15) // 16) * ((x.shape[3] + 15) // 16), ((ho + 15) // 16) * ((wo + 15) // 16))
         if N * C * max(tiles, 1) > _I32:
             return "too many (plane, tile) programs for a 1-D grid (N*C*tiles >= 2**31)"
         return None

@@ -14,6 +14,7 @@ import torch
 import triton
 
 from ...params import ConvParams
+from ...precision import conv_tf32_enabled
 from . import kernels as K
 
 INTERPRETED = K.INTERPRETED
@@ -42,13 +43,15 @@ _WGRAD_CONFIGS = [(32, 4, 2), (64, 4, 3), (128, 8, 3)]
 _INTERP_CONV = dict(BM=16, BN=16, BK=16)
 _INTERP_WGRAD_BK = 16
 
-# autotune keys: kernel size, plane size, geometry, layout (Triton's autotuner adds the dtypes)
-_CONV_KEY = ["KH", "KW", "H", "W", "SH", "SW", "DH", "DW", "PLANE_FAST"]
+# autotune keys: kernel size, plane sizes (input and output: the prune step looks at the output, which
+# padding changes), geometry, layout (Triton's autotuner adds the dtypes)
+_CONV_KEY = ["KH", "KW", "H", "W", "HO", "WO", "SH", "SW", "DH", "DW", "PLANE_FAST"]
 _WGRAD_KEY = ["KH", "KW", "H", "W", "SH", "SW", "DH", "DW"]
 
 
 def _prune_conv(rows_arg: str, cols_arg: str):
-    """Drop configs whose tile is more than one power of two larger than the output plane."""
+    """Drop configs whose tile exceeds the plane rounded up to a power of two (keep the smallest
+    config if none is left)."""
 
     def prune(configs, named_args, **kwargs):
         rows, cols = int(named_args[rows_arg]), int(named_args[cols_arg])
@@ -104,7 +107,9 @@ def _launch_wgrad(grid, args, kwargs) -> None:
     elif AUTOTUNE:
         _wgrad_tuned[grid](*args, **kwargs)
     else:
-        K.dw_wgrad_kernel[grid](*args, **kwargs, BK=64, num_warps=4, num_stages=3)
+        # 64x64 kernel blocks (K >= 33) spill registers with 4 warps (ptxas, sm_90): use 8
+        warps = 8 if kwargs["BKH"] * kwargs["BKW"] >= 4096 else 4
+        K.dw_wgrad_kernel[grid](*args, **kwargs, BK=64, num_warps=warps, num_stages=3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ def _big(*ts: torch.Tensor) -> bool:
 def _precision(dtype: torch.dtype):
     """input_precision for tl.dot: TF32 for fp32 only when PyTorch allows it for convolutions."""
     if dtype == torch.float32:
-        return "tf32" if (torch.backends.cudnn.allow_tf32 and not INTERPRETED) else "ieee"
+        return "tf32" if (not INTERPRETED and conv_tf32_enabled()) else "ieee"
     if dtype == torch.bfloat16 and INTERPRETED:
         return "ieee"  # operands are upcast to fp32 (see _upcast)
     return None
