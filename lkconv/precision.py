@@ -42,11 +42,24 @@ def conv_tf32_enabled() -> bool:
         return False
 
 
+def _legacy_readable() -> bool:
+    """Whether the legacy getters still work (PyTorch makes them raise once the new API was used)."""
+    try:
+        torch.backends.cudnn.allow_tf32  # noqa: B018
+        torch.backends.cuda.matmul.allow_tf32  # noqa: B018
+        return True
+    except RuntimeError:
+        return False
+
+
 @contextlib.contextmanager
 def tf32(enabled: bool):
     """TF32 on or off for convolutions and matmuls inside the block; the previous settings are
-    restored afterwards, also after an error."""
-    if _has_new_api() and getattr(torch.backends.cuda.matmul, "fp32_precision", None) is not None:
+    restored afterwards, also after an error.  Uses the API the process is already on: the legacy
+    flags while they are readable (setting the new API would make the user's later reads of the
+    legacy flags raise), the new ``fp32_precision`` strings once the user has switched to them."""
+    if (not _legacy_readable() and _has_new_api()
+            and getattr(torch.backends.cuda.matmul, "fp32_precision", None) is not None):
         conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
         old = (conv.fp32_precision, mm.fp32_precision)
         conv.fp32_precision = mm.fp32_precision = "tf32" if enabled else "ieee"

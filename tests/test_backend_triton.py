@@ -133,14 +133,16 @@ def test_new_tf32_api_does_not_break_fp32_calls():
     """Setting TF32 through PyTorch's new fp32_precision API makes the legacy allow_tf32 getter raise;
     the backend must not read it (found by review: every fp32 call failed)."""
     conv = torch.backends.cudnn.conv
-    old = conv.fp32_precision
+    old, old_rnn = conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision
+    legacy = torch.backends.cudnn.allow_tf32  # readable now; the new API's setter makes it raise
     try:
         for prec in ("ieee", "tf32"):
             conv.fp32_precision = prec
             y = lkconv.depthwise_conv2d(torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3), padding=1, backend="triton")
             assert y.shape == (1, 2, 8, 8)
     finally:
-        conv.fp32_precision = old
+        conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = old, old_rnn
+        torch.backends.cudnn.allow_tf32 = legacy  # back on the legacy API for the tests after this one
 
 
 @needs_interpreter
