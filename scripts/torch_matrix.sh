@@ -14,7 +14,7 @@
 #   3. `python -m pytest` on that copy (GPU tests skip cleanly without a GPU)
 #
 # Exit status: 0 all versions passed; 1 a test or build failed (CI fails); 3 a version could not be
-# installed (no network / no such wheel) — reported as NOT RUN, never as passed.
+# installed (no network / no such wheel / pip ran past 25 min) — reported as NOT RUN, never as passed.
 # Env: LKCONV_MATRIX_STRICT=1 turns "could not install" into a failure; PYTEST_ARGS adds pytest args.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +52,7 @@ for v in "${versions[@]}"; do
     # pip --isolated: PyPI only, without this machine's pip configuration -- its constraint caps torch
     # at the CI version, and its local CPU-only wheel of a release would win over PyPI's CUDA build
     # ("2.13.0+cpu" sorts above "2.13.0"), beside which PyPI's torchvision does not import
-    if ! "$py" -m pip --isolated install -q "${pkgs[@]}" >"$log" 2>&1; then
+    if ! timeout 1500 "$py" -m pip --isolated install -q "${pkgs[@]}" >"$log" 2>&1; then
         tail -5 "$log"
         summary+=("torch $v: NOT RUN (pip could not install ${pkgs[*]}; see $log)")
         [ "$status" -eq 0 ] && status=3
@@ -62,7 +62,7 @@ for v in "${versions[@]}"; do
     src="$venv/src"
     rm -rf "$src" && mkdir -p "$src"
     git ls-files -z | xargs -0 cp --parents -t "$src"
-    if ! (cd "$src" && "$py" -m pip --isolated install -q -e ".[test]" "${pkgs[@]}" timm) >>"$log" 2>&1; then
+    if ! (cd "$src" && timeout 900 "$py" -m pip --isolated install -q -e ".[test]" "${pkgs[@]}" timm) >>"$log" 2>&1; then
         tail -5 "$log"
         summary+=("torch $v: NOT RUN (pip could not install lkconv's test extras; see $log)")
         [ "$status" -eq 0 ] && status=3
