@@ -108,7 +108,6 @@ PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
 @st.composite
 def conv_cases(draw, tiny: bool = False, dtypes=tuple(DTYPES)):
     """One random depthwise-conv call.  ``tiny`` keeps it cheap for the Triton interpreter."""
-    kmax = 15 if tiny else 63
     if tiny:
         kside = st.one_of(st.integers(1, 7), st.sampled_from([8, 13, 15]))
     else:
