@@ -25,7 +25,7 @@ def _precision_chain():
 
 
 def _has_new_api() -> bool:
-    return getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None) is not None
+    return _precision_chain()[0] is not None
 
 
 def conv_tf32_enabled() -> bool:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .backends.reference import reference_forward, reference_grad_input, reference_grad_weight
 from .params import ConvParams, normalize_params
-from .precision import tf32 as _precision_tf32
+from .precision import tf32  # re-exported: TF32 on/off for a block (safe with either PyTorch API)
 
 __all__ = ["FLOORS", "tolerance", "tf32", "reference_all_passes", "compare_all_passes", "PassResult", "no_tf32"]
 
@@ -29,12 +29,6 @@ FLOORS: Dict[torch.dtype, float] = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }
-
-
-def tf32(enabled: bool):
-    """Set TF32 for convolutions and matmuls inside the block; restore afterwards
-    (:func:`lkconv.precision.tf32`, safe with PyTorch's new ``fp32_precision`` API)."""
-    return _precision_tf32(enabled)
 
 
 def no_tf32():

@@ -84,10 +84,11 @@ GPU_EXAMPLES = {
 }
 
 
-def n_examples(backend: str, device: str) -> int:
+def n_examples(backend: str, device: str, ci=None, gpu=None) -> int:
+    """Examples for (backend, device) in this profile (tables default to the first-order ones)."""
     if os.environ.get("LKCONV_FUZZ_EXAMPLES"):
         return int(os.environ["LKCONV_FUZZ_EXAMPLES"])
-    table = GPU_EXAMPLES if PROFILE == "gpu" else CI_EXAMPLES
+    table = (gpu or GPU_EXAMPLES) if PROFILE == "gpu" else (ci or CI_EXAMPLES)
     return table[(backend, device)]
 
 
@@ -486,12 +487,10 @@ def test_fuzz_cuda_device(backend):
 # second order: double backward (gradient penalties) against PyTorch's fp64 double backward
 # ------------------------------------------------------------------------------------------------
 #: examples per (backend, device) for the second-order property
-DOUBLE_EXAMPLES = {
-    "ci": {("cpu", "cpu"): 40, ("torch", "cpu"): 15, ("triton", "cpu"): 5, ("cuda", "cuda"): 100,
-           ("triton", "cuda"): 100},
-    "gpu": {("cpu", "cpu"): 500, ("torch", "cpu"): 100, ("triton", "cpu"): 50, ("cuda", "cuda"): 1000,
-            ("triton", "cuda"): 1000},
-}
+DOUBLE_CI_EXAMPLES = {("cpu", "cpu"): 40, ("torch", "cpu"): 15, ("triton", "cpu"): 5, ("cuda", "cuda"): 100,
+                      ("triton", "cuda"): 100}
+DOUBLE_GPU_EXAMPLES = {("cpu", "cpu"): 500, ("torch", "cpu"): 100, ("triton", "cpu"): 50, ("cuda", "cuda"): 1000,
+                       ("triton", "cuda"): 1000}
 #: max |ours - ref| / max(1, max|ref|) over the second-order gradients
 DOUBLE_TOL = {"fp64": 1e-9, "fp32": 1e-4}
 
@@ -513,7 +512,7 @@ def run_double_backward_case(case, backend: str, device: str = "cpu"):
 
 def _fuzz_double(backend, device, tiny=False):
     _require(backend)
-    n = int(os.environ.get("LKCONV_FUZZ_EXAMPLES") or DOUBLE_EXAMPLES[PROFILE][(backend, device)])
+    n = n_examples(backend, device, DOUBLE_CI_EXAMPLES, DOUBLE_GPU_EXAMPLES)
     dtypes = ("fp32",) if backend == "triton" else ("fp32", "fp64")
 
     def valid(case):
