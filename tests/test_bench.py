@@ -320,3 +320,95 @@ def test_cuda_paths_tiny():
     x = torch.randn(1 << 20, device=dev)
     t = time_cuda(lambda: x.mul_(1.0), rep_ms=2, min_rep=4, max_rep=8, warmup_ms=1)
     assert 4 <= t.n <= 8 and t.min > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# timing hygiene and plot layout
+# ------------------------------------------------------------------------------------------------
+def _ok_row(ms, lo, hi, shape="8x128x56x56 K31", provider="torch", pass_="all"):
+    r = {k: "" for k in ROW_FIELDS}
+    r.update(status="ok", ms=str(ms), ms_min=str(lo), ms_max=str(hi), shape=shape, provider=provider)
+    r["pass"] = pass_
+    return r
+
+
+def test_timing_warnings_spread_load_threads():
+    from lkconv.bench.timing import timing_warnings
+
+    quiet = {"load1": 0.1, "cores": 4, "threads": 4}
+    assert timing_warnings([_ok_row(10, 9.5, 10.5)], quiet, {"load1": 4.0, "cores": 4, "threads": 4}) == []
+    # repeats spread by more than half the median: named, with what to do
+    (w,) = timing_warnings([_ok_row(10, 9.5, 10.5), _ok_row(10, 4, 30, provider="lkconv-cpu")], quiet)
+    assert "1 of 2" in w and "lkconv-cpu" in w and "260%" in w and "--repeats" in w
+    # other processes' load above the cores (at the start; at the end our own threads are subtracted)
+    ws = timing_warnings([], {"load1": 5.0, "cores": 2, "threads": 1})
+    assert len(ws) == 1 and "load average 5.0" in ws[0] and "idle" in ws[0]
+    assert timing_warnings([], {"load1": 0.2, "cores": 2, "threads": 2}, {"load1": 2.1, "cores": 2, "threads": 2}) == []
+    ws = timing_warnings([], {"load1": 0.2, "cores": 2, "threads": 2}, {"load1": 4.5, "cores": 2, "threads": 2})
+    assert any("load average 2.5" in w for w in ws)
+    # oversubscription: more threads than cores, or threads + others' load above the cores
+    ws = timing_warnings([], {"load1": 0.0, "cores": 2, "threads": 8})
+    assert ws == ["torch uses 8 threads on 2 usable cores (oversubscribed): use --threads 2 or fewer"]
+    ws = timing_warnings([], {"load1": 1.0, "cores": 2, "threads": 2})
+    assert len(ws) == 1 and "--threads 1" in ws[0]
+    # CUDA: the CPU's load does not matter to CUDA events; the spread still does
+    assert timing_warnings([], {"load1": 9.0, "cores": 2, "threads": 8}, device="cuda") == []
+
+
+def test_markdown_reports_timing_conditions(tmp_path):
+    rows = run_benchmark(TINY[:1], [make_provider("torch")], ["fp32"], ["forward"], "cpu", **FAST)
+    env = {"device": "cpu", "gpu": None}
+    md = open(write_results(rows, env, str(tmp_path), plots=False, warnings=["load is high"])["markdown"]).read()
+    assert "## Timing conditions" in md and "load is high" in md
+    md = open(write_results(rows, env, str(tmp_path), plots=False, warnings=[])["markdown"]).read()
+    assert "## Timing conditions" in md and "No warning" in md
+
+
+def test_plot_layout_kernel_sweep_vs_shapes():
+    from lkconv.bench.report import plot_layout
+
+    def rows_of(shapes):
+        out = []
+        for s in shapes:
+            r = {k: "" for k in ROW_FIELDS}
+            r.update(group=s.group, shape=s.label, n=s.n, c=s.c, h=s.h, w=s.w, kh=s.kh, kw=s.kw)
+            out.append(r)
+        return out
+
+    mode, fams = plot_layout(rows_of(shape_set("cpu")))
+    assert mode == "kernel" and list(fams.values()) == ["8x128x56x56"]
+    mode, fams = plot_layout(rows_of(shape_set("ksweep", ks=[3, 7])))
+    assert mode == "kernel" and list(fams.values()) == ["64x384x16x16", "64x384x32x32", "64x384x64x64"]
+    # user shapes of different families, a rectangular kernel, the RepLKNet-31B layers: the shapes
+    mode, labels = plot_layout(rows_of([parse_shape("8,128,56,56,31"), parse_shape("8,256,28,28,29")]))
+    assert mode == "shape" and labels == ["8x128x56x56 K31", "8x256x28x28 K29"]
+    mode, labels = plot_layout(rows_of([parse_shape("2,4,10,10,7"), parse_shape("2,4,10,10,7,21")]))
+    assert mode == "shape" and "2x4x10x10 K7x21" in labels
+    assert plot_layout(rows_of(shape_set("replknet31b")))[0] == "shape"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+def test_plots_title_and_axes(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = []
+    real = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **kw):
+        saved.append((fig._suptitle.get_text(), [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes],
+                      [[ln.get_linestyle() for ln in ax.get_lines()] for ax in fig.axes]))
+        return real(fig, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    shapes = [parse_shape("2,4,9,9,3"), parse_shape("2,4,9,9,5,7")]
+    rows = run_benchmark(shapes, [make_provider("torch"), make_provider("lkconv-cpu")], ["fp32"], ["forward"],
+                         "cpu", **FAST)
+    env = {"cpu": "TestCPU", "torch_threads": 2, "torch": "x", "lkconv_commit": "abc123", "gpu": None}
+    (path,) = write_plots(rows, str(tmp_path), env=env)
+    assert (tmp_path / "speedup_fp32.png").stat().st_size > 1000
+    title, labels, styles = saved[0]
+    assert "TestCPU" in title and "abc123" in title and "2 shape(s)" in title
+    assert ("shape (N x C x H x W, kernel K or KHxKW)", "speedup vs torch NCHW (x)") in labels
+    assert ("shape (N x C x H x W, kernel K or KHxKW)", "median time per call (ms)") in labels
+    # two unrelated shapes: each provider's points stand alone (no line joins them)
+    assert all(ax_styles.count("None") == 2 for ax_styles in styles), styles

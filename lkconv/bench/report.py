@@ -5,7 +5,7 @@ import csv
 import json
 import os
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .env import format_env_markdown
 from .runner import ROW_FIELDS
@@ -113,7 +113,8 @@ def format_summary(rows: Sequence[Dict], markdown: bool = False) -> str:
     return _table(header, body, markdown)
 
 
-def to_markdown(rows: Sequence[Dict], env: Dict, title: str = "lkconv benchmark") -> str:
+def to_markdown(rows: Sequence[Dict], env: Dict, title: str = "lkconv benchmark",
+                warnings: Optional[Sequence[str]] = None) -> str:
     cuda = bool(env.get("gpu"))
     parts = [f"# {title}", "",
              "Times are medians over repeats (CUDA events with L2 flush on GPU; wall clock on CPU). "
@@ -121,6 +122,12 @@ def to_markdown(rows: Sequence[Dict], env: Dict, title: str = "lkconv benchmark"
              "`vs torch` = torch NCHW time / provider time. Every provider was checked against the fp64 "
              "reference before timing (WRONG = failed, not timed).", "",
              "## Environment", "", format_env_markdown(env), ""]
+    if warnings is not None:
+        parts += ["## Timing conditions", ""]
+        parts += [f"- **warning**: {w}" for w in warnings] if warnings else \
+            ["No warning (checked: the spread of every measurement's repeats; on CPU also the load average and "
+             "torch threads against the usable cores)."]
+        parts += [""]
     un = unavailable_lines(rows)
     if un:
         parts += ["## Unavailable providers", ""] + [f"- {u}" for u in un] + [""]
@@ -131,41 +138,107 @@ def to_markdown(rows: Sequence[Dict], env: Dict, title: str = "lkconv benchmark"
     return "\n".join(parts)
 
 
-def write_plots(rows: Sequence[Dict], out_dir: str, log=print) -> List[str]:
-    """speedup over torch NCHW vs kernel size, one PNG per dtype with a subplot per pass; a line per
-    (provider, shape group).  Needs matplotlib (optional): returns [] with a message without it."""
+def _shape_key(r: Dict):
+    return (int(r["n"]), int(r["c"]), int(r["h"]), int(r["w"]), int(r["kh"]), int(r["kw"]))
+
+
+def plot_layout(rows: Sequence[Dict]):
+    """How to plot these rows: ``("kernel", families)`` when every shape family (same group and
+    N, C, H, W) has square kernels at two or more sizes -- x is K and each family gets its own line;
+    else ``("shape", labels)`` -- x is the shape itself (categorical, in run order), nothing joined
+    across shapes.  ``families`` maps family key -> label ``NxCxHxW``."""
+    fam: "OrderedDict[tuple, set]" = OrderedDict()
+    labels = OrderedDict()
+    for r in rows:
+        n, c, h, w, kh, kw = _shape_key(r)
+        fam.setdefault((r["group"], n, c, h, w), set()).add((kh, kw))
+        labels[r["shape"]] = None
+    if fam and all(len(ks) >= 2 and all(kh == kw for kh, kw in ks) for ks in fam.values()):
+        return "kernel", OrderedDict((k, f"{k[1]}x{k[2]}x{k[3]}x{k[4]}") for k in fam)
+    return "shape", list(labels)
+
+
+def _plot_title(dtype: str, env: Optional[Dict], what: str) -> str:
+    env = env or {}
+    dev = env.get("gpu") or f"CPU {env.get('cpu', '?')}, {env.get('torch_threads', '?')} threads"
+    commit = env.get("lkconv_commit") or "n/a"
+    return (f"lkconv {dtype}: {what}\n{dev}; torch {env.get('torch', '?')}; lkconv commit {commit}; "
+            f"{env.get('date_utc', '')}")
+
+
+def write_plots(rows: Sequence[Dict], out_dir: str, log=print, env: Optional[Dict] = None) -> List[str]:
+    """One PNG per dtype, a column per pass: speedup over torch NCHW (top) and median time in ms
+    (bottom).  x is the kernel size when the run sweeps K over fixed shape families (one line per
+    provider and family), else the shapes themselves (points, never joined across shapes).  The
+    title names the shapes, the device, torch and the lkconv commit.  Needs matplotlib (optional):
+    returns [] with a message without it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as e:
-        log(f"plots skipped: matplotlib is not available ({type(e).__name__}: {e}); pip install matplotlib")
+        log(f"plots skipped: matplotlib is not available ({type(e).__name__}: {e}); "
+            "pip install matplotlib (or lkconv[bench])")
         return []
-    ok = [r for r in rows if r["status"] == "ok" and r.get("speedup")]
+    ok = [r for r in rows if r["status"] == "ok" and r.get("ms")]
     paths = []
     for dtype in OrderedDict.fromkeys(r["dtype"] for r in ok):
         rd = [r for r in ok if r["dtype"] == dtype]
         passes = list(OrderedDict.fromkeys(r["pass"] for r in rd))
-        fig, axes = plt.subplots(1, len(passes), figsize=(5 * len(passes), 4), squeeze=False)
-        for ax, pass_ in zip(axes[0], passes):
-            series = OrderedDict()
-            for r in rd:
-                if r["pass"] == pass_:
-                    series.setdefault((r["provider"], r["group"]), []).append((int(r["kh"]), float(r["speedup"])))
-            for (prov, group), pts in series.items():
-                pts.sort()
-                label = prov if len({g for _, g in series}) == 1 else f"{prov} [{group}]"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-            ys = [p[1] for pts in series.values() for p in pts if p[1] > 0]
-            if ys and max(ys) / min(ys) > 10:  # speedups spanning decades: log scale
-                ax.set_yscale("log")
-            ax.set_title(f"{dtype} {pass_}")
-            ax.set_xlabel("kernel size K")
-            ax.set_ylabel("speedup vs torch NCHW")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+        providers = list(OrderedDict.fromkeys(r["provider"] for r in rd))
+        colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+        mode, layout = plot_layout(rd)
+        fig, axes = plt.subplots(2, len(passes), figsize=(5.5 * len(passes), 7.5), squeeze=False)
+        for j, pass_ in enumerate(passes):
+            rp = [r for r in rd if r["pass"] == pass_]
+            for i, (metric, ylabel) in enumerate((("speedup", "speedup vs torch NCHW (x)"),
+                                                  ("ms", "median time per call (ms)"))):
+                ax = axes[i][j]
+                ys_all = []
+                if mode == "kernel":
+                    styles = ["-", "--", ":", "-."]
+                    for fi, (fkey, flabel) in enumerate(layout.items()):
+                        for prov in providers:
+                            pts = sorted((int(r["kh"]), float(r[metric])) for r in rp
+                                         if r["provider"] == prov and r.get(metric)
+                                         and (r["group"],) + _shape_key(r)[:4] == fkey)
+                            if not pts:
+                                continue
+                            ys_all += [p[1] for p in pts]
+                            label = prov if len(layout) == 1 else f"{prov} [{flabel}]"
+                            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[prov],
+                                    ls=styles[fi % len(styles)], label=label)
+                    ks = sorted({int(r["kh"]) for r in rp})
+                    ax.set_xticks(ks)
+                    ax.set_xlabel("kernel size K (KH = KW)")
+                else:
+                    xs = {lab: k for k, lab in enumerate(layout)}
+                    width = 0.8 / max(len(providers), 1)
+                    for pi, prov in enumerate(providers):
+                        pts = [(xs[r["shape"]], float(r[metric])) for r in rp if r["provider"] == prov and r.get(metric)]
+                        if not pts:
+                            continue
+                        ys_all += [p[1] for p in pts]
+                        off = (pi - (len(providers) - 1) / 2) * width
+                        ax.plot([p[0] + off for p in pts], [p[1] for p in pts], marker="o", ls="none",
+                                color=colors[prov], label=prov)
+                    ax.set_xticks(range(len(layout)))
+                    ax.set_xticklabels(layout, rotation=30, ha="right", fontsize=7)
+                    ax.set_xlabel("shape (N x C x H x W, kernel K or KHxKW)")
+                if metric == "speedup":
+                    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+                pos = [y for y in ys_all if y > 0]
+                if metric == "ms" or (pos and max(pos) / min(pos) > 10):  # spanning decades: log scale
+                    ax.set_yscale("log")
+                ax.set_title(f"{pass_}", fontsize=9)
+                ax.set_ylabel(ylabel)
+                ax.grid(alpha=0.3)
+                if ys_all:
+                    ax.legend(fontsize=7)
+        what = ("vs kernel size, shapes " + ", ".join(layout.values())) if mode == "kernel" else \
+            f"{len(layout)} shape(s)"
+        fig.suptitle(_plot_title(dtype, env, what), fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, f"speedup_{dtype}.png")
         fig.savefig(path, dpi=110)
@@ -175,18 +248,18 @@ def write_plots(rows: Sequence[Dict], out_dir: str, log=print) -> List[str]:
 
 
 def write_results(rows: Sequence[Dict], env: Dict, out_dir: str, plots: bool = True, log=print,
-                  title: str = "lkconv benchmark") -> Dict[str, object]:
+                  title: str = "lkconv benchmark", warnings: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Write results.csv, results.md, env.json (and speedup_<dtype>.png) into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     paths: Dict[str, object] = {}
     paths["csv"] = write_csv(rows, os.path.join(out_dir, "results.csv"))
     md = os.path.join(out_dir, "results.md")
     with open(md, "w") as f:
-        f.write(to_markdown(rows, env, title))
+        f.write(to_markdown(rows, env, title, warnings=warnings))
     paths["markdown"] = md
     ej = os.path.join(out_dir, "env.json")
     with open(ej, "w") as f:
         json.dump(env, f, indent=2, default=str)
     paths["env"] = ej
-    paths["plots"] = write_plots(rows, out_dir, log=log) if plots else []
+    paths["plots"] = write_plots(rows, out_dir, log=log, env=env) if plots else []
     return paths

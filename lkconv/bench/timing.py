@@ -12,7 +12,8 @@ from typing import Callable, List
 
 import torch
 
-__all__ = ["Timing", "time_cpu", "time_cuda"]
+__all__ = ["Timing", "time_cpu", "time_cuda", "load_snapshot", "usable_cores", "spread", "timing_warnings",
+           "format_warnings", "SPREAD_LIMIT"]
 
 
 @dataclass
@@ -102,3 +103,89 @@ def time_cuda(fn: Callable[[], object], device=None, rep_ms: float = 150.0, warm
         ends[i].record()
     torch.cuda.synchronize(device)
     return Timing([a.elapsed_time(b) for a, b in zip(starts, ends)])
+
+
+# ------------------------------------------------------------------------------------------------
+# timing hygiene: is this machine fit to time on right now?
+# ------------------------------------------------------------------------------------------------
+#: a row whose (max - min) / median exceeds this is "spread widely"
+SPREAD_LIMIT = 0.5
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one, else os.cpu_count())."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_snapshot() -> dict:
+    """``{"load1": 1-minute load average or None, "cores": usable cores, "threads": torch threads}``."""
+    import os
+
+    try:
+        load1 = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load1 = None
+    return {"load1": load1, "cores": usable_cores(), "threads": torch.get_num_threads()}
+
+
+def spread(median: float, lo: float, hi: float) -> float:
+    """(max - min) / median of one measurement's repeats (0 for a single repeat)."""
+    return (hi - lo) / median if median > 0 else 0.0
+
+
+def timing_warnings(rows, before: dict, after=None, device: str = "cpu", threads_flag: str = "--threads") -> list:
+    """Warnings (each with what to do) about the conditions a CPU timing ran under.
+
+    * ``rows``: benchmark rows (fields ``status``, ``ms``, ``ms_min``, ``ms_max``, ``shape``, ...);
+      rows whose repeats spread by more than :data:`SPREAD_LIMIT` of their median are reported;
+    * ``before`` / ``after``: :func:`load_snapshot` at the start and the end of the run.  The load
+      at the start is other processes'; at the end it includes this run's own threads, which are
+      subtracted.  Load above the usable cores, or torch threads plus the others' load above them
+      (oversubscription), is reported.
+    ``device="cuda"`` checks the spread only (CUDA events do not see the CPU's load).
+    """
+    out = []
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("ms") not in ("", None)]
+    wide = []
+    for r in ok:
+        s = spread(float(r["ms"]), float(r["ms_min"]), float(r["ms_max"]))
+        if s > SPREAD_LIMIT:
+            wide.append((s, r))
+    if wide:
+        wide.sort(key=lambda t: -t[0])
+        s, r = wide[0]
+        out.append(f"{len(wide)} of {len(ok)} measurements spread widely (max - min > {SPREAD_LIMIT:.0%} of the "
+                   f"median; worst {s:.0%}: {r.get('shape', '')} {r.get('pass', '')} {r.get('provider', '')}): "
+                   f"the machine was not quiet; rerun on an idle machine with more repeats (--repeats 10) "
+                   f"and compare providers within one run only")
+    if device != "cpu":
+        return out
+    cores = before.get("cores") or usable_cores()
+    threads = before.get("threads") or torch.get_num_threads()
+    loads = []
+    if before.get("load1") is not None:
+        loads.append(before["load1"])
+    if after and after.get("load1") is not None:
+        loads.append(max(after["load1"] - threads, 0.0))
+    others = max(loads) if loads else None
+    if others is not None and others >= cores:
+        out.append(f"load average {others:.1f} from other processes on {cores} usable cores: they compete "
+                   f"for the CPU, times are inflated and noisy; rerun on an idle machine")
+    if threads > cores:
+        out.append(f"torch uses {threads} threads on {cores} usable cores (oversubscribed): use "
+                   f"{threads_flag} {cores} or fewer")
+    elif others is not None and threads > 1 and threads + others > cores + 0.5:
+        free = max(1, int(cores - others + 0.5))
+        out.append(f"torch's {threads} threads plus a load of {others:.1f} from other processes oversubscribe "
+                   f"the {cores} usable cores (threads then wait for each other): use {threads_flag} {free}"
+                   + (" (or 1)" if free > 1 else ""))
+    return out
+
+
+def format_warnings(warnings) -> list:
+    return [f"warning: {w}" for w in warnings]
