@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import lkconv
 from lkconv.bench import cli
@@ -59,19 +60,75 @@ def test_bench_tiny_shape_end_to_end(tmp_path):
     assert (out / "env.json").exists()
 
 
-def test_bad_arguments_are_clear(capsys):
+_NO_CUDA = not torch.cuda.is_available()
+_CUDA_BACKEND_MISSING = lkconv.backend_status().get("cuda") is not None
+
+#: (argv, the argument the one-line error must name, run this row?)
+BAD_INPUT = [
+    (["bench", "--shape", "1,2,3"], "--shape", True),
+    (["bench", "--shape", "2,4,8,8,0"], "--shape", True),
+    (["bench", "--set", "nope"], "--set", True),
+    (["bench", "--set", "tiny", "--providers", "nope"], "--providers", True),
+    (["bench", "--set", "tiny", "--providers", "torch,lkconv-cpuu"], "--providers", True),  # a typo
+    (["bench", "--set", "tiny", "--providers", "lkconv-cuda"], "--providers", _CUDA_BACKEND_MISSING),
+    (["bench", "--set", "tiny", "--providers", ","], "--providers", True),
+    (["bench", "--set", "tiny", "--dtypes", "fp8"], "--dtypes", True),
+    (["bench", "--set", "tiny", "--passes", "backward"], "--passes", True),
+    (["bench", "--set", "tiny", "--ks", "3,x"], "--ks", True),
+    (["bench", "--set", "tiny", "--ks", "0"], "--ks", True),
+    (["bench", "--set", "tiny", "--repeats", "0"], "--repeats", True),
+    (["bench", "--set", "tiny", "--threads", "0"], "--threads", True),
+    (["bench", "--set", "tiny", "--rep-ms", "0"], "--rep-ms", True),
+    (["bench", "--set", "tiny", "--budget-s", "-1"], "--budget-s", True),
+    (["bench", "--set", "tiny", "--device", "tpu"], "--device", True),
+    (["bench", "--set", "tiny", "--device", "cuda"], "--device", _NO_CUDA),
+    (["verify", "--cases", "nope"], "--cases", True),
+    (["verify", "--devices", "gpu"], "--devices", True),
+    (["verify", "--devices", "cuda"], "--devices", _NO_CUDA),
+    (["verify", "--backends", "cudaa"], "--backends", True),
+]
+
+
+@pytest.mark.parametrize("argv,arg,applies", BAD_INPUT, ids=[" ".join(r[0]) for r in BAD_INPUT])
+def test_bad_input_is_one_line_naming_the_argument(argv, arg, applies, capsys):
+    """Rejected before anything runs (no banner), exit code 2, one line on stderr naming the argument."""
+    if not applies:
+        pytest.skip("this row's input is valid on this machine (a CUDA device / the extension is present)")
     with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--shape", "1,2,3"])
-    assert "--shape" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--set", "tiny", "--providers", "nope"])
-    assert "--providers" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--set", "tiny", "--ks", "3,x"])
-    assert "--ks" in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        cli.main(["verify", "--cases", "nope"])
-    assert "--cases" in str(e.value.code)
+        cli.main(argv)
+    assert e.value.code == 2
+    cap = capsys.readouterr()
+    lines = [ln for ln in cap.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and arg in lines[0], cap.err
+    assert "lkconv bench on" not in cap.out and "results ->" not in cap.out
+
+
+TRAIN_BAD_INPUT = [
+    (["--device", "cuda"], "--device", _NO_CUDA),
+    (["--backend", "cuda"], "--backend", _CUDA_BACKEND_MISSING),
+    (["--backend", "cpuu"], "--backend", True),
+    (["--threads", "0"], "--threads", True),
+    (["--steps", "0"], "--steps", True),
+]
+
+
+@pytest.mark.parametrize("argv,arg,applies", TRAIN_BAD_INPUT, ids=[" ".join(r[0]) for r in TRAIN_BAD_INPUT])
+def test_train_bad_input_is_one_line(argv, arg, applies, capsys):
+    if not applies:
+        pytest.skip("this row's input is valid on this machine")
+    assert cli.main(["train", *argv, "--no-progress"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and arg in lines[0], lines
+
+
+def test_bad_input_in_a_subprocess_has_no_traceback():
+    """What a user sees: exit code 2, one line, no Python traceback."""
+    for argv in (["bench", "--set", "tiny", "--providers", "torch,lkconv-cpuu"],
+                 ["train", "--backend", "cpuu"]):
+        p = _run(*argv, timeout=120)
+        assert p.returncode == 2, (argv, p.stdout, p.stderr)
+        assert "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
+        assert "--providers" in p.stderr or "--backend" in p.stderr
 
 
 def test_train_delegates_or_exits_2(monkeypatch, capsys):

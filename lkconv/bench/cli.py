@@ -58,7 +58,7 @@ def _int_list(text: Optional[str], arg: str) -> Optional[List[int]]:
     try:
         return [int(t) for t in _csv_list(text)]
     except ValueError:
-        raise SystemExit(f"error: {arg} must be a comma-separated list of integers, got {text!r}")
+        raise ValueError(f"{arg} must be a comma-separated list of integers, got {text!r}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,41 +119,115 @@ def cmd_info(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+class UsageError(SystemExit):
+    """Bad command-line input: exit code 2 (like argparse's own errors); ``message`` names the argument."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+def _fail(msg: str) -> UsageError:
+    """Print the one-line error and return the exception to raise."""
+    print(f"error: {msg}", file=sys.stderr)
+    return UsageError(msg)
+
+
+def _parse_device(text: str, arg: str = "--device"):
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise _fail(f"{arg} must be cpu, cuda or cuda:<index>, got {text!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise _fail(f"{arg} must be cpu, cuda or cuda:<index>, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _fail(f"{arg} {text} requested but no CUDA device is visible "
+                        f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise _fail(f"{arg} {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def _check_positive(args, names_min) -> None:
+    for name, lo, strict in names_min:
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        if v < lo or (strict and v == lo):
+            flag = "--" + name.replace("_", "-")
+            raise _fail(f"{flag} must be {'>' if strict else '>='} {lo}, got {v}")
+
+
+def bench_config(args) -> dict:
+    """Validate every ``bench`` argument before anything runs; returns the resolved run description
+    (device, shapes, providers, dtypes, passes).  Bad input raises SystemExit(2) after one line on
+    stderr naming the argument."""
+    import torch
+
+    from .providers import DTYPES, default_providers, make_provider
+    from .shapes import PASSES, parse_shape, shape_set
+
+    _check_positive(args, [("repeats", 1, False), ("target_s", 0, False), ("rep_ms", 0, True),
+                           ("threads", 1, False), ("budget_s", 0, True), ("batch", 1, False)])
+    device = _parse_device(args.device) if args.device else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    dtypes = _csv_list(args.dtypes) or (["tf32", "fp32", "fp16", "bf16"] if cuda else ["fp32"])
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise _fail(f"unknown dtype(s) {', '.join(bad)} (argument: --dtypes); choose from {', '.join(DTYPES)}")
+    passes = _csv_list(args.passes) or (["forward", "grad_input", "grad_weight", "all"] if cuda
+                                        else ["forward", "all"])
+    bad = [p for p in passes if p not in PASSES]
+    if bad:
+        raise _fail(f"unknown pass(es) {', '.join(bad)} (argument: --passes); choose from {', '.join(PASSES)}")
+    try:
+        shapes = [parse_shape(s) for s in (args.shape or [])]
+        sets = _csv_list(args.set) or ([] if shapes else ["replknet31b" if cuda else "cpu"])
+        ks = _int_list(args.ks, "--ks")
+        if ks is not None and (not ks or min(ks) < 1):
+            raise ValueError(f"--ks must be positive kernel sizes, got {args.ks!r}")
+        for name in sets:
+            shapes += shape_set(name, ks=ks, batch=args.batch)
+        if args.providers is not None:
+            names = _csv_list(args.providers)
+            if not names:
+                raise ValueError("--providers is empty")
+            providers = [make_provider(n) for n in names]
+        else:
+            providers = default_providers(device)
+    except ValueError as e:
+        raise _fail(str(e).replace("error: ", ""))
+    if not shapes:
+        raise _fail("no shapes selected (use --set or --shape)")
+    if args.providers is not None:  # what the user named must run here
+        for prov in providers:
+            try:
+                why = prov.unavailable(device)
+            except Exception as e:
+                why = f"failed to probe: {type(e).__name__}: {e}"
+            if why:
+                raise _fail(f"provider {prov.name} (argument: --providers) is unavailable on {device}: {why}")
+    return dict(device=device, cuda=cuda, shapes=shapes, providers=providers, dtypes=dtypes, passes=passes)
+
+
 def cmd_bench(args) -> int:
     import torch
 
     from .env import device_slug, environment
     from .peaks import lookup_peak
-    from .providers import default_providers, make_provider
     from .report import format_summary, format_table, unavailable_lines, write_results
     from .runner import run_benchmark
-    from .shapes import parse_shape, shape_set
+    from .timing import format_warnings, load_snapshot, timing_warnings
 
-    if args.device:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda requested but no CUDA device is visible")
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = bench_config(args)
+    device, cuda, shapes, providers = cfg["device"], cfg["cuda"], cfg["shapes"], cfg["providers"]
+    dtypes, passes = cfg["dtypes"], cfg["passes"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    cuda = device.type == "cuda"
-
-    try:
-        shapes = [parse_shape(s) for s in (args.shape or [])]
-        sets = _csv_list(args.set) or ([] if shapes else ["replknet31b" if cuda else "cpu"])
-        ks = _int_list(args.ks, "--ks")
-        for name in sets:
-            shapes += shape_set(name, ks=ks, batch=args.batch)
-        providers = [make_provider(n) for n in _csv_list(args.providers)] if args.providers else \
-            default_providers(device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    dtypes = _csv_list(args.dtypes) or (["tf32", "fp32", "fp16", "bf16"] if cuda else ["fp32"])
-    passes = _csv_list(args.passes) or (["forward", "grad_input", "grad_weight", "all"] if cuda
-                                        else ["forward", "all"])
-    if not shapes:
-        raise SystemExit("error: no shapes selected (use --set or --shape)")
 
     env = environment(str(device))
     peak = lookup_peak(env.get("gpu")) if cuda else None
@@ -170,6 +244,10 @@ def cmd_bench(args) -> int:
         print(f"note: unknown GPU {env.get('gpu')!r}: no peak table entry, % of floor is not reported")
     print(f"{len(shapes)} shapes x {len(dtypes)} dtypes x {len(passes)} passes x {len(providers)} providers; "
           f"results -> {out}")
+    before = load_snapshot()
+    if not cuda:  # the machine's state before anything of ours runs: warn early, not only at the end
+        for line in format_warnings(timing_warnings([], before, None)):
+            print(line)
     t0 = time.perf_counter()
     cpu_timing = dict(min_rep=args.repeats, target_s=args.target_s)
     cuda_timing = dict(rep_ms=args.rep_ms)
@@ -177,7 +255,11 @@ def cmd_bench(args) -> int:
         rows = run_benchmark(shapes, providers, dtypes, passes, device, budget_s=args.budget_s,
                              progress=not args.no_progress, cpu_timing=cpu_timing, cuda_timing=cuda_timing)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise _fail(str(e))
+    after = load_snapshot()
+    env["load_avg_1min_start"], env["load_avg_1min_end"] = before.get("load1"), after.get("load1")
+    env["usable_cores"] = before.get("cores")
+    warnings = timing_warnings(rows, before, after, device=device.type)
     for line in unavailable_lines(rows):
         print(line)
     print()
@@ -185,7 +267,9 @@ def cmd_bench(args) -> int:
     print()
     print("summary (median ms; speedup vs torch NCHW):")
     print(format_summary(rows))
-    paths = write_results(rows, env, out, plots=not args.no_plot)
+    for line in format_warnings(warnings):
+        print(line)
+    paths = write_results(rows, env, out, plots=not args.no_plot, warnings=warnings)
     print()
     print(f"wrote {paths['csv']}, {paths['markdown']}, {paths['env']}"
           + (", " + ", ".join(paths["plots"]) if paths["plots"] else ""))
@@ -195,21 +279,45 @@ def cmd_bench(args) -> int:
         print(f"{len(wrong)} measurement(s) failed the correctness gate (WRONG): "
               + ", ".join(sorted({r['provider'] for r in wrong})), file=sys.stderr)
         return 1
+    if not any(r["status"] == "ok" for r in rows):
+        print("error: nothing was measured (every case unavailable, unsupported, failed or skipped; "
+              "see the table)", file=sys.stderr)
+        return 1
     return 0
 
 
 # ------------------------------------------------------------------------------------------------
 def cmd_verify(args) -> int:
+    import torch
+
+    import lkconv
+
     from .verify import VERIFY_CASES, format_verify, run_verify
 
     cases = _csv_list(args.cases)
     if cases:
         bad = [c for c in cases if c not in VERIFY_CASES]
         if bad:
-            raise SystemExit(f"error: unknown case(s) {bad} (argument: --cases); choose from {list(VERIFY_CASES)}")
+            raise _fail(f"unknown case(s) {', '.join(bad)} (argument: --cases); choose from {', '.join(VERIFY_CASES)}")
     devices = _csv_list(args.devices)
+    if devices is not None:
+        if not devices:
+            raise _fail("--devices is empty; choose from cpu, cuda")
+        for d in devices:
+            if d not in ("cpu", "cuda"):
+                raise _fail(f"unknown device {d!r} (argument: --devices); choose from cpu, cuda")
+            if d == "cuda" and not torch.cuda.is_available():
+                raise _fail("--devices cuda requested but no CUDA device is visible "
+                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+    backends = _csv_list(args.backends)
+    if backends is not None:
+        known = lkconv.list_backends()
+        bad = [b for b in backends if b not in known]
+        if bad or not backends:
+            raise _fail(f"unknown backend(s) {', '.join(bad) or '(none given)'} (argument: --backends); "
+                        f"choose from {', '.join(known)}")
     t0 = time.perf_counter()
-    rows = run_verify(backends=_csv_list(args.backends), devices=devices, cases=cases)
+    rows = run_verify(backends=backends, devices=devices, cases=cases)
     print(format_verify(rows))
     n_pass = sum(r["status"] == "pass" for r in rows)
     fails = [r for r in rows if r["status"] == "FAIL"]
@@ -268,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    v = sub.add_parser("verify", help="every available backend vs the fp64 reference (exit 1 on failure)")
+    v = sub.add_parser("verify", help="every available backend vs the fp64 reference (exit 1 on failure)",
+                       description="Check every available lkconv backend against the fp64 reference on a "
+                       "curated list of small cases (K 3..31 incl. K > H, even and rectangular kernels, stride, "
+                       "dilation, channels_last, a strided view, bias), all three passes. A backend that "
+                       "declines a case is 'skip' with its reason; exit code 1 on any FAIL.")
     v.add_argument("--backends", help="comma-separated backend names (default: all but reference)")
     v.add_argument("--devices", help="comma-separated: cpu, cuda (default: cpu and cuda when visible)")
     v.add_argument("--cases", help="comma-separated case ids (default: all)")

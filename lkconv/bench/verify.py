@@ -101,7 +101,7 @@ def run_verify(backends: Optional[Sequence[str]] = None, devices: Optional[Seque
 def format_verify(rows: List[Dict]) -> str:
     header = ["backend", "device", "dtype", "case", "status", "detail"]
     body = [[r["backend"], r["device"], r["dtype"], r["case"], r["status"],
-             (r["detail"] if r["status"] != "pass" else "")[:110]] for r in rows]
+             (r["detail"] if r["status"] != "pass" else "")] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])

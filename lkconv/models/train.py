@@ -73,9 +73,18 @@ class SyntheticPatterns(torch.utils.data.Dataset):
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default to show (not for unset options)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lkconv train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsFormatter)
     p.add_argument("--model", default="tiny", help="replknet_tiny/tiny, 31b, 31l or xl")
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--image-size", type=int, default=32)
@@ -88,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-path", type=float, default=0.0)
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="autocast dtype (auto: bf16 where supported)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--backend", default=None, help="lkconv backend of the large kernels (default: auto)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when visible, else cpu")
+    p.add_argument("--backend", default=None,
+                   help="lkconv backend of the large kernels; unset: lkconv's default backend (auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process; unset: torch's default (on a busy machine try 1)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing per block")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (multi-GPU DDP)")
@@ -140,6 +153,38 @@ def _validate(args):
         raise ValueError(f"lkconv train: --save-every must be >= 0, got {args.save_every}")
     if args.save_every and not args.checkpoint:
         raise ValueError("lkconv train: --save-every needs --checkpoint PATH")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"lkconv train: --threads must be >= 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"lkconv train: --device cuda requested but no CUDA device is visible "
+                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+    if args.backend is not None:
+        _validate_backend(args.backend, args.device)
+
+
+def _validate_backend(name: str, device: str) -> None:
+    """--backend must name a registered backend that is available and runs the training device's
+    large-kernel layers (checked on a zero-storage stand-in: fp32, 13x13 depthwise)."""
+    import lkconv
+    from lkconv.backends import BackendError, resolve_backend
+    from lkconv.params import normalize_params
+
+    if name == "auto":
+        return
+    status = lkconv.backend_status()
+    if name not in status:
+        raise ValueError(f"lkconv train: unknown backend {name!r} (argument: --backend); choose auto or one of "
+                         f"{', '.join(status)}")
+    if status[name]:
+        raise ValueError(f"lkconv train: backend {name!r} (argument: --backend) is not available here: {status[name]}")
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    x = torch.empty(1, device=dev).expand(2, 8, 16, 16)
+    w = torch.empty(1, device=dev).expand(8, 1, 13, 13)
+    try:
+        resolve_backend(name, x, w, normalize_params(1, 6, 1, (13, 13)))
+    except (BackendError, ValueError, TypeError) as e:
+        raise ValueError(f"lkconv train: backend {name!r} (argument: --backend) cannot train on {dev.type}: "
+                         f"{str(e).replace('lkconv: ', '')}") from None
 
 
 def train(args: argparse.Namespace) -> Dict:
@@ -155,8 +200,8 @@ def train(args: argparse.Namespace) -> Dict:
         dev_type = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         dev_type = args.device
-    if dev_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("lkconv train: --device cuda requested but CUDA is not available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if dev_type == "cuda" \
         else torch.device("cpu")
     if dev_type == "cuda":
@@ -238,6 +283,13 @@ def train(args: argparse.Namespace) -> Dict:
         correct = seen = 0
         t_first = t_start = None
         timed_images = 0
+        step_s: List[float] = []  # wall time of each timed step (hygiene: spread)
+        t_prev = None
+        from lkconv.bench.timing import load_snapshot, timing_warnings
+
+        load_before = load_snapshot()
+        if dev_type == "cpu":  # DDP on CPU: every local process runs its own torch threads
+            load_before["threads"] *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         for step in range(start_step, args.steps):
             x, y = batch_for(step)
             x = x.to(device, non_blocking=True).contiguous(memory_format=mem_fmt)
@@ -266,6 +318,8 @@ def train(args: argparse.Namespace) -> Dict:
                 t_first = now  # the first step (warm-up, kernel selection) is not timed
             else:
                 timed_images += int(stats[2])
+                step_s.append(now - t_prev)
+            t_prev = now
             t_start = t_start or now
             if progress is not None:
                 progress.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{correct / max(seen, 1):.2f}")
@@ -291,7 +345,9 @@ def train(args: argparse.Namespace) -> Dict:
             "first_loss": losses[0] if losses else None,
             "train_accuracy": correct / seen if seen else None,
             "images_per_s": timed_images / elapsed if elapsed > 0 and timed_images else None,
+            "torch_threads": torch.get_num_threads(),
         }
+        summary["timing_warnings"] = _timing_warnings(step_s, load_before, load_snapshot(), device, timing_warnings)
 
         # parameters identical on every rank?
         flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()]).cpu()
@@ -319,6 +375,24 @@ def train(args: argparse.Namespace) -> Dict:
     finally:
         if own_pg and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _timing_warnings(step_s: List[float], before: Dict, after: Dict, device, timing_warnings) -> List[str]:
+    """The benchmark's hygiene checks applied to the training steps: spread of the per-step wall
+    times (the fastest and slowest tenth dropped: a checkpoint save is not noise), load average and
+    thread oversubscription on CPU."""
+    from lkconv.bench.timing import SPREAD_LIMIT, spread
+
+    out = []
+    if len(step_s) >= 3:
+        ts = sorted(step_s)
+        cut = len(ts) // 10
+        ts = ts[cut:len(ts) - cut] if len(ts) - 2 * cut >= 3 else ts
+        s = spread(ts[len(ts) // 2], ts[0], ts[-1])
+        if s > SPREAD_LIMIT:
+            out.append(f"step times spread widely (max - min = {s:.0%} of the median step, {ts[len(ts) // 2] * 1e3:.0f} ms): "
+                       f"images_per_s is not reliable; rerun on an idle machine")
+    return out + timing_warnings([], before, after, device=device.type)
 
 
 @torch.no_grad()
@@ -380,8 +454,11 @@ def _print_summary(s: Dict) -> None:
             return f"{v:.4g}"
         return str(v)
 
-    width = max(len(k) for k in s)
-    lines = ["", "lkconv train: summary"] + [f"  {k.ljust(width)}  {fmt(v)}" for k, v in s.items()]
+    warnings = s.get("timing_warnings") or []
+    items = {k: v for k, v in s.items() if k != "timing_warnings"}
+    width = max(len(k) for k in items)
+    lines = ["", "lkconv train: summary"] + [f"  {k.ljust(width)}  {fmt(v)}" for k, v in items.items()]
+    lines += [f"warning: {w}" for w in warnings]
     print("\n".join(lines), flush=True)
 
 
