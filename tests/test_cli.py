@@ -45,6 +45,44 @@ def test_info_runs():
     for name in lkconv.backend_status():
         assert f"  {name}" in out
     assert "available" in out and "auto picks" in out and "cpu  float32  K=31 ->" in out
+    ext = [ln for ln in out.splitlines() if ln.startswith("lkconv._C ")]
+    assert len(ext) == 1 and ("not built" in ext[0] or "built for sm_" in ext[0]), ext
+
+
+def _elf_with_fatbin(entries):
+    """A minimal 64-bit ELF whose .nv_fatbin section holds one fatbin with ``entries`` (kind, arch)."""
+    import struct
+
+    body = b""
+    for kind, arch in entries:
+        payload = b"\0" * 24
+        hdr = struct.pack("<HHIQ", kind, 0x101, 64, len(payload)) + b"\0" * 12 + struct.pack("<I", arch)
+        body += hdr + b"\0" * (64 - len(hdr)) + payload
+    fat = struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
+    shstr = b"\0.shstrtab\0.nv_fatbin\0"
+    data_off = 64
+    fat_off, str_off = data_off, data_off + len(fat)
+    shoff = str_off + len(shstr)
+    shoff += (-shoff) % 8
+    ehdr = b"\x7fELF" + bytes([2, 1, 1]) + b"\0" * 9 + struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64,
+                                                                    0, 0, 64, 3, 1)
+    sh = lambda name, typ, off, size: struct.pack("<IIQQQQIIQQ", name, typ, 0, 0, off, size, 0, 0, 1, 0)
+    out = ehdr + fat + shstr
+    out += b"\0" * (shoff - len(out))
+    return out + sh(0, 0, 0, 0) + sh(1, 3, str_off, len(shstr)) + sh(11, 1, fat_off, len(fat))
+
+
+def test_fatbin_archs_reads_the_gpu_code(tmp_path):
+    from lkconv.bench.env import extension_info, fatbin_archs
+
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(_elf_with_fatbin([(2, 80), (2, 90), (1, 90)]))
+    assert fatbin_archs(str(lib)) == ["sm_80", "sm_90", "PTX compute_90"]
+    lib.write_bytes(b"not an ELF file")
+    assert fatbin_archs(str(lib)) is None
+    info = extension_info()
+    if info["built"]:  # the real extension (default TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX")
+        assert info["archs"] and all(a.startswith(("sm_", "PTX compute_")) for a in info["archs"]), info
 
 
 def test_bench_tiny_shape_end_to_end(tmp_path):

@@ -87,6 +87,9 @@ def cmd_info(args) -> int:
                   f"cuDNN {torch.backends.cudnn.version()}")
     else:
         print("cuda     no CUDA device visible")
+    from .env import extension_info, format_extension_line
+
+    print(f"lkconv._C {format_extension_line(extension_info())}")
     print()
     print("backends:")
     status = lkconv.backend_status()

@@ -5,11 +5,12 @@ import datetime as _dt
 import os
 import platform
 import subprocess
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["environment", "git_commit", "device_slug", "format_env_markdown", "pkg_version"]
+__all__ = ["environment", "git_commit", "device_slug", "format_env_markdown", "pkg_version", "extension_info",
+           "format_extension_line", "fatbin_archs"]
 
 
 def pkg_version(name: str) -> Optional[str]:
@@ -111,3 +112,85 @@ def format_env_markdown(env: Dict[str, object]) -> str:
     for k, v in env.items():
         lines.append(f"| {k} | {v if v is not None else '-'} |")
     return "\n".join(lines)
+
+
+def fatbin_archs(path: str) -> Optional[List[str]]:
+    """The GPU code embedded in a CUDA library: ``["sm_80", "sm_90", "PTX compute_90"]`` (SASS per
+    architecture, then PTX), read from its ``.nv_fatbin`` ELF section; None when it cannot be read.
+    Fatbin layout: a 16-byte header (magic 0xBA55ED50, version u16, header size u16, payload size
+    u64) followed by entries (kind u16: 1 PTX, 2 ELF/SASS; version u16; header size u32; payload
+    size u64; ...; the architecture as a u32 at byte 28)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            b = f.read()
+        if b[:4] != b"\x7fELF" or b[4] != 2:  # 64-bit ELF only
+            return None
+        shoff, = struct.unpack_from("<Q", b, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", b, 0x3A)
+        secs = [struct.unpack_from("<IIQQQQ", b, shoff + i * shentsize) for i in range(shnum)]
+        stroff = secs[shstrndx][4]
+
+        def name(n):
+            return b[stroff + n:b.index(b"\0", stroff + n)].decode(errors="replace")
+
+        fat = [(s[4], s[5]) for s in secs if name(s[0]) == ".nv_fatbin"]
+        if not fat:
+            return None
+        start, size = fat[0]
+        sass, ptx = [], []
+        pos = start
+        while pos + 16 <= start + size:
+            magic, _ver, hsize, fsize = struct.unpack_from("<IHHQ", b, pos)
+            if magic != 0xBA55ED50:
+                break
+            q, end = pos + hsize, pos + hsize + fsize
+            while q + 32 <= end:
+                kind, _ev, ehsize, psize = struct.unpack_from("<HHIQ", b, q)
+                arch, = struct.unpack_from("<I", b, q + 28)
+                (ptx if kind == 1 else sass).append(arch)
+                if ehsize == 0:
+                    break
+                q += ehsize + psize
+            pos = end
+            while pos < start + size and pos % 8:  # entries are 8-byte aligned
+                pos += 1
+        names = [f"sm_{a}" for a in sorted(set(sass))] + [f"PTX compute_{a}" for a in sorted(set(ptx))]
+        return names or None
+    except Exception:
+        return None
+
+
+def extension_info() -> Dict[str, object]:
+    """Is the compiled extension ``lkconv._C`` present, does it load, for which GPU architectures?
+
+    ``{"built": bool, "path": str|None, "loads": bool|None, "error": str|None, "archs": [..]|None}``;
+    the architectures are read from the library itself (:func:`fatbin_archs`)."""
+    import importlib
+    import importlib.util
+
+    info: Dict[str, object] = {"built": False, "path": None, "loads": None, "error": None, "archs": None}
+    try:
+        spec = importlib.util.find_spec("lkconv._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return info
+    info.update(built=True, path=spec.origin, archs=fatbin_archs(spec.origin))
+    try:
+        importlib.import_module("lkconv._C")
+        info["loads"] = True
+    except Exception as e:  # an ABI mismatch, a CPU-only torch, missing CUDA libraries
+        info["loads"] = False
+        info["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return info
+
+
+def format_extension_line(info: Dict[str, object]) -> str:
+    if not info.get("built"):
+        return ("not built (pure-Python install; the cuda backend needs it: "
+                "pip install --no-build-isolation -e . with a CUDA toolkit, or .ci/build_cuda.sh)")
+    archs = ", ".join(info["archs"]) if info.get("archs") else "GPU code not readable"
+    state = "loads" if info.get("loads") else f"does NOT load ({info.get('error')})"
+    return f"built for {archs}; {state}: {info['path']}"
