@@ -36,7 +36,6 @@ def _cuda_extension():
     """(ext_modules, cmdclass) for the CUDA build, or raise RuntimeError(why not)."""
     try:
         import torch
-        from torch.utils import cpp_extension
     except ImportError as e:
         raise RuntimeError(f"torch is not importable at build time ({e}); with pip use --no-build-isolation")
     if not torch.version.cuda:
@@ -45,8 +44,12 @@ def _cuda_extension():
     cuda_home = env.find_cuda_home()
     if cuda_home is None:
         raise RuntimeError("no CUDA toolkit found (nvcc not on PATH and CUDA_HOME unset)")
+    # set before torch.utils.cpp_extension is imported: it resolves (and logs) CUDA_HOME at import,
+    # which would otherwise print its own guess next to ours
     os.environ["CUDA_HOME"] = cuda_home
-    cpp_extension.CUDA_HOME = cuda_home  # torch resolved it at import time, possibly wrongly
+    from torch.utils import cpp_extension
+
+    cpp_extension.CUDA_HOME = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", env.DEFAULT_ARCH_LIST)
     _log(f"building lkconv._C with CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, "
          f"MAX_JOBS={os.environ.get('MAX_JOBS', '(torch default)')}")
@@ -78,4 +81,6 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if ext_modules:
+    _log("the CUDA extension lkconv._C is part of this build; `python -m lkconv info` reports it afterwards")
+setup(ext_modules=ext_modules, cmdclass=cmdclass, license="MIT")  # see pyproject.toml: dynamic
