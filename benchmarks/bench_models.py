@@ -37,18 +37,17 @@ BASELINE = "nn.Conv2d"
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: auto (cuda when visible)")
     p.add_argument("--model", default=None, help="default: 31b on cuda, tiny on cpu")
     p.add_argument("--image-size", type=int, default=None, help="default: 224 on cuda, 64 on cpu")
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 on cuda, 8 on cpu")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=1000, help="default: 1000")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="autocast dtype (fp32: no autocast); default bf16 on cuda, fp32 on cpu")
     p.add_argument("--backends", default=None,
                    help=f"comma list of lkconv backends and/or {BASELINE!r}; default: all available + baseline")
-    p.add_argument("--modes", default="train,infer,deploy")
+    p.add_argument("--modes", default="train,infer,deploy", help="default: train,infer,deploy")
     p.add_argument("--warmup", type=int, default=None, help="default 3 (cuda) / 1 (cpu)")
     p.add_argument("--iters", type=int, default=None, help="default 10 (cuda) / 3 (cpu)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -56,7 +55,8 @@ def parse(argv=None):
     p.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing (less memory)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     p.add_argument("--out", default=None,
-                   help="output prefix for .csv/.md (default benchmarks/results/models_<device>)")
+                   help="results folder for results.csv and results.md; unset: "
+                   "bench_results/models-<device>-<date>/ under the current directory")
     return p.parse_args(argv)
 
 
@@ -187,6 +187,9 @@ def main(argv=None):
             f"{torch.get_num_threads()} threads; warmup {args.warmup}, iters {args.iters}; "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"bench_models: {meta}", flush=True)
+    from lkconv.bench.timing import format_warnings, load_snapshot, timing_warnings
+
+    before = load_snapshot()
 
     rows = []
     for v in variants:
@@ -238,8 +241,13 @@ def main(argv=None):
         if i == 0:
             print("  ".join("-" * w for w in widths))
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"models_{args.device}")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    warnings = timing_warnings([], before, load_snapshot(), device=dev.type)
+    for line in format_warnings(warnings):
+        print(line)
+    out_dir = args.out or os.path.join(
+        "bench_results", f"models-{args.device}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, "results")
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + ["config"])
         w.writeheader()
@@ -247,6 +255,7 @@ def main(argv=None):
             w.writerow({**{k: r.get(k, "") for k in cols}, "config": meta})
     with open(out + ".md", "w") as f:
         f.write(f"# RepLKNet model benchmark\n\n{meta}\n\n")
+        f.write("".join(f"- **warning**: {w}\n" for w in warnings) + ("\n" if warnings else ""))
         f.write("| " + " | ".join(head) + " |\n|" + "|".join("---" for _ in head) + "|\n")
         for row in table[1:]:
             f.write("| " + " | ".join(c.replace("|", "/") for c in row) + " |\n")
