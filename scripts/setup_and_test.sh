@@ -13,10 +13,12 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
-step "install torch 2.14.1"
-python -m pip install -q "torch==2.14.1"
-step "install lkconv with test extras"
-python -m pip install -q -e ".[test]"
+# not -q: on a fresh machine these download ~5 GB (torch's CUDA build) and take minutes; pip's
+# progress shows that something is happening
+step "install torch 2.14.1 (fresh machine: ~5 GB download, several minutes; already installed: seconds)"
+python -m pip install "torch==2.14.1"
+step "install lkconv with test extras (onnx, onnxruntime, hypothesis, matplotlib; ~1 minute)"
+python -m pip install -e ".[test]"
 # timm is a test-only client (tests/test_clients_timm.py); pinned so pip keeps the torch above
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" timm
 
@@ -29,6 +31,6 @@ fi
 
 step "python -m lkconv info"
 python -m lkconv info
-step "pytest"
+step "pytest (14-28 minutes on a 2-core machine)"
 # shellcheck disable=SC2086
 python -m pytest -q -ra --durations=15 ${PYTEST_ARGS:-}

@@ -235,3 +235,20 @@ def test_suite_test_commands():
     assert fast[2] + slow[2] <= 400
     (every,) = gpu_test_commands("py", "/o", "cuda", True, True)
     assert opt(every[1], "-m") == "pytest"  # no marker selection: the whole suite
+
+
+def test_train_timing_warnings():
+    """train's summary carries the benchmark's hygiene checks, applied to its step times."""
+    from lkconv.bench.timing import timing_warnings
+    from lkconv.models.train import _timing_warnings
+
+    quiet = {"load1": 0.0, "cores": 2, "threads": 1}
+    cpu = torch.device("cpu")
+    assert _timing_warnings([0.10] * 8 + [0.11, 0.105], quiet, quiet, cpu, timing_warnings) == []
+    # a checkpoint hiccup (one slow step in ten is dropped) is not noise; steady doubling is
+    assert _timing_warnings([0.10] * 9 + [3.0], quiet, quiet, cpu, timing_warnings) == []
+    (w,) = _timing_warnings([0.1, 0.25] * 10, quiet, quiet, cpu, timing_warnings)
+    assert "step times spread widely" in w and "images_per_s" in w
+    busy = {"load1": 1.5, "cores": 2, "threads": 2}
+    ws = _timing_warnings([0.1] * 10, busy, None, cpu, timing_warnings)
+    assert any("--threads 1" in w for w in ws)

@@ -35,7 +35,10 @@ providers: torch (F.conv2d NCHW), torch-cl (channels_last: cuDNN NHWC / oneDNN),
 (cpu, cuda, triton, torch, reference; add -cl for channels_last), replknet (original extension).
 
 Every provider is checked against the fp64 reference before it is timed; one that fails is reported
-as WRONG and not timed (exit code 1).  Results: results.csv, results.md, env.json, speedup_<dtype>.png
+as WRONG and not timed (exit code 1). All arguments are checked before the run starts (a bad one: exit
+code 2, one line naming it).  On CPU the run warns when its timings are not to be trusted (repeats
+spreading widely, load average above the cores, oversubscribed threads) and says what to do, e.g.
+--threads 1.  Results: results.csv, results.md, env.json, speedup_<dtype>.png
 in --out (default bench_results/<device>-<date>/).
 
 examples:
