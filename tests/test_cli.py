@@ -120,6 +120,8 @@ BAD_INPUT = [
     (["bench", "--set", "tiny", "--budget-s", "-1"], "--budget-s", True),
     (["bench", "--set", "tiny", "--device", "tpu"], "--device", True),
     (["bench", "--set", "tiny", "--device", "cuda"], "--device", _NO_CUDA),
+    (["bench", "--set", "tiny", "--out", os.path.abspath(__file__)], "--out", True),  # a file, not a folder
+    (["suite", "/tmp/x", "--budget-s", "0"], "--budget-s", True),
     (["verify", "--cases", "nope"], "--cases", True),
     (["verify", "--devices", "gpu"], "--devices", True),
     (["verify", "--devices", "cuda"], "--devices", _NO_CUDA),

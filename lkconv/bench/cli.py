@@ -209,6 +209,14 @@ def bench_config(args) -> dict:
         raise _fail(str(e).replace("error: ", ""))
     if not shapes:
         raise _fail("no shapes selected (use --set or --shape)")
+    if args.out:
+        parent = args.out
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent.rstrip(os.sep))
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise _fail(f"--out {args.out!r} exists and is not a folder")
+        if not os.access(parent or ".", os.W_OK):
+            raise _fail(f"--out {args.out!r}: {parent or '.'!r} is not writable")
     if args.providers is not None:  # what the user named must run here
         for prov in providers:
             try:
@@ -334,6 +342,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_suite(args) -> int:
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise _fail(f"--budget-s must be > 0, got {args.budget_s}")
+    if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
+        raise _fail(f"OUTDIR {args.outdir!r} exists and is not a folder")
     from .suite import run_suite
 
     return run_suite(args.outdir, budget_s=args.budget_s, skip_build=args.skip_build, skip_tests=args.skip_tests,
