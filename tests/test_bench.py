@@ -412,3 +412,19 @@ def test_plots_title_and_axes(tmp_path, monkeypatch):
     assert ("shape (N x C x H x W, kernel K or KHxKW)", "median time per call (ms)") in labels
     # two unrelated shapes: each provider's points stand alone (no line joins them)
     assert all(ax_styles.count("None") == 2 for ax_styles in styles), styles
+
+
+def test_usable_cores_honours_a_cgroup_quota(monkeypatch):
+    import builtins
+    import io
+    import os
+
+    from lkconv.bench.timing import usable_cores
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert usable_cores() >= 1
+    real_open = builtins.open
+    for text, want in (("150000 100000\n", min(n, 2)), ("max 100000\n", n), ("50000 100000\n", 1)):
+        monkeypatch.setattr(builtins, "open", lambda path, *a, _t=text, **kw: io.StringIO(_t)
+                            if path == "/sys/fs/cgroup/cpu.max" else real_open(path, *a, **kw))
+        assert usable_cores() == want, text

@@ -113,13 +113,23 @@ SPREAD_LIMIT = 0.5
 
 
 def usable_cores() -> int:
-    """CPUs this process may run on (the affinity mask where the OS has one, else os.cpu_count())."""
+    """CPUs this process may run on: the affinity mask where the OS has one (else os.cpu_count()),
+    capped by a cgroup v2 CPU quota (``/sys/fs/cgroup/cpu.max``, containers) when one is set."""
+    import math
     import os
 
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max" and int(period) > 0:
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def load_snapshot() -> dict:
