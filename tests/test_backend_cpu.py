@@ -8,7 +8,7 @@ import torch
 
 import lkconv
 from lkconv.backends import cpu as cpu_mod
-from lkconv.backends import get_backend, resolve_backend
+from lkconv.backends import Request, get_backend, resolve_backend
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes
 
@@ -225,13 +225,13 @@ def test_check_declines_non_cpu_and_non_float():
     p = normalize_params(1, 1, 1, (3, 3))
     xm = torch.empty(1, 2, 5, 5, device="meta")
     wm = torch.empty(2, 1, 3, 3, device="meta")
-    why = be.check(xm, wm, p, "forward")
+    why = be.check(Request.of("forward", xm, wm, p))
     assert why is not None and "CPU" in why and "meta" in why
     xi = torch.zeros(1, 2, 5, 5, dtype=torch.int32)
-    why = be.check(xi, xi.new_zeros(2, 1, 3, 3), p, "grad_input")
+    why = be.check(Request.of("grad_input", xi, xi.new_zeros(2, 1, 3, 3), p))
     assert why is not None and "int32" in why
     for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        assert be.check(torch.zeros(1, 2, 5, 5, dtype=dt), torch.zeros(2, 1, 3, 3, dtype=dt), p, "grad_weight") is None
+        assert be.check(Request.of("grad_weight", torch.zeros(1, 2, 5, 5, dtype=dt), torch.zeros(2, 1, 3, 3, dtype=dt), p)) is None
 
 
 def test_auto_on_cpu_resolves_to_cpu():

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lkconv
+from lkconv.backends import Request
 from lkconv.backends import cuda as cuda_backend
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes
@@ -75,18 +76,18 @@ def test_check_declines_what_it_cannot_run():
     be = cuda_backend.CUDABackend()
     p = normalize_params(1, 1, 1, (3, 3))
     x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)
-    assert "CUDA" in be.check(x, w, p, "forward")
+    assert "CUDA" in be.check(Request.of("forward", x, w, p))
     for d in (torch.float64, torch.int32):
         xm = torch.empty(1, 2, 5, 5, dtype=d, device="meta")
         wm = torch.empty(2, 1, 3, 3, dtype=d, device="meta")
-        assert be.check(xm, wm, p, "forward") is not None  # meta: not CUDA either way
+        assert be.check(Request.of("forward", xm, wm, p)) is not None  # meta: not CUDA either way
     if torch.cuda.is_available():
         xd = torch.randn(1, 2, 5, 5, dtype=torch.float64, device="cuda")
         wd = torch.randn(2, 1, 3, 3, dtype=torch.float64, device="cuda")
-        assert "float64" in be.check(xd, wd, p, "forward")
+        assert "float64" in be.check(Request.of("forward", xd, wd, p))
         xh = torch.randn(1, 2, 5, 5, dtype=torch.float16, device="cuda")
-        assert be.check(xh, wd.half(), p, "forward") is None
-        assert "differs" in be.check(xh, wd.float(), p, "forward")
+        assert be.check(Request.of("forward", xh, wd.half(), p)) is None
+        assert "differs" in be.check(Request.of("forward", xh, wd.float(), p))
 
 
 @pytest.mark.skipif(not _extension_loaded(), reason="lkconv._C not built (run .ci/build_cuda.sh or "

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 import lkconv  # noqa: E402
-from lkconv.backends import UnsupportedError, get_backend  # noqa: E402
+from lkconv.backends import Request, UnsupportedError, get_backend  # noqa: E402
 from lkconv.params import normalize_params  # noqa: E402
 from lkconv.testing import compare_all_passes  # noqa: E402
 
@@ -334,7 +334,7 @@ def test_float64_is_declined():
     x = torch.randn(1, 2, 8, 8, dtype=torch.float64, device=dev)
     w = torch.randn(2, 1, 3, 3, dtype=torch.float64, device=dev)
     p = normalize_params(1, 1, 1, (3, 3))
-    why = get_backend("triton").check(x, w, p, "forward")
+    why = get_backend("triton").check(Request.of("forward", x, w, p))
     assert why is not None and "float64" in why
     with pytest.raises(UnsupportedError, match="float64"):
         lkconv.depthwise_conv2d(x, w, padding=1, backend="triton")

@@ -156,3 +156,38 @@ def test_gradients_only_for_what_requires_grad():
     w = torch.randn(2, 1, 3, 3, dtype=torch.float64)
     lkconv.depthwise_conv2d(x, w, padding=1).sum().backward()
     assert x.grad is not None and w.grad is None
+
+
+def test_require_is_the_one_resolution_point():
+    from lkconv.backends import Request, UnsupportedError, require, validate_backend_name
+
+    x = torch.randn(1, 2, 6, 6)
+    w = torch.randn(2, 1, 3, 3)
+    p = normalize_params(1, 1, 1, (3, 3))
+    req = Request.of("grad_weight", x, w, p)
+    assert req.weight_dtype is None and req.output_shape == (1, 2, 6, 6)
+    assert require("torch", req).name == "torch"
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        require("auto", req)
+    with pytest.raises(ValueError, match=r"unknown backend 'nope' \(argument: backend\)"):
+        require("nope", req)
+    # a backend that declines a pass raises UnsupportedError naming the pass
+    xi = Request("grad_input", x.device, torch.int32, torch.int32, (1, 2, 6, 6), (2, 1, 3, 3), p)
+    with pytest.raises(UnsupportedError, match=r"'cpu' does not support this case \(grad_input\)"):
+        require("cpu", xi)
+    # the op itself goes through require: a direct call the backend declines says so, naming the pass
+    with pytest.raises(UnsupportedError, match=r"'cpu' does not support this case \(forward\).*int32"):
+        torch.ops.lkconv.dwconv2d(x.int(), w.int(), None, [1, 1], [1, 1, 1, 1], [1, 1], "cpu")
+    validate_backend_name(None)
+    with pytest.raises(TypeError, match="backend must be a string"):
+        validate_backend_name(None, allow_none=False)
+    with pytest.raises(TypeError, match="backend must be a string"):
+        validate_backend_name(3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type (CUDA)")
+def test_direct_op_call_on_mixed_devices_names_them():
+    x = torch.randn(1, 2, 6, 6)
+    w = torch.randn(2, 1, 3, 3, device="cuda")
+    with pytest.raises(ValueError, match="different devices"):
+        torch.ops.lkconv.dwconv2d(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], "torch")

@@ -43,7 +43,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import lkconv  # noqa: E402
 from lkconv import UnsupportedError  # noqa: E402
-from lkconv.backends import get_backend  # noqa: E402
+from lkconv.backends import Request, get_backend  # noqa: E402
 from lkconv.ops import memory_format_of  # noqa: E402
 from lkconv.params import normalize_params  # noqa: E402
 from lkconv.testing import _torch_d_all_passes, no_tf32, reference_all_passes, tolerance  # noqa: E402
@@ -311,7 +311,7 @@ def run_case(case, backend: str, device: str = "cpu", cpu_path=None):
     p = normalize_params(case["stride"], case["padding"], case["dilation"], (case["KH"], case["KW"]))
     passes = ["forward"] + (["grad_input"] if rg_x else []) + (["grad_weight"] if rg_w else [])
     inst = get_backend(backend)
-    declined = [(ps, inst.check(x, w, p, ps)) for ps in passes]
+    declined = [(ps, inst.check(Request.of(ps, x, w, p))) for ps in passes]
     declined = [(ps, why) for ps, why in declined if why is not None]
     if declined:
         event(f"declined: {declined[0][1][:60]}")
@@ -520,7 +520,7 @@ def _fuzz_double(backend, device, tiny=False):
             return False
         p = normalize_params(case["stride"], case["padding"], case["dilation"], (case["KH"], case["KW"]))
         x, w, _, _ = build(case, device)
-        return all(get_backend(backend).check(x, w, p, ps) is None for ps in ("forward", "grad_input", "grad_weight"))
+        return all(get_backend(backend).check(Request.of(ps, x, w, p)) is None for ps in ("forward", "grad_input", "grad_weight"))
 
     @settings(settings.get_profile(PROFILE), max_examples=n)
     @given(case=conv_cases(tiny=tiny, dtypes=dtypes).filter(valid))

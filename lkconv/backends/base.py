@@ -12,13 +12,43 @@ format is normalised by :mod:`lkconv.ops` (channels_last in -> channels_last out
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ..params import ConvParams
 
 PASSES = ("forward", "grad_input", "grad_weight")
+
+
+class Request(NamedTuple):
+    """What :meth:`Backend.check` needs to know about one pass: no tensors, only their facts.
+
+    ``device`` and ``dtype`` are those of the pass's data tensor (``x`` for forward and grad_weight,
+    ``grad_out`` for grad_input); ``weight_dtype`` is the weight's dtype (None for grad_weight,
+    which has no weight tensor); ``input_shape`` is the input's (N, C, H, W) and ``weight_shape``
+    the weight's (C, 1, KH, KW) in every pass.  A NamedTuple so that torch.compile traces it.
+    """
+
+    pass_: str
+    device: torch.device
+    dtype: torch.dtype
+    weight_dtype: Optional[torch.dtype]
+    input_shape: Tuple[int, ...]
+    weight_shape: Tuple[int, ...]
+    params: ConvParams
+
+    @classmethod
+    def of(cls, pass_: str, x: torch.Tensor, weight: torch.Tensor, params: ConvParams) -> "Request":
+        """The request for ``pass_`` of a call ``conv(x, weight)`` (grad_out has x's dtype/device)."""
+        return cls(pass_, x.device, x.dtype, None if pass_ == "grad_weight" else weight.dtype,
+                   tuple(x.shape), tuple(weight.shape), params)
+
+    @property
+    def output_shape(self) -> Tuple[int, int, int, int]:
+        N, _, H, W = self.input_shape
+        ho, wo = self.params.out_size(H, W, self.weight_shape[2], self.weight_shape[3])
+        return (N, self.weight_shape[0], ho, wo)
 
 
 class BackendError(RuntimeError):
@@ -47,10 +77,10 @@ class Backend:
         return None
 
     # -- support ----------------------------------------------------------------------------------
-    def check(self, x: torch.Tensor, weight: torch.Tensor, params: ConvParams, pass_: str) -> Optional[str]:
-        """None when this backend computes ``pass_`` for these tensors exactly, else the reason it
-        declines (e.g. "dtype float64 not supported on cuda").  ``x`` is the input (forward,
-        grad_weight) — for grad_input the registry passes ``grad_out``'s device/dtype in ``x``."""
+    def check(self, req: Request) -> Optional[str]:
+        """None when this backend computes pass ``req.pass_`` of the described call exactly, else
+        the reason it declines (e.g. "dtype float64 not supported on cuda").  Plain Python on
+        device/dtype/shapes (torch.compile traces it): no imports, no locks, no tensors."""
         return None
 
     # -- the three passes -------------------------------------------------------------------------

@@ -499,13 +499,11 @@ class CPUBackend(Backend):
             raise ValueError(f"lkconv: CPUBackend path must be one of {_PATHS} or None, got {path!r}")
         self.path = path
 
-    def check(self, x, weight, params, pass_):
-        if x.device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors only (got a tensor on {x.device.type})"
-        if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            return f"the cpu backend supports float32/float64/float16/bfloat16, not {x.dtype}"
-        if weight.device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors only (weight on {weight.device.type})"
+    def check(self, req):
+        if req.device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors only (got a tensor on {req.device.type})"
+        if req.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            return f"the cpu backend supports float32/float64/float16/bfloat16, not {req.dtype}"
         return None
 
     def _path(self, weight_shape, p: ConvParams, pass_: str = "forward") -> str:

@@ -138,17 +138,18 @@ class CUDABackend(Backend):
         return load_extension()
 
     # -- support ----------------------------------------------------------------------------------
-    def check(self, x, weight, params, pass_):
-        if x.device.type != "cuda":
-            return f"needs CUDA tensors, got device {x.device.type}"
-        if x.dtype not in _SUPPORTED:
-            return f"dtype {x.dtype} not supported (float16, bfloat16, float32)"
-        if pass_ == "forward" and weight.dtype != x.dtype:
-            return f"weight dtype {weight.dtype} differs from input dtype {x.dtype}"
-        if x.dim() != 4 or weight.dim() != 4:
+    def check(self, req):
+        if req.device.type != "cuda":
+            return f"needs CUDA tensors, got device {req.device.type}"
+        if req.dtype not in _SUPPORTED:
+            return f"dtype {req.dtype} not supported (float16, bfloat16, float32)"
+        if req.pass_ == "forward" and req.weight_dtype != req.dtype:
+            return f"weight dtype {req.weight_dtype} differs from input dtype {req.dtype}"
+        if len(req.input_shape) != 4 or len(req.weight_shape) != 4:
             return "needs 4-D input and weight"
-        if weight.shape[2] > _MAX_KERNEL or weight.shape[3] > _MAX_KERNEL:
-            return f"kernel size {tuple(weight.shape[2:])} exceeds {_MAX_KERNEL}"
+        if req.weight_shape[2] > _MAX_KERNEL or req.weight_shape[3] > _MAX_KERNEL:
+            return f"kernel size {tuple(req.weight_shape[2:])} exceeds {_MAX_KERNEL}"
+        params = req.params
         if max(params.stride) > _MAX_PARAM or max(params.dilation) > _MAX_PARAM or max(params.padding) > _MAX_PARAM:
             return f"stride/padding/dilation beyond {_MAX_PARAM}"
         return None

@@ -368,14 +368,9 @@ def create_model(name: str, **kwargs) -> RepLKNet:
 def set_model_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     """Set the lkconv backend of every lkconv module (and of every re-parameterizable block, so the
     deployed convolutions inherit it) in ``model``; None: lkconv's default.  Returns ``model``."""
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"set_model_backend: backend must be a string or None, got {type(backend).__name__}")
-    if backend is not None and backend != "auto":
-        from ..backends import list_backends
+    from ..backends import validate_backend_name
 
-        if backend not in list_backends():
-            raise ValueError(f"set_model_backend: unknown backend {backend!r}; choose 'auto' or one of "
-                             f"{list_backends()}")
+    validate_backend_name(backend)
     for m in model.modules():
         if isinstance(m, (LargeKernelConv2d, ReparamModule)):
             m.backend = backend
