@@ -16,7 +16,7 @@
 #include <c10/util/Exception.h>
 
 #include "dwconv_launch.h"
-#include "dwconv_traits.cuh"
+#include "dwconv_convert.cuh"
 
 namespace lkconv {
 

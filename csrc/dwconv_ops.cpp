@@ -1,5 +1,5 @@
 // lkconv CUDA backend: host code.  Argument checks, device guard, current stream, dispatch to the
-// launchers in dwconv_fwd.cu / dwconv_bwd_weight.cu, and the op registration:
+// launchers in dwconv_forward.cu / dwconv_grad_weight.cu, and the op registration:
 //
 //   lkconv_cuda::fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor
 //   lkconv_cuda::grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor
@@ -70,7 +70,8 @@ std::pair<int64_t, int64_t> out_size(int64_t H, int64_t W, int64_t KH, int64_t K
 }
 
 at::MemoryFormat format_of(const at::Tensor& t) {
-  // channels_last iff channels_last-contiguous and not NCHW-contiguous (same rule as lkconv.ops)
+  // channels_last iff channels_last-contiguous and not NCHW-contiguous: the C++ copy of
+  // lkconv/backends/base.py output_memory_format (tests/test_backend_cuda.py checks they agree)
   if (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
   return at::MemoryFormat::Contiguous;
 }

@@ -1,5 +1,5 @@
 // lkconv CUDA backend: the parameter struct shared by the host code (dwconv_ops.cpp) and the
-// kernels (dwconv_fwd.cu, dwconv_bwd_weight.cu).  Plain C++ (no torch headers) so the .cu files
+// kernels (dwconv_forward.cu, dwconv_grad_weight.cu).  Plain C++ (no torch headers) so the .cu files
 // compile without ATen.
 //
 // Convention (one convolution "pass" = y = conv(x, w) with explicit geometry):

@@ -1,4 +1,8 @@
-"""The command line: ``python -m lkconv {info,bench,verify,suite,train}``."""
+"""The command line: ``python -m lkconv {info,bench,verify,train}``.
+
+The GPU suite (build, tests, benchmarks from a source checkout) is checkout-only tooling:
+``python benchmarks/gpu_suite.py OUTDIR`` (see docs/benchmarks.md).
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +22,6 @@ examples:
   python -m lkconv bench --set ksweep --ks 3,13,31 --dtypes fp16,tf32       # on a GPU
   python -m lkconv bench --set replknet31b --providers torch,torch-cl,lkconv-cuda
   python -m lkconv verify                    # every backend vs the fp64 reference; exit 1 on failure
-  python -m lkconv suite /tmp/gpu_run        # GPU box: build, tests, benchmarks -> one folder
   python -m lkconv train --help              # RepLKNet training (lkconv.models.train)
 """
 
@@ -71,13 +74,13 @@ def cmd_info(args) -> int:
     from lkconv.backends import UnsupportedError, get_backend, resolve_backend
     from lkconv.params import normalize_params
 
-    from .env import git_commit, pkg_version
+    from .bench.env import git_commit, pkg_version
 
     print(f"lkconv   {lkconv.__version__}  (commit {git_commit() or 'n/a'})  {os.path.dirname(lkconv.__file__)}")
     print(f"torch    {torch.__version__}  (CUDA build {torch.version.cuda or 'none'})")
     print(f"triton   {pkg_version('triton') or 'not installed'}")
     print(f"python   {platform.python_version()}  {platform.platform()}")
-    from .env import _cpu_model
+    from .bench.env import _cpu_model
 
     print(f"cpu      {_cpu_model()}  ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})")
     if torch.cuda.is_available():
@@ -122,12 +125,12 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from .env import device_slug, environment
-    from .peaks import lookup_peak
-    from .providers import default_providers, make_provider
-    from .report import format_summary, format_table, unavailable_lines, write_results
-    from .runner import run_benchmark
-    from .shapes import parse_shape, shape_set
+    from .bench.env import device_slug, environment
+    from .bench.peaks import lookup_peak
+    from .bench.providers import default_providers, make_provider
+    from .bench.report import format_summary, format_table, unavailable_lines, write_results
+    from .bench.runner import run_benchmark
+    from .bench.shapes import parse_shape, shape_set
 
     if args.device:
         device = torch.device(args.device)
@@ -200,7 +203,7 @@ def cmd_bench(args) -> int:
 
 # ------------------------------------------------------------------------------------------------
 def cmd_verify(args) -> int:
-    from .verify import VERIFY_CASES, format_verify, run_verify
+    from .bench.verify import VERIFY_CASES, format_verify, run_verify
 
     cases = _csv_list(args.cases)
     if cases:
@@ -219,13 +222,6 @@ def cmd_verify(args) -> int:
     return 1 if fails else 0
 
 
-def cmd_suite(args) -> int:
-    from .suite import run_suite
-
-    return run_suite(args.outdir, budget_s=args.budget_s, skip_build=args.skip_build, skip_tests=args.skip_tests,
-                     all_tests=args.all_tests, skip_bench=args.skip_bench)
-
-
 def cmd_train(argv: List[str]) -> int:
     try:
         from lkconv.models.train import main as train_main
@@ -240,9 +236,9 @@ def cmd_train(argv: List[str]) -> int:
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lkconv", description="lkconv: fast large-kernel depthwise "
-                                 "convolution -- info, benchmarks, verification, GPU suite, training.",
+                                 "convolution -- info, benchmarks, verification, training.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", metavar="{info,bench,verify,suite,train}")
+    sub = ap.add_subparsers(dest="command", metavar="{info,bench,verify,train}")
     sub.add_parser("info", help="versions, device, backends (available or why not), what auto picks")
 
     b = sub.add_parser("bench", help="benchmark providers on this device (gate vs reference, then time)",
@@ -273,14 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--devices", help="comma-separated: cpu, cuda (default: cpu and cuda when visible)")
     v.add_argument("--cases", help="comma-separated case ids (default: all)")
 
-    s = sub.add_parser("suite", help="GPU box: build, verify, tests, benchmarks -> OUTDIR (<= 10 min on H100)")
-    s.add_argument("outdir")
-    s.add_argument("--budget-s", type=float, default=570.0, help="total time budget (default 570 s)")
-    s.add_argument("--skip-build", action="store_true")
-    s.add_argument("--skip-tests", action="store_true")
-    s.add_argument("--skip-bench", action="store_true")
-    s.add_argument("--all-tests", action="store_true", help="run the whole test suite, not only -m gpu")
-
     sub.add_parser("train", help="train RepLKNet models (lkconv.models.train); arguments are passed on",
                    add_help=False)
     return ap
@@ -295,4 +283,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
-    return {"info": cmd_info, "bench": cmd_bench, "verify": cmd_verify, "suite": cmd_suite}[args.command](args)
+    return {"info": cmd_info, "bench": cmd_bench, "verify": cmd_verify}[args.command](args)

@@ -27,11 +27,8 @@ from .params import ConvParams
 __all__ = ["dwconv2d", "dwconv2d_grad_input", "dwconv2d_grad_weight", "memory_format_of"]
 
 
-def memory_format_of(t: Tensor) -> torch.memory_format:
-    """channels_last iff ``t`` is channels_last-contiguous and not also NCHW-contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+#: the output-format rule (channels_last in -> channels_last out); its one home is backends/base.py
+memory_format_of = _backends.output_memory_format
 
 
 def _params(stride, padding, dilation) -> ConvParams:

@@ -134,7 +134,7 @@ def test_channels_last_output_and_grad_formats(path):
 def test_fft_chunking(monkeypatch):
     """Tiny chunk budget: exercises both chunk shapes (channel blocks, and (n-block, 1 channel))."""
     for budget in (1, 3 * 8 * 5 * 8):  # 1 byte -> per-plane chunks; a few planes -> channel blocks
-        monkeypatch.setattr(cpu_mod, "CHUNK_BYTES", budget)
+        monkeypatch.setattr(cpu_mod.fft, "CHUNK_BYTES", budget)
         x, w, b = _inputs((3, 4, 9, 10), (7, 7), torch.float64, True)
         _run("fft", x, w, b, 1, "same", 1)
         x, w, b = _inputs((3, 4, 9, 10), (5, 4), torch.float32, False)

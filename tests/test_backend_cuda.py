@@ -333,7 +333,7 @@ def test_more_than_2_31_elements():
 
 # ------------------------------------------------------------------------------------------------
 # Host emulation of the fast kernels' tiling/index math (CPU, no GPU needed).  These functions are
-# line-by-line transcriptions of toeplitz_wmma_kernel and fp32_blocked_kernel in csrc/dwconv_fwd.cu
+# line-by-line transcriptions of toeplitz_wmma_kernel and fp32_blocked_kernel in csrc/dwconv_forward.cu
 # (same tile constants, staging, skip conditions, Toeplitz blocks, sliding window), run on tiny
 # shapes and compared with F.conv2d -- they check the index math, not the CUDA code generation.
 # ------------------------------------------------------------------------------------------------
@@ -500,7 +500,7 @@ def test_fast_kernel_index_math_emulated(kernel, case):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
 
 
-def _wgrad_splits(N, Ho, Wo, C):  # transcription of wgrad_splits() in csrc/dwconv_bwd_weight.cu
+def _wgrad_splits(N, Ho, Wo, C):  # transcription of wgrad_splits() in csrc/dwconv_grad_weight.cu
     R = N * Ho * Wo
     s = _ceil_div(R, 2048)
     s = min(s, _ceil_div(2048, max(C, 1)), 1024, 65535)

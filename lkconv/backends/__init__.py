@@ -28,6 +28,8 @@ from .base import (
     BackendUnavailableError,
     Request,
     UnsupportedError,
+    output_memory_format,
+    split_pad,
 )
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "BackendUnavailableError",
     "UnsupportedError",
     "Request",
+    "output_memory_format",
+    "split_pad",
     "register_backend",
     "validate_backend_name",
     "require",

@@ -21,6 +21,27 @@ from ..params import ConvParams
 PASSES = ("forward", "grad_input", "grad_weight")
 
 
+def output_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The output-format rule of every pass, in one place: channels_last iff ``t`` (the pass's data
+    tensor: ``x`` for forward, ``grad_out`` for grad_input) is channels_last-contiguous and not
+    also NCHW-contiguous.  :mod:`lkconv.ops` applies it to every backend's result and to the fake
+    kernels; the triton and cpu backends produce it directly.  csrc/dwconv_ops.cpp keeps a C++ copy
+    (``out_format``); tests/test_ops_contract.py checks the two agree."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def split_pad(p: ConvParams):
+    """``(pre, pad)`` for PyTorch's convolutions, which pad symmetrically only: ``pre`` is None and
+    ``pad`` the (rows, cols) padding when ``p.padding`` is symmetric; otherwise ``pre`` is the
+    explicit ``F.pad`` 4-tuple (left, right, top, bottom) and ``pad`` is (0, 0)."""
+    t, b, l, r = p.padding
+    if t == b and l == r:
+        return None, (t, l)
+    return (l, r, t, b), (0, 0)
+
+
 class Request(NamedTuple):
     """What :meth:`Backend.check` needs to know about one pass: no tensors, only their facts.
 

@@ -1,10 +1,10 @@
-"""The ``cpu`` backend: direct convolution for small kernels, FFT for large ones.
+"""The FFT path of the ``cpu`` backend (``torch.fft.rfft2`` / ``irfft2``).
 
 Semantics (validated, normalised arguments; see :mod:`lkconv.params`)::
 
     out[n, c, i, j] = b[c] + sum_{a, b} w[c, a, b] * xpad[n, c, i*sh + a*dh, j*sw + b*dw]
 
-**FFT path** (``torch.fft.rfft2`` / ``irfft2``), per axis (rows shown; columns are the same):
+Per axis (rows shown; columns are the same):
 the stride-1 output ``y[i]`` (``i < n1 = (Ho-1)*sh + 1``) receives ``x[u]`` through tap ``a`` exactly
 when ``i - u = delta_a = top - a*dh``.  Only taps with ``-(H-1) <= delta_a <= n1-1`` ever touch a real
 input pixel; the others lie entirely in the padding and are dropped.  Placing ``x`` at offset 0 of a
@@ -22,76 +22,17 @@ this is ``H + K//2`` rather than ``H + K - 1``.  ``L`` is then rounded up to a 2
 Padding never materialises: the zero padding is the FFT buffer's tail.  fp64 runs in complex128,
 fp32 in complex64; fp16/bf16 are computed in fp32 and cast once at the end.  Work is chunked over
 channels and batch so the complex buffers stay under :data:`CHUNK_BYTES`.
-
-**Direct path**: oneDNN through PyTorch, used where it is fast: forward ``F.conv2d`` with an
-explicit ``F.pad`` when the padding is asymmetric or larger than :data:`DIRECT_MAX_CONV_PAD`
-(oneDNN's padding cliff); grad_input ``aten.convolution_backward``; grad_weight as a *forward*
-depthwise convolution of the padded input with grad_out as the kernel (:func:`direct_grad_weight`),
-4-20x faster than aten's own weight gradient.  fp16/bf16 are computed in fp32.  A vectorised
-"sum of shifted slices" implementation (:func:`slices_forward` & co.) is kept for the threshold
-benchmark (``benchmarks/cpu_threshold.py``), which measured it slower than oneDNN for every pass.
-
-**Non-finite inputs**: an FFT would smear a NaN/Inf over its whole plane, while ``F.conv2d`` keeps
-it local; inputs that are not all finite (one cheap ``isfinite`` pass) take the direct path.
-
-**Choice**: FFT when the kernel has at least a measured number of taps per output pixel, i.e.
-``KH*KW >= threshold * sh*sw`` (per pass; :data:`FFT_MIN_TAPS_PER_PASS`, or
-:data:`FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD` when torch runs single-threaded) (the FFT path computes all stride-1 outputs; the direct one only
-the strided ones).  The constant was measured by ``benchmarks/cpu_threshold.py``.
-
-Forcing a path (tests, benchmarks): ``CPUBackend(path="fft" | "direct")``, or for the registered
-instance the module-level :data:`FORCE_PATH` / the :func:`force_path` context manager.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..params import ConvParams
-from .base import Backend
+from ...params import ConvParams
+from ..base import output_memory_format
 
-__all__ = [
-    "CPUBackend",
-    "FFT_MIN_TAPS",
-    "FFT_MIN_TAPS_PER_PASS",
-    "FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD",
-    "FORCE_PATH",
-    "force_path",
-    "choose_path",
-    "next_fast_len",
-    "fft_length",
-    "fft_forward",
-    "fft_grad_input",
-    "fft_grad_weight",
-    "direct_forward",
-    "direct_grad_input",
-    "direct_grad_weight",
-    "slices_forward",
-    "slices_grad_input",
-    "slices_grad_weight",
-]
-
-#: FFT when KH*KW >= threshold * stride_h*stride_w.  Measured by benchmarks/cpu_threshold.py on the
-#: 2-core dev box (N=8, C=128, 56x56, fp32, "same", 1 thread, process CPU time because the box is
-#: shared; 64 MiB FFT chunks, the multi-threaded default; docs/cpu_backend.md has the tables):
-#: against lkconv's direct path the FFT wins the forward and grad_input from K=21 (441 taps) and
-#: grad_weight from K=27 (729 taps).
-FFT_MIN_TAPS = 441
-
-#: the threshold per pass (each pass switches where the FFT starts to win for it)
-FFT_MIN_TAPS_PER_PASS = {"forward": FFT_MIN_TAPS, "grad_input": FFT_MIN_TAPS, "grad_weight": 729}
-
-#: the same when torch runs single-threaded, where the FFT uses 1 MiB chunks and is ~2x faster
-#: (measured the same way: FFT ahead or tied in all three passes from K=15, 225 taps; behind in the
-#: forward at K=11)
-FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD = {"forward": 225, "grad_input": 225, "grad_weight": 225}
-
-#: None (choose by FFT_MIN_TAPS), "fft" or "direct": overrides the choice of every CPUBackend that
-#: was constructed without an explicit ``path``.
-FORCE_PATH: Optional[str] = None
+__all__ = ["CHUNK_BYTES", "next_fast_len", "fft_length", "fft_forward", "fft_grad_input", "fft_grad_weight"]
 
 #: soft cap on the bytes of one complex chunk buffer (a few live at a time); None = automatic:
 #: 1 MiB when torch runs single-threaded (cache-sized chunks: K=31 N=8 C=128 56x56 fwd+both grads
@@ -105,33 +46,6 @@ def _chunk_bytes() -> int:
     if CHUNK_BYTES is not None:
         return CHUNK_BYTES
     return 2**20 if torch.get_num_threads() == 1 else 64 * 2**20
-
-
-_PATHS = ("fft", "direct")
-
-
-@contextlib.contextmanager
-def force_path(path: Optional[str]):
-    """``with force_path("fft"): ...`` — make the registered ``cpu`` backend use one path."""
-    global FORCE_PATH
-    if path is not None and path not in _PATHS:
-        raise ValueError(f"lkconv: path must be one of {_PATHS} or None, got {path!r}")
-    prev = FORCE_PATH
-    FORCE_PATH = path
-    try:
-        yield
-    finally:
-        FORCE_PATH = prev
-
-
-def choose_path(kh: int, kw: int, stride: Tuple[int, int], pass_: str = "forward",
-                threads: Optional[int] = None) -> str:
-    """The measured rule: "fft" for large kernels (per strided output pixel), else "direct".
-    ``threads``: torch's intra-op thread count (default: the current one)."""
-    if threads is None:
-        threads = torch.get_num_threads()
-    table = FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD if threads == 1 else FFT_MIN_TAPS_PER_PASS
-    return "fft" if kh * kw >= table[pass_] * stride[0] * stride[1] else "direct"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,9 +152,7 @@ def _compute_dtype(dt: torch.dtype) -> torch.dtype:
 
 def _out_like(shape, ref: torch.Tensor, dtype) -> torch.Tensor:
     """Empty result in ``dtype`` with ``ref``'s memory format (channels_last in -> out)."""
-    cl = ref.dim() == 4 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=ref.device, memory_format=fmt)
+    return torch.empty(shape, dtype=dtype, device=ref.device, memory_format=output_memory_format(ref))
 
 
 def fft_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
@@ -320,213 +232,3 @@ def fft_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) -> 
             sub = r.index_select(1, plan.r_pos).index_select(2, plan.c_pos)
             gw[c0:c1, plan.a_idx[:, None], plan.b_idx[None, :]] = sub
     return gw.to(x.dtype).view(C, 1, KH, KW)
-
-
-# ------------------------------------------------------------------------------------------------
-# direct path: PyTorch's own convolution (oneDNN for fp32), fp16/bf16 via fp32
-# ------------------------------------------------------------------------------------------------
-def _split_pad(p: ConvParams):
-    t, b, l, r = p.padding
-    if t == b and l == r:
-        return None, [t, l]
-    return (l, r, t, b), [0, 0]
-
-
-#: oneDNN's depthwise forward falls off a cliff (~10x slower) when the convolution's own padding is
-#: >= 7 (measured: K=13 "same" (pad 6) 31 ms, K=15 (pad 7) 581 ms, K=16 pre-padded 58 ms at N=8,
-#: C=128, 56x56, 1 thread), so larger paddings are applied by an explicit F.pad first.
-DIRECT_MAX_CONV_PAD = 6
-
-
-def direct_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
-    cdt = _compute_dtype(x.dtype)
-    xc, wc = x.to(cdt), weight.to(cdt)
-    bc = None if bias is None else bias.to(cdt)
-    pre, pad = _split_pad(p)
-    if pre is None and max(pad) > DIRECT_MAX_CONV_PAD:
-        pre, pad = (pad[1], pad[1], pad[0], pad[0]), [0, 0]
-    if pre is not None:
-        xc = F.pad(xc, pre)
-    out = F.conv2d(xc, wc, bc, p.stride, pad, p.dilation, groups=x.shape[1])
-    return out.to(x.dtype)
-
-
-def direct_grad_input(grad_out, weight, input_shape: Sequence[int], p: ConvParams) -> torch.Tensor:
-    N, C, H, W = input_shape
-    cdt = _compute_dtype(grad_out.dtype)
-    if N == 0 or C == 0:
-        return _out_like((N, C, H, W), grad_out, grad_out.dtype).zero_()
-    pre, pad = _split_pad(p)
-    shape = (N, C, H, W)
-    if pre is not None:
-        l, r, t, b = pre
-        shape = (N, C, H + t + b, W + l + r)
-    g = grad_out.to(cdt)
-    dummy = g.new_empty(1).expand(shape)
-    gx = torch.ops.aten.convolution_backward(
-        g, dummy, weight.to(cdt), None, list(p.stride), pad, list(p.dilation),
-        False, [0, 0], C, [True, False, False],
-    )[0]
-    if pre is not None:
-        gx = gx[:, :, t : t + H, l : l + W]
-    return gx.to(grad_out.dtype)
-
-
-#: up to this many taps aten's own weight gradient is faster than the conv-with-grad_out-as-kernel
-#: formulation (measured: K=3 6.2 vs 7.2 ms; K=5 146 vs 30 ms, 1 thread CPU time)
-DIRECT_ATEN_GW_MAX_TAPS = 9
-
-
-def _aten_grad_weight(grad_out, x, weight_shape, p: ConvParams) -> torch.Tensor:
-    C = weight_shape[0]
-    cdt = _compute_dtype(x.dtype)
-    pre, pad = _split_pad(p)
-    xc = x.to(cdt)
-    if pre is not None:
-        xc = F.pad(xc, pre)
-    dummy = xc.new_empty(1).expand(tuple(weight_shape))
-    gw = torch.ops.aten.convolution_backward(
-        grad_out.to(cdt), xc, dummy, None, list(p.stride), pad, list(p.dilation),
-        False, [0, 0], C, [False, True, False],
-    )[1]
-    return gw.to(x.dtype)
-
-
-def direct_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) -> torch.Tensor:
-    """grad_weight as a *forward* depthwise convolution in which grad_out is the kernel:
-
-        gw[c, a, b] = sum_n sum_{i,j} xpad[n, c, a*dh + i*sh, b*dw + j*sw] * g[n, c, i, j]
-
-    i.e. a valid convolution of xpad (one group per (n, c)) with the (Ho, Wo) kernel g, kernel
-    dilation = stride, output stride = dilation, cropped to (KH, KW) and summed over n.  oneDNN
-    runs this 4-15x faster than aten.convolution_backward's weight gradient (measured, see
-    docs/cpu_backend.md)."""
-    C, _, KH, KW = weight_shape
-    N = x.shape[0]
-    cdt = _compute_dtype(x.dtype)
-    if N == 0 or C == 0:
-        return torch.zeros(tuple(weight_shape), dtype=x.dtype, device=x.device)
-    if KH * KW <= DIRECT_ATEN_GW_MAX_TAPS:
-        return _aten_grad_weight(grad_out, x, weight_shape, p)
-    t, b, l, r = p.padding
-    Ho, Wo = grad_out.shape[2], grad_out.shape[3]
-    xp = F.pad(x.to(cdt), (l, r, t, b)).contiguous()
-    Hp, Wp = xp.shape[2], xp.shape[3]
-    g = grad_out.to(cdt).contiguous().view(N * C, 1, Ho, Wo)
-    gw = F.conv2d(xp.view(1, N * C, Hp, Wp), g, None, p.dilation, 0, p.stride, groups=N * C)
-    gw = gw.view(N, C, gw.shape[2], gw.shape[3])[:, :, :KH, :KW].sum(0)
-    return gw.to(x.dtype).view(C, 1, KH, KW)
-
-
-# ------------------------------------------------------------------------------------------------
-# direct path, own vectorised version: a sum of shifted slices (kept for the threshold benchmark)
-# ------------------------------------------------------------------------------------------------
-def _tap_slices(p: ConvParams, a: int, b: int, ho: int, wo: int):
-    sh, sw = p.stride
-    dh, dw = p.dilation
-    r0, c0 = a * dh, b * dw
-    return slice(r0, r0 + sh * (ho - 1) + 1, sh), slice(c0, c0 + sw * (wo - 1) + 1, sw)
-
-
-def slices_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
-    N, C, H, W = x.shape
-    KH, KW = weight.shape[2], weight.shape[3]
-    ho, wo = p.out_size(H, W, KH, KW)
-    cdt = _compute_dtype(x.dtype)
-    t, b_, l, r = p.padding
-    xp = F.pad(x.to(cdt), (l, r, t, b_))
-    w = weight.to(cdt).reshape(C, KH, KW)
-    out = _out_like((N, C, ho, wo), x, cdt)
-    if bias is None:
-        out.zero_()
-    else:
-        out.copy_(bias.to(cdt).view(1, C, 1, 1).expand_as(out))
-    for a in range(KH):
-        for b in range(KW):
-            rs, cs = _tap_slices(p, a, b, ho, wo)
-            out.addcmul_(xp[:, :, rs, cs], w[:, a, b].view(1, C, 1, 1))
-    return out.to(x.dtype)
-
-
-def slices_grad_input(grad_out, weight, input_shape, p: ConvParams) -> torch.Tensor:
-    N, C, H, W = input_shape
-    KH, KW = weight.shape[2], weight.shape[3]
-    ho, wo = grad_out.shape[2], grad_out.shape[3]
-    cdt = _compute_dtype(grad_out.dtype)
-    t, b_, l, r = p.padding
-    g = grad_out.to(cdt)
-    w = weight.to(cdt).reshape(C, KH, KW)
-    gxp = g.new_zeros((N, C, H + t + b_, W + l + r))
-    for a in range(KH):
-        for b in range(KW):
-            rs, cs = _tap_slices(p, a, b, ho, wo)
-            gxp[:, :, rs, cs].addcmul_(g, w[:, a, b].view(1, C, 1, 1))
-    return gxp[:, :, t : t + H, l : l + W].to(grad_out.dtype)
-
-
-def slices_grad_weight(grad_out, x, weight_shape, p: ConvParams) -> torch.Tensor:
-    C, _, KH, KW = weight_shape
-    ho, wo = grad_out.shape[2], grad_out.shape[3]
-    cdt = _compute_dtype(x.dtype)
-    t, b_, l, r = p.padding
-    xp = F.pad(x.to(cdt), (l, r, t, b_))
-    g = grad_out.to(cdt)
-    gw = torch.empty((C, KH, KW), dtype=cdt, device=x.device)
-    # per tap: one batched dot product per channel, (C, 1, M) @ (C, M, 1) with M = N*ho*wo
-    gc = g.transpose(0, 1).reshape(C, 1, -1)
-    for a in range(KH):
-        for b in range(KW):
-            rs, cs = _tap_slices(p, a, b, ho, wo)
-            xs = xp[:, :, rs, cs].transpose(0, 1).reshape(C, -1, 1)
-            gw[:, a, b] = torch.bmm(gc, xs).view(C)
-    return gw.to(x.dtype).view(C, 1, KH, KW)
-
-
-# ------------------------------------------------------------------------------------------------
-def _finite(*ts) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in ts)
-
-
-class CPUBackend(Backend):
-    name = "cpu"
-    description = (
-        "CPU: FFT (rfft2, exact, no wrap-around) for large kernels, oneDNN direct for small ones; "
-        "switch point measured; fp32/fp64 (+fp16/bf16 via fp32)"
-    )
-
-    def __init__(self, path: Optional[str] = None):
-        if path is not None and path not in _PATHS:
-            raise ValueError(f"lkconv: CPUBackend path must be one of {_PATHS} or None, got {path!r}")
-        self.path = path
-
-    def check(self, req):
-        if req.device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors only (got a tensor on {req.device.type})"
-        if req.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            return f"the cpu backend supports float32/float64/float16/bfloat16, not {req.dtype}"
-        return None
-
-    def _path(self, weight_shape, p: ConvParams, pass_: str = "forward") -> str:
-        if self.path is not None:
-            return self.path
-        if FORCE_PATH is not None:
-            return FORCE_PATH
-        return choose_path(weight_shape[2], weight_shape[3], p.stride, pass_)
-
-    # An FFT spreads a NaN/Inf over its whole plane; torch's convolution keeps it local.  Inputs
-    # that are not all finite therefore take the direct path (one cheap pass over the data), so
-    # NaN/Inf propagate exactly as in F.conv2d.
-    def forward(self, x, weight, bias, params):
-        if self._path(weight.shape, params, "forward") == "fft" and _finite(x, weight):
-            return fft_forward(x, weight, bias, params)
-        return direct_forward(x, weight, bias, params)
-
-    def grad_input(self, grad_out, weight, input_shape, params):
-        if self._path(weight.shape, params, "grad_input") == "fft" and _finite(grad_out, weight):
-            return fft_grad_input(grad_out, weight, input_shape, params)
-        return direct_grad_input(grad_out, weight, input_shape, params)
-
-    def grad_weight(self, grad_out, x, weight_shape, params):
-        if self._path(weight_shape, params, "grad_weight") == "fft" and _finite(grad_out, x):
-            return fft_grad_weight(grad_out, x, weight_shape, params)
-        return direct_grad_weight(grad_out, x, weight_shape, params)

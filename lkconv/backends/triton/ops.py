@@ -14,6 +14,7 @@ import torch
 import triton
 
 from ...params import ConvParams
+from ..base import output_memory_format
 from ...precision import conv_tf32_enabled
 from . import kernels as K
 
@@ -116,8 +117,8 @@ def _launch_wgrad(grid, args, kwargs) -> None:
 # helpers
 # ------------------------------------------------------------------------------------------------
 def _is_channels_last(t: torch.Tensor) -> bool:
-    """Same rule as lkconv.ops.memory_format_of (kept here to return the right format directly)."""
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """The output-format rule (:func:`lkconv.backends.base.output_memory_format`), as a bool."""
+    return output_memory_format(t) == torch.channels_last
 
 
 def _plane_fast(t: torch.Tensor) -> bool:
