@@ -237,9 +237,9 @@ OTHER_TILES = {
 def test_cpu_interpreter_other_tile_configs(name, monkeypatch):
     from lkconv.backends.triton import ops as tops
 
-    conv, wgrad_bk, case, dtype = OTHER_TILES[name]
+    conv, grad_weight_bk, case, dtype = OTHER_TILES[name]
     monkeypatch.setattr(tops, "_INTERP_CONV", conv)
-    monkeypatch.setattr(tops, "_INTERP_WGRAD_BK", wgrad_bk)
+    monkeypatch.setattr(tops, "_INTERP_GRAD_WEIGHT_BK", grad_weight_bk)
     run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
 
 
@@ -455,16 +455,16 @@ _COMPILE_CHECK = textwrap.dedent(
 
     conv = dict(PLANE_FAST=False, BM=64, BN=16, BK=32)
     for arch in (90, 80):
-        ptx = compile_(K.dw_fwd_kernel, "fp16", dict(geo(31, 1, 1), HAS_BIAS=True, **conv), arch)
+        ptx = compile_(K.dwconv_forward_kernel, "fp16", dict(geo(31, 1, 1), HAS_BIAS=True, **conv), arch)
         assert "mma" in ptx, "fp16 forward does not use tensor cores"
-        ptx = compile_(K.dw_wgrad_kernel, "bf16", dict(geo(31, 1, 1), BKH=32, BKW=32, BK=64), arch)
+        ptx = compile_(K.dwconv_grad_weight_kernel, "bf16", dict(geo(31, 1, 1), BKH=32, BKW=32, BK=64), arch)
         assert "mma" in ptx, "bf16 grad_weight does not use tensor cores"
-    compile_(K.dw_fwd_kernel, "fp32", dict(geo(13, 1, 1, prec="tf32"), HAS_BIAS=False, **conv), 90)
-    compile_(K.dw_dgrad_kernel, "bf16", dict(geo(7, 2, 2, big=True), PLANE_FAST=True, BM=64, BN=16, BK=32), 90)
-    compile_(K.dw_wgrad_kernel, "fp32", dict(geo(63, 2, 3, big=True, prec="ieee"), BKH=64, BKW=64, BK=32), 90, warps=8)
-    compile_(K.dw_fwd_kernel, "fp16", dict(geo(3, 2, 3), HAS_BIAS=False, PLANE_FAST=True, BM=16, BN=16, BK=16), 90, ones=True)
-    compile_(K.dw_dgrad_kernel, "fp16", dict(geo(1, 1, 1), PLANE_FAST=False, BM=16, BN=16, BK=16), 90, ones=True)
-    compile_(K.dw_wgrad_kernel, "fp16", dict(geo(3, 2, 3), BKH=16, BKW=16, BK=16), 90, ones=True)
+    compile_(K.dwconv_forward_kernel, "fp32", dict(geo(13, 1, 1, prec="tf32"), HAS_BIAS=False, **conv), 90)
+    compile_(K.dwconv_grad_input_kernel, "bf16", dict(geo(7, 2, 2, big=True), PLANE_FAST=True, BM=64, BN=16, BK=32), 90)
+    compile_(K.dwconv_grad_weight_kernel, "fp32", dict(geo(63, 2, 3, big=True, prec="ieee"), BKH=64, BKW=64, BK=32), 90, warps=8)
+    compile_(K.dwconv_forward_kernel, "fp16", dict(geo(3, 2, 3), HAS_BIAS=False, PLANE_FAST=True, BM=16, BN=16, BK=16), 90, ones=True)
+    compile_(K.dwconv_grad_input_kernel, "fp16", dict(geo(1, 1, 1), PLANE_FAST=False, BM=16, BN=16, BK=16), 90, ones=True)
+    compile_(K.dwconv_grad_weight_kernel, "fp16", dict(geo(3, 2, 3), BKH=16, BKW=16, BK=16), 90, ones=True)
     # the GPU launchers: autotuners build without a GPU; tiles far larger than the plane are pruned
     from lkconv.backends.triton import ops as O
     assert not O.INTERPRETED

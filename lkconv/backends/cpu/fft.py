@@ -35,7 +35,7 @@ from ..base import output_memory_format
 __all__ = ["CHUNK_BYTES", "next_fast_len", "fft_length", "fft_forward", "fft_grad_input", "fft_grad_weight"]
 
 #: soft cap on the bytes of one complex chunk buffer (a few live at a time); None = automatic:
-#: 1 MiB when torch runs single-threaded (cache-sized chunks: K=31 N=8 C=128 56x56 fwd+both grads
+#: 1 MiB when torch runs single-threaded (cache-sized chunks: K=31 N=8 C=128 56x56 forward+both grads
 #: 100 ms vs 253 ms with 64 MiB, CPU time), 64 MiB when multi-threaded (each FFT call is an OpenMP
 #: parallel region; fewer, bigger ones measured 560 ms vs 2556 ms with 4 MiB chunks, 2 threads, on
 #: the loaded shared box)
