@@ -1,5 +1,5 @@
 """The ``cpu`` backend: both of its paths (direct and FFT), forced explicitly, on every feature of
-the op, all three passes + bias grad against the fp64 reference (DESIGN §7 tolerance via
+the op, all three passes + bias grad against the fp64 reference (tolerance rule (docs/architecture.md) via
 lkconv.testing.compare_all_passes)."""
 import math
 

@@ -9,7 +9,7 @@ from lkconv.backends import resolve_backend
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes
 
-# the curated feature list of issue 2 (every backend's own test file covers the same features)
+# the curated feature list (every backend's own test file covers the same features)
 CASES = {
     "k3": dict(shape=(2, 3, 9, 8), k=(3, 3), padding=1),
     "k7-bias": dict(shape=(2, 5, 11, 10), k=(7, 7), padding=3, bias=True),

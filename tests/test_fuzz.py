@@ -7,7 +7,7 @@ from it and checks the real op (``lkconv.depthwise_conv2d``, autograd included):
 * an invalid geometry (C = 0, empty spatial input, output size <= 0, "same" with stride > 1)
   raises ``ValueError``;
 * a backend that declines a needed pass (``check()`` returns a reason) raises ``UnsupportedError``;
-* otherwise output and every requested gradient match the fp64 reference within the DESIGN §7
+* otherwise output and every requested gradient match the fp64 reference within the tolerance rule
   tolerance (``lkconv.testing.tolerance``), with the right shape, dtype and memory format, and no
   NaN where the reference is finite.  Unused parts of sliced buffers are filled with NaN, so a
   kernel that reads outside its view is caught.
@@ -391,7 +391,7 @@ def test_fuzz_cpu_builtin(backend):
     _require(backend)
     # The reference backend sums KH*KW shifted slices *in the input dtype*: in fp16/bf16 that
     # accumulation is far less accurate than PyTorch's (fp32-accumulating) conv, so it misses the
-    # DESIGN §7 tolerance (found by this fuzzer; e.g. bf16, K=24, dilation 2: grad_input err 2.8e-2
+    # tolerance rule (docs/architecture.md) (found by this fuzzer; e.g. bf16, K=24, dilation 2: grad_input err 2.8e-2
     # > tol 2.7e-2).  It is the fp64 oracle, not a low-precision kernel: fuzz it in fp32/fp64.
     dtypes = ("fp32", "fp64") if backend == "reference" else tuple(DTYPES)
     _fuzz(backend, "cpu", conv_cases(dtypes=dtypes))

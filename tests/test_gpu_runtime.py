@@ -43,7 +43,7 @@ def _supports(backend, x, w, padding=0, stride=1, dilation=1):
 
 
 def _ref_check(backend, x, w, b, g, out, gx, gw, gb, padding, stride=1, dilation=1):
-    """out/grads of a run vs the fp64 reference, with the DESIGN §7 tolerance."""
+    """out/grads of a run vs the fp64 reference, with the tolerance rule (docs/architecture.md)."""
     from lkconv.testing import reference_all_passes
     from lkconv.params import normalize_params
 

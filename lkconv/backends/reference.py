@@ -82,7 +82,7 @@ class ReferenceBackend(Backend):
     description = "sum of shifted slices from the definition; any device/dtype; the test oracle (slow)"
 
     # 16-bit inputs are computed in fp32 and cast once (accumulating KH*KW terms in fp16/bf16 would
-    # fail the DESIGN §7 tolerance for large kernels)
+    # fail the tolerance rule (docs/architecture.md) for large kernels)
     def forward(self, x, weight, bias, params):
         return reference_forward(_up(x), _up(weight), _up(bias), params).to(x.dtype)
 

@@ -7,7 +7,7 @@ means there is no reduction over channels)::
 
     y[i, j] = b + sum_{kh, kw} f[kh, kw] * x[i*SH + kh*DH - PT, j*SW + kw*DW - PL]      (0 outside x)
 
-**Row-Toeplitz implicit GEMM** (DESIGN.md §3/§4).  For one kernel row ``kh`` the 1-D convolution
+**Row-Toeplitz implicit GEMM** (docs/architecture.md, "Row-Toeplitz implicit GEMM").  For one kernel row ``kh`` the 1-D convolution
 along W of a tile of BM output rows by BN output columns is a matrix product::
 
     Y[BM, BN] += X_kh[BM, BK] @ T_kh[BK, BN],   T_kh[k, n] = f[kh, (k - n*SW) / DW]

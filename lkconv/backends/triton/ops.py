@@ -145,7 +145,7 @@ def _precision(dtype: torch.dtype):
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    # the interpreter's tl.dot on bf16 operands is wrong (DESIGN.md §4): compute it in fp32
+    # the interpreter's tl.dot on bf16 operands is wrong (docs/triton_backend.md, "Interpreter caveat"): compute it in fp32
     return INTERPRETED and dtype == torch.bfloat16
 
 
