@@ -13,6 +13,10 @@
 #include <Python.h>
 #endif
 
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -76,6 +80,15 @@ at::MemoryFormat format_of(const at::Tensor& t) {
   return at::MemoryFormat::Contiguous;
 }
 
+// LKCONV_POISON_OUTPUTS=1 (read at every call, like lkconv/backends/base.py poison_outputs): fill
+// the buffers the kernels write with NaN first, so an unwritten tile shows in the comparison with the
+// reference.  Debug / first-GPU-run mode; off by default.
+at::Tensor poisoned(at::Tensor t) {
+  const char* v = std::getenv("LKCONV_POISON_OUTPUTS");
+  if (v != nullptr && std::strcmp(v, "1") == 0 && t.numel() > 0) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
 void fill_device(ConvArgs& a, const at::Tensor& t) {
   const auto* prop = at::cuda::getDeviceProperties(t.device().index());
   a.sm_major = prop->major;
@@ -126,7 +139,7 @@ at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const s
     b = bias->contiguous();
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty({N, C, Ho, Wo}, x.options().memory_format(format_of(x)));
+  at::Tensor y = poisoned(at::empty({N, C, Ho, Wo}, x.options().memory_format(format_of(x))));
   if (y.numel() == 0) return y;
 
   ConvArgs a;
@@ -162,7 +175,7 @@ at::Tensor dwconv_grad_input(const at::Tensor& grad_out, const at::Tensor& weigh
               "lkconv_cuda: grad_out must have shape (", N, ", ", C, ", ", Ho, ", ", Wo, ") for input_size ", input_size,
               ", got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  at::Tensor gx = at::empty({N, C, H, W}, grad_out.options().memory_format(format_of(grad_out)));
+  at::Tensor gx = poisoned(at::empty({N, C, H, W}, grad_out.options().memory_format(format_of(grad_out))));
   if (gx.numel() == 0) return gx;
 
   ConvArgs a;
@@ -215,9 +228,9 @@ at::Tensor dwconv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, a
               "lkconv_cuda: grad_out must have shape (", N, ", ", C, ", ", Ho, ", ", Wo, ") for x of shape ", x.sizes(),
               ", got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor grad_w = at::empty({C, 1, KH, KW}, x.options());
+  at::Tensor grad_w = poisoned(at::empty({C, 1, KH, KW}, x.options()));
   const int64_t splits = N > 0 ? grad_weight_splits(N, Ho, Wo, C) : 1;
-  at::Tensor partial = at::empty({splits, C, KH * KW}, x.options().dtype(at::kFloat));
+  at::Tensor partial = poisoned(at::empty({splits, C, KH * KW}, x.options().dtype(at::kFloat)));
 
   GradWeightArgs a;
   a.x = x.data_ptr();

@@ -253,6 +253,31 @@ def test_cpu_interpreter_int64_offsets(case, monkeypatch):
     run_case(CPU_CASES[case], torch.float16, "cpu")
 
 
+def test_poison_mode_fills_new_outputs_with_nan(monkeypatch):
+    """LKCONV_POISON_OUTPUTS=1: the buffers the GPU backends hand to their kernels start as NaN
+    (off: plain torch.empty)."""
+    from lkconv.backends.base import new_output, poison_outputs
+
+    ref = torch.zeros(1, 2, 3, 3).contiguous(memory_format=torch.channels_last)
+    monkeypatch.delenv("LKCONV_POISON_OUTPUTS", raising=False)
+    assert not poison_outputs()
+    monkeypatch.setenv("LKCONV_POISON_OUTPUTS", "1")
+    assert poison_outputs()
+    t = new_output((1, 2, 4, 4), ref, torch.float16, torch.channels_last)
+    assert t.dtype == torch.float16 and t.is_contiguous(memory_format=torch.channels_last)
+    assert bool(torch.isnan(t).all())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["k7-partial-tiles", "stride2-partial", "k31-partial"])
+def test_cpu_interpreter_poisoned_outputs(case, monkeypatch):
+    """With poisoned (NaN-filled) output buffers every pass still matches the reference: the kernels
+    write every element of forward, grad_input and the grad_weight workspace (partial tiles,
+    stride 2 and K > tile included)."""
+    monkeypatch.setenv("LKCONV_POISON_OUTPUTS", "1")
+    run_case(CPU_CASES[case], torch.float32, "cpu")
+
+
 def test_int64_switch_threshold():
     """BIG turns on exactly when an in-plane offset (plus a tile of slack) can reach 2**31."""
     from lkconv.backends.triton import ops as tops

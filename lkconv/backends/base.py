@@ -12,6 +12,7 @@ format is normalised by :mod:`lkconv.ops` (channels_last in -> channels_last out
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -30,6 +31,24 @@ def output_memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def poison_outputs() -> bool:
+    """``LKCONV_POISON_OUTPUTS=1`` (read at every call): the GPU backends (cuda, triton) fill the
+    buffers their kernels write with NaN first, so a tile a kernel fails to write shows as NaN in the
+    comparison with the reference instead of passing by luck with stale memory.  For debug runs and
+    first runs on a new GPU; off by default (it costs one extra pass over each output)."""
+    return os.environ.get("LKCONV_POISON_OUTPUTS", "") == "1"
+
+
+def new_output(shape, like: torch.Tensor, dtype: torch.dtype,
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """An uninitialised buffer for a kernel to write: ``torch.empty`` on ``like``'s device, NaN-filled
+    when :func:`poison_outputs` is on."""
+    t = torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format)
+    if poison_outputs():
+        t.fill_(float("nan"))
+    return t
 
 
 def split_pad(p: ConvParams):

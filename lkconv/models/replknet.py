@@ -379,25 +379,11 @@ def set_model_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
 
 def to_nn_conv2d(model: nn.Module) -> nn.Module:
     """Replace every lkconv module by a plain ``nn.Conv2d`` sharing its parameters (in place): the
-    same model on PyTorch's own convolution, for baselines.  State-dict keys do not change."""
-    def plain(m):
-        c = nn.Conv2d.__new__(nn.Conv2d)
-        nn.Module.__init__(c)
-        for k, v in m.__dict__.items():
-            if k not in ("_parameters", "_buffers", "_modules", "backend"):
-                c.__dict__[k] = v
-        c._parameters = dict(m._parameters)
-        c._buffers = dict(m._buffers)
-        c._modules = dict(m._modules)
-        return c
+    same model on PyTorch's own convolution, for baselines.  State-dict keys do not change.
+    (:func:`lkconv.reparam.to_plain`, the one swap function, under the models' name.)"""
+    from ..reparam import to_plain
 
-    if isinstance(model, LargeKernelConv2d):
-        return plain(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LargeKernelConv2d):
-                setattr(parent, name, plain(child))
-    return model
+    return to_plain(model, inplace=True)
 
 
 class CheckpointMismatchError(ValueError):

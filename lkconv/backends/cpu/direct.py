@@ -53,7 +53,7 @@ def direct_grad_input(grad_out, weight, input_shape: Sequence[int], p: ConvParam
 def direct_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) -> torch.Tensor:
     """grad_weight as a *forward* depthwise convolution in which grad_out is the kernel:
 
-        gw[c, a, b] = sum_n sum_{i,j} xpad[n, c, a*dh + i*sh, b*dw + j*sw] * g[n, c, i, j]
+        gw[c, a, b] = sum_n sum_{i,j} xpad[n, c, a*dil_h + i*sh, b*dil_w + j*sw] * g[n, c, i, j]
 
     i.e. a valid convolution of xpad (one group per (n, c)) with the (Ho, Wo) kernel g, kernel
     dilation = stride, output stride = dilation, cropped to (KH, KW) and summed over n.  oneDNN

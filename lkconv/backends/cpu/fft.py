@@ -2,11 +2,11 @@
 
 Semantics (validated, normalised arguments; see :mod:`lkconv.params`)::
 
-    out[n, c, i, j] = b[c] + sum_{a, b} w[c, a, b] * xpad[n, c, i*sh + a*dh, j*sw + b*dw]
+    out[n, c, i, j] = b[c] + sum_{a, b} w[c, a, b] * xpad[n, c, i*sh + a*dil_h, j*sw + b*dil_w]
 
 Per axis (rows shown; columns are the same):
 the stride-1 output ``y[i]`` (``i < n1 = (Ho-1)*sh + 1``) receives ``x[u]`` through tap ``a`` exactly
-when ``i - u = delta_a = top - a*dh``.  Only taps with ``-(H-1) <= delta_a <= n1-1`` ever touch a real
+when ``i - u = delta_a = top - a*dil_h``.  Only taps with ``-(H-1) <= delta_a <= n1-1`` ever touch a real
 input pixel; the others lie entirely in the padding and are dropped.  Placing ``x`` at offset 0 of a
 zero-padded length-``L`` buffer and the kernel at ``h[delta_a mod L] = w[a]`` turns the three passes
 into circular products:

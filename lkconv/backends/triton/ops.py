@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ...params import ConvParams
-from ..base import output_memory_format
+from ..base import new_output, output_memory_format
 from ...precision import conv_tf32_enabled
 from . import kernels as K
 
@@ -169,8 +169,7 @@ def _read_layout(t: torch.Tensor) -> torch.Tensor:
 
 
 def _empty_like_format(shape, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    fmt = torch.channels_last if _is_channels_last(ref) else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=ref.device, memory_format=fmt)
+    return new_output(shape, ref, dtype, output_memory_format(ref))
 
 
 def _device_guard(t: torch.Tensor):
@@ -226,7 +225,7 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
     N, C, H, W = (int(v) for v in input_shape)
     KH, KW = weight.shape[2], weight.shape[3]
     t, _, l, _ = p.padding
-    dh, dw = p.dilation
+    dil_h, dil_w = p.dilation
     gx = _empty_like_format((N, C, H, W), grad_out, grad_out.dtype)
     grad_out = _read_layout(grad_out)
     if gx.numel() == 0:
@@ -236,7 +235,7 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
         # filter and (signed) offsets (K-1)*D - P; only the top/left offsets matter, the output size is H x W
         return _conv(
             grad_out, _flat_weight(weight, flip=True), None, gx, KH, KW, (1, 1), p.dilation,
-            (KH - 1) * dh - t, (KW - 1) * dw - l,
+            (KH - 1) * dil_h - t, (KW - 1) * dil_w - l,
         )
     HO, WO = grad_out.shape[2], grad_out.shape[3]
     NC = N * C
@@ -251,7 +250,7 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
         t, l,
     )
     kwargs = dict(
-        KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=dh, DW=dw,
+        KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=dil_h, DW=dil_w,
         PLANE_FAST=_plane_fast(grad_out), BIG=_big(grad_out, gx),
         PREC=_precision(grad_out.dtype), UPCAST=_upcast(grad_out.dtype),
     )
@@ -286,7 +285,7 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     splits = _num_splits(rows, per_split, x.device)
     rows_per_split = triton.cdiv(rows, splits)
     splits = triton.cdiv(rows, rows_per_split)
-    ws = torch.empty((splits, C, KH, KW), dtype=torch.float32, device=x.device)
+    ws = new_output((splits, C, KH, KW), x, torch.float32)
     t, _, l, _ = p.padding
     args = (
         x, grad_out, ws,
