@@ -19,6 +19,8 @@ from lkconv.backends import cuda as cuda_backend
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes
 
+from cases import CUDA_CASES, LAYOUTS, make_inputs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCHEMAS = {
@@ -170,54 +172,14 @@ def test_extension_rejects_cpu_tensors_cleanly():
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
-# (N, C, H, W, KH, KW, stride, padding, dilation)
-CASES = {
-    "k1": (2, 3, 9, 10, 1, 1, 1, 0, 1),
-    "k3": (2, 5, 12, 13, 3, 3, 1, 1, 1),
-    "k7": (2, 4, 17, 19, 7, 7, 1, 3, 1),
-    "k13": (2, 3, 20, 24, 13, 13, 1, 6, 1),
-    "k31": (1, 3, 40, 70, 31, 31, 1, 15, 1),
-    "k63": (1, 2, 70, 80, 63, 63, 1, 31, 1),
-    "k31_valid": (1, 2, 40, 45, 31, 31, 1, 0, 1),
-    "even_k8_same": (2, 3, 15, 17, 8, 8, 1, "same", 1),
-    "rect_5x11": (2, 3, 16, 21, 5, 11, 1, (2, 5), 1),
-    "rect_31x3": (1, 3, 40, 20, 31, 3, 1, (15, 1), 1),
-    "k_gt_h_31_on_7": (2, 5, 7, 7, 31, 31, 1, 15, 1),
-    "k_gt_h_13_on_5x9": (1, 3, 5, 9, 13, 13, 1, 6, 1),
-    "stride2_k7": (2, 3, 17, 18, 7, 7, 2, 3, 1),
-    "stride2_k13_rect": (1, 3, 20, 23, 13, 5, (2, 1), (6, 2), 1),
-    "dilation2_k7": (2, 3, 20, 21, 7, 7, 1, 6, 2),
-    "dilation_stride": (1, 3, 23, 22, 5, 5, 2, 4, (2, 3)),
-    "asym_pad": (2, 3, 14, 15, 7, 7, 1, (1, 5, 6, 0), 1),
-    "big_pad": (1, 2, 6, 6, 3, 5, 1, (4, 4, 5, 5), 1),
-    "c_odd_100": (1, 100, 9, 9, 5, 5, 1, 2, 1),
-    "tall_130": (1, 2, 130, 20, 9, 9, 1, 4, 1),
-    "wide_150": (1, 2, 10, 150, 9, 9, 1, 4, 1),
-    # the 64x64 tensor-core tile (every case above gets the 16x16 one in fp16/bf16): one CTA per
-    # plane at RepLKNet's 56x56, and a 3x3 grid of CTAs per plane (blockIdx.y/z tile offsets)
-    "k31_56": (2, 4, 56, 56, 31, 31, 1, 15, 1),
-    "big_tile_multi": (1, 3, 150, 140, 31, 31, 1, 15, 1),
-    "batch0": (0, 3, 8, 8, 5, 5, 1, 2, 1),
-    "batch1": (1, 3, 8, 8, 5, 5, 1, 2, 1),
-}
+CASES = CUDA_CASES  # tests/cases.py
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LAYOUTS = ("nchw", "channels_last", "sliced")
 
 
 def _make(case, dtype, layout, bias=True, seed=0):
-    N, C, H, W, KH, KW, s, p, d = CASES[case]
-    gen = torch.Generator().manual_seed(seed)
-    if layout == "sliced":  # a non-contiguous view of a bigger buffer
-        big = torch.randn(N, C + 2, H + 3, W + 5, generator=gen)
-        x = big.to(dtype).cuda()[:, 1:C + 1, 2:H + 2, 3:W + 3]
-        assert x.numel() == 0 or not x.is_contiguous()
-    else:
-        x = torch.randn(N, C, H, W, generator=gen).to(dtype).cuda()
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(C, 1, KH, KW, generator=gen) / (KH * KW) ** 0.5).to(dtype).cuda()
-    b = torch.randn(C, generator=gen).to(dtype).cuda() if bias else None
-    return x, w, b, s, p, d
+    c = CASES[case]
+    x, w, b = make_inputs(c, dtype, "cuda", layout, bias=bias, seed=seed, weight_scale=True)
+    return (x, w, b, *c.conv_args)
 
 
 @requires_cuda_backend

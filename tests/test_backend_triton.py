@@ -25,72 +25,18 @@ from lkconv.backends import Request, UnsupportedError, get_backend  # noqa: E402
 from lkconv.params import normalize_params  # noqa: E402
 from lkconv.testing import compare_all_passes  # noqa: E402
 
+from cases import TRITON_CPU_CASES, TRITON_CUDA_CASES, make_inputs  # noqa: E402
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# tiny shapes for the interpreter (tiles are 16x16: 17..20 gives partial tiles)
-CPU_CASES = {
-    "k1": dict(shape=(1, 2, 5, 6), k=(1, 1)),
-    "k3-bias": dict(shape=(2, 3, 9, 8), k=(3, 3), padding=1, bias=True),
-    "k7-partial-tiles": dict(shape=(1, 2, 19, 17), k=(7, 7), padding=3),
-    "k13-same": dict(shape=(1, 2, 14, 15), k=(13, 13), padding="same"),
-    "k31-gt-H": dict(shape=(1, 2, 9, 11), k=(31, 31), padding=15),
-    "k31-partial": dict(shape=(1, 1, 20, 18), k=(31, 31), padding=15, bias=True),
-    "k63": dict(shape=(1, 1, 8, 9), k=(63, 63), padding=31),
-    "even-k4-same": dict(shape=(2, 3, 9, 10), k=(4, 4), padding="same", bias=True),
-    "even-rect-6x8-same": dict(shape=(1, 2, 11, 12), k=(6, 8), padding="same"),
-    "rect-3x11": dict(shape=(1, 3, 10, 16), k=(3, 11), padding=(1, 5)),
-    "rect-31x5": dict(shape=(1, 2, 12, 10), k=(31, 5), padding=(15, 2)),
-    "asym-4tuple": dict(shape=(1, 2, 8, 9), k=(5, 3), padding=(0, 3, 2, 1)),
-    "pad-gt-kernel": dict(shape=(1, 2, 6, 7), k=(3, 3), padding=(5, 4, 6, 2)),
-    "valid": dict(shape=(1, 2, 9, 9), k=(5, 5), padding="valid"),
-    "stride2": dict(shape=(2, 3, 13, 12), k=(5, 5), stride=2, padding=2),
-    "stride2-partial": dict(shape=(1, 2, 18, 17), k=(7, 9), stride=2, padding=(3, 4)),
-    "stride-1x3": dict(shape=(1, 2, 11, 19), k=(3, 5), stride=(1, 3), padding=(1, 2)),
-    "dil2": dict(shape=(1, 3, 15, 14), k=(3, 3), dilation=2, padding=2),
-    "dil-2x3-same": dict(shape=(1, 2, 17, 16), k=(5, 4), dilation=(2, 3), padding="same"),
-    "stride2-dil2": dict(shape=(1, 2, 15, 16), k=(3, 3), stride=2, dilation=2, padding=2, bias=True),
-    "channels_last": dict(shape=(2, 5, 9, 9), k=(7, 7), padding=3, layout="channels_last"),
-    "channels_last-k31": dict(shape=(1, 3, 10, 12), k=(31, 31), padding=15, layout="channels_last"),
-    "channels_last-stride2": dict(shape=(1, 3, 11, 10), k=(5, 5), stride=2, padding=2, layout="channels_last"),
-    "noncontig-slice": dict(shape=(2, 4, 10, 10), k=(5, 5), padding=2, layout="slice", bias=True),
-    "batch0": dict(shape=(0, 3, 8, 8), k=(3, 3), padding=1),
-    "batch1-C1": dict(shape=(1, 1, 7, 7), k=(7, 7), padding=3),
-}
-
-# realistic shapes for the GPU (RepLKNet-31B-like layers, batch 2)
-CUDA_CASES = {
-    "c32-56-k31": dict(shape=(2, 32, 56, 56), k=(31, 31), padding=15, bias=True),
-    "c32-56-k31-cl": dict(shape=(2, 32, 56, 56), k=(31, 31), padding=15, layout="channels_last"),
-    "c96-28-k29": dict(shape=(2, 96, 28, 28), k=(29, 29), padding=14),
-    "c128-14-k27-cl": dict(shape=(2, 128, 14, 14), k=(27, 27), padding=13, layout="channels_last"),
-    "c256-7-k13": dict(shape=(2, 256, 7, 7), k=(13, 13), padding=6, bias=True),
-    "c32-56-k31-slice": dict(shape=(2, 32, 56, 56), k=(31, 31), padding=15, layout="slice"),
-    "c32-56-k7-s2": dict(shape=(2, 32, 56, 56), k=(7, 7), stride=2, padding=3),
-    "c32-30-k5-dil3-same": dict(shape=(2, 32, 30, 30), k=(5, 5), dilation=3, padding="same"),
-    "c32-33-even-k8-same": dict(shape=(2, 32, 33, 35), k=(8, 8), padding="same"),
-}
-
-
-def make(c, dtype, device):
-    N, C, H, W = c["shape"]
-    if c.get("layout") == "slice":
-        x = torch.randn(N, 2 * C, H + 3, W + 5, dtype=dtype, device=device)[:, ::2, 1 : 1 + H, 2 : 2 + W]
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(N, C, H, W, dtype=dtype, device=device)
-        if c.get("layout") == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-    w = torch.randn(C, 1, *c["k"], dtype=dtype, device=device)
-    b = torch.randn(C, dtype=dtype, device=device) if c.get("bias") else None
-    return x, w, b
+CPU_CASES = TRITON_CPU_CASES  # tests/cases.py (tiny shapes for the interpreter)
+CUDA_CASES = TRITON_CUDA_CASES  # realistic shapes for the GPU
 
 
 def run_case(c, dtype, device):
-    x, w, b = make(c, dtype, device)
-    results = compare_all_passes(
-        "triton", x, w, b, c.get("stride", 1), c.get("padding", 0), c.get("dilation", 1)
-    )
+    x, w, b = make_inputs(c, dtype, device)
+    results = compare_all_passes("triton", x, w, b, *c.conv_args)
     assert len(results) >= 3
     assert all(r.ok for r in results), "\n".join(str(r) for r in results)
 
