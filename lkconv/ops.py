@@ -12,7 +12,9 @@ compiled graph always runs the same kernel.  The bias gradient is a plain ``sum`
 
 Memory format: forward output follows ``x`` (channels_last in -> channels_last out, as
 ``F.conv2d``); grad_input follows ``grad_out``; grad_weight is contiguous.  The rule lives in
-:func:`memory_format_of` and is applied to every backend's result, so fake and real strides agree.
+:func:`lkconv.backends.base.output_memory_format` (``memory_format_of`` here) and is applied to
+every backend's result, so fake and real strides agree.  Every op gets its backend from
+:func:`lkconv.backends.require`.
 """
 from __future__ import annotations
 
