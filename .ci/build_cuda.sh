@@ -27,15 +27,15 @@ import sys, torch
 import lkconv._C  # registers torch.ops.lkconv_cuda.*
 print("lkconv._C:", lkconv._C.__file__)
 ok = True
-for name in ("fwd", "grad_input", "grad_weight"):
+for name in ("forward", "grad_input", "grad_weight"):
     try:
         print("  ", getattr(torch.ops.lkconv_cuda, name).default._schema)
     except Exception as e:
         print(f"  lkconv_cuda::{name} missing: {e}", file=sys.stderr)
         ok = False
 try:  # the CUDA-only registration must reject CPU tensors with a clear error, not crash
-    torch.ops.lkconv_cuda.fwd(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), None, [1, 1], [1, 1, 1, 1], [1, 1])
-    print("lkconv_cuda::fwd accepted CPU tensors", file=sys.stderr)
+    torch.ops.lkconv_cuda.forward(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), None, [1, 1], [1, 1, 1, 1], [1, 1])
+    print("lkconv_cuda::forward accepted CPU tensors", file=sys.stderr)
     ok = False
 except NotImplementedError:
     pass

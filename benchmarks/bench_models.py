@@ -1,7 +1,7 @@
 """Model-level benchmark: RepLKNet images/s for a training step and for inference (before and after
 re-parameterization), per lkconv backend, against the same model on PyTorch's ``nn.Conv2d``.
 
-    # GPU (the issue's target: RepLKNet-31B, 224x224, batch 64, bf16 autocast)
+    # GPU (the target: RepLKNet-31B, 224x224, batch 64, bf16 autocast)
     python benchmarks/bench_models.py --device cuda
     # CPU (defaults: replknet_tiny at 64x64, batch 8, fp32)
     python benchmarks/bench_models.py --device cpu

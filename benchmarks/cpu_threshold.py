@@ -33,11 +33,85 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lkconv  # noqa: E402
 from lkconv.backends import cpu  # noqa: E402
+from lkconv.backends.base import output_memory_format  # noqa: E402
 from lkconv.backends.torch_native import TorchBackend  # noqa: E402
-from lkconv.params import normalize_params  # noqa: E402
+from lkconv.params import ConvParams, normalize_params  # noqa: E402
 
 PASSES = ("forward", "grad_input", "grad_weight")
 NAMES = ("torch", "direct", "slices", "fft")
+
+
+# ------------------------------------------------------------------------------------------------
+# the "slices" method: a vectorised sum of shifted slices (one addcmul per tap), timed against
+# oneDNN and the FFT; measured slower than oneDNN for every pass, so it lives here, not in lkconv
+# ------------------------------------------------------------------------------------------------
+def _cdt(dt: torch.dtype) -> torch.dtype:
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def _empty_like_format(shape, ref: torch.Tensor, dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=ref.device, memory_format=output_memory_format(ref))
+
+
+def _tap_slices(p: ConvParams, a: int, b: int, ho: int, wo: int):
+    sh, sw = p.stride
+    dh, dw = p.dilation
+    r0, c0 = a * dh, b * dw
+    return slice(r0, r0 + sh * (ho - 1) + 1, sh), slice(c0, c0 + sw * (wo - 1) + 1, sw)
+
+
+def slices_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
+    N, C, H, W = x.shape
+    KH, KW = weight.shape[2], weight.shape[3]
+    ho, wo = p.out_size(H, W, KH, KW)
+    cdt = _cdt(x.dtype)
+    t, b_, l, r = p.padding
+    xp = F.pad(x.to(cdt), (l, r, t, b_))
+    w = weight.to(cdt).reshape(C, KH, KW)
+    out = _empty_like_format((N, C, ho, wo), x, cdt)
+    if bias is None:
+        out.zero_()
+    else:
+        out.copy_(bias.to(cdt).view(1, C, 1, 1).expand_as(out))
+    for a in range(KH):
+        for b in range(KW):
+            rs, cs = _tap_slices(p, a, b, ho, wo)
+            out.addcmul_(xp[:, :, rs, cs], w[:, a, b].view(1, C, 1, 1))
+    return out.to(x.dtype)
+
+
+def slices_grad_input(grad_out, weight, input_shape, p: ConvParams) -> torch.Tensor:
+    N, C, H, W = input_shape
+    KH, KW = weight.shape[2], weight.shape[3]
+    ho, wo = grad_out.shape[2], grad_out.shape[3]
+    cdt = _cdt(grad_out.dtype)
+    t, b_, l, r = p.padding
+    g = grad_out.to(cdt)
+    w = weight.to(cdt).reshape(C, KH, KW)
+    gxp = g.new_zeros((N, C, H + t + b_, W + l + r))
+    for a in range(KH):
+        for b in range(KW):
+            rs, cs = _tap_slices(p, a, b, ho, wo)
+            gxp[:, :, rs, cs].addcmul_(g, w[:, a, b].view(1, C, 1, 1))
+    return gxp[:, :, t : t + H, l : l + W].to(grad_out.dtype)
+
+
+def slices_grad_weight(grad_out, x, weight_shape, p: ConvParams) -> torch.Tensor:
+    C, _, KH, KW = weight_shape
+    ho, wo = grad_out.shape[2], grad_out.shape[3]
+    cdt = _cdt(x.dtype)
+    t, b_, l, r = p.padding
+    xp = F.pad(x.to(cdt), (l, r, t, b_))
+    g = grad_out.to(cdt)
+    gw = torch.empty((C, KH, KW), dtype=cdt, device=x.device)
+    # per tap: one batched dot product per channel, (C, 1, M) @ (C, M, 1) with M = N*ho*wo
+    gc = g.transpose(0, 1).reshape(C, 1, -1)
+    for a in range(KH):
+        for b in range(KW):
+            rs, cs = _tap_slices(p, a, b, ho, wo)
+            xs = xp[:, :, rs, cs].transpose(0, 1).reshape(C, -1, 1)
+            gw[:, a, b] = torch.bmm(gc, xs).view(C)
+    return gw.to(x.dtype).view(C, 1, KH, KW)
 
 
 CLOCK = time.perf_counter
@@ -75,9 +149,9 @@ def impls(x, w, g, p):
             lambda: cpu.direct_grad_weight(g, x, w.shape, p),
         ),
         "slices": (
-            lambda: cpu.slices_forward(x, w, None, p),
-            lambda: cpu.slices_grad_input(g, w, shape, p),
-            lambda: cpu.slices_grad_weight(g, x, w.shape, p),
+            lambda: slices_forward(x, w, None, p),
+            lambda: slices_grad_input(g, w, shape, p),
+            lambda: slices_grad_weight(g, x, w.shape, p),
         ),
         "fft": (
             lambda: cpu.fft_forward(x, w, None, p),

@@ -15,10 +15,23 @@ import shutil
 import subprocess
 import tempfile
 
-SOURCES = ["dwconv_ops.cpp", "dwconv_fwd.cu", "dwconv_bwd_weight.cu"]
+SOURCES = ["dwconv_ops.cpp", "dwconv_forward.cu", "dwconv_grad_weight.cu"]
 # machine code for sm80 and sm90, plus sm90 PTX so newer GPUs (sm100, sm120) JIT-compile the kernels
 # instead of failing at the first launch with "no kernel image is available"
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def cmake_architectures(arch_list: str = DEFAULT_ARCH_LIST) -> str:
+    """A TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") as CMAKE_CUDA_ARCHITECTURES ("80-real;90"): "-real" is
+    machine code only; a bare number is machine code plus PTX, which is what "+PTX" asks for."""
+    out = []
+    for item in arch_list.replace(" ", ";").split(";"):
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        num = item[:-4] if ptx else item
+        out.append(num.replace(".", "") + ("" if ptx else "-real"))
+    return ";".join(out)
 
 
 def csrc_dir() -> str:
@@ -76,6 +89,7 @@ def nvidia_pip_includes():
 
 
 def nvcc_flags():
+    """nvcc flags of every build (setup.py, the JIT build in lkconv/backends/cuda.py, CMakeLists.txt)."""
     return ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]

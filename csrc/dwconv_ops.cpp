@@ -1,7 +1,7 @@
 // lkconv CUDA backend: host code.  Argument checks, device guard, current stream, dispatch to the
-// launchers in dwconv_fwd.cu / dwconv_bwd_weight.cu, and the op registration:
+// launchers in dwconv_forward.cu / dwconv_grad_weight.cu, and the op registration:
 //
-//   lkconv_cuda::fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor
+//   lkconv_cuda::forward(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor
 //   lkconv_cuda::grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor
 //   lkconv_cuda::grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, int[] padding, int[] dilation) -> Tensor
 //
@@ -12,6 +12,10 @@
 #ifdef LKCONV_PYTHON_MODULE
 #include <Python.h>
 #endif
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -40,14 +44,14 @@ void check_cuda(const at::Tensor& t, const char* name) {
 }
 
 struct Geom {
-  int64_t sh, sw, pt, pb, pl, pr, dh, dw;
+  int64_t sh, sw, pt, pb, pl, pr, dil_h, dil_w;
 };
 
 Geom geom(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(stride.size() == 2, "lkconv_cuda: stride must have 2 values (h, w), got ", stride);
   TORCH_CHECK(padding.size() == 4, "lkconv_cuda: padding must have 4 values (top, bottom, left, right), got ", padding);
   TORCH_CHECK(dilation.size() == 2, "lkconv_cuda: dilation must have 2 values (h, w), got ", dilation);
-  constexpr int64_t kMax = (int64_t)1 << 30;
+  constexpr int64_t kMax = kMaxGeometry;  // 2^30
   for (auto v : stride) TORCH_CHECK(v >= 1 && v <= kMax, "lkconv_cuda: stride must be in [1, 2^30], got ", stride);
   for (auto v : dilation) TORCH_CHECK(v >= 1 && v <= kMax, "lkconv_cuda: dilation must be in [1, 2^30], got ", dilation);
   for (auto v : padding) TORCH_CHECK(v >= 0 && v <= kMax, "lkconv_cuda: padding must be in [0, 2^30], got ", padding);
@@ -56,23 +60,33 @@ Geom geom(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilat
 
 void check_kernel_size(int64_t KH, int64_t KW) {
   TORCH_CHECK(KH >= 1 && KW >= 1, "lkconv_cuda: kernel size must be >= 1, got ", KH, "x", KW);
-  TORCH_CHECK(KH <= 65535 && KW <= 65535 && KH * KW <= ((int64_t)1 << 31) - 1,
+  TORCH_CHECK(KH <= kMaxKernelSide && KW <= kMaxKernelSide && KH * KW <= kMaxKernelTaps,
               "lkconv_cuda: kernel size too large: ", KH, "x", KW);
 }
 
 // (Ho, Wo) of a forward conv on (H, W)
 std::pair<int64_t, int64_t> out_size(int64_t H, int64_t W, int64_t KH, int64_t KW, const Geom& g) {
-  const int64_t ho = (H + g.pt + g.pb - g.dh * (KH - 1) - 1);
-  const int64_t wo = (W + g.pl + g.pr - g.dw * (KW - 1) - 1);
+  const int64_t ho = (H + g.pt + g.pb - g.dil_h * (KH - 1) - 1);
+  const int64_t wo = (W + g.pl + g.pr - g.dil_w * (KW - 1) - 1);
   // floor division (the numerator may be negative for an invalid geometry)
   auto fdiv = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
   return {fdiv(ho, g.sh) + 1, fdiv(wo, g.sw) + 1};
 }
 
 at::MemoryFormat format_of(const at::Tensor& t) {
-  // channels_last iff channels_last-contiguous and not NCHW-contiguous (same rule as lkconv.ops)
+  // channels_last iff channels_last-contiguous and not NCHW-contiguous: the C++ copy of
+  // lkconv/backends/base.py output_memory_format (tests/test_backend_cuda.py checks they agree)
   if (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
   return at::MemoryFormat::Contiguous;
+}
+
+// LKCONV_POISON_OUTPUTS=1 (read at every call, like lkconv/backends/base.py poison_outputs): fill
+// the buffers the kernels write with NaN first, so an unwritten tile shows in the comparison with the
+// reference.  Debug / first-GPU-run mode; off by default.
+at::Tensor poisoned(at::Tensor t) {
+  const char* v = std::getenv("LKCONV_POISON_OUTPUTS");
+  if (v != nullptr && std::strcmp(v, "1") == 0 && t.numel() > 0) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
 }
 
 void fill_device(ConvArgs& a, const at::Tensor& t) {
@@ -99,7 +113,7 @@ at::Tensor check_weight(const at::Tensor& weight, int64_t C, const at::Tensor& l
 
 }  // namespace
 
-at::Tensor dwconv_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t algo) {
   check_cuda(x, "x");
   TORCH_CHECK(x.dim() == 4, "lkconv_cuda: x must be 4-D (N, C, H, W), got shape ", x.sizes());
@@ -125,7 +139,7 @@ at::Tensor dwconv_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
     b = bias->contiguous();
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty({N, C, Ho, Wo}, x.options().memory_format(format_of(x)));
+  at::Tensor y = poisoned(at::empty({N, C, Ho, Wo}, x.options().memory_format(format_of(x))));
   if (y.numel() == 0) return y;
 
   ConvArgs a;
@@ -134,12 +148,12 @@ at::Tensor dwconv_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
   a.bias = b.defined() ? b.data_ptr() : nullptr;
   a.y = y.data_ptr();
   a.N = N; a.C = C; a.H = H; a.W = W; a.Ho = Ho; a.Wo = Wo; a.KH = KH; a.KW = KW;
-  a.sh = g.sh; a.sw = g.sw; a.dh = g.dh; a.dw = g.dw; a.pt = g.pt; a.pl = g.pl;
+  a.sh = g.sh; a.sw = g.sw; a.dil_h = g.dil_h; a.dil_w = g.dil_w; a.pt = g.pt; a.pl = g.pl;
   set_strides(a.xs, x);
   set_strides(a.ys, y);
   a.dtype = dt;
   fill_device(a, x);
-  launch_conv(a, algo == 1, at::cuda::getCurrentCUDAStream());
+  launch_forward(a, algo == 1, at::cuda::getCurrentCUDAStream());
   return y;
 }
 
@@ -161,31 +175,31 @@ at::Tensor dwconv_grad_input(const at::Tensor& grad_out, const at::Tensor& weigh
               "lkconv_cuda: grad_out must have shape (", N, ", ", C, ", ", Ho, ", ", Wo, ") for input_size ", input_size,
               ", got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  at::Tensor gx = at::empty({N, C, H, W}, grad_out.options().memory_format(format_of(grad_out)));
+  at::Tensor gx = poisoned(at::empty({N, C, H, W}, grad_out.options().memory_format(format_of(grad_out))));
   if (gx.numel() == 0) return gx;
 
   ConvArgs a;
   a.x = grad_out.data_ptr();
   a.y = gx.data_ptr();
-  a.N = N; a.C = C; a.KH = KH; a.KW = KW; a.dh = g.dh; a.dw = g.dw;
+  a.N = N; a.C = C; a.KH = KH; a.KW = KW; a.dil_h = g.dil_h; a.dil_w = g.dil_w;
   set_strides(a.xs, grad_out);
   set_strides(a.ys, gx);
   a.dtype = dt;
   fill_device(a, grad_out);
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (g.sh == 1 && g.sw == 1) {
-    // gx = conv(grad_out, flip(w)) with stride 1, padding top' = dh*(KH-1) - pt (may be negative), same dilation
+    // gx = conv(grad_out, flip(w)) with stride 1, padding top' = dil_h*(KH-1) - pt (may be negative), same dilation
     const at::Tensor wf = w.flip({2, 3}).contiguous();
     a.w = wf.data_ptr();
     a.H = Ho; a.W = Wo; a.Ho = H; a.Wo = W;
-    a.pt = g.dh * (KH - 1) - g.pt;
-    a.pl = g.dw * (KW - 1) - g.pl;
-    launch_conv(a, algo == 1, stream);
+    a.pt = g.dil_h * (KH - 1) - g.pt;
+    a.pl = g.dil_w * (KW - 1) - g.pl;
+    launch_forward(a, algo == 1, stream);
   } else {
     a.w = w.data_ptr();
     a.H = H; a.W = W; a.Ho = Ho; a.Wo = Wo;
     a.sh = g.sh; a.sw = g.sw; a.pt = g.pt; a.pl = g.pl;
-    launch_dgrad_strided(a, stream);
+    launch_grad_input_strided(a, stream);
   }
   return gx;
 }
@@ -214,36 +228,36 @@ at::Tensor dwconv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, a
               "lkconv_cuda: grad_out must have shape (", N, ", ", C, ", ", Ho, ", ", Wo, ") for x of shape ", x.sizes(),
               ", got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dw = at::empty({C, 1, KH, KW}, x.options());
-  const int64_t splits = N > 0 ? wgrad_splits(N, Ho, Wo, C) : 1;
-  at::Tensor partial = at::empty({splits, C, KH * KW}, x.options().dtype(at::kFloat));
+  at::Tensor grad_w = poisoned(at::empty({C, 1, KH, KW}, x.options()));
+  const int64_t splits = N > 0 ? grad_weight_splits(N, Ho, Wo, C) : 1;
+  at::Tensor partial = poisoned(at::empty({splits, C, KH * KW}, x.options().dtype(at::kFloat)));
 
-  WgradArgs a;
+  GradWeightArgs a;
   a.x = x.data_ptr();
   a.g = grad_out.data_ptr();
-  a.dw = dw.data_ptr();
+  a.grad_w = grad_w.data_ptr();
   a.partial = partial.data_ptr<float>();
   a.N = N; a.C = C; a.H = H; a.W = W; a.Ho = Ho; a.Wo = Wo; a.KH = KH; a.KW = KW;
-  a.sh = g.sh; a.sw = g.sw; a.dh = g.dh; a.dw_ = g.dw; a.pt = g.pt; a.pl = g.pl;
+  a.sh = g.sh; a.sw = g.sw; a.dil_h = g.dil_h; a.dil_w = g.dil_w; a.pt = g.pt; a.pl = g.pl;
   set_strides(a.xs, x);
   set_strides(a.gs, grad_out);
   a.splits = splits;
   a.dtype = dt;
-  launch_wgrad(a, at::cuda::getCurrentCUDAStream());
-  return dw;
+  launch_grad_weight(a, at::cuda::getCurrentCUDAStream());
+  return grad_w;
 }
 
 }  // namespace lkconv
 
 TORCH_LIBRARY(lkconv_cuda, m) {
-  m.def("fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor");
+  m.def("forward(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor");
   m.def("grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, "
         "int algo=0) -> Tensor");
   m.def("grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, int[] padding, int[] dilation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lkconv_cuda, CUDA, m) {
-  m.impl("fwd", &lkconv::dwconv_fwd);
+  m.impl("forward", &lkconv::dwconv_forward);
   m.impl("grad_input", &lkconv::dwconv_grad_input);
   m.impl("grad_weight", &lkconv::dwconv_grad_weight);
 }

@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <optional>
 
-using FwdFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::IntArrayRef,
+using ForwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::IntArrayRef,
                          c10::IntArrayRef, c10::IntArrayRef, int64_t);
 using GradInFn = at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,
                             c10::IntArrayRef, c10::IntArrayRef, int64_t);
@@ -42,7 +42,7 @@ static at::Tensor cpu_conv(const at::Tensor& x, const at::Tensor& w, int64_t pt,
 
 int main() {
   auto& d = c10::Dispatcher::singleton();
-  for (const char* name : {"lkconv_cuda::fwd", "lkconv_cuda::grad_input", "lkconv_cuda::grad_weight"}) {
+  for (const char* name : {"lkconv_cuda::forward", "lkconv_cuda::grad_input", "lkconv_cuda::grad_weight"}) {
     auto h = d.findSchema({name, ""});
     if (!h) {
       std::fprintf(stderr, "FAIL: %s is not registered (library not linked?)\n", name);
@@ -50,18 +50,18 @@ int main() {
     }
     std::printf("registered: %s\n", c10::toString(h->schema()).c_str());
   }
-  auto fwd = d.findSchemaOrThrow("lkconv_cuda::fwd", "").typed<FwdFn>();
+  auto forward = d.findSchemaOrThrow("lkconv_cuda::forward", "").typed<ForwardFn>();
   auto gin = d.findSchemaOrThrow("lkconv_cuda::grad_input", "").typed<GradInFn>();
   auto gw = d.findSchemaOrThrow("lkconv_cuda::grad_weight", "").typed<GradWFn>();
 
   bool threw = false;
   try {
-    fwd.call(at::zeros({1, 1, 3, 3}), at::zeros({1, 1, 3, 3}), std::nullopt, {1, 1}, {1, 1, 1, 1}, {1, 1}, 0);
+    forward.call(at::zeros({1, 1, 3, 3}), at::zeros({1, 1, 3, 3}), std::nullopt, {1, 1}, {1, 1, 1, 1}, {1, 1}, 0);
   } catch (const c10::Error&) {
     threw = true;
   }
   if (!threw) {
-    std::fprintf(stderr, "FAIL: lkconv_cuda::fwd accepted CPU tensors\n");
+    std::fprintf(stderr, "FAIL: lkconv_cuda::forward accepted CPU tensors\n");
     return 1;
   }
   if (c10::cuda::device_count() == 0) {
@@ -76,7 +76,7 @@ int main() {
       auto x = at::randn({N, C, H, W}, opts);
       auto w = (at::randn({C, 1, K, K}, opts) / (double)K);
       auto g = at::randn({N, C, H, W}, opts);
-      auto y = fwd.call(x, w, std::nullopt, {1, 1}, {p, p, p, p}, {1, 1}, algo);
+      auto y = forward.call(x, w, std::nullopt, {1, 1}, {p, p, p, p}, {1, 1}, algo);
       auto gx = gin.call(g, w, {N, C, H, W}, {1, 1}, {p, p, p, p}, {1, 1}, algo);
       auto dw = gw.call(g, x, {C, 1, K, K}, {1, 1}, {p, p, p, p}, {1, 1});
       auto y_ref = cpu_conv(x, w, p, p, H, W);
@@ -108,7 +108,7 @@ int main() {
       const double e3 = (dw.to(at::kDouble).cpu() - dw_ref).abs().max().item<double>() / scale;
       const bool ok = e1 <= tol && e2 <= tol && e3 <= tol;
       failures += !ok;
-      std::printf("%-9s algo=%lld  fwd %.2e  grad_input %.2e  grad_weight(rel) %.2e  %s\n",
+      std::printf("%-9s algo=%lld  forward %.2e  grad_input %.2e  grad_weight(rel) %.2e  %s\n",
                   c10::toString(dt), (long long)algo, e1, e2, e3, ok ? "ok" : "FAIL");
     }
   }

@@ -1,7 +1,7 @@
-"""``python -m lkconv {info,bench,verify,suite,train}`` -- see ``python -m lkconv --help``."""
+"""``python -m lkconv {info,bench,verify,train}`` -- see ``python -m lkconv --help``."""
 import sys
 
-from lkconv.bench.cli import main
+from lkconv.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

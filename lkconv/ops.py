@@ -12,7 +12,9 @@ compiled graph always runs the same kernel.  The bias gradient is a plain ``sum`
 
 Memory format: forward output follows ``x`` (channels_last in -> channels_last out, as
 ``F.conv2d``); grad_input follows ``grad_out``; grad_weight is contiguous.  The rule lives in
-:func:`memory_format_of` and is applied to every backend's result, so fake and real strides agree.
+:func:`lkconv.backends.base.output_memory_format` (``memory_format_of`` here) and is applied to
+every backend's result, so fake and real strides agree.  Every op gets its backend from
+:func:`lkconv.backends.require`.
 """
 from __future__ import annotations
 
@@ -27,26 +29,22 @@ from .params import ConvParams
 __all__ = ["dwconv2d", "dwconv2d_grad_input", "dwconv2d_grad_weight", "memory_format_of"]
 
 
-def memory_format_of(t: Tensor) -> torch.memory_format:
-    """channels_last iff ``t`` is channels_last-contiguous and not also NCHW-contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+#: the output-format rule (channels_last in -> channels_last out); its one home is backends/base.py
+memory_format_of = _backends.output_memory_format
 
 
 def _params(stride, padding, dilation) -> ConvParams:
     return ConvParams(tuple(stride), tuple(padding), tuple(dilation))
 
 
-def _backend_for(name: str, t: Tensor, weight: Tensor, p: ConvParams, pass_: str):
-    if name == "auto":
-        raise ValueError("lkconv: the lkconv ops take a concrete backend; resolve 'auto' first "
-                         "(lkconv.depthwise_conv2d does)")
-    inst = _backends.get_backend(name)
-    why = inst.check(t, weight, p, pass_)
-    if why is not None:
-        raise _backends.UnsupportedError(f"lkconv: backend {name!r} does not support this case ({pass_}): {why}")
-    return inst
+def _require(name: str, pass_: str, data: Tensor, other: Optional[Tensor], weight_dtype,
+             input_shape, weight_shape, p: ConvParams):
+    """The backend for one pass of a direct op call (through :func:`lkconv.backends.require`)."""
+    if other is not None and other.device != data.device:
+        raise ValueError(f"lkconv: the tensors of {pass_} are on different devices "
+                         f"({data.device} and {other.device})")
+    req = _backends.Request(pass_, data.device, data.dtype, weight_dtype, tuple(input_shape), tuple(weight_shape), p)
+    return _backends.require(name, req)
 
 
 def _out_shape(x_shape, w_shape, p: ConvParams):
@@ -69,7 +67,7 @@ def dwconv2d(
     backend: str,
 ) -> Tensor:
     p = _params(stride, padding, dilation)
-    inst = _backend_for(backend, x, weight, p, "forward")
+    inst = _require(backend, "forward", x, weight, weight.dtype, x.shape, weight.shape, p)
     out = inst.forward(x, weight, bias, p)
     return out.contiguous(memory_format=memory_format_of(x))
 
@@ -94,7 +92,7 @@ def dwconv2d_grad_input(
     backend: str,
 ) -> Tensor:
     p = _params(stride, padding, dilation)
-    inst = _backend_for(backend, grad_out, weight, p, "grad_input")
+    inst = _require(backend, "grad_input", grad_out, weight, weight.dtype, input_size, weight.shape, p)
     gx = inst.grad_input(grad_out, weight, tuple(input_size), p)
     return gx.contiguous(memory_format=memory_format_of(grad_out))
 
@@ -118,8 +116,7 @@ def dwconv2d_grad_weight(
     backend: str,
 ) -> Tensor:
     p = _params(stride, padding, dilation)
-    dummy_w = x.new_empty(1).expand(tuple(weight_size))  # dtype/device/shape only, for check()
-    inst = _backend_for(backend, x, dummy_w, p, "grad_weight")
+    inst = _require(backend, "grad_weight", x, grad_out, None, x.shape, weight_size, p)
     gw = inst.grad_weight(grad_out, x, tuple(weight_size), p)
     return gw.contiguous()
 

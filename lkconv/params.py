@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -45,10 +45,10 @@ class ConvParams:
     def out_size(self, h: int, w: int, kh: int, kw: int) -> Tuple[int, int]:
         """Output spatial size (may be <= 0 for an invalid geometry; see ``check_tensors``)."""
         sh, sw = self.stride
-        dh, dw = self.dilation
+        dil_h, dil_w = self.dilation
         t, b, l, r = self.padding
-        ho = (h + t + b - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + l + r - dw * (kw - 1) - 1) // sw + 1
+        ho = (h + t + b - dil_h * (kh - 1) - 1) // sh + 1
+        wo = (w + l + r - dil_w * (kw - 1) - 1) // sw + 1
         return ho, wo
 
     def as_lists(self):
@@ -65,7 +65,10 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _pair(name: str, value, minimum: int) -> Tuple[int, int]:
+def int_pair(name: str, value, minimum: Optional[int] = None) -> Tuple[int, int]:
+    """The one int-pair parser: an int or a 1-/2-sequence of ints (not bools) -> ``(a, b)``, each
+    ``>= minimum`` (when given) and ``<= 2**31 - 1``; otherwise TypeError/ValueError naming ``name``.
+    Used for stride/dilation here and for the sizes of :mod:`lkconv.reparam.transforms`."""
     if _is_int(value):
         vals = (int(value), int(value))
     elif isinstance(value, (tuple, list, torch.Size)) and len(value) in (1, 2) and all(_is_int(v) for v in value):
@@ -75,7 +78,7 @@ def _pair(name: str, value, minimum: int) -> Tuple[int, int]:
             f"lkconv: {name} must be an int or a pair of ints, got {value!r} ({type(value).__name__})"
         )
     for v in vals:
-        if v < minimum:
+        if minimum is not None and v < minimum:
             raise ValueError(f"lkconv: {name} must be >= {minimum}, got {value!r}")
         if v > _MAX_PARAM:
             raise ValueError(f"lkconv: {name} must be <= {_MAX_PARAM}, got {value!r}")
@@ -88,8 +91,8 @@ def normalize_params(stride, padding, dilation, kernel_size: Tuple[int, int]) ->
     ``padding`` may also be a 4-tuple ``(top, bottom, left, right)`` (lkconv's extension; F.conv2d
     itself only takes symmetric padding or a string).
     """
-    s = _pair("stride", stride, 1)
-    d = _pair("dilation", dilation, 1)
+    s = int_pair("stride", stride, 1)
+    d = int_pair("dilation", dilation, 1)
     kh, kw = kernel_size
     if isinstance(padding, str):
         mode = padding.lower()
@@ -119,7 +122,7 @@ def normalize_params(stride, padding, dilation, kernel_size: Tuple[int, int]) ->
             f"got {padding!r} (length {len(padding)})"
         )
     else:
-        ph, pw = _pair("padding", padding, 0)
+        ph, pw = int_pair("padding", padding, 0)
         pad = (ph, ph, pw, pw)
     return ConvParams(stride=s, padding=pad, dilation=d)
 

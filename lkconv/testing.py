@@ -1,6 +1,6 @@
 """Test helpers shared by the test suite, benchmarks and ``python -m lkconv verify``.
 
-The rule (DESIGN.md §7): for a kernel computing in dtype d,
+The rule (docs/architecture.md, "Tolerance rule"): for a kernel computing in dtype d,
 
     max|out - ref| <= 2 * max|torch_d - ref| + floor_d * max(1, max|ref|)
 
@@ -178,7 +178,7 @@ def double_backward_errors(
 def nonfinite_contract_violations(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> list:
     """The contract for non-finite inputs (docs/reliability.md): wherever the fp64 reference is
     non-finite, ``out`` is non-finite too (never a finite number in place of Inf/NaN), and wherever
-    ``out`` is finite it matches the reference within the DESIGN §7 floor.  Tensor-core backends
+    ``out`` is finite it matches the reference within the tolerance rule's floor.  Tensor-core backends
     (triton, cuda) may turn *more* outputs non-finite than F.conv2d: a zero filter tap times Inf is
     NaN inside their GEMM tiles.  Returns a list of violation messages (empty = contract held)."""
     o = out.detach().double().cpu()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The torch version matrix (issue 8): run lkconv's whole test suite again under another torch release,
+# The torch version matrix: run lkconv's whole test suite again under another torch release,
 # in its own virtual environment, next to the CI version that scripts/setup_and_test.sh installs.
 #
 #   bash scripts/torch_matrix.sh [TORCH_VERSION ...]      default: 2.11.0 (the GPU box's torch)

@@ -1,5 +1,5 @@
 """The ``cpu`` backend: both of its paths (direct and FFT), forced explicitly, on every feature of
-the op, all three passes + bias grad against the fp64 reference (DESIGN §7 tolerance via
+the op, all three passes + bias grad against the fp64 reference (tolerance rule (docs/architecture.md) via
 lkconv.testing.compare_all_passes)."""
 import math
 
@@ -8,48 +8,19 @@ import torch
 
 import lkconv
 from lkconv.backends import cpu as cpu_mod
-from lkconv.backends import get_backend, resolve_backend
+from lkconv.backends import Request, get_backend, resolve_backend
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes
 
+from cases import CPU_CASES, Case, make_inputs
+
 PATHS = ["direct", "fft"]
 
-# id: (N, C, H, W), (KH, KW), stride, padding, dilation, bias
-CASES = {
-    "k1": ((2, 5, 6, 7), (1, 1), 1, 0, 1, True),
-    "k3": ((2, 3, 9, 8), (3, 3), 1, 1, 1, False),
-    "k7-same": ((1, 4, 11, 13), (7, 7), 1, "same", 1, True),
-    "k13-same": ((2, 3, 17, 15), (13, 13), 1, "same", 1, False),
-    "k31-same": ((1, 3, 20, 22), (31, 31), 1, "same", 1, True),
-    "k4-even-same": ((2, 2, 9, 10), (4, 4), 1, "same", 1, True),
-    "k8-even-same": ((1, 3, 12, 11), (8, 8), 1, "same", 1, False),
-    "rect-3x11": ((1, 3, 12, 15), (3, 11), 1, (1, 5), 1, True),
-    "rect-31x5": ((1, 2, 33, 9), (31, 5), 1, (15, 2), 1, False),
-    "k13-gt-H": ((1, 2, 6, 7), (13, 13), 1, 6, 1, True),
-    "k31-gt-H": ((2, 3, 10, 12), (31, 31), 1, 15, 1, False),
-    "odd-HW-c5": ((1, 5, 13, 11), (7, 5), 1, (3, 2), 1, True),
-    "batch0": ((0, 3, 8, 8), (7, 7), 1, 3, 1, True),
-    "batch1-c5": ((1, 5, 9, 9), (13, 13), 1, "same", 1, False),
-    "stride2": ((2, 3, 13, 12), (5, 5), 2, 2, 1, True),
-    "stride2-k31": ((1, 2, 35, 33), (31, 31), 2, 15, 1, False),
-    "stride-2x3": ((1, 3, 13, 14), (3, 4), (2, 3), (1, 0), 1, True),
-    "dil2": ((1, 2, 15, 15), (3, 5), 1, 3, 2, False),
-    "dil-2x1": ((1, 2, 19, 15), (7, 5), 1, (6, 2), (2, 1), True),
-    "dil3-same-even": ((1, 2, 10, 11), (4, 2), 1, "same", 3, True),
-    "valid": ((2, 2, 9, 9), (5, 5), 1, "valid", 1, False),
-    "valid-k13": ((1, 2, 16, 20), (13, 13), 1, "valid", 1, True),
-    "asym-4tuple": ((2, 3, 10, 9), (5, 6), 1, (0, 4, 3, 1), 1, True),
-    "asym-stride2-dil2": ((1, 2, 14, 13), (7, 3), 2, (5, 1, 0, 3), 2, False),
-    "pad-beyond-kernel": ((1, 2, 5, 5), (3, 3), 1, (9, 0, 1, 8), 1, True),
-}
+CASES = CPU_CASES  # tests/cases.py
 
 
 def _inputs(shape, k, dtype=torch.float32, bias=True):
-    N, C, H, W = shape
-    x = torch.randn(N, C, H, W, dtype=torch.float64).to(dtype)
-    w = torch.randn(C, 1, *k, dtype=torch.float64).to(dtype)
-    b = torch.randn(C, dtype=torch.float64).to(dtype) if bias else None
-    return x, w, b
+    return make_inputs(Case("adhoc", shape, k, bias=bias), dtype)
 
 
 def _run(path, x, w, b, stride, padding, dilation):
@@ -62,7 +33,8 @@ def _run(path, x, w, b, stride, padding, dilation):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32(case, path):
-    shape, k, s, p, d, bias = CASES[case]
+    c = CASES[case]
+    shape, k, (s, p, d), bias = c.shape, c.k, c.conv_args, c.bias
     x, w, b = _inputs(shape, k, torch.float32, bias)
     _run(path, x, w, b, s, p, d)
 
@@ -74,7 +46,8 @@ FP64_CASES = ["k3", "k7-same", "k31-same", "k8-even-same", "rect-31x5", "k31-gt-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", FP64_CASES)
 def test_fp64(case, path):
-    shape, k, s, p, d, bias = CASES[case]
+    c = CASES[case]
+    shape, k, (s, p, d), bias = c.shape, c.k, c.conv_args, c.bias
     x, w, b = _inputs(shape, k, torch.float64, bias)
     res = _run(path, x, w, b, s, p, d)
     # fp64 really computes in fp64 (complex128 on the FFT path): the tolerance is ~1e-10 * scale,
@@ -89,7 +62,8 @@ HALF_CASES = ["k3", "k13-same", "k31-gt-H", "stride2", "asym-4tuple"]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", HALF_CASES)
 def test_half(case, dtype, path):
-    shape, k, s, p, d, bias = CASES[case]
+    c = CASES[case]
+    shape, k, (s, p, d), bias = c.shape, c.k, c.conv_args, c.bias
     x, w, b = _inputs(shape, k, dtype, bias)
     _run(path, x, w, b, s, p, d)
 
@@ -114,7 +88,8 @@ def _layout(t, layout):
 @pytest.mark.parametrize("layout", ["channels_last", "slice"])
 @pytest.mark.parametrize("case", LAYOUT_CASES)
 def test_layouts(case, layout, path):
-    shape, k, s, p, d, bias = CASES[case]
+    c = CASES[case]
+    shape, k, (s, p, d), bias = c.shape, c.k, c.conv_args, c.bias
     x, w, b = _inputs(shape, k, torch.float32, bias)
     _run(path, _layout(x, layout), w, b, s, p, d)
 
@@ -134,7 +109,7 @@ def test_channels_last_output_and_grad_formats(path):
 def test_fft_chunking(monkeypatch):
     """Tiny chunk budget: exercises both chunk shapes (channel blocks, and (n-block, 1 channel))."""
     for budget in (1, 3 * 8 * 5 * 8):  # 1 byte -> per-plane chunks; a few planes -> channel blocks
-        monkeypatch.setattr(cpu_mod, "CHUNK_BYTES", budget)
+        monkeypatch.setattr(cpu_mod.fft, "CHUNK_BYTES", budget)
         x, w, b = _inputs((3, 4, 9, 10), (7, 7), torch.float64, True)
         _run("fft", x, w, b, 1, "same", 1)
         x, w, b = _inputs((3, 4, 9, 10), (5, 4), torch.float32, False)
@@ -225,13 +200,13 @@ def test_check_declines_non_cpu_and_non_float():
     p = normalize_params(1, 1, 1, (3, 3))
     xm = torch.empty(1, 2, 5, 5, device="meta")
     wm = torch.empty(2, 1, 3, 3, device="meta")
-    why = be.check(xm, wm, p, "forward")
+    why = be.check(Request.of("forward", xm, wm, p))
     assert why is not None and "CPU" in why and "meta" in why
     xi = torch.zeros(1, 2, 5, 5, dtype=torch.int32)
-    why = be.check(xi, xi.new_zeros(2, 1, 3, 3), p, "grad_input")
+    why = be.check(Request.of("grad_input", xi, xi.new_zeros(2, 1, 3, 3), p))
     assert why is not None and "int32" in why
     for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        assert be.check(torch.zeros(1, 2, 5, 5, dtype=dt), torch.zeros(2, 1, 3, 3, dtype=dt), p, "grad_weight") is None
+        assert be.check(Request.of("grad_weight", torch.zeros(1, 2, 5, 5, dtype=dt), torch.zeros(2, 1, 3, 3, dtype=dt), p)) is None
 
 
 def test_auto_on_cpu_resolves_to_cpu():

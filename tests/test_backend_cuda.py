@@ -14,14 +14,17 @@ import pytest
 import torch
 
 import lkconv
+from lkconv.backends import Request
 from lkconv.backends import cuda as cuda_backend
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes
 
+from cases import CUDA_CASES, LAYOUTS, make_inputs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCHEMAS = {
-    "fwd": "lkconv_cuda::fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+    "forward": "lkconv_cuda::forward(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
            "int algo=0) -> Tensor",
     "grad_input": "lkconv_cuda::grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, "
                   "int[] padding, int[] dilation, int algo=0) -> Tensor",
@@ -71,22 +74,78 @@ def test_missing_extension_message_says_how_to_build(monkeypatch):
     assert "pip install --no-build-isolation -e ." in why and "LKCONV_JIT=1" in why, why
 
 
+def test_limits_header_matches_python():
+    """csrc/dwconv_limits.h is the one home of the kernels' size limits; lkconv.backends.cuda.CUDA_LIMITS
+    (which check() uses) mirrors it.  Every constant of the header must be in the mirror, equal."""
+    import re
+
+    text = open(os.path.join(ROOT, "csrc", "dwconv_limits.h")).read()
+    header = {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr int64_t (\w+) = (\d+);", text)}
+    assert len(header) >= 5, header
+    assert header == cuda_backend.CUDA_LIMITS
+    # no bare copy of a limit left in the sources that the header serves
+    for name in ("dwconv_ops.cpp", "dwconv_forward.cu", "dwconv_grad_weight.cu"):
+        src = open(os.path.join(ROOT, "csrc", name)).read()
+        for bare in ("65535", "2147483647", "1 << 30", "1 << 20"):
+            assert bare not in src, (name, bare)
+
+
+def test_cmake_reads_the_build_env():
+    """CMakeLists.txt takes its sources, nvcc flags and arch list from csrc/build_env.py (the list
+    setup.py builds, PTX included), instead of a copy of its own."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lkconv_build_env", os.path.join(ROOT, "csrc", "build_env.py"))
+    env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(env)
+    assert env.cmake_architectures("8.0;9.0+PTX") == "80-real;90"  # 90: sm_90 machine code + PTX
+    assert env.cmake_architectures("8.6") == "86-real"
+    cmake = open(os.path.join(ROOT, "CMakeLists.txt")).read()
+    for expr in ("e.DEFAULT_ARCH_LIST", "e.SOURCES", "e.nvcc_flags()", "e.cmake_architectures()"):
+        assert expr in cmake, expr
+    for name in env.SOURCES:
+        assert name not in cmake, f"{name} listed in CMakeLists.txt again"
+    assert "--expt-relaxed-constexpr" not in cmake
+
+
+@pytest.mark.skipif(not _extension_loaded() or not torch.cuda.is_available(),
+                    reason="needs lkconv._C and a CUDA GPU")
+def test_output_format_rule_agrees_with_cpp():
+    """csrc/dwconv_ops.cpp's format_of is the C++ copy of backends.base.output_memory_format: the
+    extension's outputs come in the format the Python rule names, for every kind of layout
+    (NCHW, channels_last, both at once (C == 1 or 1x1 planes), and a strided view)."""
+    from lkconv.backends.base import output_memory_format
+
+    for shape, cl in (((2, 3, 8, 8), False), ((2, 3, 8, 8), True), ((2, 1, 8, 8), True), ((2, 3, 1, 1), True)):
+        x = torch.randn(*shape, device="cuda")
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        cases = [x, x[:, :, ::2] if shape[2] > 1 else x]
+        for t in cases:
+            C = t.shape[1]
+            w = torch.randn(C, 1, 1, 1, device="cuda")
+            y = torch.ops.lkconv_cuda.forward(t, w, None, [1, 1], [0, 0, 0, 0], [1, 1])
+            assert y.is_contiguous(memory_format=output_memory_format(t)), (shape, cl, t.stride())
+            gx = torch.ops.lkconv_cuda.grad_input(y, w, list(t.shape), [1, 1], [0, 0, 0, 0], [1, 1])
+            assert gx.is_contiguous(memory_format=output_memory_format(y))
+
+
 def test_check_declines_what_it_cannot_run():
     be = cuda_backend.CUDABackend()
     p = normalize_params(1, 1, 1, (3, 3))
     x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)
-    assert "CUDA" in be.check(x, w, p, "forward")
+    assert "CUDA" in be.check(Request.of("forward", x, w, p))
     for d in (torch.float64, torch.int32):
         xm = torch.empty(1, 2, 5, 5, dtype=d, device="meta")
         wm = torch.empty(2, 1, 3, 3, dtype=d, device="meta")
-        assert be.check(xm, wm, p, "forward") is not None  # meta: not CUDA either way
+        assert be.check(Request.of("forward", xm, wm, p)) is not None  # meta: not CUDA either way
     if torch.cuda.is_available():
         xd = torch.randn(1, 2, 5, 5, dtype=torch.float64, device="cuda")
         wd = torch.randn(2, 1, 3, 3, dtype=torch.float64, device="cuda")
-        assert "float64" in be.check(xd, wd, p, "forward")
+        assert "float64" in be.check(Request.of("forward", xd, wd, p))
         xh = torch.randn(1, 2, 5, 5, dtype=torch.float16, device="cuda")
-        assert be.check(xh, wd.half(), p, "forward") is None
-        assert "differs" in be.check(xh, wd.float(), p, "forward")
+        assert be.check(Request.of("forward", xh, wd.half(), p)) is None
+        assert "differs" in be.check(Request.of("forward", xh, wd.float(), p))
 
 
 @pytest.mark.skipif(not _extension_loaded(), reason="lkconv._C not built (run .ci/build_cuda.sh or "
@@ -101,7 +160,7 @@ def test_extension_rejects_cpu_tensors_cleanly():
     x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)
     g = torch.randn(1, 2, 5, 5)
     calls = [
-        lambda: torch.ops.lkconv_cuda.fwd(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1]),
+        lambda: torch.ops.lkconv_cuda.forward(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1]),
         lambda: torch.ops.lkconv_cuda.grad_input(g, w, [1, 2, 5, 5], [1, 1], [1, 1, 1, 1], [1, 1]),
         lambda: torch.ops.lkconv_cuda.grad_weight(g, x, [2, 1, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
     ]
@@ -113,54 +172,14 @@ def test_extension_rejects_cpu_tensors_cleanly():
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
-# (N, C, H, W, KH, KW, stride, padding, dilation)
-CASES = {
-    "k1": (2, 3, 9, 10, 1, 1, 1, 0, 1),
-    "k3": (2, 5, 12, 13, 3, 3, 1, 1, 1),
-    "k7": (2, 4, 17, 19, 7, 7, 1, 3, 1),
-    "k13": (2, 3, 20, 24, 13, 13, 1, 6, 1),
-    "k31": (1, 3, 40, 70, 31, 31, 1, 15, 1),
-    "k63": (1, 2, 70, 80, 63, 63, 1, 31, 1),
-    "k31_valid": (1, 2, 40, 45, 31, 31, 1, 0, 1),
-    "even_k8_same": (2, 3, 15, 17, 8, 8, 1, "same", 1),
-    "rect_5x11": (2, 3, 16, 21, 5, 11, 1, (2, 5), 1),
-    "rect_31x3": (1, 3, 40, 20, 31, 3, 1, (15, 1), 1),
-    "k_gt_h_31_on_7": (2, 5, 7, 7, 31, 31, 1, 15, 1),
-    "k_gt_h_13_on_5x9": (1, 3, 5, 9, 13, 13, 1, 6, 1),
-    "stride2_k7": (2, 3, 17, 18, 7, 7, 2, 3, 1),
-    "stride2_k13_rect": (1, 3, 20, 23, 13, 5, (2, 1), (6, 2), 1),
-    "dilation2_k7": (2, 3, 20, 21, 7, 7, 1, 6, 2),
-    "dilation_stride": (1, 3, 23, 22, 5, 5, 2, 4, (2, 3)),
-    "asym_pad": (2, 3, 14, 15, 7, 7, 1, (1, 5, 6, 0), 1),
-    "big_pad": (1, 2, 6, 6, 3, 5, 1, (4, 4, 5, 5), 1),
-    "c_odd_100": (1, 100, 9, 9, 5, 5, 1, 2, 1),
-    "tall_130": (1, 2, 130, 20, 9, 9, 1, 4, 1),
-    "wide_150": (1, 2, 10, 150, 9, 9, 1, 4, 1),
-    # the 64x64 tensor-core tile (every case above gets the 16x16 one in fp16/bf16): one CTA per
-    # plane at RepLKNet's 56x56, and a 3x3 grid of CTAs per plane (blockIdx.y/z tile offsets)
-    "k31_56": (2, 4, 56, 56, 31, 31, 1, 15, 1),
-    "big_tile_multi": (1, 3, 150, 140, 31, 31, 1, 15, 1),
-    "batch0": (0, 3, 8, 8, 5, 5, 1, 2, 1),
-    "batch1": (1, 3, 8, 8, 5, 5, 1, 2, 1),
-}
+CASES = CUDA_CASES  # tests/cases.py
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LAYOUTS = ("nchw", "channels_last", "sliced")
 
 
 def _make(case, dtype, layout, bias=True, seed=0):
-    N, C, H, W, KH, KW, s, p, d = CASES[case]
-    gen = torch.Generator().manual_seed(seed)
-    if layout == "sliced":  # a non-contiguous view of a bigger buffer
-        big = torch.randn(N, C + 2, H + 3, W + 5, generator=gen)
-        x = big.to(dtype).cuda()[:, 1:C + 1, 2:H + 2, 3:W + 3]
-        assert x.numel() == 0 or not x.is_contiguous()
-    else:
-        x = torch.randn(N, C, H, W, generator=gen).to(dtype).cuda()
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(C, 1, KH, KW, generator=gen) / (KH * KW) ** 0.5).to(dtype).cuda()
-    b = torch.randn(C, generator=gen).to(dtype).cuda() if bias else None
-    return x, w, b, s, p, d
+    c = CASES[case]
+    x, w, b = make_inputs(c, dtype, "cuda", layout, bias=bias, seed=seed, weight_scale=True)
+    return (x, w, b, *c.conv_args)
 
 
 @requires_cuda_backend
@@ -185,7 +204,7 @@ def test_fast_kernels_match_generic(case, dtype):
     pr = normalize_params(s, p, d, (w.shape[2], w.shape[3]))
     st, pad, dil = pr.as_lists()
     ops = torch.ops.lkconv_cuda
-    y0, y1 = ops.fwd(x, w, b, st, pad, dil, 0), ops.fwd(x, w, b, st, pad, dil, 1)
+    y0, y1 = ops.forward(x, w, b, st, pad, dil, 0), ops.forward(x, w, b, st, pad, dil, 1)
     g = torch.randn_like(y0)
     gx0 = ops.grad_input(g, w, list(x.shape), st, pad, dil, 0)
     gx1 = ops.grad_input(g, w, list(x.shape), st, pad, dil, 1)
@@ -297,13 +316,13 @@ def test_bad_arguments_raise_clear_errors():
     x = torch.randn(1, 2, 8, 8, device="cuda")
     w = torch.randn(2, 1, 3, 3, device="cuda")
     with pytest.raises(RuntimeError, match="padding must have 4 values"):
-        torch.ops.lkconv_cuda.fwd(x, w, None, [1, 1], [1, 1], [1, 1])
+        torch.ops.lkconv_cuda.forward(x, w, None, [1, 1], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="weight must have shape"):
-        torch.ops.lkconv_cuda.fwd(x, w[:1], None, [1, 1], [1, 1, 1, 1], [1, 1])
+        torch.ops.lkconv_cuda.forward(x, w[:1], None, [1, 1], [1, 1, 1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        torch.ops.lkconv_cuda.fwd(x.double(), w.double(), None, [1, 1], [1, 1, 1, 1], [1, 1])
+        torch.ops.lkconv_cuda.forward(x.double(), w.double(), None, [1, 1], [1, 1, 1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="output size"):
-        torch.ops.lkconv_cuda.fwd(x, torch.randn(2, 1, 11, 11, device="cuda"), None, [1, 1], [0, 0, 0, 0], [1, 1])
+        torch.ops.lkconv_cuda.forward(x, torch.randn(2, 1, 11, 11, device="cuda"), None, [1, 1], [0, 0, 0, 0], [1, 1])
 
 
 @requires_cuda_backend
@@ -320,7 +339,7 @@ def test_more_than_2_31_elements():
     x[:, :, -3:, -4:] = 1.0  # only the last corner is non-zero
     w = torch.ones(C, 1, 3, 3, dtype=torch.float16, device="cuda")
     for algo in (0, 1):
-        y = torch.ops.lkconv_cuda.fwd(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], algo)
+        y = torch.ops.lkconv_cuda.forward(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], algo)
         ref = torch.nn.functional.conv2d(x[:, :, -6:, -7:].float(), w.float(), None, 1, 1, 1, C)
         torch.testing.assert_close(y[:, :, -5:, -6:].float(), ref[:, :, 1:, 1:])
         assert y[:, :, : H - 8].abs().max().item() == 0
@@ -331,124 +350,19 @@ def test_more_than_2_31_elements():
 
 
 # ------------------------------------------------------------------------------------------------
-# Host emulation of the fast kernels' tiling/index math (CPU, no GPU needed).  These functions are
-# line-by-line transcriptions of toeplitz_wmma_kernel and fp32_blocked_kernel in csrc/dwconv_fwd.cu
-# (same tile constants, staging, skip conditions, Toeplitz blocks, sliding window), run on tiny
-# shapes and compared with F.conv2d -- they check the index math, not the CUDA code generation.
+# Host emulation of the fast kernels' index math: csrc/kernel_emulation.py (next to the kernels it
+# transcribes), run on tiny shapes against F.conv2d
 # ------------------------------------------------------------------------------------------------
-FB_H, FB_W, FB_STRIP = 32, 64, 8
+def _load_emulation():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lkconv_kernel_emulation", os.path.join(ROOT, "csrc", "kernel_emulation.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _ceil_div(a, b):
-    return -(-a // b)
-
-
-def _toeplitz_small_tile(Ho, Wo):  # transcription of toeplitz_small_tile()
-    big = _ceil_div(Ho, 64) * 64 * _ceil_div(Wo, 64) * 64
-    small = _ceil_div(Ho, 16) * 16 * _ceil_div(Wo, 16) * 16
-    return 2 * small <= big
-
-
-def emulate_toeplitz(x, w, bias, pt, pl, Ho, Wo, config=None):
-    """config: (TC_WARPS, TC_NB); None = what the launcher picks"""
-    if config is None:
-        config = (1, 1) if _toeplitz_small_tile(Ho, Wo) else (4, 4)
-    TC_WARPS, TC_NB = config
-    TC_BM, TC_BN = 16 * TC_WARPS, 16 * TC_NB
-    N, C, H, W = x.shape
-    KH, KW = w.shape[2], w.shape[3]
-    KK = (KW + 15 + 15) // 16
-    ldx = 16 * (TC_NB + KK - 1)
-    rows = TC_BM + KH - 1
-    y = torch.full((N, C, Ho, Wo), float("nan"), dtype=torch.float64)
-    for n in range(N):
-        for c in range(C):
-            f = w[c, 0].double()
-            for by in range(_ceil_div(Wo, TC_BN)):
-                for bz in range(_ceil_div(Ho, TC_BM)):
-                    ow0, oh0 = by * TC_BN, bz * TC_BM
-                    Xs = torch.zeros(rows, ldx, dtype=torch.float64)
-                    for r in range(rows):
-                        for q in range(ldx):
-                            ih, iw = oh0 - pt + r, ow0 - pl + q
-                            if 0 <= ih < H and 0 <= iw < W:
-                                Xs[r, q] = x[n, c, ih, iw]
-                    acc = torch.zeros(TC_WARPS, TC_NB, 16, 16, dtype=torch.float64)
-                    kh_lo = min(max(pt - oh0 - TC_BM + 1, 0), KH)
-                    kh_hi = min(max(H + pt - oh0, 0), KH)
-                    for kh in range(kh_lo, kh_hi):
-                        Ts = torch.zeros(KK, 16, 16, dtype=torch.float64)
-                        for kk in range(KK):
-                            for i in range(16):
-                                for nn in range(16):
-                                    kw = 16 * kk + i - nn
-                                    if 0 <= kw < KW:
-                                        Ts[kk, i, nn] = f[kh, kw]
-                        for warp in range(TC_WARPS):
-                            ih0 = oh0 - pt + warp * 16 + kh
-                            if not (ih0 + 15 >= 0 and ih0 < H):
-                                continue
-                            for kk in range(KK):
-                                for j in range(TC_NB):
-                                    iwc = ow0 - pl + 16 * (j + kk)
-                                    if iwc + 15 < 0 or iwc >= W:
-                                        continue
-                                    r0, c0 = warp * 16 + kh, 16 * (j + kk)
-                                    acc[warp, j] += Xs[r0:r0 + 16, c0:c0 + 16] @ Ts[kk]
-                    b = 0.0 if bias is None else float(bias[c])
-                    for warp in range(TC_WARPS):
-                        for j in range(TC_NB):
-                            for m in range(16):
-                                for nn in range(16):
-                                    oh, ow = oh0 + warp * 16 + m, ow0 + 16 * j + nn
-                                    if oh < Ho and ow < Wo:
-                                        y[n, c, oh, ow] = acc[warp, j, m, nn] + b
-    return y
-
-
-def emulate_fp32_blocked(x, w, bias, pt, pl, Ho, Wo):
-    N, C, H, W = x.shape
-    KH, KW = w.shape[2], w.shape[3]
-    ldx, rows = FB_W + KW - 1, FB_H + KH - 1
-    y = torch.full((N, C, Ho, Wo), float("nan"), dtype=torch.float64)
-    for n in range(N):
-        for c in range(C):
-            Fs = w[c, 0].double().flatten().tolist()
-            for by in range(_ceil_div(Wo, FB_W)):
-                for bz in range(_ceil_div(Ho, FB_H)):
-                    ow0, oh0 = by * FB_W, bz * FB_H
-                    Xs = [0.0] * (rows * ldx)
-                    for e in range(rows * ldx):
-                        r, q = divmod(e, ldx)
-                        ih, iw = oh0 - pt + r, ow0 - pl + q
-                        if 0 <= ih < H and 0 <= iw < W:
-                            Xs[e] = float(x[n, c, ih, iw])
-                    for t in range(FB_H * FB_W // FB_STRIP):
-                        row, c0 = t // (FB_W // FB_STRIP), (t % (FB_W // FB_STRIP)) * FB_STRIP
-                        oh, owb = oh0 + row, ow0 + c0
-                        if oh >= Ho or owb >= Wo:
-                            continue
-                        kh_lo, kh_hi = min(max(pt - oh, 0), KH), min(max(H + pt - oh, 0), KH)
-                        kw_lo = min(max(pl - (owb + FB_STRIP - 1), 0), KW)
-                        kw_hi = min(max(W + pl - owb, 0), KW)
-                        acc = [0.0] * FB_STRIP
-                        for kh in range(kh_lo, kh_hi):
-                            xr = (row + kh) * ldx + c0
-                            if kw_lo >= kw_hi:
-                                break
-                            xv = [Xs[xr + kw_lo + j] for j in range(FB_STRIP)]
-                            for kw in range(kw_lo, kw_hi):
-                                fv = Fs[kh * KW + kw]
-                                for j in range(FB_STRIP):
-                                    acc[j] += xv[j] * fv
-                                if kw + 1 < kw_hi:
-                                    xv = xv[1:] + [Xs[xr + kw + FB_STRIP]]
-                                    assert c0 + kw + FB_STRIP < ldx  # the smem read stays in the row
-                        b = 0.0 if bias is None else float(bias[c])
-                        for j in range(FB_STRIP):
-                            if owb + j < Wo:
-                                y[n, c, oh, owb + j] = acc[j] + b
-    return y
+EMU = _load_emulation()
 
 
 # (C, H, W, KH, KW, (top, bottom, left, right)): tile edges, K > H, asymmetric and large padding
@@ -463,16 +377,16 @@ EMU_CASES = {
 
 
 EMU_KERNELS = {
-    "toeplitz_64x64": lambda *a: emulate_toeplitz(*a, config=(4, 4)),
-    "toeplitz_16x16": lambda *a: emulate_toeplitz(*a, config=(1, 1)),
-    "toeplitz_auto": emulate_toeplitz,
-    "fp32_blocked": emulate_fp32_blocked,
+    "toeplitz_64x64": lambda *a: EMU.emulate_toeplitz(*a, config=(4, 4)),
+    "toeplitz_16x16": lambda *a: EMU.emulate_toeplitz(*a, config=(1, 1)),
+    "toeplitz_auto": EMU.emulate_toeplitz,
+    "fp32_blocked": EMU.emulate_fp32_blocked,
 }
 
 
 def test_toeplitz_tile_choice():
-    assert _toeplitz_small_tile(7, 7) and _toeplitz_small_tile(14, 14) and _toeplitz_small_tile(28, 28)
-    assert not _toeplitz_small_tile(56, 56) and not _toeplitz_small_tile(64, 100)
+    assert EMU.toeplitz_small_tile(7, 7) and EMU.toeplitz_small_tile(14, 14) and EMU.toeplitz_small_tile(28, 28)
+    assert not EMU.toeplitz_small_tile(56, 56) and not EMU.toeplitz_small_tile(64, 100)
 
 
 @pytest.mark.parametrize("kernel", list(EMU_KERNELS))
@@ -499,68 +413,17 @@ def test_fast_kernel_index_math_emulated(kernel, case):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
 
 
-def _wgrad_splits(N, Ho, Wo, C):  # transcription of wgrad_splits() in csrc/dwconv_bwd_weight.cu
-    R = N * Ho * Wo
-    s = _ceil_div(R, 2048)
-    s = min(s, _ceil_div(2048, max(C, 1)), 1024, 65535)
-    return max(s, 1)
-
-
-def emulate_wgrad(x, g, KH, KW, stride, pt, pl, dil, splits=None, threads=256):
-    """Transcription of wgrad_partial_kernel + wgrad_reduce_kernel (split/lane decomposition and the
-    incremental position walk)."""
-    N, C, H, W = x.shape
-    Ho, Wo = g.shape[2:]
-    sh, sw = stride
-    dh, dw = dil
-    taps, R = KH * KW, N * Ho * Wo
-    splits = splits or _wgrad_splits(N, Ho, Wo, C)
-    partial = torch.full((splits, C, taps), float("nan"), dtype=torch.float64)
-    chunk = _ceil_div(R, splits)
-    P = min(taps, threads)
-    L = threads // P
-    for c in range(C):
-        for s in range(splits):
-            r0, r1 = s * chunk, min(s * chunk + chunk, R)
-            for base in range(0, taps, P):
-                red = [0.0] * threads
-                for tid in range(threads):
-                    slot, lane = tid % P, tid // P
-                    tap = base + slot
-                    acc = 0.0
-                    if lane < L and tap < taps:
-                        kh, kw = divmod(tap, KW)
-                        r = r0 + lane
-                        ow, oh, n = r % Wo, (r // Wo) % Ho, r // (Wo * Ho)
-                        while r < r1:
-                            ih, iw = oh * sh - pt + kh * dh, ow * sw - pl + kw * dw
-                            if 0 <= ih < H and 0 <= iw < W:
-                                acc += float(x[n, c, ih, iw]) * float(g[n, c, oh, ow])
-                            ow += L
-                            while ow >= Wo:
-                                ow -= Wo
-                                oh += 1
-                                if oh == Ho:
-                                    oh, n = 0, n + 1
-                            r += L
-                    red[tid] = acc
-                for slot in range(P):
-                    if base + slot < taps:
-                        partial[s, c, base + slot] = sum(red[l * P + slot] for l in range(L))
-    return partial.sum(0).reshape(C, 1, KH, KW)
-
-
 # (N, C, H, W, KH, KW, stride, (top, bottom, left, right), dilation, splits, threads)
-WGRAD_EMU = {
+GRAD_WEIGHT_EMU = {
     "k3_lanes": (2, 1, 5, 3, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 3, 64),       # L > Wo: multi-row steps
     "k5_stride2_dil": (1, 2, 9, 8, 3, 2, (2, 1), (2, 0, 1, 3), (2, 2), 2, 4),   # taps > threads: several bases
     "k7_one_split": (2, 1, 6, 7, 7, 7, (1, 1), (3, 3, 3, 3), (1, 1), None, 64),
 }
 
 
-@pytest.mark.parametrize("case", list(WGRAD_EMU), ids=list(WGRAD_EMU))
-def test_wgrad_decomposition_emulated(case):
-    N, C, H, W, KH, KW, st, pad, dil, splits, threads = WGRAD_EMU[case]
+@pytest.mark.parametrize("case", list(GRAD_WEIGHT_EMU), ids=list(GRAD_WEIGHT_EMU))
+def test_grad_weight_decomposition_emulated(case):
+    N, C, H, W, KH, KW, st, pad, dil, splits, threads = GRAD_WEIGHT_EMU[case]
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
     w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -569,5 +432,5 @@ def test_wgrad_decomposition_emulated(case):
     out = F.conv2d(F.pad(x, (l, r, t, bo)), w, None, st, 0, dil, groups=C)
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     (gw_ref,) = torch.autograd.grad(out, w, g)
-    gw = emulate_wgrad(x, g, KH, KW, st, t, l, dil, splits, threads)
+    gw = EMU.emulate_grad_weight(x, g, KH, KW, st, t, l, dil, splits, threads)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)

@@ -21,76 +21,22 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 import lkconv  # noqa: E402
-from lkconv.backends import UnsupportedError, get_backend  # noqa: E402
+from lkconv.backends import Request, UnsupportedError, get_backend  # noqa: E402
 from lkconv.params import normalize_params  # noqa: E402
 from lkconv.testing import compare_all_passes  # noqa: E402
+
+from cases import TRITON_CPU_CASES, TRITON_CUDA_CASES, make_inputs  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# tiny shapes for the interpreter (tiles are 16x16: 17..20 gives partial tiles)
-CPU_CASES = {
-    "k1": dict(shape=(1, 2, 5, 6), k=(1, 1)),
-    "k3-bias": dict(shape=(2, 3, 9, 8), k=(3, 3), padding=1, bias=True),
-    "k7-partial-tiles": dict(shape=(1, 2, 19, 17), k=(7, 7), padding=3),
-    "k13-same": dict(shape=(1, 2, 14, 15), k=(13, 13), padding="same"),
-    "k31-gt-H": dict(shape=(1, 2, 9, 11), k=(31, 31), padding=15),
-    "k31-partial": dict(shape=(1, 1, 20, 18), k=(31, 31), padding=15, bias=True),
-    "k63": dict(shape=(1, 1, 8, 9), k=(63, 63), padding=31),
-    "even-k4-same": dict(shape=(2, 3, 9, 10), k=(4, 4), padding="same", bias=True),
-    "even-rect-6x8-same": dict(shape=(1, 2, 11, 12), k=(6, 8), padding="same"),
-    "rect-3x11": dict(shape=(1, 3, 10, 16), k=(3, 11), padding=(1, 5)),
-    "rect-31x5": dict(shape=(1, 2, 12, 10), k=(31, 5), padding=(15, 2)),
-    "asym-4tuple": dict(shape=(1, 2, 8, 9), k=(5, 3), padding=(0, 3, 2, 1)),
-    "pad-gt-kernel": dict(shape=(1, 2, 6, 7), k=(3, 3), padding=(5, 4, 6, 2)),
-    "valid": dict(shape=(1, 2, 9, 9), k=(5, 5), padding="valid"),
-    "stride2": dict(shape=(2, 3, 13, 12), k=(5, 5), stride=2, padding=2),
-    "stride2-partial": dict(shape=(1, 2, 18, 17), k=(7, 9), stride=2, padding=(3, 4)),
-    "stride-1x3": dict(shape=(1, 2, 11, 19), k=(3, 5), stride=(1, 3), padding=(1, 2)),
-    "dil2": dict(shape=(1, 3, 15, 14), k=(3, 3), dilation=2, padding=2),
-    "dil-2x3-same": dict(shape=(1, 2, 17, 16), k=(5, 4), dilation=(2, 3), padding="same"),
-    "stride2-dil2": dict(shape=(1, 2, 15, 16), k=(3, 3), stride=2, dilation=2, padding=2, bias=True),
-    "channels_last": dict(shape=(2, 5, 9, 9), k=(7, 7), padding=3, layout="channels_last"),
-    "channels_last-k31": dict(shape=(1, 3, 10, 12), k=(31, 31), padding=15, layout="channels_last"),
-    "channels_last-stride2": dict(shape=(1, 3, 11, 10), k=(5, 5), stride=2, padding=2, layout="channels_last"),
-    "noncontig-slice": dict(shape=(2, 4, 10, 10), k=(5, 5), padding=2, layout="slice", bias=True),
-    "batch0": dict(shape=(0, 3, 8, 8), k=(3, 3), padding=1),
-    "batch1-C1": dict(shape=(1, 1, 7, 7), k=(7, 7), padding=3),
-}
-
-# realistic shapes for the GPU (RepLKNet-31B-like layers, batch 2)
-CUDA_CASES = {
-    "c32-56-k31": dict(shape=(2, 32, 56, 56), k=(31, 31), padding=15, bias=True),
-    "c32-56-k31-cl": dict(shape=(2, 32, 56, 56), k=(31, 31), padding=15, layout="channels_last"),
-    "c96-28-k29": dict(shape=(2, 96, 28, 28), k=(29, 29), padding=14),
-    "c128-14-k27-cl": dict(shape=(2, 128, 14, 14), k=(27, 27), padding=13, layout="channels_last"),
-    "c256-7-k13": dict(shape=(2, 256, 7, 7), k=(13, 13), padding=6, bias=True),
-    "c32-56-k31-slice": dict(shape=(2, 32, 56, 56), k=(31, 31), padding=15, layout="slice"),
-    "c32-56-k7-s2": dict(shape=(2, 32, 56, 56), k=(7, 7), stride=2, padding=3),
-    "c32-30-k5-dil3-same": dict(shape=(2, 32, 30, 30), k=(5, 5), dilation=3, padding="same"),
-    "c32-33-even-k8-same": dict(shape=(2, 32, 33, 35), k=(8, 8), padding="same"),
-}
-
-
-def make(c, dtype, device):
-    N, C, H, W = c["shape"]
-    if c.get("layout") == "slice":
-        x = torch.randn(N, 2 * C, H + 3, W + 5, dtype=dtype, device=device)[:, ::2, 1 : 1 + H, 2 : 2 + W]
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(N, C, H, W, dtype=dtype, device=device)
-        if c.get("layout") == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-    w = torch.randn(C, 1, *c["k"], dtype=dtype, device=device)
-    b = torch.randn(C, dtype=dtype, device=device) if c.get("bias") else None
-    return x, w, b
+CPU_CASES = TRITON_CPU_CASES  # tests/cases.py (tiny shapes for the interpreter)
+CUDA_CASES = TRITON_CUDA_CASES  # realistic shapes for the GPU
 
 
 def run_case(c, dtype, device):
-    x, w, b = make(c, dtype, device)
-    results = compare_all_passes(
-        "triton", x, w, b, c.get("stride", 1), c.get("padding", 0), c.get("dilation", 1)
-    )
+    x, w, b = make_inputs(c, dtype, device)
+    results = compare_all_passes("triton", x, w, b, *c.conv_args)
     assert len(results) >= 3
     assert all(r.ok for r in results), "\n".join(str(r) for r in results)
 
@@ -237,9 +183,9 @@ OTHER_TILES = {
 def test_cpu_interpreter_other_tile_configs(name, monkeypatch):
     from lkconv.backends.triton import ops as tops
 
-    conv, wgrad_bk, case, dtype = OTHER_TILES[name]
+    conv, grad_weight_bk, case, dtype = OTHER_TILES[name]
     monkeypatch.setattr(tops, "_INTERP_CONV", conv)
-    monkeypatch.setattr(tops, "_INTERP_WGRAD_BK", wgrad_bk)
+    monkeypatch.setattr(tops, "_INTERP_GRAD_WEIGHT_BK", grad_weight_bk)
     run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
 
 
@@ -251,6 +197,31 @@ def test_cpu_interpreter_int64_offsets(case, monkeypatch):
 
     monkeypatch.setattr(tops, "_big", lambda *ts: True)
     run_case(CPU_CASES[case], torch.float16, "cpu")
+
+
+def test_poison_mode_fills_new_outputs_with_nan(monkeypatch):
+    """LKCONV_POISON_OUTPUTS=1: the buffers the GPU backends hand to their kernels start as NaN
+    (off: plain torch.empty)."""
+    from lkconv.backends.base import new_output, poison_outputs
+
+    ref = torch.zeros(1, 2, 3, 3).contiguous(memory_format=torch.channels_last)
+    monkeypatch.delenv("LKCONV_POISON_OUTPUTS", raising=False)
+    assert not poison_outputs()
+    monkeypatch.setenv("LKCONV_POISON_OUTPUTS", "1")
+    assert poison_outputs()
+    t = new_output((1, 2, 4, 4), ref, torch.float16, torch.channels_last)
+    assert t.dtype == torch.float16 and t.is_contiguous(memory_format=torch.channels_last)
+    assert bool(torch.isnan(t).all())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["k7-partial-tiles", "stride2-partial", "k31-partial"])
+def test_cpu_interpreter_poisoned_outputs(case, monkeypatch):
+    """With poisoned (NaN-filled) output buffers every pass still matches the reference: the kernels
+    write every element of forward, grad_input and the grad_weight workspace (partial tiles,
+    stride 2 and K > tile included)."""
+    monkeypatch.setenv("LKCONV_POISON_OUTPUTS", "1")
+    run_case(CPU_CASES[case], torch.float32, "cpu")
 
 
 def test_int64_switch_threshold():
@@ -334,7 +305,7 @@ def test_float64_is_declined():
     x = torch.randn(1, 2, 8, 8, dtype=torch.float64, device=dev)
     w = torch.randn(2, 1, 3, 3, dtype=torch.float64, device=dev)
     p = normalize_params(1, 1, 1, (3, 3))
-    why = get_backend("triton").check(x, w, p, "forward")
+    why = get_backend("triton").check(Request.of("forward", x, w, p))
     assert why is not None and "float64" in why
     with pytest.raises(UnsupportedError, match="float64"):
         lkconv.depthwise_conv2d(x, w, padding=1, backend="triton")
@@ -455,16 +426,16 @@ _COMPILE_CHECK = textwrap.dedent(
 
     conv = dict(PLANE_FAST=False, BM=64, BN=16, BK=32)
     for arch in (90, 80):
-        ptx = compile_(K.dw_fwd_kernel, "fp16", dict(geo(31, 1, 1), HAS_BIAS=True, **conv), arch)
+        ptx = compile_(K.dwconv_forward_kernel, "fp16", dict(geo(31, 1, 1), HAS_BIAS=True, **conv), arch)
         assert "mma" in ptx, "fp16 forward does not use tensor cores"
-        ptx = compile_(K.dw_wgrad_kernel, "bf16", dict(geo(31, 1, 1), BKH=32, BKW=32, BK=64), arch)
+        ptx = compile_(K.dwconv_grad_weight_kernel, "bf16", dict(geo(31, 1, 1), BKH=32, BKW=32, BK=64), arch)
         assert "mma" in ptx, "bf16 grad_weight does not use tensor cores"
-    compile_(K.dw_fwd_kernel, "fp32", dict(geo(13, 1, 1, prec="tf32"), HAS_BIAS=False, **conv), 90)
-    compile_(K.dw_dgrad_kernel, "bf16", dict(geo(7, 2, 2, big=True), PLANE_FAST=True, BM=64, BN=16, BK=32), 90)
-    compile_(K.dw_wgrad_kernel, "fp32", dict(geo(63, 2, 3, big=True, prec="ieee"), BKH=64, BKW=64, BK=32), 90, warps=8)
-    compile_(K.dw_fwd_kernel, "fp16", dict(geo(3, 2, 3), HAS_BIAS=False, PLANE_FAST=True, BM=16, BN=16, BK=16), 90, ones=True)
-    compile_(K.dw_dgrad_kernel, "fp16", dict(geo(1, 1, 1), PLANE_FAST=False, BM=16, BN=16, BK=16), 90, ones=True)
-    compile_(K.dw_wgrad_kernel, "fp16", dict(geo(3, 2, 3), BKH=16, BKW=16, BK=16), 90, ones=True)
+    compile_(K.dwconv_forward_kernel, "fp32", dict(geo(13, 1, 1, prec="tf32"), HAS_BIAS=False, **conv), 90)
+    compile_(K.dwconv_grad_input_kernel, "bf16", dict(geo(7, 2, 2, big=True), PLANE_FAST=True, BM=64, BN=16, BK=32), 90)
+    compile_(K.dwconv_grad_weight_kernel, "fp32", dict(geo(63, 2, 3, big=True, prec="ieee"), BKH=64, BKW=64, BK=32), 90, warps=8)
+    compile_(K.dwconv_forward_kernel, "fp16", dict(geo(3, 2, 3), HAS_BIAS=False, PLANE_FAST=True, BM=16, BN=16, BK=16), 90, ones=True)
+    compile_(K.dwconv_grad_input_kernel, "fp16", dict(geo(1, 1, 1), PLANE_FAST=False, BM=16, BN=16, BK=16), 90, ones=True)
+    compile_(K.dwconv_grad_weight_kernel, "fp16", dict(geo(3, 2, 3), BKH=16, BKW=16, BK=16), 90, ones=True)
     # the GPU launchers: autotuners build without a GPU; tiles far larger than the plane are pruned
     from lkconv.backends.triton import ops as O
     assert not O.INTERPRETED

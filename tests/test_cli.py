@@ -8,9 +8,19 @@ import pytest
 import torch
 
 import lkconv
-from lkconv.bench import cli
+from lkconv import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lkconv.__file__)))
+
+
+def _gpu_suite():
+    """benchmarks/gpu_suite.py (checkout-only tooling, not part of the package), imported by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_suite", os.path.join(ROOT, "benchmarks", "gpu_suite.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _run(*args, timeout=240):
@@ -22,7 +32,7 @@ def _run(*args, timeout=240):
 def test_help_and_bench_help():
     p = _run("--help")
     assert p.returncode == 0, p.stderr
-    for cmd in ("info", "bench", "verify", "suite", "train", "examples"):
+    for cmd in ("info", "bench", "verify", "train", "examples"):
         assert cmd in p.stdout
     # argparse runs in-process for the sub-command help (no second interpreter start)
     with pytest.raises(SystemExit) as e:
@@ -121,7 +131,6 @@ BAD_INPUT = [
     (["bench", "--set", "tiny", "--device", "tpu"], "--device", True),
     (["bench", "--set", "tiny", "--device", "cuda"], "--device", _NO_CUDA),
     (["bench", "--set", "tiny", "--out", os.path.abspath(__file__)], "--out", True),  # a file, not a folder
-    (["suite", "/tmp/x", "--budget-s", "0"], "--budget-s", True),
     (["verify", "--cases", "nope"], "--cases", True),
     (["verify", "--devices", "gpu"], "--devices", True),
     (["verify", "--devices", "cuda"], "--devices", _NO_CUDA),
@@ -194,7 +203,7 @@ def test_verify_command_exit_code(capsys):
 def test_suite_orchestration(tmp_path, monkeypatch):
     """The suite's steps, their order and summary.md, with each step's subprocess stubbed out
     (the real steps are `python -m lkconv info/verify/bench` and pytest, tested above)."""
-    from lkconv.bench import suite
+    suite = _gpu_suite()
 
     calls = []
 
@@ -221,7 +230,7 @@ def test_suite_orchestration(tmp_path, monkeypatch):
 def test_suite_test_commands():
     """The pytest steps: one `-m gpu` run without xdist or GPU; with both, the non-slow GPU tests in
     parallel and the slow (> 2**31 elements, ~25 GiB) ones afterwards in one process."""
-    from lkconv.bench.suite import gpu_test_commands
+    gpu_test_commands = _gpu_suite().gpu_test_commands
 
     def opt(cmd, flag):  # the value of the last `flag` in cmd (the first -m is `-m pytest`)
         idx = [k for k, a in enumerate(cmd) if a == flag]
@@ -254,3 +263,38 @@ def test_train_timing_warnings():
     busy = {"load1": 1.5, "cores": 2, "threads": 2}
     ws = _timing_warnings([0.1] * 10, busy, None, cpu, timing_warnings)
     assert any("--threads 1" in w for w in ws)
+
+
+def test_suite_device_out_packs_the_results(tmp_path, monkeypatch):
+    """--device-out (what benchmarks/device_check.sh runs): the results folder packed into
+    DIR/suite.tgz, summary.md next to it, the suite's exit code returned."""
+    import tarfile
+
+    suite = _gpu_suite()
+
+    def fake_step(name, cmd, log_path, timeout, cwd, echo=True, env=None):
+        open(log_path, "w").write("ok\n")
+        return dict(step=name, rc=1 if name == "verify" else 0, seconds=0.1, log=os.path.basename(log_path),
+                    note="", command=" ".join(cmd))
+
+    monkeypatch.setattr(suite, "_run_step", fake_step)
+    out = tmp_path / "out"
+    rc = suite.main([str(tmp_path / "run"), "--device-out", str(out), "--budget-s", "100"])
+    assert rc == 1  # the failed verify step fails the suite
+    assert "| verify | 1 |" in (out / "summary.md").read_text()
+    with tarfile.open(out / "suite.tgz") as tar:
+        names = tar.getnames()
+    assert "./summary.md" in names and "./verify.log" in names
+    with pytest.raises(SystemExit):
+        suite.main([])  # neither OUTDIR nor --device-out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["/tmp/x", "--budget-s", "0"], "--budget-s"),
+    ([os.path.abspath(__file__)], "OUTDIR"),  # a file, not a folder
+])
+def test_gpu_suite_bad_arguments(argv, needle, capsys):
+    """benchmarks/gpu_suite.py checks its arguments before it builds or runs anything."""
+    with pytest.raises(SystemExit) as e:
+        _gpu_suite().main(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err

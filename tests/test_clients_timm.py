@@ -98,7 +98,7 @@ def _lk_modules(model):
 
 
 def _close(out, ref, dtype, what, baseline=0.0):
-    """max|out - ref| <= 2 * baseline + floor * max(1, max|ref|)   (DESIGN §7 style; ``baseline`` is
+    """max|out - ref| <= 2 * baseline + floor * max(1, max|ref|)   (the tolerance rule of docs/architecture.md; ``baseline`` is
     the error of timm's own result where there is one)."""
     scale = max(1.0, ref.abs().max().item())
     tol = 2.0 * baseline + (1e-10 if dtype == torch.float64 else 2e-5) * scale

@@ -103,10 +103,7 @@ def _extras():
 
 def _check_command(cmd):
     """Returns a description of what was checked, or None for a command this test does not know."""
-    try:  # the CLI module moves from lkconv.bench.cli to lkconv.cli
-        from lkconv import cli
-    except ImportError:
-        from lkconv.bench import cli
+    from lkconv import cli
     from lkconv.models import train
 
     while cmd and re.match(r"^[A-Z_]+=", cmd[0]):  # VAR=value prefixes

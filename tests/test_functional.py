@@ -9,39 +9,16 @@ from lkconv.backends import resolve_backend
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes
 
-# the curated feature list of issue 2 (every backend's own test file covers the same features)
-CASES = {
-    "k3": dict(shape=(2, 3, 9, 8), k=(3, 3), padding=1),
-    "k7-bias": dict(shape=(2, 5, 11, 10), k=(7, 7), padding=3, bias=True),
-    "k13-same": dict(shape=(1, 3, 14, 15), k=(13, 13), padding="same"),
-    "k31-gt-H": dict(shape=(1, 2, 9, 11), k=(31, 31), padding=15),
-    "even-k4-same": dict(shape=(2, 3, 9, 10), k=(4, 4), padding="same", bias=True),
-    "rect-3x11": dict(shape=(1, 3, 10, 16), k=(3, 11), padding=(1, 5)),
-    "asym-4tuple": dict(shape=(1, 2, 8, 9), k=(5, 3), padding=(0, 3, 2, 1)),
-    "stride2": dict(shape=(2, 3, 13, 12), k=(5, 5), stride=2, padding=2),
-    "dil2": dict(shape=(1, 3, 15, 14), k=(3, 3), dilation=2, padding=2),
-    "valid": dict(shape=(1, 2, 9, 9), k=(5, 5), padding="valid"),
-    "batch0": dict(shape=(0, 3, 8, 8), k=(3, 3), padding=1),
-    "batch1-C1": dict(shape=(1, 1, 7, 7), k=(7, 7), padding=3),
-    "channels_last": dict(shape=(2, 5, 9, 9), k=(7, 7), padding=3, layout="channels_last"),
-    "noncontig-slice": dict(shape=(2, 4, 10, 10), k=(5, 5), padding=2, layout="slice"),
-}
+from cases import GENERIC_CASES, make_inputs
+
+CASES = GENERIC_CASES  # tests/cases.py: the curated feature list (every backend's own file covers the same)
 
 
 def make(case, dtype=torch.float32, device="cpu"):
     c = CASES[case]
-    N, C, H, W = c["shape"]
-    if c.get("layout") == "slice":
-        x = torch.randn(N, 2 * C, H + 3, W + 5, dtype=dtype, device=device)[:, ::2, 1 : 1 + H, 2 : 2 + W]
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(N, C, H, W, dtype=dtype, device=device)
-        if c.get("layout") == "channels_last":
-            x = x.to(memory_format=torch.channels_last)
-    w = torch.randn(C, 1, *c["k"], dtype=dtype, device=device)
-    b = torch.randn(C, dtype=dtype, device=device) if c.get("bias") else None
-    kw = dict(stride=c.get("stride", 1), padding=c.get("padding", 0), dilation=c.get("dilation", 1))
-    return x, w, b, kw
+    x, w, b = make_inputs(c, dtype, device)
+    s, p, d = c.conv_args
+    return x, w, b, dict(stride=s, padding=p, dilation=d)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -156,3 +133,55 @@ def test_gradients_only_for_what_requires_grad():
     w = torch.randn(2, 1, 3, 3, dtype=torch.float64)
     lkconv.depthwise_conv2d(x, w, padding=1).sum().backward()
     assert x.grad is not None and w.grad is None
+
+
+def test_require_is_the_one_resolution_point():
+    from lkconv.backends import Request, UnsupportedError, require, validate_backend_name
+
+    x = torch.randn(1, 2, 6, 6)
+    w = torch.randn(2, 1, 3, 3)
+    p = normalize_params(1, 1, 1, (3, 3))
+    req = Request.of("grad_weight", x, w, p)
+    assert req.weight_dtype is None and req.output_shape == (1, 2, 6, 6)
+    assert require("torch", req).name == "torch"
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        require("auto", req)
+    with pytest.raises(ValueError, match=r"unknown backend 'nope' \(argument: backend\)"):
+        require("nope", req)
+    # a backend that declines a pass raises UnsupportedError naming the pass
+    xi = Request("grad_input", x.device, torch.int32, torch.int32, (1, 2, 6, 6), (2, 1, 3, 3), p)
+    with pytest.raises(UnsupportedError, match=r"'cpu' does not support this case \(grad_input\)"):
+        require("cpu", xi)
+    # the op itself goes through require: a direct call the backend declines says so, naming the pass
+    with pytest.raises(UnsupportedError, match=r"'cpu' does not support this case \(forward\).*int32"):
+        torch.ops.lkconv.dwconv2d(x.int(), w.int(), None, [1, 1], [1, 1, 1, 1], [1, 1], "cpu")
+    validate_backend_name(None)
+    with pytest.raises(TypeError, match="backend must be a string"):
+        validate_backend_name(None, allow_none=False)
+    with pytest.raises(TypeError, match="backend must be a string"):
+        validate_backend_name(3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type (CUDA)")
+def test_direct_op_call_on_mixed_devices_names_them():
+    x = torch.randn(1, 2, 6, 6)
+    w = torch.randn(2, 1, 3, 3, device="cuda")
+    with pytest.raises(ValueError, match="different devices"):
+        torch.ops.lkconv.dwconv2d(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], "torch")
+
+
+def test_make_inputs_layouts():
+    """tests/cases.py's builder: the layout it is asked for, the case's bias, reproducible with a seed."""
+    from cases import Case
+
+    c = Case("t", (2, 3, 5, 6), (3, 2), bias=True)
+    x, w, b = make_inputs(c, torch.float16)
+    assert x.shape == (2, 3, 5, 6) and w.shape == (3, 1, 3, 2) and b.shape == (3,) and x.dtype == torch.float16
+    assert x.is_contiguous()
+    x, _, _ = make_inputs(c, layout="channels_last")
+    assert not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    x, _, b = make_inputs(c, layout="sliced", bias=False)
+    assert b is None and not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(make_inputs(c, seed=3)[1], make_inputs(c, seed=3)[1])
+    with pytest.raises(ValueError, match="layout"):
+        make_inputs(c, layout="nhwc")

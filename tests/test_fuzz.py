@@ -7,7 +7,7 @@ from it and checks the real op (``lkconv.depthwise_conv2d``, autograd included):
 * an invalid geometry (C = 0, empty spatial input, output size <= 0, "same" with stride > 1)
   raises ``ValueError``;
 * a backend that declines a needed pass (``check()`` returns a reason) raises ``UnsupportedError``;
-* otherwise output and every requested gradient match the fp64 reference within the DESIGN §7
+* otherwise output and every requested gradient match the fp64 reference within the tolerance rule
   tolerance (``lkconv.testing.tolerance``), with the right shape, dtype and memory format, and no
   NaN where the reference is finite.  Unused parts of sliced buffers are filled with NaN, so a
   kernel that reads outside its view is caught.
@@ -43,7 +43,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import lkconv  # noqa: E402
 from lkconv import UnsupportedError  # noqa: E402
-from lkconv.backends import get_backend  # noqa: E402
+from lkconv.backends import Request, get_backend  # noqa: E402
 from lkconv.ops import memory_format_of  # noqa: E402
 from lkconv.params import normalize_params  # noqa: E402
 from lkconv.testing import _torch_d_all_passes, no_tf32, reference_all_passes, tolerance  # noqa: E402
@@ -311,7 +311,7 @@ def run_case(case, backend: str, device: str = "cpu", cpu_path=None):
     p = normalize_params(case["stride"], case["padding"], case["dilation"], (case["KH"], case["KW"]))
     passes = ["forward"] + (["grad_input"] if rg_x else []) + (["grad_weight"] if rg_w else [])
     inst = get_backend(backend)
-    declined = [(ps, inst.check(x, w, p, ps)) for ps in passes]
+    declined = [(ps, inst.check(Request.of(ps, x, w, p))) for ps in passes]
     declined = [(ps, why) for ps, why in declined if why is not None]
     if declined:
         event(f"declined: {declined[0][1][:60]}")
@@ -391,7 +391,7 @@ def test_fuzz_cpu_builtin(backend):
     _require(backend)
     # The reference backend sums KH*KW shifted slices *in the input dtype*: in fp16/bf16 that
     # accumulation is far less accurate than PyTorch's (fp32-accumulating) conv, so it misses the
-    # DESIGN §7 tolerance (found by this fuzzer; e.g. bf16, K=24, dilation 2: grad_input err 2.8e-2
+    # tolerance rule (docs/architecture.md) (found by this fuzzer; e.g. bf16, K=24, dilation 2: grad_input err 2.8e-2
     # > tol 2.7e-2).  It is the fp64 oracle, not a low-precision kernel: fuzz it in fp32/fp64.
     dtypes = ("fp32", "fp64") if backend == "reference" else tuple(DTYPES)
     _fuzz(backend, "cpu", conv_cases(dtypes=dtypes))
@@ -520,7 +520,7 @@ def _fuzz_double(backend, device, tiny=False):
             return False
         p = normalize_params(case["stride"], case["padding"], case["dilation"], (case["KH"], case["KW"]))
         x, w, _, _ = build(case, device)
-        return all(get_backend(backend).check(x, w, p, ps) is None for ps in ("forward", "grad_input", "grad_weight"))
+        return all(get_backend(backend).check(Request.of(ps, x, w, p)) is None for ps in ("forward", "grad_input", "grad_weight"))
 
     @settings(settings.get_profile(PROFILE), max_examples=n)
     @given(case=conv_cases(tiny=tiny, dtypes=dtypes).filter(valid))

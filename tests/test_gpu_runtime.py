@@ -31,19 +31,19 @@ def _need(backend):
 
 
 def _supports(backend, x, w, padding=0, stride=1, dilation=1):
-    from lkconv.backends import get_backend
+    from lkconv.backends import Request, get_backend
     from lkconv.params import normalize_params
 
     p = normalize_params(stride, padding, dilation, (w.shape[2], w.shape[3]))
     inst = get_backend(backend)
     for ps in ("forward", "grad_input", "grad_weight"):
-        why = inst.check(x, w, p, ps)
+        why = inst.check(Request.of(ps, x, w, p))
         if why is not None:
             pytest.skip(f"backend {backend!r} declines ({ps}): {why}")
 
 
 def _ref_check(backend, x, w, b, g, out, gx, gw, gb, padding, stride=1, dilation=1):
-    """out/grads of a run vs the fp64 reference, with the DESIGN §7 tolerance."""
+    """out/grads of a run vs the fp64 reference, with the tolerance rule (docs/architecture.md)."""
     from lkconv.testing import reference_all_passes
     from lkconv.params import normalize_params
 

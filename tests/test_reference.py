@@ -54,7 +54,7 @@ def test_same_padding_is_asymmetric_for_even_kernels():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reference_backend_16bit_within_tolerance(dtype):
-    """16-bit inputs are computed in fp32 and cast once, so even K=24 sums meet DESIGN §7."""
+    """16-bit inputs are computed in fp32 and cast once, so even K=24 sums meet the tolerance rule."""
     from lkconv.testing import compare_all_passes
 
     x = torch.randn(1, 2, 12, 12).to(dtype)

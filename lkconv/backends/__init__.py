@@ -26,7 +26,10 @@ from .base import (
     Backend,
     BackendError,
     BackendUnavailableError,
+    Request,
     UnsupportedError,
+    output_memory_format,
+    split_pad,
 )
 
 __all__ = [
@@ -34,7 +37,12 @@ __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "UnsupportedError",
+    "Request",
+    "output_memory_format",
+    "split_pad",
     "register_backend",
+    "validate_backend_name",
+    "require",
     "get_backend",
     "list_backends",
     "backend_status",
@@ -70,11 +78,22 @@ def list_backends() -> List[str]:
     return list(_FACTORIES)
 
 
+def validate_backend_name(name, *, allow_none: bool = True, argument: str = "backend") -> None:
+    """The one check of a backend name given by a user: ``None`` (the default backend; only where
+    ``allow_none``), ``"auto"``, or a registered name.  Raises TypeError/ValueError naming
+    ``argument``.  Used by the functional, the ops, the modules and the models."""
+    if name is None and allow_none:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"lkconv: {argument} must be a string, got {type(name).__name__}")
+    if name != "auto" and name not in _FACTORIES:
+        choices = ("None, " if allow_none else "") + f"'auto' or one of {list_backends()}"
+        raise ValueError(f"lkconv: unknown backend {name!r} (argument: {argument}); choose {choices}")
+
+
 def _instance(name: str) -> Backend:
     if name not in _FACTORIES:
-        raise ValueError(
-            f"lkconv: unknown backend {name!r} (argument: backend); choose 'auto' or one of {list_backends()}"
-        )
+        validate_backend_name(name, allow_none=False)
     # no lock here: this runs under torch.compile tracing; dict operations are atomic under the GIL
     # and constructing a backend twice in a race is harmless.
     inst = _INSTANCES.get(name)
@@ -117,13 +136,27 @@ def _unavailable_reason(name: str) -> str:
 def get_backend(name: str) -> Backend:
     """The backend object ``name``; raises :class:`BackendUnavailableError` if it cannot run here."""
     if name not in _FACTORIES:
-        raise ValueError(
-            f"lkconv: unknown backend {name!r} (argument: backend); choose 'auto' or one of {list_backends()}"
-        )
+        validate_backend_name(name, allow_none=False)
     why = _unavailable_reason(name)
     if why:
         raise BackendUnavailableError(f"lkconv: backend {name!r} is not available: {why}")
     return _INSTANCES[name]
+
+
+def require(name: str, *requests: Request) -> Backend:
+    """The one resolution point of a concrete backend name: the backend object, after checking
+    that ``name`` is registered, available here, and supports every pass described by
+    ``requests``.  Raises ValueError (unknown name or "auto"), :class:`BackendUnavailableError`
+    or :class:`UnsupportedError`.  The functional (explicit names) and every op go through here."""
+    if name == "auto":
+        raise ValueError("lkconv: the lkconv ops take a concrete backend; resolve 'auto' first "
+                         "(lkconv.depthwise_conv2d does)")
+    inst = get_backend(name)
+    for req in requests:
+        why = inst.check(req)
+        if why is not None:
+            raise UnsupportedError(f"lkconv: backend {name!r} does not support this case ({req.pass_}): {why}")
+    return inst
 
 
 def backend_status() -> Dict[str, Optional[str]]:
@@ -140,8 +173,7 @@ def backend_status() -> Dict[str, Optional[str]]:
 def set_backend(name: str) -> None:
     """Set the process-wide default backend (``"auto"`` restores the automatic choice)."""
     global _default_backend
-    if name != "auto":
-        _instance(name)  # validates the name
+    validate_backend_name(name, allow_none=False)
     _default_backend = name
 
 
@@ -166,17 +198,13 @@ def resolve_backend(
 ) -> str:
     """Turn a requested backend name (or None / "auto") into a concrete backend that is available
     and supports every pass in ``passes`` for these tensors.  Explicit names that cannot serve the
-    case raise; ``auto`` walks the chain of its device type."""
+    case raise (through :func:`require`); ``auto`` walks the chain of its device type."""
     if name is None:
         name = _default_backend
-    if not isinstance(name, str):
-        raise TypeError(f"lkconv: backend must be a string, got {type(name).__name__}")
+    validate_backend_name(name, allow_none=False)
+    requests = [Request.of(p, x, weight, params) for p in passes]
     if name != "auto":
-        inst = get_backend(name)
-        for p in passes:
-            why = inst.check(x, weight, params, p)
-            if why is not None:
-                raise UnsupportedError(f"lkconv: backend {name!r} does not support this case ({p}): {why}")
+        require(name, *requests)
         return name
     reasons = []
     for cand in AUTO_CHAIN.get(x.device.type, _FALLBACK_CHAIN):
@@ -185,7 +213,7 @@ def resolve_backend(
         why = _unavailable_reason(cand) or None
         if why is None:
             inst = _INSTANCES[cand]
-            why = next((w for w in (inst.check(x, weight, params, p) for p in passes) if w is not None), None)
+            why = next((w for w in (inst.check(r) for r in requests) if w is not None), None)
         if why is None:
             return cand
         reasons.append(f"{cand}: {why}")

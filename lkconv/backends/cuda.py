@@ -29,8 +29,19 @@ import torch
 from .base import Backend
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_KERNEL = 65535
-_MAX_PARAM = 1 << 30
+#: the mirror of csrc/dwconv_limits.h (the C++ kernels' size limits; tests/test_backend_cuda.py checks
+#: the two agree).  check() declines what the kernels cannot index.
+CUDA_LIMITS = {
+    "kMaxKernelSide": 65535,
+    "kMaxKernelTaps": 2**31 - 1,
+    "kMaxGeometry": 2**30,
+    "kMaxFastKernelSide": 1024,
+    "kMaxGridX": 2**31 - 1,
+    "kMaxGridYZ": 65535,
+    "kMaxGridStrideBlocks": 2**20,
+}
+_MAX_KERNEL = CUDA_LIMITS["kMaxKernelSide"]
+_MAX_PARAM = CUDA_LIMITS["kMaxGeometry"]
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) "
     "where a CUDA toolkit (nvcc) and a CUDA build of torch are present, or set LKCONV_JIT=1 to JIT-build "
@@ -43,10 +54,10 @@ def _csrc_dir() -> str:
 
 
 def ops_registered() -> bool:
-    """True when torch.ops.lkconv_cuda.{fwd, grad_input, grad_weight} exist in this process."""
+    """True when torch.ops.lkconv_cuda.{forward, grad_input, grad_weight} exist in this process."""
     try:
         ns = torch.ops.lkconv_cuda
-        return all(hasattr(ns, n) for n in ("fwd", "grad_input", "grad_weight"))
+        return all(hasattr(ns, n) for n in ("forward", "grad_input", "grad_weight"))
     except Exception:
         return False
 
@@ -138,17 +149,18 @@ class CUDABackend(Backend):
         return load_extension()
 
     # -- support ----------------------------------------------------------------------------------
-    def check(self, x, weight, params, pass_):
-        if x.device.type != "cuda":
-            return f"needs CUDA tensors, got device {x.device.type}"
-        if x.dtype not in _SUPPORTED:
-            return f"dtype {x.dtype} not supported (float16, bfloat16, float32)"
-        if pass_ == "forward" and weight.dtype != x.dtype:
-            return f"weight dtype {weight.dtype} differs from input dtype {x.dtype}"
-        if x.dim() != 4 or weight.dim() != 4:
+    def check(self, req):
+        if req.device.type != "cuda":
+            return f"needs CUDA tensors, got device {req.device.type}"
+        if req.dtype not in _SUPPORTED:
+            return f"dtype {req.dtype} not supported (float16, bfloat16, float32)"
+        if req.pass_ == "forward" and req.weight_dtype != req.dtype:
+            return f"weight dtype {req.weight_dtype} differs from input dtype {req.dtype}"
+        if len(req.input_shape) != 4 or len(req.weight_shape) != 4:
             return "needs 4-D input and weight"
-        if weight.shape[2] > _MAX_KERNEL or weight.shape[3] > _MAX_KERNEL:
-            return f"kernel size {tuple(weight.shape[2:])} exceeds {_MAX_KERNEL}"
+        if req.weight_shape[2] > _MAX_KERNEL or req.weight_shape[3] > _MAX_KERNEL:
+            return f"kernel size {tuple(req.weight_shape[2:])} exceeds {_MAX_KERNEL}"
+        params = req.params
         if max(params.stride) > _MAX_PARAM or max(params.dilation) > _MAX_PARAM or max(params.padding) > _MAX_PARAM:
             return f"stride/padding/dilation beyond {_MAX_PARAM}"
         return None
@@ -157,7 +169,7 @@ class CUDABackend(Backend):
     def forward(self, x, weight, bias, p):
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return torch.ops.lkconv_cuda.fwd(x, weight, bias, list(p.stride), list(p.padding), list(p.dilation), self.algo)
+        return torch.ops.lkconv_cuda.forward(x, weight, bias, list(p.stride), list(p.padding), list(p.dilation), self.algo)
 
     def grad_input(self, grad_out, weight, input_shape, p):
         if weight.dtype != grad_out.dtype:

@@ -2,7 +2,7 @@
 
 It is written from the definition, independently of ``F.conv2d``:
 
-    out[n, c, i, j] = b[c] + sum_{kh, kw} w[c, 0, kh, kw] * xpad[n, c, i*sh + kh*dh, j*sw + kw*dw]
+    out[n, c, i, j] = b[c] + sum_{kh, kw} w[c, 0, kh, kw] * xpad[n, c, i*sh + kh*dil_h, j*sw + kw*dil_w]
 
 computed as a sum of KH*KW strided slices of the zero-padded input.  Both gradients come from the
 same slices (grad_input scatters them back, grad_weight reduces them).  It runs on any device and in
@@ -22,8 +22,8 @@ from .base import Backend
 
 def _slice(p: ConvParams, kh: int, kw: int, ho: int, wo: int):
     sh, sw = p.stride
-    dh, dw = p.dilation
-    r0, c0 = kh * dh, kw * dw
+    dil_h, dil_w = p.dilation
+    r0, c0 = kh * dil_h, kw * dil_w
     return (
         slice(r0, r0 + sh * (ho - 1) + 1, sh),
         slice(c0, c0 + sw * (wo - 1) + 1, sw),
@@ -82,7 +82,7 @@ class ReferenceBackend(Backend):
     description = "sum of shifted slices from the definition; any device/dtype; the test oracle (slow)"
 
     # 16-bit inputs are computed in fp32 and cast once (accumulating KH*KW terms in fp16/bf16 would
-    # fail the DESIGN §7 tolerance for large kernels)
+    # fail the tolerance rule (docs/architecture.md) for large kernels)
     def forward(self, x, weight, bias, params):
         return reference_forward(_up(x), _up(weight), _up(bias), params).to(x.dtype)
 

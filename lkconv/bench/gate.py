@@ -1,5 +1,5 @@
 """The correctness gate: before a provider is timed on a case, its outputs are compared with the
-fp64 reference (``lkconv.backends.reference``, written from the definition) under the DESIGN §7 rule
+fp64 reference (``lkconv.backends.reference``, written from the definition) under the tolerance rule (docs/architecture.md)
 of :func:`lkconv.testing.tolerance`:
 
     max|out - ref| <= 2 * max|torch_d - ref| + floor_d * max(1, max|ref|)

@@ -368,14 +368,9 @@ def create_model(name: str, **kwargs) -> RepLKNet:
 def set_model_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     """Set the lkconv backend of every lkconv module (and of every re-parameterizable block, so the
     deployed convolutions inherit it) in ``model``; None: lkconv's default.  Returns ``model``."""
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"set_model_backend: backend must be a string or None, got {type(backend).__name__}")
-    if backend is not None and backend != "auto":
-        from ..backends import list_backends
+    from ..backends import validate_backend_name
 
-        if backend not in list_backends():
-            raise ValueError(f"set_model_backend: unknown backend {backend!r}; choose 'auto' or one of "
-                             f"{list_backends()}")
+    validate_backend_name(backend)
     for m in model.modules():
         if isinstance(m, (LargeKernelConv2d, ReparamModule)):
             m.backend = backend
@@ -384,25 +379,11 @@ def set_model_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
 
 def to_nn_conv2d(model: nn.Module) -> nn.Module:
     """Replace every lkconv module by a plain ``nn.Conv2d`` sharing its parameters (in place): the
-    same model on PyTorch's own convolution, for baselines.  State-dict keys do not change."""
-    def plain(m):
-        c = nn.Conv2d.__new__(nn.Conv2d)
-        nn.Module.__init__(c)
-        for k, v in m.__dict__.items():
-            if k not in ("_parameters", "_buffers", "_modules", "backend"):
-                c.__dict__[k] = v
-        c._parameters = dict(m._parameters)
-        c._buffers = dict(m._buffers)
-        c._modules = dict(m._modules)
-        return c
+    same model on PyTorch's own convolution, for baselines.  State-dict keys do not change.
+    (:func:`lkconv.reparam.to_plain`, the one swap function, under the models' name.)"""
+    from ..reparam import to_plain
 
-    if isinstance(model, LargeKernelConv2d):
-        return plain(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LargeKernelConv2d):
-                setattr(parent, name, plain(child))
-    return model
+    return to_plain(model, inplace=True)
 
 
 class CheckpointMismatchError(ValueError):

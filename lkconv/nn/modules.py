@@ -18,11 +18,9 @@ __all__ = ["LargeKernelConv2d", "DepthWiseConv2dImplicitGEMM"]
 
 def _check_backend_name(backend):
     """Fail at construction, not at the first forward, on a misspelt backend name."""
-    from ..backends import list_backends
+    from ..backends import validate_backend_name
 
-    if backend is not None and (not isinstance(backend, str) or (backend != "auto" and backend not in list_backends())):
-        raise ValueError(f"lkconv: unknown backend {backend!r} (argument: backend); choose None, 'auto' or one of "
-                         f"{list_backends()}")
+    validate_backend_name(backend)
     return backend
 
 

@@ -99,12 +99,16 @@ def reparameterize(model: nn.Module, inplace: bool = True, plain_conv: bool = Fa
 
 @torch.no_grad()
 def _plain(conv: LargeKernelConv2d) -> nn.Conv2d:
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                    device=conv.weight.device, dtype=conv.weight.dtype)
-    new.weight = conv.weight
-    new.bias = conv.bias
-    new.train(conv.training)
+    """An ``nn.Conv2d`` with ``conv``'s attributes, parameters, buffers and hooks (shared, not
+    copied); only lkconv's ``backend`` attribute is dropped."""
+    new = nn.Conv2d.__new__(nn.Conv2d)
+    nn.Module.__init__(new)
+    for k, v in conv.__dict__.items():
+        if k not in ("_parameters", "_buffers", "_modules", "backend"):
+            new.__dict__[k] = v
+    new._parameters = dict(conv._parameters)
+    new._buffers = dict(conv._buffers)
+    new._modules = dict(conv._modules)
     return new
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..params import int_pair
+
 __all__ = [
     "bn_scale_shift",
     "fuse_conv_bn",
@@ -36,11 +38,7 @@ KB = Tuple[Tensor, Tensor]
 
 
 def _pair(v, name: str) -> Tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        return (int(v[0]), int(v[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return int_pair(name, v)  # the one int-pair parser (lkconv.params)
 
 
 def _check_kernel(kernel, name: str = "kernel") -> None:

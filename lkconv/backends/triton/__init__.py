@@ -106,8 +106,8 @@ class TritonBackend(Backend):
             return f"triton backend probe failed ({type(e).__name__}: {e})"
 
     # -- support ----------------------------------------------------------------------------------
-    def check(self, x, weight, params, pass_):
-        dev = x.device.type
+    def check(self, req):
+        dev = req.device.type
         interp = self._interpreted if self._interpreted is not None else _env_interpret()
         if dev == "cpu":
             if not interp:
@@ -119,18 +119,18 @@ class TritonBackend(Backend):
             return f"device type {dev!r} not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
         elif interp:
             return "TRITON_INTERPRET=1: the Triton kernels run in the CPU interpreter in this process (CPU tensors only)"
-        if x.dtype not in _DTYPES:
-            return f"dtype {x.dtype} not supported (float16, bfloat16, float32; use backend 'torch' or 'cpu' for float64)"
-        if weight.dtype != x.dtype:
-            return f"weight dtype {weight.dtype} differs from input dtype {x.dtype}"
-        N, C = x.shape[0], x.shape[1]
-        KH, KW = weight.shape[2], weight.shape[3]
+        if req.dtype not in _DTYPES:
+            return f"dtype {req.dtype} not supported (float16, bfloat16, float32; use backend 'torch' or 'cpu' for float64)"
+        if req.weight_dtype is not None and req.weight_dtype != req.dtype:
+            return f"weight dtype {req.weight_dtype} differs from input dtype {req.dtype}"
+        N, C, H, W = req.input_shape
+        KH, KW = req.weight_shape[2], req.weight_shape[3]
         if C * KH * KW > _I32:
             return "C*KH*KW exceeds 2**31 (filter offsets are int32)"
         # one program per (plane, 16x16 tile) at worst: the 1-D grid must stay below 2**31; the
         # forward's grid covers the output plane, grad_input's the input plane (either may be larger)
-        ho, wo = params.out_size(x.shape[2], x.shape[3], KH, KW)
-        tiles = max(((x.shape[2] + 15) // 16) * ((x.shape[3] + 15) // 16), ((ho + 15) // 16) * ((wo + 15) // 16))
+        ho, wo = req.params.out_size(H, W, KH, KW)
+        tiles = max(((H + 15) // 16) * ((W + 15) // 16), ((ho + 15) // 16) * ((wo + 15) // 16))
         if N * C * max(tiles, 1) > _I32:
             return "too many (plane, tile) programs for a 1-D grid (N*C*tiles >= 2**31)"
         return None

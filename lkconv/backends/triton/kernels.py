@@ -7,7 +7,7 @@ means there is no reduction over channels)::
 
     y[i, j] = b + sum_{kh, kw} f[kh, kw] * x[i*SH + kh*DH - PT, j*SW + kw*DW - PL]      (0 outside x)
 
-**Row-Toeplitz implicit GEMM** (DESIGN.md §3/§4).  For one kernel row ``kh`` the 1-D convolution
+**Row-Toeplitz implicit GEMM** (docs/architecture.md, "Row-Toeplitz implicit GEMM").  For one kernel row ``kh`` the 1-D convolution
 along W of a tile of BM output rows by BN output columns is a matrix product::
 
     Y[BM, BN] += X_kh[BM, BK] @ T_kh[BK, BN],   T_kh[k, n] = f[kh, (k - n*SW) / DW]
@@ -18,12 +18,12 @@ in ``[0, KW*DW)``).  The input columns a tile needs span ``L = (BN-1)*SW + (KW-1
 walked in chunks of BK, and both the kernel rows and the column chunks are clipped to the part that
 touches real input (taps that fall entirely into the padding are skipped: for K >= H most are).
 
-* :func:`dw_fwd_kernel` — forward, any stride/dilation, signed padding offsets (so grad_input at
+* :func:`dwconv_forward_kernel` — forward, any stride/dilation, signed padding offsets (so grad_input at
   stride 1 is this kernel on ``grad_out`` with the flipped filter and offsets ``(K-1)*D - P``).
-* :func:`dw_dgrad_kernel` — grad_input for stride > 1 (the transposed Toeplitz: ``T[j, w] = f[kh,
+* :func:`dwconv_grad_input_kernel` — grad_input for stride > 1 (the transposed Toeplitz: ``T[j, w] = f[kh,
   (w + PL - j*SW) / DW]``, rows of grad_out picked by ``(h + PT - kh*DH) / SH``, masked where not
   integral).  Correct for any stride; half (or more) of its row loads are masked at stride 2.
-* :func:`dw_wgrad_kernel` — grad_weight as a GEMM with M = kernel rows, N = kernel columns and the
+* :func:`dwconv_grad_weight_kernel` — grad_weight as a GEMM with M = kernel rows, N = kernel columns and the
   reduction over (output row, input column) pairs: ``dW[kh, kw] += X[kh-rows, cols] @ G_T[cols,
   kw]`` with ``G_T[k, kw] = g[i, (k + PL - kw*DW) / SW]`` (a Toeplitz gather of one grad_out row).
   Each program reduces a contiguous range of (n, i) rows into fp32 partials ``ws[split, c, kh, kw]``;
@@ -62,7 +62,7 @@ def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def dw_fwd_kernel(
+def dwconv_forward_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     NC, C, H, W, HO, WO,
     sxn, sxc, sxh, sxw,
@@ -151,7 +151,7 @@ def dw_fwd_kernel(
 
 
 @triton.jit
-def dw_dgrad_kernel(
+def dwconv_grad_input_kernel(
     g_ptr, w_ptr, gx_ptr,
     NC, C, H, W, HO, WO,
     sgn, sgc, sgh, sgw,
@@ -238,7 +238,7 @@ def dw_dgrad_kernel(
 
 
 @triton.jit
-def dw_wgrad_kernel(
+def dwconv_grad_weight_kernel(
     x_ptr, g_ptr, ws_ptr,
     C, H, W, HO, WO, ROWS, ROWS_PER_SPLIT,
     sxn, sxc, sxh, sxw,

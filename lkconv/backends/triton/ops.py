@@ -14,6 +14,7 @@ import torch
 import triton
 
 from ...params import ConvParams
+from ..base import new_output, output_memory_format
 from ...precision import conv_tf32_enabled
 from . import kernels as K
 
@@ -38,15 +39,15 @@ _CONV_CONFIGS = [
 ]
 # grad_weight: BKH/BKW are fixed by the kernel size (see _kblock); BK (input columns per dot), warps
 # and stages are tuned
-_WGRAD_CONFIGS = [(32, 4, 2), (64, 4, 3), (128, 8, 3)]
+_GRAD_WEIGHT_CONFIGS = [(32, 4, 2), (64, 4, 3), (128, 8, 3)]
 
 _INTERP_CONV = dict(BM=16, BN=16, BK=16)
-_INTERP_WGRAD_BK = 16
+_INTERP_GRAD_WEIGHT_BK = 16
 
 # autotune keys: kernel size, plane sizes (input and output: the prune step looks at the output, which
 # padding changes), geometry, layout (Triton's autotuner adds the dtypes)
 _CONV_KEY = ["KH", "KW", "H", "W", "HO", "WO", "SH", "SW", "DH", "DW", "PLANE_FAST"]
-_WGRAD_KEY = ["KH", "KW", "H", "W", "SH", "SW", "DH", "DW"]
+_GRAD_WEIGHT_KEY = ["KH", "KW", "H", "W", "SH", "SW", "DH", "DW"]
 
 
 def _prune_conv(rows_arg: str, cols_arg: str):
@@ -69,8 +70,8 @@ def _conv_configs():
     ]
 
 
-def _wgrad_configs():
-    return [triton.Config(dict(BK=bk), num_warps=w, num_stages=s) for bk, w, s in _WGRAD_CONFIGS]
+def _grad_weight_configs():
+    return [triton.Config(dict(BK=bk), num_warps=w, num_stages=s) for bk, w, s in _GRAD_WEIGHT_CONFIGS]
 
 
 #: False: launch one default configuration instead of autotuning (GPU correctness tests use it to
@@ -78,19 +79,19 @@ def _wgrad_configs():
 AUTOTUNE = True
 
 if INTERPRETED:
-    _fwd_tuned = _dgrad_tuned = _wgrad_tuned = None
+    _forward_tuned = _grad_input_tuned = _grad_weight_tuned = None
 else:  # pragma: no cover - needs a GPU
-    _fwd_tuned = triton.autotune(
+    _forward_tuned = triton.autotune(
         configs=_conv_configs(), key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune_conv("HO", "WO")}
-    )(K.dw_fwd_kernel)
-    _dgrad_tuned = triton.autotune(
+    )(K.dwconv_forward_kernel)
+    _grad_input_tuned = triton.autotune(
         configs=_conv_configs(), key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune_conv("H", "W")}
-    )(K.dw_dgrad_kernel)
-    _wgrad_tuned = triton.autotune(configs=_wgrad_configs(), key=_WGRAD_KEY)(K.dw_wgrad_kernel)
+    )(K.dwconv_grad_input_kernel)
+    _grad_weight_tuned = triton.autotune(configs=_grad_weight_configs(), key=_GRAD_WEIGHT_KEY)(K.dwconv_grad_weight_kernel)
 
 
 def _launch_conv(tuned, base, grid, rows: int, args, kwargs) -> None:
-    """Launch a forward/dgrad kernel: fixed tiles under the interpreter, autotuned on the GPU (or one
+    """Launch a forward/grad_input kernel: fixed tiles under the interpreter, autotuned on the GPU (or one
     default config sized to the plane when AUTOTUNE is False)."""
     if INTERPRETED:
         base[grid](*args, **kwargs, **_INTERP_CONV)
@@ -101,23 +102,23 @@ def _launch_conv(tuned, base, grid, rows: int, args, kwargs) -> None:
         base[grid](*args, **kwargs, BM=bm, BN=16, BK=32, num_warps=4, num_stages=3)
 
 
-def _launch_wgrad(grid, args, kwargs) -> None:
+def _launch_grad_weight(grid, args, kwargs) -> None:
     if INTERPRETED:
-        K.dw_wgrad_kernel[grid](*args, **kwargs, BK=_INTERP_WGRAD_BK)
+        K.dwconv_grad_weight_kernel[grid](*args, **kwargs, BK=_INTERP_GRAD_WEIGHT_BK)
     elif AUTOTUNE:
-        _wgrad_tuned[grid](*args, **kwargs)
+        _grad_weight_tuned[grid](*args, **kwargs)
     else:
         # 64x64 kernel blocks (K >= 33) spill registers with 4 warps (ptxas, sm_90): use 8
         warps = 8 if kwargs["BKH"] * kwargs["BKW"] >= 4096 else 4
-        K.dw_wgrad_kernel[grid](*args, **kwargs, BK=64, num_warps=warps, num_stages=3)
+        K.dwconv_grad_weight_kernel[grid](*args, **kwargs, BK=64, num_warps=warps, num_stages=3)
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
 def _is_channels_last(t: torch.Tensor) -> bool:
-    """Same rule as lkconv.ops.memory_format_of (kept here to return the right format directly)."""
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """The output-format rule (:func:`lkconv.backends.base.output_memory_format`), as a bool."""
+    return output_memory_format(t) == torch.channels_last
 
 
 def _plane_fast(t: torch.Tensor) -> bool:
@@ -144,7 +145,7 @@ def _precision(dtype: torch.dtype):
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    # the interpreter's tl.dot on bf16 operands is wrong (DESIGN.md §4): compute it in fp32
+    # the interpreter's tl.dot on bf16 operands is wrong (docs/triton_backend.md, "Interpreter caveat"): compute it in fp32
     return INTERPRETED and dtype == torch.bfloat16
 
 
@@ -168,8 +169,7 @@ def _read_layout(t: torch.Tensor) -> torch.Tensor:
 
 
 def _empty_like_format(shape, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    fmt = torch.channels_last if _is_channels_last(ref) else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=ref.device, memory_format=fmt)
+    return new_output(shape, ref, dtype, output_memory_format(ref))
 
 
 def _device_guard(t: torch.Tensor):
@@ -206,7 +206,7 @@ def _conv(x, wflat, bias, out, KH, KW, stride, dilation, pt, pl):
         PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
     )
     with _device_guard(x):
-        _launch_conv(_fwd_tuned, K.dw_fwd_kernel, grid, HO, args, kwargs)
+        _launch_conv(_forward_tuned, K.dwconv_forward_kernel, grid, HO, args, kwargs)
     return out
 
 
@@ -225,7 +225,7 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
     N, C, H, W = (int(v) for v in input_shape)
     KH, KW = weight.shape[2], weight.shape[3]
     t, _, l, _ = p.padding
-    dh, dw = p.dilation
+    dil_h, dil_w = p.dilation
     gx = _empty_like_format((N, C, H, W), grad_out, grad_out.dtype)
     grad_out = _read_layout(grad_out)
     if gx.numel() == 0:
@@ -235,7 +235,7 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
         # filter and (signed) offsets (K-1)*D - P; only the top/left offsets matter, the output size is H x W
         return _conv(
             grad_out, _flat_weight(weight, flip=True), None, gx, KH, KW, (1, 1), p.dilation,
-            (KH - 1) * dh - t, (KW - 1) * dw - l,
+            (KH - 1) * dil_h - t, (KW - 1) * dil_w - l,
         )
     HO, WO = grad_out.shape[2], grad_out.shape[3]
     NC = N * C
@@ -250,12 +250,12 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
         t, l,
     )
     kwargs = dict(
-        KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=dh, DW=dw,
+        KH=KH, KW=KW, SH=p.stride[0], SW=p.stride[1], DH=dil_h, DW=dil_w,
         PLANE_FAST=_plane_fast(grad_out), BIG=_big(grad_out, gx),
         PREC=_precision(grad_out.dtype), UPCAST=_upcast(grad_out.dtype),
     )
     with _device_guard(grad_out):
-        _launch_conv(_dgrad_tuned, K.dw_dgrad_kernel, grid, H, args, kwargs)
+        _launch_conv(_grad_input_tuned, K.dwconv_grad_input_kernel, grid, H, args, kwargs)
     return gx
 
 
@@ -285,7 +285,7 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     splits = _num_splits(rows, per_split, x.device)
     rows_per_split = triton.cdiv(rows, splits)
     splits = triton.cdiv(rows, rows_per_split)
-    ws = torch.empty((splits, C, KH, KW), dtype=torch.float32, device=x.device)
+    ws = new_output((splits, C, KH, KW), x, torch.float32)
     t, _, l, _ = p.padding
     args = (
         x, grad_out, ws,
@@ -299,6 +299,6 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
         BKH=BKH, BKW=BKW,
     )
     with _device_guard(x):
-        _launch_wgrad((per_split * splits,), args, kwargs)
+        _launch_grad_weight((per_split * splits,), args, kwargs)
     # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
     return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)

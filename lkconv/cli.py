@@ -1,4 +1,8 @@
-"""The command line: ``python -m lkconv {info,bench,verify,suite,train}``."""
+"""The command line: ``python -m lkconv {info,bench,verify,train}``.
+
+The GPU suite (build, tests, benchmarks from a source checkout) is checkout-only tooling:
+``python benchmarks/gpu_suite.py OUTDIR`` (see docs/benchmarks.md).
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +22,6 @@ examples:
   python -m lkconv bench --set ksweep --ks 3,13,31 --dtypes fp16,tf32       # on a GPU
   python -m lkconv bench --set replknet31b --providers torch,torch-cl,lkconv-cuda
   python -m lkconv verify                    # every backend vs the fp64 reference; exit 1 on failure
-  python -m lkconv suite /tmp/gpu_run        # GPU box: build, tests, benchmarks -> one folder
   python -m lkconv train --help              # RepLKNet training (lkconv.models.train)
 """
 
@@ -74,13 +77,13 @@ def cmd_info(args) -> int:
     from lkconv.backends import UnsupportedError, get_backend, resolve_backend
     from lkconv.params import normalize_params
 
-    from .env import git_commit, pkg_version
+    from .bench.env import git_commit, pkg_version
 
     print(f"lkconv   {lkconv.__version__}  (commit {git_commit() or 'n/a'})  {os.path.dirname(lkconv.__file__)}")
     print(f"torch    {torch.__version__}  (CUDA build {torch.version.cuda or 'none'})")
     print(f"triton   {pkg_version('triton') or 'not installed'}")
     print(f"python   {platform.python_version()}  {platform.platform()}")
-    from .env import _cpu_model
+    from .bench.env import _cpu_model
 
     print(f"cpu      {_cpu_model()}  ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})")
     if torch.cuda.is_available():
@@ -90,7 +93,7 @@ def cmd_info(args) -> int:
                   f"cuDNN {torch.backends.cudnn.version()}")
     else:
         print("cuda     no CUDA device visible")
-    from .env import extension_info, format_extension_line
+    from .bench.env import extension_info, format_extension_line
 
     print(f"lkconv._C {format_extension_line(extension_info())}")
     print()
@@ -173,8 +176,8 @@ def bench_config(args) -> dict:
     stderr naming the argument."""
     import torch
 
-    from .providers import DTYPES, default_providers, make_provider
-    from .shapes import PASSES, parse_shape, shape_set
+    from .bench.providers import DTYPES, default_providers, make_provider
+    from .bench.shapes import PASSES, parse_shape, shape_set
 
     _check_positive(args, [("repeats", 1, False), ("target_s", 0, False), ("rep_ms", 0, True),
                            ("threads", 1, False), ("budget_s", 0, True), ("batch", 1, False)])
@@ -231,11 +234,11 @@ def bench_config(args) -> dict:
 def cmd_bench(args) -> int:
     import torch
 
-    from .env import device_slug, environment
-    from .peaks import lookup_peak
-    from .report import format_summary, format_table, unavailable_lines, write_results
-    from .runner import run_benchmark
-    from .timing import format_warnings, load_snapshot, timing_warnings
+    from .bench.env import device_slug, environment
+    from .bench.peaks import lookup_peak
+    from .bench.report import format_summary, format_table, unavailable_lines, write_results
+    from .bench.runner import run_benchmark
+    from .bench.timing import format_warnings, load_snapshot, timing_warnings
 
     cfg = bench_config(args)
     device, cuda, shapes, providers = cfg["device"], cfg["cuda"], cfg["shapes"], cfg["providers"]
@@ -306,7 +309,7 @@ def cmd_verify(args) -> int:
 
     import lkconv
 
-    from .verify import VERIFY_CASES, format_verify, run_verify
+    from .bench.verify import VERIFY_CASES, format_verify, run_verify
 
     cases = _csv_list(args.cases)
     if cases:
@@ -341,17 +344,6 @@ def cmd_verify(args) -> int:
     return 1 if fails else 0
 
 
-def cmd_suite(args) -> int:
-    if args.budget_s is not None and args.budget_s <= 0:
-        raise _fail(f"--budget-s must be > 0, got {args.budget_s}")
-    if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
-        raise _fail(f"OUTDIR {args.outdir!r} exists and is not a folder")
-    from .suite import run_suite
-
-    return run_suite(args.outdir, budget_s=args.budget_s, skip_build=args.skip_build, skip_tests=args.skip_tests,
-                     all_tests=args.all_tests, skip_bench=args.skip_bench)
-
-
 def cmd_train(argv: List[str]) -> int:
     try:
         from lkconv.models.train import main as train_main
@@ -366,9 +358,9 @@ def cmd_train(argv: List[str]) -> int:
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lkconv", description="lkconv: fast large-kernel depthwise "
-                                 "convolution -- info, benchmarks, verification, GPU suite, training.",
+                                 "convolution -- info, benchmarks, verification, training.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", metavar="{info,bench,verify,suite,train}")
+    sub = ap.add_subparsers(dest="command", metavar="{info,bench,verify,train}")
     sub.add_parser("info", help="versions, device, backends (available or why not), what auto picks")
 
     b = sub.add_parser("bench", help="benchmark providers on this device (gate vs reference, then time)",
@@ -403,14 +395,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--devices", help="comma-separated: cpu, cuda (default: cpu and cuda when visible)")
     v.add_argument("--cases", help="comma-separated case ids (default: all)")
 
-    s = sub.add_parser("suite", help="GPU box: build, verify, tests, benchmarks -> OUTDIR (<= 10 min on H100)")
-    s.add_argument("outdir")
-    s.add_argument("--budget-s", type=float, default=570.0, help="total time budget (default 570 s)")
-    s.add_argument("--skip-build", action="store_true")
-    s.add_argument("--skip-tests", action="store_true")
-    s.add_argument("--skip-bench", action="store_true")
-    s.add_argument("--all-tests", action="store_true", help="run the whole test suite, not only -m gpu")
-
     sub.add_parser("train", help="train RepLKNet models (lkconv.models.train); arguments are passed on",
                    add_help=False)
     return ap
@@ -425,4 +409,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
-    return {"info": cmd_info, "bench": cmd_bench, "verify": cmd_verify, "suite": cmd_suite}[args.command](args)
+    return {"info": cmd_info, "bench": cmd_bench, "verify": cmd_verify}[args.command](args)

@@ -1,5 +1,5 @@
 """Measured max errors of every transform and block (original structure vs re-parameterized),
-in fp64 and fp32, on CPU.  ``python -m lkconv.reparam.errors`` prints the table in docs/reparam.md.
+in fp64 and fp32, on CPU.  ``python -m lkconv.reparam.error_table`` prints the table in docs/reparam.md.
 
 Each row: max |y_reparam - y_original| where both are computed in the given dtype, from the same
 random parameters (random BN statistics) and input; ``scale`` is max |y_original| (fp64).

@@ -1,4 +1,4 @@
-// Type traits shared by the kernels: load/store conversions to the fp32 accumulator.
+// dtype conversions shared by the kernels: load/store to the fp32 accumulator (Cvt, Acc), ceil_div.
 #pragma once
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -11,10 +11,6 @@ template <> struct Cvt<float> {
   static __device__ __forceinline__ float to_f(float v) { return v; }
   static __device__ __forceinline__ float from_f(float v) { return v; }
 };
-template <> struct Cvt<double> {  // generic kernels only; accumulates in double
-  static __device__ __forceinline__ double to_f(double v) { return v; }
-  static __device__ __forceinline__ double from_f(double v) { return v; }
-};
 template <> struct Cvt<__half> {
   static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
@@ -24,9 +20,8 @@ template <> struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
 };
 
-// accumulator type: fp32 for fp32/fp16/bf16, fp64 for fp64
+// accumulator type: fp32 for every dispatched dtype (fp32, fp16, bf16)
 template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

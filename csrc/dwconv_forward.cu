@@ -3,21 +3,21 @@
 //
 //   generic_conv_kernel      one thread per output, any dtype/geometry/strides.  Obviously correct;
 //                            every case the fast kernels do not cover runs here.
-//   dgrad_strided_kernel     grad_input for stride > 1 (gather form), any dilation.
+//   grad_input_strided_kernel     grad_input for stride > 1 (gather form), any dilation.
 //   fp32_blocked_kernel      fp32, stride 1, dilation 1: CUDA-core direct conv, input tile + filter in
 //                            shared memory, each thread a strip of 8 outputs in one row.
 //   toeplitz_wmma_kernel     fp16/bf16, stride 1, dilation 1, sm80+: the row-Toeplitz implicit GEMM
 //                            on tensor cores (nvcuda::wmma m16n16k16, fp32 accumulate).
 //
 // Index convention (see dwconv_params.h):
-//   y[n,c,oh,ow] = sum_{kh,kw} x[n,c, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw] * w[c,kh,kw]
+//   y[n,c,oh,ow] = sum_{kh,kw} x[n,c, oh*sh - pt + kh*dil_h, ow*sw - pl + kw*dil_w] * w[c,kh,kw]
 #include <cuda_runtime.h>
 #include <mma.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
 #include "dwconv_launch.h"
-#include "dwconv_traits.cuh"
+#include "dwconv_convert.cuh"
 
 namespace lkconv {
 
@@ -43,10 +43,10 @@ __global__ void generic_conv_kernel(ConvArgs a) {
     const T* wc = w + c * a.KH * a.KW;
     A acc = 0;
     for (int64_t kh = 0; kh < a.KH; ++kh) {
-      const int64_t ih = oh * a.sh - a.pt + kh * a.dh;
+      const int64_t ih = oh * a.sh - a.pt + kh * a.dil_h;
       if (ih < 0 || ih >= a.H) continue;
       for (int64_t kw = 0; kw < a.KW; ++kw) {
-        const int64_t iw = ow * a.sw - a.pl + kw * a.dw;
+        const int64_t iw = ow * a.sw - a.pl + kw * a.dil_w;
         if (iw < 0 || iw >= a.W) continue;
         acc += (A)Cvt<T>::to_f(xc[ih * a.xs[2] + iw * a.xs[3]]) * (A)Cvt<T>::to_f(wc[kh * a.KW + kw]);
       }
@@ -57,11 +57,11 @@ __global__ void generic_conv_kernel(ConvArgs a) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// grad_input, stride > 1: gx[n,c,ih,iw] = sum over taps with (ih + pt - kh*dh) = oh*sh, 0 <= oh < Ho
+// grad_input, stride > 1: gx[n,c,ih,iw] = sum over taps with (ih + pt - kh*dil_h) = oh*sh, 0 <= oh < Ho
 //   here a.x = grad_out (spatial a.Ho x a.Wo), a.y = grad_input (spatial a.H x a.W)
 // ------------------------------------------------------------------------------------------------
 template <typename T>
-__global__ void dgrad_strided_kernel(ConvArgs a) {
+__global__ void grad_input_strided_kernel(ConvArgs a) {
   using A = typename Acc<T>::type;
   const T* __restrict__ g = static_cast<const T*>(a.x);
   const T* __restrict__ w = static_cast<const T*>(a.w);
@@ -78,12 +78,12 @@ __global__ void dgrad_strided_kernel(ConvArgs a) {
     const T* wc = w + c * a.KH * a.KW;
     A acc = 0;
     for (int64_t kh = 0; kh < a.KH; ++kh) {
-      const int64_t th = ih + a.pt - kh * a.dh;
+      const int64_t th = ih + a.pt - kh * a.dil_h;
       if (th < 0 || th % a.sh != 0) continue;
       const int64_t oh = th / a.sh;
       if (oh >= a.Ho) continue;
       for (int64_t kw = 0; kw < a.KW; ++kw) {
-        const int64_t tw = iw + a.pl - kw * a.dw;
+        const int64_t tw = iw + a.pl - kw * a.dil_w;
         if (tw < 0 || tw % a.sw != 0) continue;
         const int64_t ow = tw / a.sw;
         if (ow >= a.Wo) continue;
@@ -304,29 +304,29 @@ void launch_generic(const ConvArgs& a, cudaStream_t stream) {
   if (total == 0) return;
   const int threads = 256;
   int64_t blocks = ceil_div(total, threads);
-  if (blocks > (int64_t)1 << 20) blocks = (int64_t)1 << 20;  // grid-stride loop covers the rest
+  if (blocks > kMaxGridStrideBlocks) blocks = kMaxGridStrideBlocks;  // grid-stride loop covers the rest
   generic_conv_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-void launch_dgrad_generic(const ConvArgs& a, cudaStream_t stream) {
+void launch_grad_input_strided_t(const ConvArgs& a, cudaStream_t stream) {
   const int64_t total = a.N * a.C * a.H * a.W;
   if (total == 0) return;
   const int threads = 256;
   int64_t blocks = ceil_div(total, threads);
-  if (blocks > (int64_t)1 << 20) blocks = (int64_t)1 << 20;
-  dgrad_strided_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>(a);
+  if (blocks > kMaxGridStrideBlocks) blocks = kMaxGridStrideBlocks;
+  grad_input_strided_kernel<T><<<(unsigned)blocks, threads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 bool grid_ok(int64_t gx, int64_t gy, int64_t gz) {
-  return gx >= 1 && gx <= 2147483647LL && gy >= 1 && gy <= 65535 && gz >= 1 && gz <= 65535;
+  return gx >= 1 && gx <= kMaxGridX && gy >= 1 && gy <= kMaxGridYZ && gz >= 1 && gz <= kMaxGridYZ;
 }
 
 bool try_fp32_blocked(const ConvArgs& a, cudaStream_t stream) {
-  if (a.sh != 1 || a.sw != 1 || a.dh != 1 || a.dw != 1) return false;
-  if (a.KH > 1024 || a.KW > 1024) return false;
+  if (a.sh != 1 || a.sw != 1 || a.dil_h != 1 || a.dil_w != 1) return false;
+  if (a.KH > kMaxFastKernelSide || a.KW > kMaxFastKernelSide) return false;
   const int64_t smem = fp32_smem_bytes(a.KH, a.KW);
   if (smem > a.max_smem_optin) return false;
   const int64_t gx = a.N * a.C, gy = ceil_div(a.Wo, FB_W), gz = ceil_div(a.Ho, FB_H);
@@ -366,8 +366,8 @@ inline bool toeplitz_small_tile(int64_t Ho, int64_t Wo) {
 template <typename T>
 bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
   if (a.sm_major < 8) return false;  // kernel body is compiled for sm80+ only
-  if (a.sh != 1 || a.sw != 1 || a.dh != 1 || a.dw != 1) return false;
-  if (a.KH > 1024 || a.KW > 1024) return false;
+  if (a.sh != 1 || a.sw != 1 || a.dil_h != 1 || a.dil_w != 1) return false;
+  if (a.KH > kMaxFastKernelSide || a.KW > kMaxFastKernelSide) return false;
   if (toeplitz_small_tile(a.Ho, a.Wo)) return launch_toeplitz_cfg<T, 1, 1>(a, stream);
   // the big tile's shared memory may exceed the device's limit where the small one still fits
   return launch_toeplitz_cfg<T, 4, 4>(a, stream) || launch_toeplitz_cfg<T, 1, 1>(a, stream);
@@ -375,30 +375,30 @@ bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-Algo launch_conv(const ConvArgs& a, bool force_generic, cudaStream_t stream) {
-  if (a.N * a.C * a.Ho * a.Wo == 0) return Algo::kGeneric;
+void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream) {
+  if (a.N * a.C * a.Ho * a.Wo == 0) return;
   switch (a.dtype) {
     case DType::kFloat32:
-      if (!force_generic && try_fp32_blocked(a, stream)) return Algo::kFp32Blocked;
+      if (!force_generic && try_fp32_blocked(a, stream)) return;
       launch_generic<float>(a, stream);
-      return Algo::kGeneric;
+      return;
     case DType::kFloat16:
-      if (!force_generic && try_toeplitz<__half>(a, stream)) return Algo::kTensorCoreToeplitz;
+      if (!force_generic && try_toeplitz<__half>(a, stream)) return;
       launch_generic<__half>(a, stream);
-      return Algo::kGeneric;
+      return;
     case DType::kBFloat16:
-      if (!force_generic && try_toeplitz<__nv_bfloat16>(a, stream)) return Algo::kTensorCoreToeplitz;
+      if (!force_generic && try_toeplitz<__nv_bfloat16>(a, stream)) return;
       launch_generic<__nv_bfloat16>(a, stream);
-      return Algo::kGeneric;
+      return;
   }
   TORCH_CHECK(false, "lkconv_cuda: unsupported dtype code ", (int)a.dtype, " (float32, float16, bfloat16 only)");
 }
 
-void launch_dgrad_strided(const ConvArgs& a, cudaStream_t stream) {
+void launch_grad_input_strided(const ConvArgs& a, cudaStream_t stream) {
   switch (a.dtype) {
-    case DType::kFloat32: launch_dgrad_generic<float>(a, stream); return;
-    case DType::kFloat16: launch_dgrad_generic<__half>(a, stream); return;
-    case DType::kBFloat16: launch_dgrad_generic<__nv_bfloat16>(a, stream); return;
+    case DType::kFloat32: launch_grad_input_strided_t<float>(a, stream); return;
+    case DType::kFloat16: launch_grad_input_strided_t<__half>(a, stream); return;
+    case DType::kBFloat16: launch_grad_input_strided_t<__nv_bfloat16>(a, stream); return;
   }
   TORCH_CHECK(false, "lkconv_cuda: unsupported dtype code ", (int)a.dtype, " (float32, float16, bfloat16 only)");
 }

@@ -1,4 +1,17 @@
-"""``python -m lkconv suite OUTDIR``: the one command for a GPU box with no network.
+"""The GPU suite: the one command for a GPU box with no network, run from a source checkout.
+
+    python benchmarks/gpu_suite.py OUTDIR [--budget-s 570] [--skip-build] [--skip-tests]
+                                          [--skip-bench] [--all-tests]
+    python benchmarks/gpu_suite.py --device-out DIR [OUTDIR] ...   # a lent device machine
+
+``--device-out DIR`` is the device-machine option (benchmarks/device_check.sh is nothing more):
+the budget defaults to ``LKCONV_DEVICE_BUDGET_S`` or 500 s (so one 600 s call ends with time to
+pack), OUTDIR defaults to /tmp/lkconv-gpu-<date>, and at the end the whole OUTDIR is packed into
+DIR/suite.tgz with summary.md next to it (the device tool brings back a few files, so the many logs,
+CSVs and plots travel as one archive; unpack into benchmarks/results/<gpu>-<date>/).
+
+This is checkout-only tooling (it pip-installs the checkout and runs its tests), so it lives here
+and not in the installed package.
 
 Steps (each a subprocess; output streamed to the console and to a log in OUTDIR):
 
@@ -25,11 +38,11 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["run_suite", "repo_root"]
+__all__ = ["run_suite", "repo_root", "gpu_test_commands", "main"]
 
 
 def repo_root() -> Optional[str]:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.exists(os.path.join(root, "setup.py")) or os.path.exists(os.path.join(root, "pyproject.toml")):
         return root
     return None
@@ -124,7 +137,9 @@ def run_suite(outdir: str, budget_s: float = 570.0, skip_build: bool = False, sk
 
     steps: List[Dict] = []
     # 1. environment
-    from .env import environment
+    if root and root not in sys.path:
+        sys.path.insert(0, root)
+    from lkconv.bench.env import environment
 
     import torch
 
@@ -207,3 +222,48 @@ def run_suite(outdir: str, budget_s: float = 570.0, skip_build: bool = False, sk
     say(f"done; summary in {os.path.join(outdir, 'summary.md')}")
     failed = [s for s in steps if s["rc"] != 0 and not s["note"].startswith(("no source", "no tests"))]
     return 1 if failed else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    import datetime
+    import shutil
+    import tarfile
+
+    ap = argparse.ArgumentParser(prog="python benchmarks/gpu_suite.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("outdir", nargs="?", help="results folder (required unless --device-out)")
+    ap.add_argument("--budget-s", type=float, help="total time budget (default 570 s; --device-out: 500 s)")
+    ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--all-tests", action="store_true", help="run the whole test suite, not only -m gpu")
+    ap.add_argument("--device-out", metavar="DIR",
+                    help="lent device machine: pack OUTDIR into DIR/suite.tgz and copy summary.md there")
+    args = ap.parse_args(argv)
+    if args.outdir is None and args.device_out is None:
+        ap.error("OUTDIR is required (or --device-out DIR)")
+    if args.budget_s is not None and args.budget_s <= 0:
+        ap.error(f"--budget-s must be positive, got {args.budget_s}")
+    if args.outdir and os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
+        ap.error(f"OUTDIR {args.outdir!r} exists and is not a folder")
+    outdir = args.outdir or f"/tmp/lkconv-gpu-{datetime.datetime.utcnow():%Y%m%d-%H%M%S}"
+    budget = args.budget_s
+    if budget is None:
+        budget = float(os.environ.get("LKCONV_DEVICE_BUDGET_S", "500")) if args.device_out else 570.0
+    rc = run_suite(outdir, budget_s=budget, skip_build=args.skip_build, skip_tests=args.skip_tests,
+                   all_tests=args.all_tests, skip_bench=args.skip_bench)
+    if args.device_out:
+        os.makedirs(args.device_out, exist_ok=True)
+        with tarfile.open(os.path.join(args.device_out, "suite.tgz"), "w:gz") as tar:
+            tar.add(outdir, arcname=".")
+        summary = os.path.join(outdir, "summary.md")
+        if os.path.exists(summary):
+            shutil.copy(summary, os.path.join(args.device_out, "summary.md"))
+            print(open(summary).read())
+        print(f"gpu_suite.py: exit {rc}; results packed into {os.path.join(args.device_out, 'suite.tgz')}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
