@@ -226,6 +226,12 @@ def cmd_suite(args) -> int:
                      all_tests=args.all_tests, skip_bench=args.skip_bench)
 
 
+def cmd_static(args) -> int:
+    from lkconv.static.report import main as static_main
+
+    return static_main(out=args.out, archs=tuple(_int_list(args.archs, "--archs") or (80, 90)), jobs=args.jobs)
+
+
 def cmd_train(argv: List[str]) -> int:
     try:
         from lkconv.models.train import main as train_main
@@ -281,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-bench", action="store_true")
     s.add_argument("--all-tests", action="store_true", help="run the whole test suite, not only -m gpu")
 
+    st = sub.add_parser("static", help="no GPU: compile the GPU kernels, SASS report and modelled roofline "
+                        "-> benchmarks/results/static-<commit>/")
+    st.add_argument("--out", help="results folder (default benchmarks/results/static-<commit>/)")
+    st.add_argument("--archs", help="comma-separated SM versions (default 80,90)")
+    st.add_argument("--jobs", type=int, default=2, help="parallel Triton compiles (default 2)")
+
     sub.add_parser("train", help="train RepLKNet models (lkconv.models.train); arguments are passed on",
                    add_help=False)
     return ap
@@ -295,4 +307,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
-    return {"info": cmd_info, "bench": cmd_bench, "verify": cmd_verify, "suite": cmd_suite}[args.command](args)
+    return {"info": cmd_info, "bench": cmd_bench, "verify": cmd_verify, "suite": cmd_suite,
+            "static": cmd_static}[args.command](args)
