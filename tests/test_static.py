@@ -188,3 +188,38 @@ def test_triton_16bit_global_loads_are_vectorised(triton_results, arch):
             problems.append(f"{r['spec']['kernel']} {SK.tile_of(r['spec'])}: {mix.get('ldg_16', 0)} LDG.U16, "
                             f"{mix.get('ldsm', 0)} LDSM, {mix.get('tma', 0)} TMA")
     assert problems == []
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration hook (the GPU suite calls it with the benchmark's measured times)
+# ------------------------------------------------------------------------------------------------
+def test_calibration_ratio_from_bench_csv(tmp_path):
+    import csv
+
+    from lkconv.static.report import calibrate_from_bench
+
+    model = tmp_path / "model.csv"
+    with open(model, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["layer", "pass_", "dtype", "cuda_us_lo", "cuda_us_hi", "cuda_limiter",
+                                          "triton_us_lo", "triton_us_hi", "triton_limiter"])
+        w.writeheader()
+        w.writerow(dict(layer="C128/H56/K31", pass_="forward", dtype="bf16", cuda_us_lo=800, cuda_us_hi=1100,
+                        cuda_limiter="smem", triton_us_lo=1200, triton_us_hi=1700, triton_limiter="issue"))
+    bench = tmp_path / "results.csv"
+    fields = ["n", "c", "h", "w", "kh", "kw", "dtype", "pass", "provider", "status", "ms"]
+    with open(bench, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        base = dict(n=64, c=128, h=56, w=56, kh=31, kw=31, dtype="bf16", status="ok")
+        w.writerow(dict(base, **{"pass": "forward"}, provider="lkconv-cuda", ms=1.2))      # 1200 us / 800 = 1.5
+        w.writerow(dict(base, **{"pass": "forward"}, provider="lkconv-triton", ms=0.6))    # 600 / 1200 = 0.5
+        w.writerow(dict(base, **{"pass": "forward"}, provider="torch", ms=5.0))            # not a model cell
+        w.writerow(dict(base, **{"pass": "all"}, provider="lkconv-cuda", ms=9.0))          # not a model pass
+        w.writerow(dict(base, **{"pass": "forward"}, provider="lkconv-cuda-cl", ms=2.0))   # channels_last: no
+    md = calibrate_from_bench(str(bench), str(tmp_path / "out"), model_csv=str(model))
+    assert md is not None
+    rows = list(csv.DictReader(open(tmp_path / "out" / "calibration.csv")))
+    got = {(r["backend"], r["pass_"]): float(r["measured_over_modelled"]) for r in rows}
+    assert got == {("cuda", "forward"): pytest.approx(1.5), ("triton", "forward"): pytest.approx(0.5)}
+    text = open(md).read()
+    assert "measured" in text and "modelled" in text and "1.50" in text

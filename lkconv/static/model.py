@@ -146,11 +146,9 @@ def _busiest(acc: _Acc, tc_rate: float, m: Machine, sms: int) -> Dict:
 def _finish(b: Dict, hbm_s: float, extra: Dict) -> Dict:
     b["parts"]["hbm"] = hbm_s
     lim = max(b["parts"], key=lambda k: b["parts"][k])
-    t = max(b["cycles"] / 1.0, 0) and max(b["parts"].values())
     lo = max(b["parts"].values())
-    hi = max(b["parts"]["issue"] / ISSUE_EFF_LOW, b["parts"]["tensor"], b["parts"]["smem"], hbm_s) \
-        if lim == "issue" else lo / ISSUE_EFF_LOW
-    del t
+    # the upper end of the range: the SM sustains only ISSUE_EFF_LOW of its peak rate (latency not hidden)
+    hi = lo / ISSUE_EFF_LOW
     return dict(b, t_lo=lo, t_hi=hi, limiter=lim, **extra)
 
 
@@ -240,7 +238,7 @@ def _model_toeplitz(f: Dict, layer: Layer, dtype: str, warps: int, nb: int, m: M
     idx_tile = np.repeat(np.arange(gy * gz), NC)
     acc.issue, acc.macs, acc.wave = tiles[idx_tile, 0], tiles[idx_tile, 1], tiles[idx_tile, 2]
     b = _busiest(acc, _tc_rate(f, dtype, m), m, sms)
-    useful = layer.N * C * sum(1 for oh in range(H) for kh in range(K) if 0 <= oh - P + kh < H) * H * K
+    useful = layer.N * C * H * H * K * K  # nominal MACs (padding taps included), as the floors count them
     return _finish(b, _hbm(layer, dtype, m), dict(
         tile=f"{BM}x{BN}", threads=thr, dyn_smem=int(BM * BN * 4 + rows * ldx * 2 + KK * 512 + _ceil(K * K * 2, 32) * 32),
         per_unit=dict(stage_per_elem=c_stage, build_per_elem=c_build, instr_per_mma=c_mma, epilogue_per_out=c_epi),
@@ -262,7 +260,6 @@ def _model_fp32_blocked(f: Dict, layer: Layer, m: Machine, sms: int) -> Dict:
     c_kh = kh_loop["mix"]["total"] if kh_loop else 0
     gy, gz = _ceil(H, FB_W), _ceil(H, FB_H)
     tiles = []
-    ffma_lanes = 0
     for z in range(gz):
         for y in range(gy):
             oh0, ow0 = z * FB_H, y * FB_W
@@ -287,7 +284,6 @@ def _model_fp32_blocked(f: Dict, layer: Layer, m: Machine, sms: int) -> Dict:
     it = np.repeat(np.arange(gy * gz), NC)
     acc.issue, acc.macs, acc.wave = t[it, 0], t[it, 1], t[it, 2]
     b = _busiest(acc, 0.0, m, sms)
-    del ffma_lanes
     return _finish(b, _hbm(layer, "fp32", m), dict(
         tile="32x64", threads=256, dyn_smem=int((rows * ldx + K * K) * 4),
         per_unit=dict(stage_per_elem=c_stage, instr_per_tap=c_tap, ffma_share=8 / c_tap)))
@@ -396,7 +392,7 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
         prog_it = np.tile(it, v["NC"])  # pid: tile fastest, then plane
         macs_it = BM * BN * BK
         opnd_bytes = (BM * BK + BK * BN) * eb
-        useful = layer.N * layer.C * sum(1 for oh in range(H) for kh in range(KH) if 0 <= oh - PT + kh < H) * WO * KW
+        useful = layer.N * layer.C * HO * WO * KH * KW
     else:  # dw_wgrad_kernel
         BKH, BKW, BK = c["BKH"], c["BKW"], c["BK"]
         C, HO, WO, W, KH, KW, PL = v["C"], v["HO"], v["WO"], v["W"], v["KH"], v["KW"], v["PL"]
@@ -417,8 +413,7 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
         prog_it = (np.maximum(q_hi - q_lo, 0) * n_chunks).astype(float)
         macs_it = BKH * BKW * BK
         opnd_bytes = (BKH * BK + BK * BKW) * eb
-        useful = layer.N * layer.C * sum(1 for oh in range(layer.H) for kh in range(KH)
-                                         if 0 <= oh - layer.K // 2 + kh < layer.H) * layer.H * KW
+        useful = layer.N * layer.C * HO * WO * KH * KW
     acc = _Acc(n_prog)
     acc.issue = prog_it * warps * body
     acc.macs = prog_it * (macs_it if tc_rate else 0)

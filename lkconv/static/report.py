@@ -16,7 +16,7 @@ from . import compile as C
 from . import model as M
 from .kernels import ARCHS, DTYPES, LAYERS, PASSES, SM_COUNT, shipped_triton_specs, spec_key, tile_of, triton_specs
 
-__all__ = ["collect", "build_report", "write_report", "write_calibration", "main"]
+__all__ = ["collect", "build_report", "write_report", "write_calibration", "calibrate_from_bench", "main"]
 
 LABEL = ("All times and percentages are MODELLED (static throughput model, docs/performance_model.md); "
          "registers, spills, shared memory and instruction counts are MEASURED-STATIC (compiler output). "
@@ -309,6 +309,25 @@ def write_calibration(measured: List[Dict], outdir: str, model_csv: Optional[str
     with open(p, "w") as f:
         f.write("\n".join(md) + "\n")
     return p
+
+
+def calibrate_from_bench(results_csv: str, outdir: str, model_csv: Optional[str] = None) -> Optional[str]:
+    """The GPU suite's hook: measured times of ``lkconv-cuda`` / ``lkconv-triton`` (NCHW) from a
+    ``python -m lkconv bench`` results.csv, for the cells of the static model (N = 64 layer set;
+    passes forward, grad_input, grad_weight), -> :func:`write_calibration`.  None when no cell matches."""
+    measured = []
+    with open(results_csv) as f:
+        for r in csv.DictReader(f):
+            backend = {"lkconv-cuda": "cuda", "lkconv-triton": "triton"}.get(r.get("provider"))
+            if backend is None or r.get("status") != "ok" or r.get("pass") not in PASSES or not r.get("ms"):
+                continue
+            if r.get("dtype") not in DTYPES or int(r.get("n") or 0) != 64 or r.get("kh") != r.get("kw"):
+                continue
+            measured.append(dict(layer=f"C{r['c']}/H{r['h']}/K{r['kh']}", backend=backend, dtype=r["dtype"],
+                                 us=float(r["ms"]) * 1e3, **{"pass": r["pass"]}))
+    if not measured:
+        return None
+    return write_calibration(measured, outdir, model_csv)
 
 
 def default_outdir() -> str:
