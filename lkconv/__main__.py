@@ -1,4 +1,4 @@
-"""``python -m lkconv {info,bench,verify,suite,train}`` -- see ``python -m lkconv --help``."""
+"""``python -m lkconv {info,bench,verify,suite,static,train}`` -- see ``python -m lkconv --help``."""
 import sys
 
 from lkconv.bench.cli import main

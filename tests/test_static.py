@@ -223,3 +223,11 @@ def test_calibration_ratio_from_bench_csv(tmp_path):
     assert got == {("cuda", "forward"): pytest.approx(1.5), ("triton", "forward"): pytest.approx(0.5)}
     text = open(md).read()
     assert "measured" in text and "modelled" in text and "1.50" in text
+
+
+def test_cli_static_is_registered():
+    from lkconv.bench import cli
+
+    ap = cli.build_parser()
+    args = ap.parse_args(["static", "--archs", "90", "--out", "/tmp/x", "--jobs", "1"])
+    assert args.command == "static" and args.archs == "90" and args.jobs == 1

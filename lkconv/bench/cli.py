@@ -1,4 +1,4 @@
-"""The command line: ``python -m lkconv {info,bench,verify,suite,train}``."""
+"""The command line: ``python -m lkconv {info,bench,verify,suite,static,train}``."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,7 @@ examples:
   python -m lkconv bench --set replknet31b --providers torch,torch-cl,lkconv-cuda
   python -m lkconv verify                    # every backend vs the fp64 reference; exit 1 on failure
   python -m lkconv suite /tmp/gpu_run        # GPU box: build, tests, benchmarks -> one folder
+  python -m lkconv static                    # no GPU: SASS facts + modelled roofline of the GPU kernels
   python -m lkconv train --help              # RepLKNet training (lkconv.models.train)
 """
 
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lkconv", description="lkconv: fast large-kernel depthwise "
                                  "convolution -- info, benchmarks, verification, GPU suite, training.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", metavar="{info,bench,verify,suite,train}")
+    sub = ap.add_subparsers(dest="command", metavar="{info,bench,verify,suite,static,train}")
     sub.add_parser("info", help="versions, device, backends (available or why not), what auto picks")
 
     b = sub.add_parser("bench", help="benchmark providers on this device (gate vs reference, then time)",

@@ -206,11 +206,10 @@ def kernels_markdown(krows: List[Dict]) -> str:
 
 
 def build_report(data: Dict) -> Dict:
-    mrows = {f"sm_{a}": model_rows(data, a, M.H100 if a == 90 else M.Machine("A100 SXM (sm_80 compile, H100 "
-                                                                            "constants but 108 SMs)", sms=108))
-             for a in sorted(set(list(data["cuda"]) + list(data["triton"])))}
+    # the model is for H100/H200 (sm_90 code); sm_80 contributes compiler facts (CI checks) only
+    model = model_rows(data, 90, M.H100) if (data["cuda"].get(90) or data["triton"].get(90)) else []
     return dict(label=LABEL, versions=data["versions"], notes=data["notes"], kernels=kernel_rows(data),
-                model_h100=mrows.get("sm_90", []), floors={l.label: {dt: M.floors(l, dt) for dt in DTYPES}
+                model_h100=model, floors={l.label: {dt: M.floors(l, dt) for dt in DTYPES}
                                                            for l in LAYERS},
                 machine=M.H100.__dict__, h200_hbm_Bps=M.H200.hbm_Bps, issue_eff_low=M.ISSUE_EFF_LOW)
 
