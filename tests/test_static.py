@@ -231,3 +231,18 @@ def test_cli_static_is_registered():
     ap = cli.build_parser()
     args = ap.parse_args(["static", "--archs", "90", "--out", "/tmp/x", "--jobs", "1"])
     assert args.command == "static" and args.archs == "90" and args.jobs == 1
+
+
+def test_without_csrc_the_cuda_part_says_so(monkeypatch):
+    """No checkout (installed package): a clear reason, recorded in the report's notes; the Triton
+    part does not depend on csrc/ (collect's triton branch never calls compile_cuda)."""
+    from lkconv.static import report
+
+    monkeypatch.setattr(SC, "csrc_dir", lambda: None)
+    why = SC.cuda_unavailable_reason()
+    assert why is not None and "csrc/" in why
+    with pytest.raises(RuntimeError, match="csrc/"):
+        SC.compile_cuda(90)
+    msgs = []
+    data = report.collect((90,), progress=msgs.append, triton=False)
+    assert data["cuda"] == {} and any("csrc/" in n for n in data["notes"]) and any("csrc/" in m for m in msgs)

@@ -134,7 +134,8 @@ def compile_cuda(arch: int, progress=None, extra_flags: Optional[List[str]] = No
     htext = b"".join(open(h, "rb").read() for h in headers)
     out: Dict[str, Dict] = {}
     for src in srcs:
-        key = digest("cuda", open(src, "rb").read(), htext, flags, arch, tool_versions().get("nvcc"))
+        key = digest("cuda", open(src, "rb").read(), htext, flags, arch, tool_versions().get("nvcc"),
+                     tool_versions().get("torch"))  # torch: the c10 headers the .cu files include
         hit = cache_get(key)
         if progress:
             progress(f"cuda  sm_{arch}  {os.path.basename(src)}" + ("  (cached)" if hit else "  (nvcc)"))

@@ -170,21 +170,19 @@ def _f(v, nd=0):
 def model_markdown(rows: List[Dict], dtypes=("bf16", "fp32")) -> str:
     out = []
     for dt in dtypes:
-        fl_name = "FFMA floor" if dt == "fp32" else "TC floor"
-        key = "ffma" if dt == "fp32" else "tc"
         out += [f"### {dt} — modelled (H100 SXM; range = perfect latency hiding … 0.7 issue efficiency)", "",
-                f"| layer | pass | {fl_name} µs | CUDA kernel | CUDA µs | CUDA % {fl_name} | limiter | "
-                f"Triton config | Triton µs | Triton % {fl_name} | limiter |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| layer | pass | TC floor µs | FFMA floor µs | CUDA kernel | CUDA µs | CUDA % TC / % FFMA floor | "
+                "limiter | Triton config | Triton µs | Triton % TC / % FFMA floor | limiter |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["dtype"] != dt:
                 continue
-            fl = r[f"{key}_floor_us"]
             out.append(
-                f"| {r['layer']} | {r['pass_']} | {fl:,.1f} | {r.get('cuda_kernel', '—')} | "
-                f"{_f(r.get('cuda_us_lo'))}–{_f(r.get('cuda_us_hi'))} | {_f(r.get(f'cuda_pct_{key}'), 2)} | "
-                f"{r.get('cuda_limiter', '—')} | {r.get('triton_config', '—')} | "
-                f"{_f(r.get('triton_us_lo'))}–{_f(r.get('triton_us_hi'))} | {_f(r.get(f'triton_pct_{key}'), 2)} | "
+                f"| {r['layer']} | {r['pass_']} | {r['tc_floor_us']:,.1f} | {r['ffma_floor_us']:,.1f} | "
+                f"{r.get('cuda_kernel', '—')} | {_f(r.get('cuda_us_lo'))}–{_f(r.get('cuda_us_hi'))} | "
+                f"{_f(r.get('cuda_pct_tc'), 2)} / {_f(r.get('cuda_pct_ffma'), 1)} | {r.get('cuda_limiter', '—')} | "
+                f"{r.get('triton_config', '—')} | {_f(r.get('triton_us_lo'))}–{_f(r.get('triton_us_hi'))} | "
+                f"{_f(r.get('triton_pct_tc'), 2)} / {_f(r.get('triton_pct_ffma'), 1)} | "
                 f"{r.get('triton_limiter', '—')} |")
         out.append("")
     return "\n".join(out)
