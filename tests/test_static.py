@@ -231,6 +231,12 @@ def test_cli_static_is_registered():
     ap = cli.build_parser()
     args = ap.parse_args(["static", "--archs", "90", "--out", "/tmp/x", "--jobs", "1"])
     assert args.command == "static" and args.archs == "90" and args.jobs == 1
+    with pytest.raises(SystemExit, match="--archs"):
+        cli.main(["static", "--archs", "75"])
+    with pytest.raises(SystemExit, match="--archs"):
+        cli.main(["static", "--archs", "nine"])
+    with pytest.raises(SystemExit, match="--jobs"):
+        cli.main(["static", "--jobs", "0"])
 
 
 def test_without_csrc_the_cuda_part_says_so(monkeypatch):

@@ -228,9 +228,15 @@ def cmd_suite(args) -> int:
 
 
 def cmd_static(args) -> int:
+    from lkconv.static.kernels import SM_COUNT
     from lkconv.static.report import main as static_main
 
-    return static_main(out=args.out, archs=tuple(_int_list(args.archs, "--archs") or (80, 90)), jobs=args.jobs)
+    archs = tuple(_int_list(args.archs, "--archs") or (80, 90))
+    bad = [a for a in archs if a not in SM_COUNT]
+    if bad or args.jobs < 1:
+        raise SystemExit(f"error: --archs must be among {sorted(SM_COUNT)} (got {bad})" if bad else
+                         f"error: --jobs must be >= 1, got {args.jobs}")
+    return static_main(out=args.out, archs=archs, jobs=args.jobs)
 
 
 def cmd_train(argv: List[str]) -> int:
