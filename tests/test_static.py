@@ -252,3 +252,29 @@ def test_without_csrc_the_cuda_part_says_so(monkeypatch):
     msgs = []
     data = report.collect((90,), progress=msgs.append, triton=False)
     assert data["cuda"] == {} and any("csrc/" in n for n in data["notes"]) and any("csrc/" in m for m in msgs)
+
+
+@needs_cuda_tools
+def test_cache_reanalyses_old_entries_without_recompiling(tmp_path, monkeypatch):
+    import glob
+    import json
+
+    from lkconv.static import sass
+
+    monkeypatch.setenv("LKCONV_STATIC_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "k.cu"
+    src.write_text("__global__ void tiny_kernel(float* y) { for (int i = 0; i < 64; ++i) y[i] += 1.f; }\n")
+    msgs = []
+    first = SC.compile_cuda(90, progress=msgs.append, sources=[str(src)])
+    assert msgs[-1].endswith("(nvcc)")
+    (entry,) = glob.glob(str(tmp_path / "cache" / "*.json"))
+    old = json.load(open(entry))
+    old["analysis"] = sass.ANALYSIS_VERSION - 1
+    for f in old["kernels"].values():
+        f["sass"] = {"loops": [], "mix": {}, "n_instr": 0}
+    json.dump(old, open(entry, "w"))
+    again = SC.compile_cuda(90, progress=msgs.append, sources=[str(src)])
+    assert msgs[-1].endswith("(cached)")  # no nvcc run
+    (a,), (b,) = first.values(), again.values()
+    assert b["sass"] == a["sass"] and b["sass"]["n_instr"] > 0 and b["regs"] == a["regs"]
+    assert json.load(open(entry))["analysis"] == sass.ANALYSIS_VERSION

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 from . import sass
 from .kernels import describe_symbol
-from .tools import cache_get, cache_put, csrc_dir, digest, find_tool
+from .tools import cache_cubin_path, cache_get, cache_put, csrc_dir, digest, find_tool
 
 __all__ = ["load_build_env", "compile_cuda", "compile_triton", "cuda_unavailable_reason", "tool_versions",
            "facts_from_cubin"]
@@ -99,6 +99,20 @@ def facts_from_cubin(cubin_path: str, ptxas_log: str) -> Dict[str, Dict]:
     return out
 
 
+def _reanalysed(key: str, hit: Optional[Dict], update) -> Optional[Dict]:
+    """A cache entry analysed by this version of sass.py; an older one is re-analysed from its cached
+    cubin and ptxas log (no recompile); None when it cannot be (then the caller compiles)."""
+    if hit is None or hit.get("analysis") == sass.ANALYSIS_VERSION:
+        return hit
+    cub = cache_cubin_path(key)
+    if "log" not in hit or not os.path.isfile(cub):
+        return None
+    hit = update(hit, facts_from_cubin(cub, hit["log"]))
+    hit["analysis"] = sass.ANALYSIS_VERSION
+    cache_put(key, hit)
+    return hit
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +150,7 @@ def compile_cuda(arch: int, progress=None, extra_flags: Optional[List[str]] = No
     for src in srcs:
         key = digest("cuda", open(src, "rb").read(), htext, flags, arch, tool_versions().get("nvcc"),
                      tool_versions().get("torch"))  # torch: the c10 headers the .cu files include
-        hit = cache_get(key)
+        hit = _reanalysed(key, cache_get(key), lambda h, fr: dict(h, kernels=fr))
         if progress:
             progress(f"cuda  sm_{arch}  {os.path.basename(src)}" + ("  (cached)" if hit else "  (nvcc)"))
         if hit is None:
@@ -149,7 +163,8 @@ def compile_cuda(arch: int, progress=None, extra_flags: Optional[List[str]] = No
                     raise RuntimeError(f"nvcc failed for {os.path.basename(src)} sm_{arch}:\n{r.stderr[-4000:]}")
                 facts = facts_from_cubin(cub, r.stderr)
                 cubin = open(cub, "rb").read()
-            hit = dict(source=os.path.basename(src), arch=arch, kernels=facts)
+            hit = dict(source=os.path.basename(src), arch=arch, kernels=facts, log=r.stderr,
+                       analysis=sass.ANALYSIS_VERSION)
             cache_put(key, hit, cubin)
         for name, f in hit["kernels"].items():
             f = dict(f, source=hit["source"], arch=arch, backend="cuda", dynamic_smem=None)
@@ -172,7 +187,11 @@ def compile_triton(spec: Dict, arch: int) -> Dict:
     fn = getattr(K, spec["kernel"])
     ksrc = open(K.__file__, "rb").read()
     key = digest("triton", ksrc, spec, arch, tool_versions().get("triton"))
-    hit = cache_get(key)
+    def refresh(h, fr):
+        keep = {k: h["facts"][k] for k in ("dynamic_smem", "num_warps", "num_stages", "ptx_vector_loads")}
+        return dict(h, facts=dict(fr.get(h["facts"]["symbol"]) or next(iter(fr.values())), **keep))
+
+    hit = _reanalysed(key, cache_get(key), refresh)
     if hit is not None:
         return dict(hit, cached=True)
     names = list(fn.arg_names)
@@ -224,7 +243,7 @@ def compile_triton(spec: Dict, arch: int) -> Dict:
     f = facts.get(name) or next(iter(facts.values()))
     f = dict(f, dynamic_smem=int(k.metadata.shared), num_warps=spec["num_warps"], num_stages=spec["num_stages"],
              ptx_vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx)))
-    hit = dict(spec=spec, arch=arch, facts=f)
+    hit = dict(spec=spec, arch=arch, facts=f, log=log, analysis=sass.ANALYSIS_VERSION)
     cache_put(key, hit, cubin)
     return dict(hit, cached=False)
 

@@ -83,7 +83,7 @@ def _mix_summary(hot: Optional[Dict]) -> Dict:
                 ld_generic=mx.get("ld_generic", 0), cp_async=mx.get("cp_async", 0), tma=mx.get("tma", 0),
                 ldg_16=mx.get("ldg_16", 0), ldg_32=mx.get("ldg_32", 0), ldg_128=mx.get("ldg_128", 0),
                 sts=mx.get("sts", 0), lds=mx.get("lds", 0), ffma=ffma, int_addr=mx.get("int_addr", 0),
-                barrier=mx.get("barrier", 0),
+                barrier=mx.get("barrier", 0), sync=mx.get("sync", 0),
                 instr_per_unit=round(mx.get("total", 0) / unit, 2),
                 unit=("tensor op" if tens else "FFMA" if ffma else "iteration"))
 
@@ -191,7 +191,7 @@ def model_markdown(rows: List[Dict], dtypes=("bf16", "fp32")) -> str:
 def kernels_markdown(krows: List[Dict]) -> str:
     cols = ["backend", "arch", "kernel", "config", "dtype", "regs", "spill_stores", "static_smem", "dynamic_smem",
             "loop_instr", "unit", "instr_per_unit", "hmma", "hgmma", "ldsm", "ld_generic", "cp_async", "ldg_16",
-            "ldg_128", "ffma", "int_addr", "barrier"]
+            "ldg_128", "ffma", "int_addr", "barrier", "sync"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in krows:
         if "error" in r:

@@ -18,6 +18,9 @@ _FUNC = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRA_TARGET = re.compile(r"\b(?:BRA|BRX|JMP)\b[^;]*?\b0x([0-9a-f]+)")
 
+#: bump when the parsing/classification below changes: cached cubins are then re-analysed
+ANALYSIS_VERSION = 2
+
 # opcode classes of the instruction mix (first token of the opcode, before any '.')
 TENSOR = {"HMMA", "HGMMA", "IMMA", "BMMA", "DMMA", "UTCHMMA", "UTCQMMA"}
 INT_ADDR = {"IMAD", "IADD3", "IADD", "LEA", "SHF", "SHL", "SHR", "LOP3", "LOP", "ISETP", "IABS", "SEL", "MOV",
@@ -25,7 +28,8 @@ INT_ADDR = {"IMAD", "IADD3", "IADD", "LEA", "SHF", "SHL", "SHR", "LOP3", "LOP", 
             "UMOV", "UPRMT", "IDP", "P2R", "R2P", "PLOP3", "FLO", "POPC", "BREV", "I2F", "F2I", "IMNMX", "UIMNMX",
             "S2R", "S2UR", "CS2R", "R2UR", "ISCADD", "LEA.HI", "VIADD", "UVIADD", "MOVM", "SGXT", "BMSK"}
 FP = {"FFMA", "FMUL", "FADD", "HFMA2", "HMUL2", "HADD2", "FSEL", "FSETP", "FMNMX", "F2F", "F2FP", "MUFU", "FCHK"}
-BARRIER = {"BAR", "WARPGROUP", "WARPSYNC", "DEPBAR", "SYNCS", "BSYNC"}
+BARRIER = {"BAR"}                                        # CTA barriers (__syncthreads, bar.sync)
+SYNC = {"WARPGROUP", "DEPBAR", "SYNCS", "ARRIVES", "WARPSYNC", "BSYNC"}  # async/warp/convergence waits
 
 
 def disassemble(cubin_path: str) -> str:
@@ -153,6 +157,8 @@ def classify(opcode: str, text: str = "") -> List[str]:
         cats.append("fp")
     elif base in BARRIER:
         cats.append("barrier")
+    elif base in SYNC:
+        cats.append("sync")
     elif base in INT_ADDR or base.startswith("U") and base[1:] in INT_ADDR:
         cats.append("int_addr")
     elif base in ("BRA", "EXIT", "BSSY", "RET", "CALL", "BRX", "JMP", "NOP", "YIELD"):

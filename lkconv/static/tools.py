@@ -8,7 +8,7 @@ import os
 import shutil
 from typing import Dict, Optional
 
-__all__ = ["find_tool", "cache_dir", "cache_get", "cache_put", "digest", "repo_root", "csrc_dir"]
+__all__ = ["find_tool", "cache_dir", "cache_get", "cache_put", "cache_cubin_path", "digest", "repo_root", "csrc_dir"]
 
 
 def repo_root() -> Optional[str]:
@@ -82,6 +82,10 @@ def cache_get(key: str) -> Optional[Dict]:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def cache_cubin_path(key: str) -> str:
+    return os.path.join(cache_dir(), key + ".cubin")
 
 
 def cache_put(key: str, value: Dict, cubin: Optional[bytes] = None) -> None:
