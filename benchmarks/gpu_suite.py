@@ -24,7 +24,8 @@ Steps (each a subprocess; output streamed to the console and to a log in OUTDIR)
    -> tests_slow.log, tests_slow.xml)
 6. benchmarks: the RepLKNet-31B set (all dtypes and passes), then a reduced K sweep
    -> bench_replknet31b/, bench_ksweep/ (CSV, markdown, PNG each)
-7. summary.md: every step with exit code, time and log
+7. calibration.md: measured ÷ modelled for the cells of the static model (lkconv/static)
+8. summary.md: every step with exit code, time and log
 
 The whole run is budgeted (default 570 s) so that it finishes within 10 minutes on an H100; each
 step gets what is left, benchmarks skip (and report) cases once their budget is spent.
@@ -86,6 +87,23 @@ def _run_step(name: str, cmd: List[str], log_path: str, timeout: float, cwd: Opt
             log.write(f"\n[suite] {note}\n")
     return dict(step=name, rc=rc, seconds=round(time.perf_counter() - t0, 1), log=os.path.basename(log_path),
                 note=note, command=" ".join(cmd))
+
+
+def _calibration_step(outdir: str) -> Optional[Dict]:
+    """Write calibration.md (measured ÷ modelled) from bench_replknet31b/results.csv, if it exists."""
+    res = os.path.join(outdir, "bench_replknet31b", "results.csv")
+    if not os.path.isfile(res):
+        return None
+    t0 = time.perf_counter()
+    try:
+        from lkconv.static.report import calibrate_from_bench
+
+        path = calibrate_from_bench(res, outdir)
+        rc, note = 0, ("calibration.md: measured ÷ modelled" if path else "no cell of the static model was timed")
+    except Exception as e:  # noqa: BLE001 - reported in the summary, the suite goes on
+        rc, note = 1, f"calibration failed: {type(e).__name__}: {e}"[:300]
+    return dict(step="calibration", rc=rc, seconds=round(time.perf_counter() - t0, 1), log="calibration.md",
+                note=note, command="lkconv.static.report.calibrate_from_bench")
 
 
 def _xdist_available() -> bool:
@@ -205,6 +223,10 @@ def run_suite(outdir: str, budget_s: float = 570.0, skip_build: bool = False, sk
                    "--budget-s", f"{max(1.0, b - 45):.0f}", "--no-progress", *bench_extra]
             steps.append(_run_step(name, cmd, os.path.join(outdir, f"{name}.log"), b if b > 60 else 0,
                                    root, echo, env))
+    # 6b. measured / modelled for the static model's cells (lkconv/static, docs/performance_model.md)
+    cal = _calibration_step(outdir)
+    if cal:
+        steps.append(cal)
     # 7. summary
     lines = ["# lkconv GPU suite", "", f"Total {time.perf_counter() - t_start:.0f} s (budget {budget_s:.0f} s). "
              "Environment: env.json, nvidia-smi.txt.", "", "| step | exit code | seconds | log | note |",

@@ -1,4 +1,4 @@
-"""``python -m lkconv {info,bench,verify,train}`` -- see ``python -m lkconv --help``."""
+"""``python -m lkconv {info,bench,verify,static,train}`` -- see ``python -m lkconv --help``."""
 import sys
 
 from lkconv.cli import main

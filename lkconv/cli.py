@@ -1,4 +1,4 @@
-"""The command line: ``python -m lkconv {info,bench,verify,train}``.
+"""The command line: ``python -m lkconv {info,bench,verify,static,train}``.
 
 The GPU suite (build, tests, benchmarks from a source checkout) is checkout-only tooling:
 ``python benchmarks/gpu_suite.py OUTDIR`` (see docs/benchmarks.md).
@@ -22,6 +22,7 @@ examples:
   python -m lkconv bench --set ksweep --ks 3,13,31 --dtypes fp16,tf32       # on a GPU
   python -m lkconv bench --set replknet31b --providers torch,torch-cl,lkconv-cuda
   python -m lkconv verify                    # every backend vs the fp64 reference; exit 1 on failure
+  python -m lkconv static                    # no GPU: SASS facts + modelled roofline of the GPU kernels
   python -m lkconv train --help              # RepLKNet training (lkconv.models.train)
 """
 
@@ -344,6 +345,21 @@ def cmd_verify(args) -> int:
     return 1 if fails else 0
 
 
+def cmd_static(args) -> int:
+    from lkconv.static.kernels import SM_COUNT
+    from lkconv.static.report import main as static_main
+
+    try:
+        archs = tuple(_int_list(args.archs, "--archs") or (80, 90))
+    except ValueError as e:
+        raise _fail(str(e).replace("error: ", ""))
+    bad = [a for a in archs if a not in SM_COUNT]
+    if bad or args.jobs < 1:
+        raise _fail(f"--archs must be among {sorted(SM_COUNT)} (got {bad})" if bad else
+                    f"--jobs must be >= 1, got {args.jobs}")
+    return static_main(out=args.out, archs=archs, jobs=args.jobs)
+
+
 def cmd_train(argv: List[str]) -> int:
     try:
         from lkconv.models.train import main as train_main
@@ -360,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m lkconv", description="lkconv: fast large-kernel depthwise "
                                  "convolution -- info, benchmarks, verification, training.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", metavar="{info,bench,verify,train}")
+    sub = ap.add_subparsers(dest="command", metavar="{info,bench,verify,static,train}")
     sub.add_parser("info", help="versions, device, backends (available or why not), what auto picks")
 
     b = sub.add_parser("bench", help="benchmark providers on this device (gate vs reference, then time)",
@@ -395,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--devices", help="comma-separated: cpu, cuda (default: cpu and cuda when visible)")
     v.add_argument("--cases", help="comma-separated case ids (default: all)")
 
+    st = sub.add_parser("static", help="no GPU: compile the GPU kernels, SASS report and modelled roofline "
+                        "-> benchmarks/results/static-<commit>/")
+    st.add_argument("--out", help="results folder (default benchmarks/results/static-<commit>/)")
+    st.add_argument("--archs", help="comma-separated SM versions (default 80,90)")
+    st.add_argument("--jobs", type=int, default=2, help="parallel Triton compiles (default 2)")
+
     sub.add_parser("train", help="train RepLKNet models (lkconv.models.train); arguments are passed on",
                    add_help=False)
     return ap
@@ -409,4 +431,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
-    return {"info": cmd_info, "bench": cmd_bench, "verify": cmd_verify}[args.command](args)
+    return {"info": cmd_info, "bench": cmd_bench, "verify": cmd_verify, "static": cmd_static}[args.command](args)

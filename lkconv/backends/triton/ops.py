@@ -50,16 +50,54 @@ _CONV_KEY = ["KH", "KW", "H", "W", "HO", "WO", "SH", "SW", "DH", "DW", "PLANE_FA
 _GRAD_WEIGHT_KEY = ["KH", "KW", "H", "W", "SH", "SW", "DH", "DW"]
 
 
-def _prune_conv(rows_arg: str, cols_arg: str):
-    """Drop configs whose tile exceeds the plane rounded up to a power of two (keep the smallest
-    config if none is left)."""
+# configs that spill registers, found by the static report (`python -m lkconv static`, ptxas of triton
+# 3.8; benchmarks/results/static-*/kernels.csv): (kind, input_precision, config) -> the SM majors where
+# it spills.  Pruned before autotuning; tests/test_static.py proves every surviving config spill-free.
+_STATIC_SPILLS = {
+    ("conv", "ieee", (64, 32, 64, 4, 3)): {8},          # sm_80: 92 B (forward), 304 B (strided grad_input)
+    ("grad_weight", "ieee", (128, 8, 3)): {8, 9},              # sm_80 32x32 blocks: 60 B; sm_90 16x16 blocks: 4 B
+}
+
+
+def _current_sm_major() -> int:
+    try:
+        return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 9
+    except Exception:  # noqa: BLE001 - no usable device: assume Hopper (the prune only drops spilling configs)
+        return 9
+
+
+def _spills(kind: str, prec, cfg: tuple, sm_major: int) -> bool:
+    return sm_major in _STATIC_SPILLS.get((kind, prec, cfg), ())
+
+
+def _conv_cfg(c) -> tuple:
+    return (c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages)
+
+
+def _prune_conv(rows_arg: str, cols_arg: str, sm_major=None):
+    """Drop configs whose tile exceeds the plane rounded up to a power of two, and configs known to
+    spill on this GPU (keep the smallest config if none is left)."""
 
     def prune(configs, named_args, **kwargs):
         rows, cols = int(named_args[rows_arg]), int(named_args[cols_arg])
         bm_cap = max(16, triton.next_power_of_2(max(rows, 1)))
         bn_cap = max(16, triton.next_power_of_2(max(cols, 1)))
-        kept = [c for c in configs if c.kwargs["BM"] <= bm_cap and c.kwargs["BN"] <= bn_cap]
+        major = sm_major if sm_major is not None else _current_sm_major()
+        kept = [c for c in configs if c.kwargs["BM"] <= bm_cap and c.kwargs["BN"] <= bn_cap
+                and not _spills("conv", kwargs.get("PREC"), _conv_cfg(c), major)]
         return kept or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])]
+
+    return prune
+
+
+def _prune_grad_weight(sm_major=None):
+    """Drop grad_weight configs known to spill on this GPU (keep the first config if none is left)."""
+
+    def prune(configs, named_args, **kwargs):
+        major = sm_major if sm_major is not None else _current_sm_major()
+        kept = [c for c in configs
+                if not _spills("grad_weight", kwargs.get("PREC"), (c.kwargs["BK"], c.num_warps, c.num_stages), major)]
+        return kept or configs[:1]
 
     return prune
 
@@ -87,7 +125,10 @@ else:  # pragma: no cover - needs a GPU
     _grad_input_tuned = triton.autotune(
         configs=_conv_configs(), key=_CONV_KEY, prune_configs_by={"early_config_prune": _prune_conv("H", "W")}
     )(K.dwconv_grad_input_kernel)
-    _grad_weight_tuned = triton.autotune(configs=_grad_weight_configs(), key=_GRAD_WEIGHT_KEY)(K.dwconv_grad_weight_kernel)
+    _grad_weight_tuned = triton.autotune(
+        configs=_grad_weight_configs(), key=_GRAD_WEIGHT_KEY,
+        prune_configs_by={"early_config_prune": _prune_grad_weight()},
+    )(K.dwconv_grad_weight_kernel)
 
 
 def _launch_conv(tuned, base, grid, rows: int, args, kwargs) -> None:

@@ -1,0 +1,214 @@
+"""What is compiled and modelled: the kernel table, the layer set, the Triton specialisations.
+
+``KERNEL_TABLE`` is the single place that maps a kernel symbol (found by pattern in a cubin's function
+list) to (backend, passes, role).  When kernels or files are renamed, update this table only.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["KERNEL_TABLE", "describe_symbol", "demangle", "Layer", "LAYERS", "DTYPES", "PASSES", "ARCHS",
+           "SM_COUNT", "triton_conv_configs", "triton_grad_weight_configs", "triton_specs", "tile_of"]
+
+# (regex on the demangled symbol, backend, passes, role)
+KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
+    (r"toeplitz_wmma_kernel", "cuda", "forward,grad_input", "tc_toeplitz"),
+    (r"fp32_blocked_kernel", "cuda", "forward,grad_input", "fp32_direct"),
+    (r"generic_conv_kernel", "cuda", "forward,grad_input", "fallback"),
+    (r"grad_input_strided_kernel", "cuda", "grad_input", "fallback_strided"),
+    (r"grad_weight_partial_kernel", "cuda", "grad_weight", "grad_weight_partial"),
+    (r"grad_weight_reduce_kernel", "cuda", "grad_weight", "grad_weight_reduce"),
+    (r"dwconv_forward_kernel|forward_kernel", "triton", "forward,grad_input", "tr_conv"),
+    (r"dwconv_grad_input_kernel|grad_input_kernel", "triton", "grad_input", "tr_grad_input_strided"),
+    (r"dwconv_grad_weight_kernel|grad_weight_kernel", "triton", "grad_weight", "tr_grad_weight"),
+]
+
+ARCHS = (80, 90)
+#: SMs of the GPU each arch is modelled/specialised for (A100 SXM, H100/H200 SXM)
+SM_COUNT = {80: 108, 90: 132}
+DTYPES = ("fp16", "bf16", "fp32", "tf32")       # tf32 = fp32 data with TF32 allowed (PyTorch's default)
+PASSES = ("forward", "grad_input", "grad_weight")
+
+_DEMANGLED: Dict[str, str] = {}
+
+
+def demangle(sym: str) -> str:
+    if sym not in _DEMANGLED:
+        try:
+            out = subprocess.run(["c++filt", sym], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        _DEMANGLED[sym] = out or sym
+    return _DEMANGLED[sym]
+
+
+def describe_symbol(sym: str) -> Dict:
+    """``{name, backend, passes, role, dtype, template}`` of a symbol (role None when unknown)."""
+    name = demangle(sym)
+    for pat, backend, passes, role in KERNEL_TABLE:
+        if re.search(pat, name):
+            break
+    else:
+        backend, passes, role = None, "", None
+    dtype = None
+    if "__nv_bfloat16" in name or "bfloat16" in name:
+        dtype = "bf16"
+    elif "__half" in name:
+        dtype = "fp16"
+    elif re.search(r"<float\b|\(float|Ifloat|kernelIf", name + sym):
+        dtype = "fp32"
+    m = re.search(r"<[^<>]*?,\s*(\d+),\s*(\d+)>", name)
+    tmpl = (int(m.group(1)), int(m.group(2))) if m else None
+    return dict(name=name, backend=backend, passes=passes, role=role, dtype=dtype, template=tmpl)
+
+
+@dataclass(frozen=True)
+class Layer:
+    C: int
+    H: int
+    K: int
+    N: int = 64
+
+    @property
+    def label(self) -> str:
+        return f"C{self.C}/H{self.H}/K{self.K}"
+
+    @property
+    def short(self) -> str:
+        return f"{self.H}²/K{self.K}"
+
+
+#: RepLKNet-31B at 224², batch 64 (stride 1, padding K//2)
+LAYERS = (Layer(128, 56, 31), Layer(256, 28, 29), Layer(512, 14, 27), Layer(1024, 7, 13))
+
+
+def tile_of(spec: Dict) -> str:
+    c = spec["constexprs"]
+    if spec["kernel"] == "dwconv_grad_weight_kernel":
+        return f"{c['BKH']}x{c['BKW']}/BK{c['BK']} w{spec['num_warps']} s{spec['num_stages']}"
+    return f"{c['BM']}/{c['BN']}/{c['BK']} w{spec['num_warps']} s{spec['num_stages']}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: configs as the launcher ships them (read from ops.py, pruned by its own prune function)
+# ------------------------------------------------------------------------------------------------
+def _ops():
+    from lkconv.backends.triton import ops
+    return ops
+
+
+def triton_conv_configs(rows: int, cols: int, prec=None, arch: int = 90) -> List[Tuple[int, int, int, int, int]]:
+    """(BM, BN, BK, warps, stages) of the forward/grad_input autotune list that survive the shipped
+    ``_prune_conv`` for an output plane rows x cols on ``sm_<arch>``."""
+    ops = _ops()
+    kept = ops._prune_conv("R", "Q", sm_major=arch // 10)(ops._conv_configs(), {"R": rows, "Q": cols}, PREC=prec)
+    return [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in kept]
+
+
+def triton_grad_weight_configs(prec=None, arch: int = 90) -> List[Tuple[int, int, int]]:
+    """(BK, warps, stages) of the grad_weight autotune list that survive the shipped ``_prune_grad_weight``."""
+    ops = _ops()
+    kept = ops._prune_grad_weight(sm_major=arch // 10)(ops._grad_weight_configs(), {}, PREC=prec)
+    return [(c.kwargs["BK"], c.num_warps, c.num_stages) for c in kept]
+
+
+def _prec(dtype: str):
+    return {"fp32": "ieee", "tf32": "tf32"}.get(dtype)
+
+
+def _elt(dtype: str) -> str:
+    return {"fp16": "fp16", "bf16": "bf16"}.get(dtype, "fp32")
+
+
+def _runtime_spec(kernel: str, values: Dict[str, int], constexprs: Dict, dtype: str, warps: int, stages: int) -> Dict:
+    """The specialisation Triton's launcher applies: an int equal to 1 becomes a constexpr, an int that
+    is a multiple of 16 (and every pointer: torch allocations are 256-byte aligned) gets divisibility 16,
+    an int >= 2**31 is i64."""
+    cons = dict(constexprs)
+    div, ints = [], {}
+    for n, v in values.items():
+        if n.endswith("_ptr"):
+            div.append(n)
+        elif v == 1:
+            cons[n] = 1
+        else:
+            if v % 16 == 0:
+                div.append(n)
+            ints[n] = "i64" if abs(v) >= 2**31 else "i32"
+    return dict(kernel=kernel, dtype=_elt(dtype), ws_dtype="fp32", constexprs=cons, divisible=sorted(div),
+                int_types=ints, num_warps=warps, num_stages=stages, values=values)
+
+
+def grad_weight_splits(layer: Layer, arch: int, bkh: int, bkw: int) -> Tuple[int, int]:
+    """(splits, rows_per_split) exactly as ops.grad_weight / _num_splits compute them."""
+    rows = layer.N * layer.H
+    per_split = layer.C * -(-layer.K // bkh) * -(-layer.K // bkw)
+    want = -(-4 * SM_COUNT[arch] // per_split)
+    splits = max(1, min(want, -(-rows // 4)))
+    rps = -(-rows // splits)
+    return -(-rows // rps), rps
+
+
+def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 1) -> List[Dict]:
+    """Every Triton launch the runtime would compile for (layer, pass, dtype): one spec per surviving
+    autotune config.  forward and grad_input (stride 1) are the same kernel (grad_input: flipped filter,
+    offsets K-1-K//2); bias is off (RepLKNet's large convolutions are followed by BatchNorm)."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    common = dict(SH=stride, SW=stride, DH=1, DW=1, BIG=False, PREC=_prec(dtype), UPCAST=False)
+    specs = []
+    if pass_ in ("forward", "grad_input") and stride == 1:
+        HO = WO = H
+        pt = P if pass_ == "forward" else K - 1 - P
+        vals = dict(x_ptr=0, w_ptr=0, b_ptr=0, y_ptr=0, NC=N * C, C=C, H=H, W=H, HO=HO, WO=WO,
+                    sxn=C * H * H, sxc=H * H, sxh=H, sxw=1, syn=C * HO * WO, syc=HO * WO, syh=WO, syw=1,
+                    PT=pt, PL=pt, KH=K, KW=K)
+        for bm, bn, bk, w, s in triton_conv_configs(HO, WO, _prec(dtype), arch):
+            cons = dict(common, HAS_BIAS=False, PLANE_FAST=False, BM=bm, BN=bn, BK=bk)
+            specs.append(_runtime_spec("dwconv_forward_kernel", vals, cons, dtype, w, s))
+    elif pass_ == "grad_input":  # stride > 1: the transposed-Toeplitz kernel
+        HO = WO = (H + 2 * P - K) // stride + 1
+        vals = dict(g_ptr=0, w_ptr=0, gx_ptr=0, NC=N * C, C=C, H=H, W=H, HO=HO, WO=WO,
+                    sgn=C * HO * WO, sgc=HO * WO, sgh=WO, sgw=1, sxn=C * H * H, sxc=H * H, sxh=H, sxw=1,
+                    PT=P, PL=P, KH=K, KW=K)
+        for bm, bn, bk, w, s in triton_conv_configs(H, H, _prec(dtype), arch):
+            cons = dict(common, PLANE_FAST=False, BM=bm, BN=bn, BK=bk)
+            specs.append(_runtime_spec("dwconv_grad_input_kernel", vals, cons, dtype, w, s))
+    elif pass_ == "grad_weight":
+        HO = WO = (H + 2 * P - K) // stride + 1
+        bkh = bkw = min(64, max(16, 1 << (K - 1).bit_length()))
+        splits, rps = grad_weight_splits(layer, arch, bkh, bkw)
+        vals = dict(x_ptr=0, g_ptr=0, ws_ptr=0, C=C, H=H, W=H, HO=HO, WO=WO, ROWS=N * HO, ROWS_PER_SPLIT=rps,
+                    sxn=C * H * H, sxc=H * H, sxh=H, sxw=1, sgn=C * HO * WO, sgc=HO * WO, sgh=WO, sgw=1,
+                    PT=P, PL=P, KH=K, KW=K)
+        for bk, w, s in triton_grad_weight_configs(_prec(dtype), arch):
+            cons = dict(common, BKH=bkh, BKW=bkw, BK=bk)
+            sp = _runtime_spec("dwconv_grad_weight_kernel", vals, cons, dtype, w, s)
+            sp["splits"] = splits
+            specs.append(sp)
+    return specs
+
+
+def spec_key(spec: Dict) -> str:
+    import json
+    s = {k: v for k, v in spec.items() if k not in ("values", "splits")}
+    return json.dumps(s, sort_keys=True, default=str)
+
+
+def shipped_triton_specs(arch: int) -> List[Dict]:
+    """Every distinct Triton compile of the layer set (plus the stride-2 grad_input kernel once, so CI
+    covers every shipped kernel), deduplicated by specialisation."""
+    seen: Dict[str, Dict] = {}
+    for layer in LAYERS:
+        for dt in DTYPES:
+            for p in ("forward", "grad_weight"):
+                for sp in triton_specs(layer, p, dt, arch):
+                    seen.setdefault(spec_key(sp), sp)
+    for dt in DTYPES:
+        for sp in triton_specs(LAYERS[0], "grad_input", dt, arch, stride=2):
+            seen.setdefault(spec_key(sp), sp)
+    return list(seen.values())
+

@@ -1,0 +1,433 @@
+"""Floors and the throughput model.  Every time this module returns is **modelled**, never measured.
+
+Per SM, time = max(issue, tensor pipe, shared-memory wavefronts) over the CTAs the busiest SM runs;
+the pass's time is the larger of that and the HBM time of its compulsory traffic.  The per-CTA counts
+are the kernel's own loop trip counts (replicated from the kernel's loop bounds for each CTA position)
+times the SASS instruction counts of the loop bodies (compiler facts).  Constants and their sources:
+docs/performance_model.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .kernels import SM_COUNT, Layer
+
+__all__ = ["Machine", "H100", "H200", "floors", "occupancy", "model_cuda", "model_triton", "ISSUE_EFF_LOW",
+           "conflict_ways"]
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    sms: int = 132
+    clock_hz: float = 1.83e9            # boost clock at which the TC peak below is 2048 MAC/clk/SM
+    issue_per_clk: float = 4.0          # 4 SMSPs, one warp instruction each per clock
+    wgmma_mac_per_clk: float = 2048.0   # dense fp16/bf16 wgmma per SM (989.4 TF / 132 / 1.83 GHz / 2)
+    mma_sync_mac_per_clk: float = 1024.0  # ASSUMED: legacy mma.sync at half the wgmma rate (unmeasured)
+    smem_wavefronts_per_clk: float = 1.0  # 128 B per clock per SM
+    hbm_Bps: float = 3.35e12
+    tc16_flops: float = 989.4e12        # datasheet dense fp16/bf16
+    tf32_flops: float = 494.7e12        # datasheet dense tf32
+    ffma_flops: float = 66.9e12         # datasheet fp32 (CUDA cores)
+    regs_per_sm: int = 65536
+    smem_per_sm: int = 233472           # 228 KiB
+    smem_reserved_per_cta: int = 1024
+    max_threads: int = 2048
+    max_ctas: int = 32
+
+
+H100 = Machine("H100 SXM")
+H200 = Machine("H200 SXM", hbm_Bps=4.8e12)
+#: second number of every range: the issue-bound time at this issue efficiency (imperfect latency hiding)
+ISSUE_EFF_LOW = 0.7
+
+
+# ------------------------------------------------------------------------------------------------
+# floors
+# ------------------------------------------------------------------------------------------------
+def _bytes(dtype: str) -> int:
+    return 2 if dtype in ("fp16", "bf16") else 4
+
+
+def floors(layer: Layer, dtype: str, m: Machine = H100) -> Dict[str, float]:
+    """Floors of one pass (all three passes have the same), in seconds, and their ingredients."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    nominal = 2.0 * N * C * H * H * K * K
+    pairs = sum(1 for oh in range(H) for kh in range(K) if 0 <= oh - P + kh < H)
+    f_row = pairs / (H * K)
+    d = max(K / (16 * math.ceil((t + K - 1) / 16)) for t in (8, 16, 32, 64, 128))
+    nonpad = 2.0 * N * C * sum(1 for oh in range(H) for kh in range(K) if 0 <= oh - P + kh < H) * \
+        sum(1 for ow in range(H) for kw in range(K) if 0 <= ow - P + kw < H)
+    hbm_b = (2 * N * C * H * H + C * K * K) * _bytes(dtype)
+    hbm = hbm_b / m.hbm_Bps
+    tc_peak = m.tf32_flops if dtype in ("tf32", "fp32") else m.tc16_flops
+    tc = max(hbm, nominal * f_row / d / tc_peak)
+    hbm32 = (2 * N * C * H * H + C * K * K) * 4 / m.hbm_Bps
+    ffma = max(hbm32, nominal / m.ffma_flops)
+    return dict(nominal_flop=nominal, nonpad_flop=nonpad, f_row=f_row, d=d, hbm_s=hbm, tc_floor_s=tc,
+                ffma_floor_s=ffma, ffma_nonpad_s=nonpad / m.ffma_flops, tc_ideal_s=nominal / tc_peak)
+
+
+# ------------------------------------------------------------------------------------------------
+# occupancy
+# ------------------------------------------------------------------------------------------------
+def occupancy(regs: int, threads: int, smem: int, m: Machine = H100) -> Dict:
+    """Theoretical CTAs/SM and warps/SM (registers allocated per warp in 256-register units)."""
+    warps = -(-threads // 32)
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    warps_by_regs = 4 * ((m.regs_per_sm // 4) // per_warp)
+    lim = {"regs": warps_by_regs // warps, "threads": m.max_threads // threads, "ctas": m.max_ctas,
+           "smem": m.smem_per_sm // (smem + m.smem_reserved_per_cta)}
+    ctas = min(lim.values())
+    limiter = min(lim, key=lambda k: lim[k])
+    return dict(ctas_per_sm=ctas, limiter=limiter, warps_per_sm=ctas * warps,
+                occupancy=ctas * warps / (m.max_threads // 32))
+
+
+def conflict_ways(row_stride_bytes: int) -> int:
+    """ldmatrix: 8 rows of 16 B; rows whose 16-B group (mod 8) collide serialise."""
+    groups = [((r * row_stride_bytes) // 16) % 8 for r in range(8)]
+    return max(groups.count(g) for g in set(groups))
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers over SASS facts
+# ------------------------------------------------------------------------------------------------
+def _loops(f: Dict) -> List[Dict]:
+    return f["sass"]["loops"]
+
+
+def _pick(f: Dict, need=(), forbid=(), key="total", min_depth=0) -> Optional[Dict]:
+    c = [lp for lp in _loops(f) if all(lp["mix"].get(n, 0) > 0 for n in need)
+         and not any(lp["mix"].get(n, 0) > 0 for n in forbid) and lp["depth"] >= min_depth]
+    return max(c, key=lambda lp: lp["mix"].get(key, 0)) if c else None
+
+
+def _parent(f: Dict, lp: Dict) -> Optional[Dict]:
+    ps = [p for p in _loops(f) if p["lo"] <= lp["lo"] and lp["hi"] <= p["hi"] and p is not lp
+          and (p["lo"], p["hi"]) != (lp["lo"], lp["hi"])]
+    return min(ps, key=lambda p: p["hi"] - p["lo"]) if ps else None
+
+
+def _per(lp: Optional[Dict], unit: str, div: float = 1.0) -> float:
+    if lp is None:
+        return 0.0
+    n = lp["mix"].get(unit, 0) / div
+    return lp["mix"]["total"] / n if n else float(lp["mix"]["total"])
+
+
+class _Acc:
+    """Per-CTA cost arrays: issue (warp instructions), tensor MACs, smem wavefronts, FFMA lanes."""
+
+    def __init__(self, n: int):
+        self.issue = np.zeros(n)
+        self.macs = np.zeros(n)
+        self.wave = np.zeros(n)
+
+
+def _busiest(acc: _Acc, tc_rate: float, m: Machine, sms: int) -> Dict:
+    n = acc.issue.size
+    sm = np.arange(n) % sms
+    issue = np.bincount(sm, acc.issue, minlength=sms) / m.issue_per_clk
+    tc = np.bincount(sm, acc.macs, minlength=sms) / tc_rate if tc_rate else np.zeros(sms)
+    wave = np.bincount(sm, acc.wave, minlength=sms) / m.smem_wavefronts_per_clk
+    per = np.maximum(np.maximum(issue, tc), wave)
+    i = int(per.argmax())
+    parts = {"issue": issue[i], "tensor": tc[i], "smem": wave[i]}
+    return dict(cycles=float(per[i]), parts={k: float(v) / m.clock_hz for k, v in parts.items()},
+                ctas=n, total_issue=float(acc.issue.sum()), total_macs=float(acc.macs.sum()))
+
+
+def _finish(b: Dict, hbm_s: float, extra: Dict) -> Dict:
+    b["parts"]["hbm"] = hbm_s
+    lim = max(b["parts"], key=lambda k: b["parts"][k])
+    lo = max(b["parts"].values())
+    # the upper end of the range: the SM sustains only ISSUE_EFF_LOW of its peak rate (latency not hidden)
+    hi = lo / ISSUE_EFF_LOW
+    return dict(b, t_lo=lo, t_hi=hi, limiter=lim, **extra)
+
+
+def _hbm(layer: Layer, dtype: str, m: Machine, extra_bytes: float = 0.0) -> float:
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    return ((2 * N * C * H * H + C * K * K) * _bytes(dtype) + extra_bytes) / m.hbm_Bps
+
+
+def _tc_rate(f: Dict, dtype: str, m: Machine) -> float:
+    mix = f["hot"]["mix"] if f.get("hot") else {}
+    if mix.get("hgmma"):
+        r = m.wgmma_mac_per_clk
+    elif mix.get("hmma"):
+        r = m.mma_sync_mac_per_clk
+    else:
+        return 0.0
+    return r / 2 if dtype in ("tf32", "fp32") else r
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA kernels
+# ------------------------------------------------------------------------------------------------
+def _ceil(a, b):
+    return -(-a // b)
+
+
+def toeplitz_small_tile(Ho: int, Wo: int) -> bool:
+    """The launcher's tile choice (csrc/dwconv_forward.cu, toeplitz_small_tile)."""
+    big = _ceil(Ho, 64) * 64 * _ceil(Wo, 64) * 64
+    small = _ceil(Ho, 16) * 16 * _ceil(Wo, 16) * 16
+    return 2 * small <= big
+
+
+def _model_toeplitz(f: Dict, layer: Layer, dtype: str, warps: int, nb: int, m: Machine, sms: int) -> Dict:
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    BM, BN, thr = 16 * warps, 16 * nb, 32 * warps
+    KK = (K + 30) // 16
+    ldx = 16 * (nb + KK - 1)
+    rows = BM + K - 1
+    stage = _pick(f, need=("sts",), forbid=("tensor", "barrier"), key="total")
+    stage = max([lp for lp in _loops(f) if (lp["mix"].get("ldg", 0) or lp["mix"].get("ld_generic", 0))
+                 and lp["mix"].get("sts", 0) and not lp["mix"].get("tensor")],
+                key=lambda lp: lp["mix"]["total"], default=stage)
+    build = _pick(f, need=("lds", "sts"), forbid=("ldg", "tensor"), min_depth=1)
+    mma = f["hot"]
+    kh_loop = _parent(f, mma)
+    epi = _pick(f, need=("stg",), forbid=("tensor",))
+    c_stage = _per(stage, "sts")
+    c_build = _per(build, "sts")
+    n_mma_body = mma["mix"].get("hmma", 0) / 2 or 1
+    c_mma = mma["mix"]["total"] / n_mma_body
+    c_kh = kh_loop["mix"]["total"] if kh_loop else 0
+    c_epi = _per(epi, "stg")
+    ca = conflict_ways(ldx * 2)
+    cb = conflict_ways(32)
+    gy, gz = _ceil(H, BN), _ceil(H, BM)
+    tile_cost = []
+    for z in range(gz):
+        for y in range(gy):
+            oh0, ow0 = z * BM, y * BN
+            kh_lo = min(max(P - oh0 - BM + 1, 0), K)
+            kh_hi = min(max(H + P - oh0, 0), K)
+            issue = warps * _ceil(rows * ldx, thr) * c_stage
+            wave = warps * _ceil(rows * ldx, thr)
+            macs = 0.0
+            for kh in range(kh_lo, kh_hi):
+                issue += warps * (_ceil(KK * 256, thr) * c_build + c_kh)
+                wave += warps * 2 * _ceil(KK * 256, thr)
+                for w in range(warps):
+                    ih0 = oh0 - P + w * 16 + kh
+                    if not (ih0 + 15 >= 0 and ih0 < H):
+                        continue
+                    for kk in range(KK):
+                        live = sum(1 for j in range(nb) if not (ow0 - P + 16 * (j + kk) + 15 < 0 or
+                                                                ow0 - P + 16 * (j + kk) >= H))
+                        issue += c_mma * max(live, 0.25)
+                        macs += 4096 * live
+                        wave += 4 * cb + 4 * ca * live
+            issue += warps * _ceil(16 * BN, 32) * c_epi
+            wave += warps * (nb * 8 + _ceil(16 * BN, 32))
+            tile_cost.append((issue, macs, wave))
+    tiles = np.array(tile_cost)
+    # blockIdx.x = plane (fastest), then y, then z: linear id = nc + NC*(y + gy*z)
+    NC = N * C
+    acc = _Acc(NC * gy * gz)
+    idx_tile = np.repeat(np.arange(gy * gz), NC)
+    acc.issue, acc.macs, acc.wave = tiles[idx_tile, 0], tiles[idx_tile, 1], tiles[idx_tile, 2]
+    b = _busiest(acc, _tc_rate(f, dtype, m), m, sms)
+    useful = layer.N * C * H * H * K * K  # nominal MACs (padding taps included), as the floors count them
+    return _finish(b, _hbm(layer, dtype, m), dict(
+        tile=f"{BM}x{BN}", threads=thr, dyn_smem=int(BM * BN * 4 + rows * ldx * 2 + KK * 512 + _ceil(K * K * 2, 32) * 32),
+        per_unit=dict(stage_per_elem=c_stage, build_per_elem=c_build, instr_per_mma=c_mma, epilogue_per_out=c_epi),
+        conflicts=dict(A=ca, B=cb), mma_usefulness=useful / max(b["total_macs"], 1)))
+
+
+def _model_fp32_blocked(f: Dict, layer: Layer, m: Machine, sms: int) -> Dict:
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    FB_H, FB_W = 32, 64
+    ldx, rows = FB_W + K - 1, FB_H + K - 1
+    stage = max([lp for lp in _loops(f) if lp["mix"].get("ldg", 0) and lp["mix"].get("sts", 0)],
+                key=lambda lp: lp["mix"]["total"], default=None)
+    fma = f["hot"]
+    kh_loop = _parent(f, fma)
+    c_stage = _per(stage, "sts")
+    c_tap = fma["mix"]["total"] / (fma["mix"].get("ffma", 8) / 8)
+    lds_tap = fma["mix"].get("lds", 0) / (fma["mix"].get("ffma", 8) / 8)
+    c_kh = kh_loop["mix"]["total"] if kh_loop else 0
+    gy, gz = _ceil(H, FB_W), _ceil(H, FB_H)
+    tiles = []
+    for z in range(gz):
+        for y in range(gy):
+            oh0, ow0 = z * FB_H, y * FB_W
+            issue = 8 * _ceil(rows * ldx, 256) * c_stage
+            wave = 8 * _ceil(rows * ldx, 256)
+            for w in range(8):
+                ohs = [oh0 + 4 * w + r for r in range(4) if oh0 + 4 * w + r < H]
+                strips = [ow0 + 8 * s for s in range(8) if ow0 + 8 * s < H]
+                if not ohs or not strips:
+                    continue
+                kh_lo = min(min(max(P - oh, 0), K) for oh in ohs)
+                kh_hi = max(min(max(H + P - oh, 0), K) for oh in ohs)
+                kw_lo = min(min(max(P - (ob + 7), 0), K) for ob in strips)
+                kw_hi = max(min(max(H + P - ob, 0), K) for ob in strips)
+                nkh, nkw = max(kh_hi - kh_lo, 0), max(kw_hi - kw_lo, 0)
+                issue += nkh * (nkw * c_tap + c_kh)
+                wave += nkh * nkw * lds_tap
+            tiles.append((issue, 0.0, wave))
+    t = np.array(tiles)
+    NC = N * C
+    acc = _Acc(NC * gy * gz)
+    it = np.repeat(np.arange(gy * gz), NC)
+    acc.issue, acc.macs, acc.wave = t[it, 0], t[it, 1], t[it, 2]
+    b = _busiest(acc, 0.0, m, sms)
+    return _finish(b, _hbm(layer, "fp32", m), dict(
+        tile="32x64", threads=256, dyn_smem=int((rows * ldx + K * K) * 4),
+        per_unit=dict(stage_per_elem=c_stage, instr_per_tap=c_tap, ffma_share=8 / c_tap)))
+
+
+def cuda_grad_weight_splits(N: int, Ho: int, Wo: int, C: int) -> int:
+    R = N * Ho * Wo
+    s = min(_ceil(R, 2048), _ceil(2048, max(C, 1)), 1024, 65535)
+    return max(s, 1)
+
+
+def _model_grad_weight_partial(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int) -> Dict:
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    taps = K * K
+    P = min(taps, 256)
+    L = 256 // P
+    R = N * H * H
+    splits = cuda_grad_weight_splits(N, H, H, C)
+    chunk = _ceil(R, splits)
+    main = f["hot"]  # the loop with the FMA and the loads (its nested ow-wrap loop excluded)
+    c_step = main["mix"]["total"]
+    wrap = [lp for lp in _loops(f) if (lp["lo"], lp["hi"]) in [tuple(c) for c in main["children"]]]
+    c_wrap = sum(lp["mix"]["total"] for lp in wrap)
+    cost_s = []
+    for s in range(splits):
+        pos = max(0, min(chunk, R - s * chunk))
+        steps = _ceil(pos, L)
+        issue = 0.0
+        for base in range(0, taps, P):
+            active = min(P, taps - base) * L
+            warps = _ceil(active, 32)
+            issue += warps * steps * (c_step + c_wrap * L / H) + 8 * 20
+        cost_s.append(issue)
+    cs = np.array(cost_s)
+    acc = _Acc(C * splits)
+    # blockIdx.x = c (fastest), blockIdx.y = split
+    acc.issue = np.tile(cs, 1).repeat(C)  # id = c + C*s -> split index = id // C
+    acc.wave = np.zeros_like(acc.issue)
+    b = _busiest(acc, 0.0, m, sms)
+    ws = splits * C * taps * 4 * 2
+    return _finish(b, _hbm(layer, dtype, m, ws), dict(
+        tile=f"P{P}xL{L}", threads=256, dyn_smem=0, splits=splits,
+        per_unit=dict(instr_per_fma=c_step, wrap_loop=c_wrap),
+        note="every step charged the load path (a warp executes it when any lane's tap is in the image)"))
+
+
+def model_cuda(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str, m: Machine = H100,
+               sms: int = None) -> Optional[Dict]:
+    """Model the CUDA backend's kernel for (layer, pass, dtype); kfacts = {symbol: facts} of one arch."""
+    sms = sms or m.sms
+    kd = "fp32" if dtype in ("fp32", "tf32") else dtype
+
+    def find(role, tmpl=None):
+        for f in kfacts.values():
+            if f.get("role") == role and f.get("dtype") == (kd if role != "fp32_direct" else f.get("dtype")) \
+                    and (tmpl is None or f.get("template") == tmpl):
+                return f
+        return None
+
+    if pass_ in ("forward", "grad_input"):
+        if kd == "fp32":
+            f = find("fp32_direct")
+            r = _model_fp32_blocked(f, layer, m, sms)
+        else:
+            small = toeplitz_small_tile(layer.H, layer.H)
+            w, nb = (1, 1) if small else (4, 4)
+            f = find("tc_toeplitz", (w, nb))
+            r = _model_toeplitz(f, layer, kd, w, nb, m, sms)
+    else:
+        f = find("grad_weight_partial")
+        r = _model_grad_weight_partial(f, layer, kd, m, sms)
+    occ = occupancy(f["regs"], r["threads"], r["dyn_smem"] + 0, m)
+    return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine = H100, sms: int = None) -> Dict:
+    sms = sms or m.sms
+    v, c = spec["values"], spec["constexprs"]
+    hot = facts["hot"]
+    body = hot["mix"]["total"] if hot else 0
+    waves_it = (hot["mix"].get("sts", 0) + hot["mix"].get("lds", 0) + hot["mix"].get("ldsm", 0)) if hot else 0
+    warps = spec["num_warps"]
+    eb = _bytes(dtype)
+    tc_rate = _tc_rate(facts, dtype, m) if dtype != "fp32" else 0.0
+    if spec["kernel"] == "dwconv_forward_kernel":
+        BM, BN, BK = c["BM"], c["BN"], c["BK"]
+        HO, WO, H, W, KH, KW, PT, PL = v["HO"], v["WO"], v["H"], v["W"], v["KH"], v["KW"], v["PT"], v["PL"]
+        n_tw, n_th = _ceil(WO, BN), _ceil(HO, BM)
+        iters = []
+        for t in range(n_th * n_tw):
+            i0, j0 = (t // n_tw) * BM, (t % n_tw) * BN
+            i_last = min(i0 + BM, HO) - 1
+            kh_lo = max(PT - i_last, 0)
+            kh_hi = min(max(H - 1 + PT - i0, -1) + 1, KH)
+            c0 = j0 - PL
+            L = (BN - 1) + (KW - 1) + 1
+            k_lo, k_hi = max(-c0, 0), min(W - c0, L)
+            n_chunks = _ceil(max(k_hi - k_lo, 0), BK)
+            iters.append(max(kh_hi - kh_lo, 0) * n_chunks)
+        it = np.array(iters, dtype=float)
+        per_plane = n_th * n_tw
+        n_prog = v["NC"] * per_plane
+        prog_it = np.tile(it, v["NC"])  # pid: tile fastest, then plane
+        macs_it = BM * BN * BK
+        opnd_bytes = (BM * BK + BK * BN) * eb
+        useful = layer.N * layer.C * HO * WO * KH * KW
+    else:  # dwconv_grad_weight_kernel
+        BKH, BKW, BK = c["BKH"], c["BKW"], c["BK"]
+        C, HO, WO, W, KH, KW, PL = v["C"], v["HO"], v["WO"], v["W"], v["KH"], v["KW"], v["PL"]
+        ROWS, RPS = v["ROWS"], v["ROWS_PER_SPLIT"]
+        n_khb, n_kwb = _ceil(KH, BKH), _ceil(KW, BKW)
+        splits = spec["splits"]
+        n_prog = C * n_khb * n_kwb * splits
+        pid = np.arange(n_prog)
+        kwb = (pid // C) % n_kwb
+        s = pid // C // n_kwb // n_khb
+        kw0 = kwb * BKW
+        kw_last = np.minimum(kw0 + BKW, KW) - 1
+        col_lo = np.maximum(kw0 - PL, 0)
+        col_hi = np.minimum((WO - 1) + kw_last - PL + 1, W)
+        n_chunks = -(-np.maximum(col_hi - col_lo, 0) // BK)
+        q_lo = s * RPS
+        q_hi = np.minimum(q_lo + RPS, ROWS)
+        prog_it = (np.maximum(q_hi - q_lo, 0) * n_chunks).astype(float)
+        macs_it = BKH * BKW * BK
+        opnd_bytes = (BKH * BK + BK * BKW) * eb
+        useful = layer.N * layer.C * HO * WO * KH * KW
+    acc = _Acc(n_prog)
+    acc.issue = prog_it * warps * body
+    acc.macs = prog_it * (macs_it if tc_rate else 0)
+    wave_it = warps * waves_it + (opnd_bytes / 128 if hot and hot["mix"].get("hgmma") else 0)
+    acc.wave = prog_it * wave_it
+    b = _busiest(acc, tc_rate, m, sms)
+    threads = 32 * warps
+    occ = occupancy(facts["regs"], threads, facts.get("dynamic_smem") or 0, m)
+    total_macs = float(prog_it.sum()) * macs_it
+    return _finish(b, _hbm(layer, dtype, m), dict(
+        threads=threads, dyn_smem=facts.get("dynamic_smem"), occupancy=occ, regs=facts["regs"],
+        per_unit=dict(instr_per_iter=body, macs_per_iter=macs_it, instr_per_kmac=body * warps / macs_it * 1000),
+        mma_usefulness=useful / max(total_macs, 1)))
+
+
+def percent(floor_s: float, t: float) -> float:
+    return 100.0 * floor_s / t if t > 0 else float("nan")

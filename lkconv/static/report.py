@@ -1,0 +1,364 @@
+"""``python -m lkconv static``: compile, analyse, model, write ``benchmarks/results/static-<commit>/``.
+
+Also the calibration hook :func:`write_calibration` (called by the GPU suite with measured times).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Optional
+
+from . import compile as C
+from . import model as M
+from .kernels import ARCHS, DTYPES, LAYERS, PASSES, SM_COUNT, shipped_triton_specs, spec_key, tile_of, triton_specs
+
+__all__ = ["collect", "build_report", "write_report", "write_calibration", "calibrate_from_bench", "main"]
+
+LABEL = ("All times and percentages are MODELLED (static throughput model, docs/performance_model.md); "
+         "registers, spills, shared memory and instruction counts are MEASURED-STATIC (compiler output). "
+         "Nothing here ran on a GPU.")
+
+
+def _triton_worker(args):
+    spec, arch = args
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        return C.compile_triton(spec, arch)
+    except Exception as e:  # noqa: BLE001 - a failed compile is a reported fact, not a crash
+        return dict(spec=spec, arch=arch, error=f"{type(e).__name__}: {e}"[:2000])
+
+
+def collect(archs=ARCHS, jobs: int = 2, progress=print, triton: bool = True, cuda: bool = True) -> Dict:
+    """Compile everything (cached) -> {"cuda": {arch: {sym: facts}}, "triton": {arch: [result]}, notes}."""
+    out: Dict = dict(cuda={}, triton={}, notes=[], versions=C.tool_versions())
+    if cuda:
+        why = C.cuda_unavailable_reason()
+        if why:
+            out["notes"].append("CUDA part not run: " + why)
+            progress("CUDA part skipped: " + why)
+        else:
+            for a in archs:
+                out["cuda"][a] = C.compile_cuda(a, progress=progress)
+    if triton:
+        try:
+            import triton as _t  # noqa: F401
+        except ImportError:
+            out["notes"].append("Triton part not run: triton is not installed")
+            return out
+        work = [(sp, a) for a in archs for sp in shipped_triton_specs(a)]
+        t0 = time.perf_counter()
+        prev = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "0"  # workers compile for the GPU even if this process interprets
+        try:
+            import multiprocessing as mp
+            with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=mp.get_context("spawn")) as ex:
+                for i, r in enumerate(ex.map(_triton_worker, work), 1):
+                    out["triton"].setdefault(r["arch"], []).append(r)
+                    if progress:
+                        st = "error" if "error" in r else ("cached" if r.get("cached") else "compiled")
+                        progress(f"triton sm_{r['arch']}  [{i}/{len(work)}]  {r['spec']['kernel']} "
+                                 f"{r['spec']['dtype']}/{r['spec']['constexprs'].get('PREC')} {tile_of(r['spec'])}  "
+                                 f"({st}, {time.perf_counter() - t0:.0f} s)")
+        finally:
+            if prev is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = prev
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+def _mix_summary(hot: Optional[Dict]) -> Dict:
+    if not hot:
+        return {}
+    mx = hot["mix"]
+    tens = mx.get("hmma", 0) + mx.get("hgmma", 0)
+    ffma = mx.get("ffma", 0)
+    unit = tens or ffma or 1
+    return dict(loop_instr=mx.get("total", 0), hmma=mx.get("hmma", 0), hgmma=mx.get("hgmma", 0), ldsm=mx.get("ldsm", 0),
+                ld_generic=mx.get("ld_generic", 0), cp_async=mx.get("cp_async", 0), tma=mx.get("tma", 0),
+                ldg_16=mx.get("ldg_16", 0), ldg_32=mx.get("ldg_32", 0), ldg_128=mx.get("ldg_128", 0),
+                sts=mx.get("sts", 0), lds=mx.get("lds", 0), ffma=ffma, int_addr=mx.get("int_addr", 0),
+                barrier=mx.get("barrier", 0), sync=mx.get("sync", 0),
+                instr_per_unit=round(mx.get("total", 0) / unit, 2),
+                unit=("tensor op" if tens else "FFMA" if ffma else "iteration"))
+
+
+def kernel_rows(data: Dict) -> List[Dict]:
+    """One row per compiled kernel/config and arch (measured-static)."""
+    rows = []
+    for a, kf in data["cuda"].items():
+        for sym, f in sorted(kf.items(), key=lambda kv: kv[1]["name"]):
+            occ = M.occupancy(f["regs"] or 0, 256 if f["role"] != "tc_toeplitz" else 32 * (f["template"] or (1, 1))[0],
+                              0)
+            rows.append(dict(backend="cuda", arch=f"sm_{a}", kernel=f["name"], config="", dtype=f["dtype"],
+                             role=f["role"], regs=f["regs"], spill_stores=f["spill_stores"],
+                             spill_loads=f["spill_loads"], static_smem=f["static_smem"], dynamic_smem="per shape",
+                             ctas_per_sm_regs=occ["ctas_per_sm"], **_mix_summary(f.get("hot"))))
+    for a, res in data["triton"].items():
+        for r in res:
+            sp = r["spec"]
+            base = dict(backend="triton", arch=f"sm_{a}", kernel=sp["kernel"], dtype=sp["dtype"],
+                        prec=sp["constexprs"].get("PREC"), config=tile_of(sp),
+                        shape=f"H{sp['values']['H']}/K{sp['values']['KH']}/S{sp['constexprs']['SH']}")
+            if "error" in r:
+                rows.append(dict(base, error=r["error"]))
+                continue
+            f = r["facts"]
+            occ = M.occupancy(f["regs"], 32 * sp["num_warps"], f["dynamic_smem"] or 0)
+            rows.append(dict(base, role=None, regs=f["regs"], spill_stores=f["spill_stores"],
+                             spill_loads=f["spill_loads"], static_smem=f["static_smem"], dynamic_smem=f["dynamic_smem"],
+                             ctas_per_sm=occ["ctas_per_sm"], occ_limiter=occ["limiter"],
+                             ptx_vector_loads=f.get("ptx_vector_loads"), **_mix_summary(f.get("hot"))))
+    return rows
+
+
+def model_rows(data: Dict, arch: int = 90, machine: M.Machine = M.H100) -> List[Dict]:
+    """One row per (layer, pass, dtype): CUDA and best Triton config, modelled."""
+    rows = []
+    tri = {spec_key(r["spec"]): r for r in data["triton"].get(arch, []) if "error" not in r}
+    kf = data["cuda"].get(arch)
+    for layer in LAYERS:
+        for dt in DTYPES:
+            fl = M.floors(layer, dt, machine)
+            for p in PASSES:
+                row = dict(layer=layer.label, pass_=p, dtype=dt, tc_floor_us=fl["tc_floor_s"] * 1e6,
+                           ffma_floor_us=fl["ffma_floor_s"] * 1e6, hbm_us=fl["hbm_s"] * 1e6)
+                if kf:
+                    r = M.model_cuda(kf, layer, p, dt, machine, SM_COUNT[arch])
+                    row.update(cuda_kernel=r["kernel"].replace("void lkconv::", "").replace("(lkconv::ConvArgs)", "")
+                               .replace("(lkconv::WgradArgs)", ""),
+                               cuda_tile=r.get("tile"), cuda_us_lo=r["t_lo"] * 1e6, cuda_us_hi=r["t_hi"] * 1e6,
+                               cuda_limiter=r["limiter"], cuda_ctas_per_sm=r["occupancy"]["ctas_per_sm"],
+                               cuda_occ_limiter=r["occupancy"]["limiter"],
+                               cuda_pct_tc=M.percent(fl["tc_floor_s"], r["t_lo"]),
+                               cuda_pct_ffma=M.percent(fl["ffma_floor_s"], r["t_lo"]),
+                               cuda_parts_us={k: round(v * 1e6, 1) for k, v in r["parts"].items()},
+                               cuda_note="CUDA has no TF32 path: the IEEE fp32 kernel" if dt == "tf32" else "")
+                best = None
+                for sp in triton_specs(layer, p, dt, arch):
+                    res = tri.get(spec_key(sp))
+                    if res is None:
+                        continue
+                    r = M.model_triton(res["facts"], sp, layer, dt, machine, SM_COUNT[arch])
+                    r["config"] = tile_of(sp)
+                    if best is None or r["t_lo"] < best["t_lo"]:
+                        best = r
+                if best:
+                    row.update(triton_config=best["config"], triton_us_lo=best["t_lo"] * 1e6,
+                               triton_us_hi=best["t_hi"] * 1e6, triton_limiter=best["limiter"],
+                               triton_ctas_per_sm=best["occupancy"]["ctas_per_sm"],
+                               triton_pct_tc=M.percent(fl["tc_floor_s"], best["t_lo"]),
+                               triton_pct_ffma=M.percent(fl["ffma_floor_s"], best["t_lo"]),
+                               triton_parts_us={k: round(v * 1e6, 1) for k, v in best["parts"].items()})
+                rows.append(row)
+    return rows
+
+
+def _f(v, nd=0):
+    if v is None or v == "":
+        return "—"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def model_markdown(rows: List[Dict], dtypes=("bf16", "fp32")) -> str:
+    out = []
+    for dt in dtypes:
+        out += [f"### {dt} — modelled (H100 SXM; range = perfect latency hiding … 0.7 issue efficiency)", "",
+                "| layer | pass | TC floor µs | FFMA floor µs | CUDA kernel | CUDA µs | CUDA % TC / % FFMA floor | "
+                "limiter | Triton config | Triton µs | Triton % TC / % FFMA floor | limiter |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["dtype"] != dt:
+                continue
+            out.append(
+                f"| {r['layer']} | {r['pass_']} | {r['tc_floor_us']:,.1f} | {r['ffma_floor_us']:,.1f} | "
+                f"{r.get('cuda_kernel', '—')} | {_f(r.get('cuda_us_lo'))}–{_f(r.get('cuda_us_hi'))} | "
+                f"{_f(r.get('cuda_pct_tc'), 2)} / {_f(r.get('cuda_pct_ffma'), 1)} | {r.get('cuda_limiter', '—')} | "
+                f"{r.get('triton_config', '—')} | {_f(r.get('triton_us_lo'))}–{_f(r.get('triton_us_hi'))} | "
+                f"{_f(r.get('triton_pct_tc'), 2)} / {_f(r.get('triton_pct_ffma'), 1)} | "
+                f"{r.get('triton_limiter', '—')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def kernels_markdown(krows: List[Dict]) -> str:
+    cols = ["backend", "arch", "kernel", "config", "dtype", "regs", "spill_stores", "static_smem", "dynamic_smem",
+            "loop_instr", "unit", "instr_per_unit", "hmma", "hgmma", "ldsm", "ld_generic", "cp_async", "ldg_16",
+            "ldg_128", "ffma", "int_addr", "barrier", "sync"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in krows:
+        if "error" in r:
+            out.append(f"| {r['backend']} | {r['arch']} | {r['kernel']} | {r.get('config')} | {r['dtype']} | "
+                       f"COMPILE ERROR: {r['error'][:120]} |")
+            continue
+        out.append("| " + " | ".join(_f(r.get(c), 2) if isinstance(r.get(c), float) else _f(r.get(c)) for c in cols)
+                   + " |")
+    return "\n".join(out)
+
+
+def build_report(data: Dict) -> Dict:
+    # the model is for H100/H200 (sm_90 code); sm_80 contributes compiler facts (CI checks) only
+    model = model_rows(data, 90, M.H100) if (data["cuda"].get(90) or data["triton"].get(90)) else []
+    return dict(label=LABEL, versions=data["versions"], notes=data["notes"], kernels=kernel_rows(data),
+                model_h100=model, floors={l.label: {dt: M.floors(l, dt) for dt in DTYPES}
+                                                           for l in LAYERS},
+                machine=M.H100.__dict__, h200_hbm_Bps=M.H200.hbm_Bps, issue_eff_low=M.ISSUE_EFF_LOW)
+
+
+def write_report(rep: Dict, outdir: str) -> List[str]:
+    os.makedirs(outdir, exist_ok=True)
+    paths = []
+    p = os.path.join(outdir, "static.json")
+    with open(p, "w") as f:
+        json.dump(rep, f, indent=1, default=str)
+    paths.append(p)
+    for name, rows in (("kernels.csv", rep["kernels"]), ("model.csv", rep["model_h100"])):
+        p = os.path.join(outdir, name)
+        keys: List[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
+        paths.append(p)
+    md = ["# lkconv static performance report", "", f"**{LABEL}**", "",
+          "Tools: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), ""]
+    for n in rep["notes"]:
+        md += [f"> {n}", ""]
+    md += ["## Modelled time per (layer, pass, dtype), H100 SXM, sm_90 code", "",
+           "N = 64, stride 1, padding K//2. Floors: docs/performance_model.md. forward and grad_input (stride 1) "
+           "run the same kernel. `limiter`: the model's binding resource on the busiest SM.", "",
+           model_markdown(rep["model_h100"], ("bf16", "fp16", "fp32", "tf32")), "",
+           "## Kernels (measured-static)", "",
+           "Hot loop = the loop issuing the tensor ops (else the FFMA); counts are SASS instructions of one "
+           "iteration of its body per warp; `instr_per_unit` per tensor instruction (HMMA/HGMMA) or per FFMA.", "",
+           kernels_markdown(rep["kernels"]), ""]
+    p = os.path.join(outdir, "README.md")
+    with open(p, "w") as f:
+        f.write("\n".join(md))
+    paths.append(p)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+def write_calibration(measured: List[Dict], outdir: str, model_csv: Optional[str] = None) -> Optional[str]:
+    """Measured ÷ modelled per (layer, pass, dtype, backend).
+
+    ``measured``: rows with ``layer`` (e.g. ``C128/H56/K31``), ``pass`` (forward, grad_input,
+    grad_weight), ``dtype`` (fp16, bf16, fp32, tf32), ``backend`` (cuda, triton) and ``us`` (measured
+    median).  The model is taken from ``model_csv`` (default: the newest committed
+    ``benchmarks/results/static-*/model.csv``).  Writes ``calibration.csv`` and ``calibration.md`` in
+    ``outdir``; returns the markdown path (None when no model table is found)."""
+    from .tools import repo_root
+
+    if model_csv is None:
+        root = repo_root()
+        cands = []
+        if root:
+            base = os.path.join(root, "benchmarks", "results")
+            for d in os.listdir(base) if os.path.isdir(base) else []:
+                p = os.path.join(base, d, "model.csv")
+                if d.startswith("static-") and os.path.isfile(p):
+                    cands.append(p)
+        if not cands:
+            return None
+        model_csv = max(cands, key=os.path.getmtime)
+    with open(model_csv) as f:
+        model = {(r["layer"], r["pass_"], r["dtype"]): r for r in csv.DictReader(f)}
+    rows = []
+    for m in measured:
+        mr = model.get((m["layer"], m["pass"], m["dtype"]))
+        if mr is None:
+            continue
+        lo = mr.get(f"{m['backend']}_us_lo")
+        if not lo:
+            continue
+        lo = float(lo)
+        hi = float(mr[f"{m['backend']}_us_hi"])
+        rows.append(dict(layer=m["layer"], pass_=m["pass"], dtype=m["dtype"], backend=m["backend"],
+                         measured_us=m["us"], modelled_us_lo=lo, modelled_us_hi=hi,
+                         measured_over_modelled=m["us"] / lo, limiter=mr.get(f"{m['backend']}_limiter")))
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, "calibration.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["layer", "pass_", "dtype", "backend", "measured_us", "modelled_us_lo",
+                                          "modelled_us_hi", "measured_over_modelled", "limiter"])
+        w.writeheader()
+        w.writerows(rows)
+    md = ["# measured ÷ modelled", "", f"model: `{os.path.relpath(model_csv, outdir)}` (modelled); "
+          "measured: this run's GPU timings (measured).  A ratio of 1 means the model's constants hold for "
+          "that cell's limiter; record calibrated constants in docs/performance_model.md.", "",
+          "| layer | pass | dtype | backend | measured µs | modelled µs | measured ÷ modelled | model limiter |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['layer']} | {r['pass_']} | {r['dtype']} | {r['backend']} | {r['measured_us']:,.1f} | "
+                  f"{r['modelled_us_lo']:,.0f}–{r['modelled_us_hi']:,.0f} | {r['measured_over_modelled']:.2f} | "
+                  f"{r['limiter']} |")
+    p = os.path.join(outdir, "calibration.md")
+    with open(p, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return p
+
+
+def calibrate_from_bench(results_csv: str, outdir: str, model_csv: Optional[str] = None) -> Optional[str]:
+    """The GPU suite's hook: measured times of ``lkconv-cuda`` / ``lkconv-triton`` (NCHW) from a
+    ``python -m lkconv bench`` results.csv, for the cells of the static model (N = 64 layer set;
+    passes forward, grad_input, grad_weight), -> :func:`write_calibration`.  None when no cell matches."""
+    measured = []
+    with open(results_csv) as f:
+        for r in csv.DictReader(f):
+            backend = {"lkconv-cuda": "cuda", "lkconv-triton": "triton"}.get(r.get("provider"))
+            if backend is None or r.get("status") != "ok" or r.get("pass") not in PASSES or not r.get("ms"):
+                continue
+            if r.get("dtype") not in DTYPES or int(r.get("n") or 0) != 64 or r.get("kh") != r.get("kw"):
+                continue
+            measured.append(dict(layer=f"C{r['c']}/H{r['h']}/K{r['kh']}", backend=backend, dtype=r["dtype"],
+                                 us=float(r["ms"]) * 1e3, **{"pass": r["pass"]}))
+    if not measured:
+        return None
+    return write_calibration(measured, outdir, model_csv)
+
+
+def default_outdir() -> str:
+    from lkconv.bench.env import git_commit
+    from .tools import repo_root
+
+    root = repo_root() or os.getcwd()
+    return os.path.join(root, "benchmarks", "results", f"static-{git_commit() or 'nocommit'}")
+
+
+def main(out: Optional[str] = None, archs=ARCHS, jobs: int = 2, quiet: bool = False) -> int:
+    t0 = time.perf_counter()
+
+    def progress(msg):
+        if not quiet:
+            print(f"[static {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+    print(LABEL, flush=True)
+    data = collect(archs, jobs=jobs, progress=progress)
+    rep = build_report(data)
+    out = out or default_outdir()
+    paths = write_report(rep, out)
+    print()
+    print(model_markdown(rep["model_h100"], ("bf16", "fp32")))
+    errs = [r for r in rep["kernels"] if "error" in r]
+    spills = [r for r in rep["kernels"] if (r.get("spill_stores") or 0) > 0]
+    for r in spills:
+        print(f"SPILL: {r['backend']} {r['arch']} {r['kernel']} {r.get('config', '')} {r['dtype']}: "
+              f"{r['spill_stores']} B spill stores")
+    for r in errs:
+        print(f"COMPILE ERROR: {r['backend']} {r['arch']} {r['kernel']} {r.get('config')}: {r['error'][:300]}")
+    print(f"\nwrote {', '.join(os.path.relpath(p) for p in paths)}  ({time.perf_counter() - t0:.0f} s)")
+    return 1 if errs else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
