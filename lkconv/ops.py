@@ -52,7 +52,7 @@ def _backend_for(name: str, t: Tensor, weight: Tensor, p: ConvParams, pass_: str
 def _out_shape(x_shape, w_shape, p: ConvParams):
     N, C, H, W = x_shape
     ho, wo = p.out_size(H, W, w_shape[2], w_shape[3])
-    return (N, C, ho, wo)
+    return (N, w_shape[0], ho, wo)  # m*C output channels (channel multiplier m)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,6 +95,10 @@ def dwconv2d_grad_input(
 ) -> Tensor:
     p = _params(stride, padding, dilation)
     inst = _backend_for(backend, grad_out, weight, p, "grad_input")
+    if weight.shape[0] != input_size[1] and not inst.channel_multiplier:  # check() sees grad_out, not x
+        raise _backends.UnsupportedError(
+            f"lkconv: backend {backend!r} does not support this case (grad_input): channel multiplier "
+            f"{weight.shape[0] // max(1, input_size[1])} (only m = 1)")
     gx = inst.grad_input(grad_out, weight, tuple(input_size), p)
     return gx.contiguous(memory_format=memory_format_of(grad_out))
 

@@ -5,8 +5,11 @@ arguments (see :mod:`lkconv.params`).  It never sees "auto", never validates use
 *declines* what it does not support by returning a reason from :meth:`Backend.check` (the registry
 turns that into :class:`UnsupportedError`, and ``auto`` routes around it).
 
-Shapes: ``x`` (N, C, H, W); ``weight`` (C, 1, KH, KW); ``bias`` (C,) or None;
-``grad_out`` (N, C, Ho, Wo).  Inputs may have any strides (NCHW, channels_last, slices).  The
+Shapes: ``x`` (N, C, H, W); ``weight`` (m*C, 1, KH, KW) with the channel multiplier ``m >= 1``
+(output channel ``c*m + j`` reads input channel ``c``); ``bias`` (m*C,) or None;
+``grad_out`` (N, m*C, Ho, Wo).  A backend that computes only ``m == 1`` declines ``m > 1`` in
+:meth:`Backend.check` (forward and grad_weight see ``x`` and ``weight``; for grad_input the
+registry's resolution has already checked the forward).  Inputs may have any strides (NCHW, channels_last, slices).  The
 results must have the dtype of ``x`` (forward, grad_input) or ``weight`` (grad_weight); their memory
 format is normalised by :mod:`lkconv.ops` (channels_last in -> channels_last out).
 """
@@ -39,6 +42,9 @@ class Backend:
     name: str = "?"
     #: one line for the README/`python -m lkconv info` table
     description: str = ""
+    #: computes a channel multiplier m > 1 (weight (m*C, 1, KH, KW)); backends that do not also
+    #: decline it in check()
+    channel_multiplier: bool = True
 
     # -- availability ---------------------------------------------------------------------------
     def unavailable_reason(self) -> Optional[str]:

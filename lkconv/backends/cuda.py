@@ -138,6 +138,9 @@ class CUDABackend(Backend):
         return load_extension()
 
     # -- support ----------------------------------------------------------------------------------
+    #: weight (m*C, 1, KH, KW) with m > 1 is declined (check() and lkconv.ops' grad_input guard)
+    channel_multiplier = False
+
     def check(self, x, weight, params, pass_):
         if x.device.type != "cuda":
             return f"needs CUDA tensors, got device {x.device.type}"
@@ -147,6 +150,9 @@ class CUDABackend(Backend):
             return f"weight dtype {weight.dtype} differs from input dtype {x.dtype}"
         if x.dim() != 4 or weight.dim() != 4:
             return "needs 4-D input and weight"
+        if weight.shape[0] != x.shape[1]:  # (grad_input: the resolution checks it against the input)
+            return (f"channel multiplier {weight.shape[0] // max(1, x.shape[1])} (weight {tuple(weight.shape)} for "
+                    f"{x.shape[1]} input channels) not supported: only m = 1; backend 'torch' computes it")
         if weight.shape[2] > _MAX_KERNEL or weight.shape[3] > _MAX_KERNEL:
             return f"kernel size {tuple(weight.shape[2:])} exceeds {_MAX_KERNEL}"
         if max(params.stride) > _MAX_PARAM or max(params.dilation) > _MAX_PARAM or max(params.padding) > _MAX_PARAM:

@@ -106,6 +106,9 @@ class TritonBackend(Backend):
             return f"triton backend probe failed ({type(e).__name__}: {e})"
 
     # -- support ----------------------------------------------------------------------------------
+    #: weight (m*C, 1, KH, KW) with m > 1 is declined (check() and lkconv.ops' grad_input guard)
+    channel_multiplier = False
+
     def check(self, x, weight, params, pass_):
         dev = x.device.type
         interp = self._interpreted if self._interpreted is not None else _env_interpret()
@@ -123,6 +126,9 @@ class TritonBackend(Backend):
             return f"dtype {x.dtype} not supported (float16, bfloat16, float32; use backend 'torch' or 'cpu' for float64)"
         if weight.dtype != x.dtype:
             return f"weight dtype {weight.dtype} differs from input dtype {x.dtype}"
+        if weight.shape[0] != x.shape[1]:  # (grad_input: the resolution checks it against the input)
+            return (f"channel multiplier {weight.shape[0] // max(1, x.shape[1])} (weight {tuple(weight.shape)} for "
+                    f"{x.shape[1]} input channels) not supported: only m = 1; backend 'torch' computes it")
         N, C = x.shape[0], x.shape[1]
         KH, KW = weight.shape[2], weight.shape[3]
         if C * KH * KW > _I32:
