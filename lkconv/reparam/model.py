@@ -496,9 +496,9 @@ def fuse_conv_bn_modules(model: nn.Module, report: Optional[ReparamReport] = Non
                 seq._modules[a] = _fused_conv(conv, bn)
                 seq._modules[b] = nn.Identity()
                 if report is not None:
-                    report.entries.append(ReparamEntry(f"{path}.{a}" if path else a, type(conv).__name__, "folded",
-                                                       f"+ {type(bn).__name__} ({path}.{b})" if path else
-                                                       f"+ {type(bn).__name__} ({b})"))
+                    report.entries.append(ReparamEntry(f"{path}.{a}" if path else a,
+                                                       f"{type(conv).__name__}+{type(bn).__name__}", "folded",
+                                                       "consecutive entries of an nn.Sequential"))
                 n += 1
     return n
 
