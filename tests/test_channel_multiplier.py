@@ -191,3 +191,13 @@ def test_cuda_auto_routes_to_torch_and_explicit_kernels_decline():
         if lkconv.backend_status().get(name) is None:
             with pytest.raises(UnsupportedError, match="channel multiplier"):
                 lkconv.depthwise_conv2d(x, w, b, padding=6, backend=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_matches_torch(backend):
+    """A gradient penalty differentiated again: every second-order gradient equals PyTorch's."""
+    from lkconv.testing import double_backward_errors
+
+    x, w, b = _tensors((2, 2, 9, 10), 2, (5, 3), torch.float64)
+    errs = double_backward_errors(backend, x, w, b, stride=2, padding=(2, 1), dilation=1)
+    assert errs and all(e <= 1e-9 for e in errs.values()), errs
