@@ -358,3 +358,44 @@ def test_fastvit_reparameterize_deploys_2c_convs_on_lkconv():
     with torch.no_grad():
         out = dep(x)
     assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_left_children_stay_reported_when_the_parent_is_restored():
+    """A parent whose method fails is restored from its snapshot (a copy): what was found out about
+    its children (left, with the reason) still appears in the report."""
+    class NotASum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(4, 4, 5, 1, 2, groups=4, bias=False), nn.BatchNorm2d(4))
+            self.b = nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return self.a(x) * self.b(x)
+
+        def switch_to_deploy(self):
+            raise RuntimeError("cannot deploy")
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = NotASum()
+
+        def forward(self, x):
+            return self.inner(x) + x
+
+        def merge_kernel(self):
+            raise AttributeError("no lkb_origin")
+
+    torch.manual_seed(0)
+    net = nn.Sequential(_nontrivial(Parent()))
+    x = torch.randn(2, 4, 9, 10)
+    with torch.no_grad():
+        ref = net(x)
+    dep, report = lkconv.reparameterize(net, return_report=True)
+    left = {e.path: e for e in report.left}
+    assert set(left) == {"0", "0.inner"}, report.summary()
+    assert "merge_kernel() raised AttributeError" in left["0"].detail
+    assert "switch_to_deploy() raised RuntimeError" in left["0.inner"].detail  # found before the restore
+    assert "not a sum" in left["0.inner"].detail  # and after it, on the restored copy
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), ref)

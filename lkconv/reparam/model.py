@@ -216,9 +216,12 @@ def _restore(m: nn.Module, snap: nn.Module) -> None:
     m.__dict__.update(snap.__dict__)
 
 
+@torch.no_grad()
 def _signature(m: nn.Module):
+    """Structure and a value fingerprint of ``m``: tells whether a deploy method changed anything."""
     return (tuple((n, type(s).__name__) for n, s in m.named_modules()),
-            tuple((n, tuple(p.shape)) for n, p in m.named_parameters()))
+            tuple((n, tuple(t.shape), float(t.detach().double().sum()) if t.is_floating_point() else 0.0)
+                  for n, t in list(m.named_parameters()) + list(m.named_buffers())))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,6 +411,23 @@ class _Walker:
             if key in live:
                 self.report.add(path, m, "left", "; ".join(reasons))
 
+    def _restore(self, m, snap, pre):
+        """Restore ``m`` from a copy of ``snap`` and move what is known about its submodules (``pre``:
+        ``list(m.modules())`` when ``snap`` was taken, in the same order as ``snap.modules()``) to the
+        restored copies."""
+        fresh = copy.deepcopy(snap)
+        new = [m] + list(fresh.modules())[1:]
+        _restore(m, fresh)
+        for old, nu in zip(pre, new):
+            if old is nu:
+                continue
+            for table in (self.why, self.prober.captured):
+                if id(old) in table:
+                    table[id(nu)] = table.pop(id(old))
+            if id(old) in self.done:
+                self.done.discard(id(old))
+                self.done.add(id(nu))
+
     def _try_methods(self, m, path, methods):
         """True (deployed in place), a module (its replacement), None (no change) or the reason."""
         inputs, ref = self.prober.probe(m)
@@ -415,6 +435,7 @@ class _Walker:
             return f"{methods[0]}() not called: {ref}"
         try:
             snap = copy.deepcopy(m)
+            pre = list(m.modules())
         except Exception as e:
             return f"{methods[0]}() not called: the block cannot be copied to restore it ({type(e).__name__}: {e})"
         sig = _signature(m)
@@ -424,15 +445,13 @@ class _Walker:
             try:
                 ret = getattr(m, name)()
             except Exception as e:
-                _restore(m, copy.deepcopy(snap))
+                self._restore(m, snap, pre)
                 reasons.append(f"{name}() raised {type(e).__name__}: {e}")
                 continue
             finally:
                 _ACTIVE.discard(id(m))
             m.eval()
             target = ret if isinstance(ret, nn.Module) and ret is not m else m
-            if target is m and _signature(m) == sig:
-                return None  # nothing to do (already deployed, or a method that only returns values)
             if target is not m:
                 target.eval()
             try:
@@ -440,13 +459,15 @@ class _Walker:
             except Exception as e:
                 bad = f"the deployed block fails on the probe input ({type(e).__name__}: {e})"
             if bad is None:
+                if target is m and _signature(m) == sig:
+                    return None  # nothing changed (already deployed, or a method that only returns values)
                 if target is not m:
-                    _restore(m, copy.deepcopy(snap))
+                    self._restore(m, snap, pre)
                 if self.lkconv_modules:
                     target = _convert(target, min_kernel=5)
                 self.report.add(path, m, "merged", f"{name}()")
                 return True if target is m else target
-            _restore(m, copy.deepcopy(snap))
+            self._restore(m, snap, pre)
             reasons.append(f"{name}(): {bad}")
         return "; ".join(reasons)
 
