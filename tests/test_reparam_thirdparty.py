@@ -399,3 +399,17 @@ def test_left_children_stay_reported_when_the_parent_is_restored():
     assert "not a sum" in left["0.inner"].detail  # and after it, on the restored copy
     with torch.no_grad():
         torch.testing.assert_close(dep(x), ref)
+
+
+def test_fastvit_final_mobileone_2c_conv_converts_after_deploy():
+    """FastViT's last MobileOneBlock is a 3x3 depthwise conv with 2C outputs: once deployed it is one
+    conv that ``convert(min_kernel=3)`` puts on lkconv (channel multiplier 2)."""
+    model, x = _fastvit()
+    with torch.no_grad():
+        ref = model(x)
+    dep = lkconv.convert(lkconv.reparameterize(model, inplace=False), min_kernel=3)
+    rc = dep.final_conv.reparam_conv
+    assert isinstance(rc, LargeKernelConv2d) and (rc.in_channels, rc.out_channels, rc.groups) == (128, 256, 128)
+    with torch.no_grad():
+        out = dep(x)
+    assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
