@@ -3,7 +3,8 @@
     lkconv.depthwise_conv2d(x, w, b, stride, padding, dilation)
         == F.conv2d(x, w, b, stride, padding, dilation, groups=x.shape[1])
 
-with ``w`` of shape (C, 1, KH, KW).  Arguments are normalised and validated here, once
+with ``w`` of shape (m*C, 1, KH, KW) (channel multiplier ``m >= 1``: output channel ``c*m + j``
+reads input channel ``c``, as in PyTorch).  Arguments are normalised and validated here, once
 (:mod:`lkconv.params`); autocast is applied like ``nn.Conv2d`` (conv2d is a lower-precision op on
 both CUDA and CPU autocast); the backend is resolved to a concrete name and the ``lkconv::dwconv2d``
 op is called.
@@ -50,8 +51,11 @@ def depthwise_conv2d(
     Args:
         x: input (N, C, H, W) or unbatched (C, H, W); float16/bfloat16/float32/float64; NCHW,
             channels_last or any strided view.
-        weight: (C, 1, KH, KW), any KH, KW >= 1 (odd, even, rectangular, larger than the input).
-        bias: optional (C,).
+        weight: (m*C, 1, KH, KW), any KH, KW >= 1 (odd, even, rectangular, larger than the input);
+            ``m >= 1`` is the channel multiplier (``groups`` stays ``C``; output channel ``c*m + j``
+            reads input channel ``c``).  The cuda and triton backends decline ``m > 1`` (``auto``
+            then runs it on ``torch``); reference, torch and cpu compute it.
+        bias: optional (m*C,).
         stride, dilation: int or pair, >= 1.
         padding: int, pair, ``"same"`` (stride 1 only; asymmetric for even kernels, like torch),
             ``"valid"``, or an explicit 4-tuple (top, bottom, left, right).
@@ -59,7 +63,7 @@ def depthwise_conv2d(
             name: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"``, ``"reference"``.
 
     Returns:
-        (N, C, Ho, Wo) in x's dtype (or the autocast dtype), channels_last if x is.
+        (N, m*C, Ho, Wo) in x's dtype (or the autocast dtype), channels_last if x is.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"lkconv: input must be a torch.Tensor, got {type(x).__name__}")
@@ -70,7 +74,7 @@ def depthwise_conv2d(
         x = x.unsqueeze(0)
     if weight.dim() != 4:
         raise ValueError(
-            f"lkconv: weight must have shape (C, 1, KH, KW) for a depthwise convolution, got {tuple(weight.shape)}"
+            f"lkconv: weight must have shape (m*C, 1, KH, KW) for a depthwise convolution, got {tuple(weight.shape)}"
         )
     params = normalize_params(stride, padding, dilation, (weight.shape[2], weight.shape[3]))
     x, weight, bias = _autocast(x, weight, bias)

@@ -50,7 +50,7 @@ def _require(name: str, pass_: str, data: Tensor, other: Optional[Tensor], weigh
 def _out_shape(x_shape, w_shape, p: ConvParams):
     N, C, H, W = x_shape
     ho, wo = p.out_size(H, W, w_shape[2], w_shape[3])
-    return (N, C, ho, wo)
+    return (N, w_shape[0], ho, wo)  # m*C output channels (channel multiplier m)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``lkconv.depthwise_conv2d(x, w, b, stride, padding, dilation)`` has exactly the semantics of
 ``F.conv2d(x, w, b, stride, padding, dilation, groups=x.shape[1])`` with ``w`` of shape
-``(C, 1, KH, KW)``.  Everything user-facing is checked here, once; backends receive a
+``(m*C, 1, KH, KW)``: ``m >= 1`` is the channel multiplier (PyTorch's depthwise convolution with
+``out_channels = m * in_channels``; output channel ``c*m + j`` reads input channel ``c``).  Everything user-facing is checked here, once; backends receive a
 :class:`ConvParams` with explicit, non-negative, per-side padding and may assume it is valid.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "normalize_params",
     "check_tensors",
     "FLOAT_DTYPES",
+    "channel_multiplier",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,6 +56,11 @@ class ConvParams:
     def as_lists(self):
         """(stride, padding, dilation) as lists, the form the torch.library ops take."""
         return list(self.stride), list(self.padding), list(self.dilation)
+
+
+def channel_multiplier(in_channels: int, weight_shape) -> int:
+    """``m`` of a depthwise weight ``(m*C, 1, KH, KW)`` for an input of ``C = in_channels`` channels."""
+    return int(weight_shape[0]) // max(1, int(in_channels))
 
 
 #: stride/padding/dilation values beyond this cannot describe a real convolution and would overflow
@@ -150,17 +157,18 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor, bias, params: ConvParam
         )
     if weight.dim() != 4 or weight.shape[1] != 1:
         raise ValueError(
-            f"lkconv: weight must have shape (C, 1, KH, KW) for a depthwise convolution, got {tuple(weight.shape)}"
+            f"lkconv: weight must have shape (m*C, 1, KH, KW) for a depthwise convolution, got {tuple(weight.shape)}"
         )
-    if weight.shape[0] != C:
+    if weight.shape[0] == 0 or weight.shape[0] % C:
         raise ValueError(
             f"lkconv: weight has {weight.shape[0]} output channels but input has C={C} channels; "
-            "a depthwise weight must be (C, 1, KH, KW)"
+            "a depthwise weight must be (m*C, 1, KH, KW) with a channel multiplier m >= 1"
         )
     if weight.shape[2] < 1 or weight.shape[3] < 1:
         raise ValueError(f"lkconv: weight kernel size must be >= 1, got {tuple(weight.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != C):
-        raise ValueError(f"lkconv: bias must have shape ({C},), got {tuple(bias.shape)}")
+    O = weight.shape[0]
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != O):
+        raise ValueError(f"lkconv: bias must have shape ({O},) (the weight's output channels), got {tuple(bias.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"lkconv: input dtype must be one of float16/bfloat16/float32/float64, got {x.dtype}")
     if weight.dtype != x.dtype:

@@ -163,7 +163,7 @@ def double_backward_errors(
         return depthwise_conv2d(xs, ws, bs, stride, padding, dilation, backend=backend)
 
     def ref(xs, ws, bs):
-        return F.conv2d(F.pad(xs, (le, r, t, bo)), ws, bs, p.stride, 0, p.dilation, groups=ws.shape[0])
+        return F.conv2d(F.pad(xs, (le, r, t, bo)), ws, bs, p.stride, 0, p.dilation, groups=xs.shape[-3])
 
     with no_tf32():
         a = grads(ours, x, w, b)

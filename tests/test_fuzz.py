@@ -1,7 +1,7 @@
 """Property-based fuzzing of every available backend against the fp64 reference (hypothesis).
 
-A case is plain data (shapes, kernel, stride/padding/dilation, dtype, memory layouts of x / weight /
-grad_out, bias, requires_grad of each input, unbatched, a seed); :func:`run_case` builds the tensors
+A case is plain data (shapes, kernel, channel multiplier, stride/padding/dilation, dtype, memory
+layouts of x / weight / grad_out, bias, requires_grad of each input, unbatched, a seed); :func:`run_case` builds the tensors
 from it and checks the real op (``lkconv.depthwise_conv2d``, autograd included):
 
 * an invalid geometry (C = 0, empty spatial input, output size <= 0, "same" with stride > 1)
@@ -172,6 +172,7 @@ def conv_cases(draw, tiny: bool = False, dtypes=tuple(DTYPES)):
         rg=draw(st.tuples(st.booleans(), st.booleans(), st.booleans()), label="requires_grad(x,w,b)"),
         unbatched=draw(st.booleans(), label="unbatched") if N == 1 else False,
         seed=draw(st.integers(0, 2**31 - 1), label="seed"),
+        m=draw(st.sampled_from([1, 1, 1, 2, 3]), label="channel multiplier"),  # weight (m*C, 1, KH, KW)
     )
 
 
@@ -221,8 +222,9 @@ def build(case, device: str):
     if case["x_layout"] == "expand_batch" and N > 0:
         xv = xv[:1].expand(N, C, H, W)
     x = _layout(xv, case["x_layout"], device, dtype)
-    w = _layout(_randn((C, 1, KH, KW), gen) / max(1.0, (KH * KW) ** 0.5), case["w_layout"], device, dtype)
-    b = _randn((C,), gen).to(dtype).to(device) if case["bias"] else None
+    m = case.get("m", 1)  # channel multiplier
+    w = _layout(_randn((m * C, 1, KH, KW), gen) / max(1.0, (KH * KW) ** 0.5), case["w_layout"], device, dtype)
+    b = _randn((m * C,), gen).to(dtype).to(device) if case["bias"] else None
 
     def grad_out(shape):
         gv = torch.randn(shape, generator=torch.Generator().manual_seed(case["seed"] + 1), dtype=torch.float64)
@@ -237,7 +239,7 @@ def call_repr(case, backend, device) -> str:
     c = case
     return (
         f"lkconv.depthwise_conv2d(x[{c['N']},{c['C']},{c['H']},{c['W']} {c['dtype']} {c['x_layout']}"
-        f"{' unbatched' if c['unbatched'] else ''}, w[{c['C']},1,{c['KH']},{c['KW']} {c['w_layout']}], "
+        f"{' unbatched' if c['unbatched'] else ''}, w[{c.get('m', 1) * c['C']},1,{c['KH']},{c['KW']} {c['w_layout']}], "
         f"bias={c['bias']}, stride={c['stride']!r}, padding={c['padding']!r}, dilation={c['dilation']!r}, "
         f"backend={backend!r}) on {device}; requires_grad(x,w,b)={c['rg']}, grad_out {c['g_layout']}\n"
         f"reproduce: python -c \"from tests.test_fuzz import run_case; run_case({case!r}, {backend!r}, {device!r})\""
@@ -580,8 +582,10 @@ def test_strategy_reaches_the_corners():
         seen.add("invalid" if expected_error(case) else "valid-geometry")
         if case["unbatched"]:
             seen.add("unbatched")
+        if case["m"] > 1 and not expected_error(case):
+            seen.add("multiplier")
 
     collect()
     must = {"rect", "even", "large", "H<K", "N0", "N1", "C0", "same", "valid", "pad2", "pad4", "padint",
-            "invalid", "valid-geometry", "unbatched", *X_LAYOUTS, *DTYPES}
+            "invalid", "valid-geometry", "unbatched", "multiplier", *X_LAYOUTS, *DTYPES}
     assert must <= seen, f"never generated: {sorted(must - seen)}"

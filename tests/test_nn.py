@@ -32,7 +32,7 @@ def test_padding_modes_match_nn_conv2d(padding_mode):
 
 def test_large_kernel_conv2d_rejects_non_depthwise():
     with pytest.raises(ValueError, match="groups"):
-        LargeKernelConv2d(4, 8, 3, groups=4)
+        LargeKernelConv2d(4, 6, 3, groups=4)  # out_channels not a multiple of in_channels
     with pytest.raises(ValueError, match="groups"):
         LargeKernelConv2d(4, 4, 3, groups=1)
 

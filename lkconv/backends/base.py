@@ -5,8 +5,11 @@ arguments (see :mod:`lkconv.params`).  It never sees "auto", never validates use
 *declines* what it does not support by returning a reason from :meth:`Backend.check` (the registry
 turns that into :class:`UnsupportedError`, and ``auto`` routes around it).
 
-Shapes: ``x`` (N, C, H, W); ``weight`` (C, 1, KH, KW); ``bias`` (C,) or None;
-``grad_out`` (N, C, Ho, Wo).  Inputs may have any strides (NCHW, channels_last, slices).  The
+Shapes: ``x`` (N, C, H, W); ``weight`` (m*C, 1, KH, KW) with the channel multiplier ``m >= 1``
+(output channel ``c*m + j`` reads input channel ``c``); ``bias`` (m*C,) or None;
+``grad_out`` (N, m*C, Ho, Wo).  A backend that computes only ``m == 1`` declines ``m > 1`` in
+:meth:`Backend.check` (forward and grad_weight see ``x`` and ``weight``; for grad_input the
+registry's resolution has already checked the forward).  Inputs may have any strides (NCHW, channels_last, slices).  The
 results must have the dtype of ``x`` (forward, grad_input) or ``weight`` (grad_weight); their memory
 format is normalised by :mod:`lkconv.ops` (channels_last in -> channels_last out).
 """
@@ -89,6 +92,16 @@ class Request(NamedTuple):
         N, _, H, W = self.input_shape
         ho, wo = self.params.out_size(H, W, self.weight_shape[2], self.weight_shape[3])
         return (N, self.weight_shape[0], ho, wo)
+
+
+def channel_multiplier_declined(req: "Request") -> Optional[str]:
+    """The decline of a backend whose kernels compute one output per input channel (cuda, triton):
+    a weight ``(m*C, 1, KH, KW)`` with ``m > 1`` (None when ``m == 1``)."""
+    C, OC = req.input_shape[1], req.weight_shape[0]
+    if OC == C:
+        return None
+    return (f"channel multiplier {OC // max(1, C)} (weight {tuple(req.weight_shape)} for {C} input channels) "
+            "not supported: only m = 1; backend 'torch' computes it")
 
 
 class BackendError(RuntimeError):

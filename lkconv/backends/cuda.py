@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .base import Backend
+from .base import Backend, channel_multiplier_declined
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 #: the mirror of csrc/dwconv_limits.h (the C++ kernels' size limits; tests/test_backend_cuda.py checks
@@ -158,6 +158,9 @@ class CUDABackend(Backend):
             return f"weight dtype {req.weight_dtype} differs from input dtype {req.dtype}"
         if len(req.input_shape) != 4 or len(req.weight_shape) != 4:
             return "needs 4-D input and weight"
+        why = channel_multiplier_declined(req)
+        if why:
+            return why
         if req.weight_shape[2] > _MAX_KERNEL or req.weight_shape[3] > _MAX_KERNEL:
             return f"kernel size {tuple(req.weight_shape[2:])} exceeds {_MAX_KERNEL}"
         params = req.params

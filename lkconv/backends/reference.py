@@ -2,7 +2,9 @@
 
 It is written from the definition, independently of ``F.conv2d``:
 
-    out[n, c, i, j] = b[c] + sum_{kh, kw} w[c, 0, kh, kw] * xpad[n, c, i*sh + kh*dil_h, j*sw + kw*dil_w]
+    out[n, c*m + j', i, j] = b[c*m + j'] + sum_{kh, kw} w[c*m + j', 0, kh, kw] * xpad[n, c, i*sh + kh*dil_h, j*sw + kw*dil_w]
+
+(``m`` the channel multiplier, ``j' < m``; ``m = 1`` is the plain depthwise convolution)
 
 computed as a sum of KH*KW strided slices of the zero-padded input.  Both gradients come from the
 same slices (grad_input scatters them back, grad_weight reduces them).  It runs on any device and in
@@ -37,44 +39,51 @@ def _pad(x: torch.Tensor, p: ConvParams) -> torch.Tensor:
 
 def reference_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
     N, C, H, W = x.shape
-    KH, KW = weight.shape[2], weight.shape[3]
+    O, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
+    m = O // C
     ho, wo = p.out_size(H, W, KH, KW)
     xp = _pad(x, p)
-    out = torch.zeros((N, C, ho, wo), dtype=x.dtype, device=x.device)
-    w = weight.reshape(C, KH, KW)
+    out = torch.zeros((N, C, m, ho, wo), dtype=x.dtype, device=x.device)
+    w = weight.reshape(C, m, KH, KW)
     for kh in range(KH):
         for kw in range(KW):
             rs, cs = _slice(p, kh, kw, ho, wo)
-            out += xp[:, :, rs, cs] * w[:, kh, kw].view(1, C, 1, 1)
+            out += xp[:, :, None, rs, cs] * w[:, :, kh, kw].view(1, C, m, 1, 1)
+    out = out.reshape(N, O, ho, wo)
     if bias is not None:
-        out += bias.view(1, C, 1, 1)
+        out += bias.view(1, O, 1, 1)
     return out
 
 
 def reference_grad_input(grad_out, weight, input_shape: Sequence[int], p: ConvParams) -> torch.Tensor:
     N, C, H, W = input_shape
-    KH, KW = weight.shape[2], weight.shape[3]
+    O, KH, KW = weight.shape[0], weight.shape[2], weight.shape[3]
+    m = O // C
     ho, wo = grad_out.shape[2], grad_out.shape[3]
     t, b, l, r = p.padding
     gxp = torch.zeros((N, C, H + t + b, W + l + r), dtype=grad_out.dtype, device=grad_out.device)
-    w = weight.reshape(C, KH, KW)
+    w = weight.reshape(C, m, KH, KW)
+    go = grad_out.reshape(N, C, m, ho, wo)
     for kh in range(KH):
         for kw in range(KW):
             rs, cs = _slice(p, kh, kw, ho, wo)
-            gxp[:, :, rs, cs] += grad_out * w[:, kh, kw].view(1, C, 1, 1)
+            gxp[:, :, rs, cs] += (go * w[:, :, kh, kw].view(1, C, m, 1, 1)).sum(dim=2)
     return gxp[:, :, t : t + H, l : l + W].contiguous()
 
 
 def reference_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) -> torch.Tensor:
-    C, _, KH, KW = weight_shape
+    O, _, KH, KW = weight_shape
+    N, C = x.shape[0], x.shape[1]
+    m = O // C
     ho, wo = grad_out.shape[2], grad_out.shape[3]
     xp = _pad(x, p)
-    gw = torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
+    go = grad_out.reshape(N, C, m, ho, wo)
+    gw = torch.zeros((C, m, KH, KW), dtype=x.dtype, device=x.device)
     for kh in range(KH):
         for kw in range(KW):
             rs, cs = _slice(p, kh, kw, ho, wo)
-            gw[:, 0, kh, kw] = (xp[:, :, rs, cs] * grad_out).sum(dim=(0, 2, 3))
-    return gw
+            gw[:, :, kh, kw] = (xp[:, :, None, rs, cs] * go).sum(dim=(0, 3, 4))
+    return gw.reshape(O, 1, KH, KW)
 
 
 class ReferenceBackend(Backend):

@@ -6,22 +6,23 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .modules import LargeKernelConv2d, _check_backend_name
+from .modules import LargeKernelConv2d, _check_backend_name, _is_depthwise
 
 __all__ = ["convert", "is_eligible"]
 
 
 def is_eligible(m: nn.Module, min_kernel: int = 1) -> bool:
-    """A plain ``nn.Conv2d`` (not a subclass) that is depthwise with max(kernel) >= min_kernel."""
+    """A plain ``nn.Conv2d`` (not a subclass) that is depthwise (``groups == in_channels``, also with a
+    channel multiplier: ``out_channels = m * in_channels``) with max(kernel) >= min_kernel."""
     return (
         type(m) is nn.Conv2d
-        and m.groups == m.in_channels == m.out_channels
+        and _is_depthwise(m.in_channels, m.out_channels, m.groups)
         and max(m.kernel_size) >= min_kernel
     )
 
 
 def convert(model: nn.Module, min_kernel: int = 5, inplace: bool = True, backend: Optional[str] = None) -> nn.Module:
-    """Replace every eligible depthwise ``nn.Conv2d`` in ``model`` by a
+    """Replace every eligible depthwise ``nn.Conv2d`` in ``model`` (channel multiplier included) by a
     :class:`~lkconv.nn.LargeKernelConv2d` that shares its parameters (weights preserved, outputs
     unchanged, ``state_dict`` keys unchanged).
 

@@ -24,9 +24,16 @@ def _check_backend_name(backend):
     return backend
 
 
+def _is_depthwise(in_channels: int, out_channels: int, groups: int) -> bool:
+    """groups == in_channels and out_channels = m * in_channels (m >= 1)."""
+    return groups == in_channels and in_channels > 0 and out_channels > 0 and out_channels % in_channels == 0
+
+
 class LargeKernelConv2d(nn.Conv2d):
     """``nn.Conv2d`` with the same constructor, restricted to depthwise convolution
-    (``groups == in_channels == out_channels``), computed by :func:`lkconv.depthwise_conv2d`.
+    (``groups == in_channels`` and ``out_channels = m * in_channels``, ``m >= 1`` the channel
+    multiplier: output channel ``c*m + j`` reads input channel ``c``), computed by
+    :func:`lkconv.depthwise_conv2d`.
 
     Extra keyword: ``backend`` ("auto" by default; any lkconv backend name).
     """
@@ -46,10 +53,10 @@ class LargeKernelConv2d(nn.Conv2d):
         dtype=None,
         backend: Optional[str] = None,
     ):
-        if not (groups == in_channels == out_channels):
+        if not _is_depthwise(in_channels, out_channels, groups):
             raise ValueError(
-                "lkconv.LargeKernelConv2d is depthwise only: it needs groups == in_channels == out_channels, "
-                f"got in_channels={in_channels}, out_channels={out_channels}, groups={groups}"
+                "lkconv.LargeKernelConv2d is depthwise only: it needs groups == in_channels and out_channels a "
+                f"multiple of in_channels, got in_channels={in_channels}, out_channels={out_channels}, groups={groups}"
             )
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -81,8 +88,9 @@ class LargeKernelConv2d(nn.Conv2d):
         new._buffers = dict(conv._buffers)
         new._modules = dict(conv._modules)
         new.backend = _check_backend_name(backend)
-        if not (new.groups == new.in_channels == new.out_channels):
-            raise ValueError(f"lkconv: {conv} is not a depthwise convolution")
+        if not _is_depthwise(new.in_channels, new.out_channels, new.groups):
+            raise ValueError(f"lkconv: {conv} is not a depthwise convolution (groups == in_channels, "
+                             "out_channels a multiple of in_channels)")
         return new
 
 

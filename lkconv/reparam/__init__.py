@@ -18,7 +18,16 @@ from .blocks import (
     RMBlock,
     shrink_input_channels,
 )
-from .model import fuse_conv_bn_modules, reparameterize, to_plain
+from .model import (
+    DEPLOY_METHODS,
+    MODEL_DEPLOY_METHODS,
+    ReparamEntry,
+    ReparamReport,
+    fuse_conv_bn_modules,
+    merge_parallel_branches,
+    reparameterize,
+    to_plain,
+)
 from .transforms import (
     add_branches,
     avgpool_kernel,
@@ -55,6 +64,11 @@ __all__ = [
     "reparameterize",
     "to_plain",
     "fuse_conv_bn_modules",
+    "merge_parallel_branches",
+    "ReparamReport",
+    "ReparamEntry",
+    "DEPLOY_METHODS",
+    "MODEL_DEPLOY_METHODS",
     "add_branches",
     "avgpool_kernel",
     "bn_scale_shift",

@@ -84,12 +84,28 @@ def _transform_cases() -> Dict[str, Callable[[torch.dtype], Tuple[torch.Tensor, 
         ref = F.relu(F.conv2d(F.relu(F.conv2d(x, k1, b1, 1, 1)), k2, b2, 1, 1) + x)
         return ref, F.relu(F.conv2d(F.relu(F.conv2d(x, a, ab, 1, 1)), c, cb, 1, 1))
 
+    def branches(dt):
+        from .model import merge_parallel_branches
+
+        x = rnd(2, 4, 24, 24, dt=dt)
+        convs = [nn.Conv2d(4, 4, (31, 5), 1, (15, 2), groups=4, bias=False),
+                 nn.Conv2d(4, 4, (5, 31), 1, (2, 15), groups=4, bias=False),
+                 nn.Conv2d(4, 4, 5, 1, 2, groups=4, bias=False)]
+        brs = []
+        for c in convs:
+            with torch.no_grad():
+                c.weight.copy_(rnd(*c.weight.shape, dt=torch.float64) * 0.2)
+            brs.append((c.to(dt), randomize_bn(nn.SyncBatchNorm(4), _GEN).to(dt).eval()))
+        conv, _ = merge_parallel_branches(brs)
+        return sum(bn(c(x)) for c, bn in brs), F.conv2d(x, conv.weight, conv.bias, 1, 15, 1, 4)
+
     return {
         "fuse_conv_bn (I)": fuse, "add_branches (II)": add, "merge_1x1_kxk + BN-and-pad (III, groups 2)": m1kxk,
         "concat_branches (IV)": concat, "avgpool_kernel (V, stride 2, groups 2)": avg,
         "pad_kernel (VI, 5x3 -> 13x13)": pad, "identity_kernel (3x3, groups 3)": ident,
         "dilated_to_dense (3x3, r=5)": dil, "fuse_compactor (conv g2 + BN + 1x1)": comp,
         "resblock_to_plain (RMNet)": rm,
+        "merge_parallel_branches (SLaK 31x5 + 5x31 + 5x5, SyncBN)": branches,
     }
 
 

@@ -131,17 +131,30 @@ class CPUBackend(Backend):
     # An FFT spreads a NaN/Inf over its whole plane; torch's convolution keeps it local.  Inputs
     # that are not all finite therefore take the direct path (one cheap pass over the data), so
     # NaN/Inf propagate exactly as in F.conv2d.
+    # Channel multiplier m > 1 (weight (m*C, 1, KH, KW)): the direct forward and grad_input are
+    # native (oneDNN takes groups=C with m*C outputs); the FFT paths and grad_weight run on the
+    # channel-expanded input x.repeat_interleave(m, 1) (output channel c*m + j reads input c), an
+    # extra (N, m*C, H, W) buffer; the FFT grad_input sums its (N, m*C, H, W) result over j.
     def forward(self, x, weight, bias, params):
+        m = weight.shape[0] // x.shape[1]
         if self._path(weight.shape, params, "forward") == "fft" and _finite(x, weight):
-            return fft_forward(x, weight, bias, params)
+            return fft_forward(x if m == 1 else x.repeat_interleave(m, 1), weight, bias, params)
         return direct_forward(x, weight, bias, params)
 
     def grad_input(self, grad_out, weight, input_shape, params):
+        m = weight.shape[0] // input_shape[1]
         if self._path(weight.shape, params, "grad_input") == "fft" and _finite(grad_out, weight):
-            return fft_grad_input(grad_out, weight, input_shape, params)
+            if m == 1:
+                return fft_grad_input(grad_out, weight, input_shape, params)
+            N, C, H, W = input_shape
+            gx = fft_grad_input(grad_out, weight, (N, C * m, H, W), params)
+            return gx.view(N, C, m, H, W).sum(2)  # lkconv.ops normalises the memory format
         return direct_grad_input(grad_out, weight, input_shape, params)
 
     def grad_weight(self, grad_out, x, weight_shape, params):
+        m = weight_shape[0] // x.shape[1]
+        if m > 1:
+            x = x.repeat_interleave(m, 1)
         if self._path(weight_shape, params, "grad_weight") == "fft" and _finite(grad_out, x):
             return fft_grad_weight(grad_out, x, weight_shape, params)
         return direct_grad_weight(grad_out, x, weight_shape, params)

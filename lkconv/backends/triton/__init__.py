@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..base import Backend
+from ..base import Backend, channel_multiplier_declined
 
 __all__ = ["TritonBackend"]
 
@@ -123,6 +123,9 @@ class TritonBackend(Backend):
             return f"dtype {req.dtype} not supported (float16, bfloat16, float32; use backend 'torch' or 'cpu' for float64)"
         if req.weight_dtype is not None and req.weight_dtype != req.dtype:
             return f"weight dtype {req.weight_dtype} differs from input dtype {req.dtype}"
+        why = channel_multiplier_declined(req)
+        if why:
+            return why
         N, C, H, W = req.input_shape
         KH, KW = req.weight_shape[2], req.weight_shape[3]
         if C * KH * KW > _I32:

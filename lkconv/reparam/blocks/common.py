@@ -15,7 +15,8 @@ __all__ = ["ConvBN", "BNAndPad", "ReparamModule", "make_conv", "conv_from_kernel
 
 
 def is_depthwise(in_channels: int, out_channels: int, groups: int) -> bool:
-    return groups == in_channels == out_channels
+    """groups == in_channels and out_channels = m * in_channels (channel multiplier m >= 1)."""
+    return groups == in_channels and in_channels > 0 and out_channels > 0 and out_channels % in_channels == 0
 
 
 def make_conv(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,

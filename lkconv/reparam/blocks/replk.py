@@ -32,7 +32,8 @@ class ReparamLargeKernelConv(ReparamModule):
 
     Padding is ``kernel_size // 2`` (``small_kernel // 2`` for the small branch), so the two
     branches are aligned when ``kernel_size - small_kernel`` is even (checked).  Depthwise convs
-    (``groups == in_channels == out_channels``) are :class:`lkconv.nn.LargeKernelConv2d`, others
+    (``groups == in_channels``, ``out_channels = m * in_channels``, channel multiplier ``m >= 1``) are
+    :class:`lkconv.nn.LargeKernelConv2d`, others
     ``nn.Conv2d``; the small branch is always ``nn.Conv2d``.
 
     Args:

@@ -24,6 +24,9 @@ class RMBlock(ReparamModule):
     other inputs the deployed block computes something else, so only use it after a ReLU.
     """
 
+    #: lkconv.reparameterize checks the deployed block on non-negative probe inputs
+    exact_for_nonnegative_input = True
+
     def __init__(self, in_planes: int, planes: int, stride: int = 1, kernel_size: int = 3):
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size % 2 == 0 or kernel_size < 1:
