@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy as _Proxy
 
 from . import ops as _ops  # noqa: F401  (registers the torch.library ops)
 from .backends import resolve_backend
@@ -34,6 +35,16 @@ def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
         return t.to(dt)
 
     return cast(x), cast(weight), cast(bias)
+
+
+def _fx_node(x, weight, bias, stride, padding, dilation, backend):
+    """Under ``torch.fx`` symbolic tracing: record one ``call_function`` node for this function (a
+    leaf, like ``F.conv2d``), so ``symbolic_trace``, torchvision's ``create_feature_extractor`` and
+    FX quantization work on models that call lkconv."""
+    proxy = next(p for p in (x, weight, bias) if isinstance(p, _Proxy))
+    return proxy.tracer.create_proxy(
+        "call_function", depthwise_conv2d, (x, weight, bias, stride, padding, dilation), {"backend": backend}
+    )
 
 
 def depthwise_conv2d(
@@ -61,6 +72,8 @@ def depthwise_conv2d(
     Returns:
         (N, C, Ho, Wo) in x's dtype (or the autocast dtype), channels_last if x is.
     """
+    if isinstance(x, _Proxy) or isinstance(weight, _Proxy) or isinstance(bias, _Proxy):
+        return _fx_node(x, weight, bias, stride, padding, dilation, backend)
     if not isinstance(x, Tensor):
         raise TypeError(f"lkconv: input must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -72,7 +85,9 @@ def depthwise_conv2d(
         raise ValueError(
             f"lkconv: weight must have shape (C, 1, KH, KW) for a depthwise convolution, got {tuple(weight.shape)}"
         )
-    params = normalize_params(stride, padding, dilation, (weight.shape[2], weight.shape[3]))
+    # plain ints: under torch.jit.trace tensor sizes are traced values, and a "same" padding computed
+    # from them would reach the op schema as a list of tensors
+    params = normalize_params(stride, padding, dilation, (int(weight.shape[2]), int(weight.shape[3])))
     x, weight, bias = _autocast(x, weight, bias)
     check_tensors(x, weight, bias, params)
 
