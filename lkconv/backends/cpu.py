@@ -31,8 +31,14 @@ depthwise convolution of the padded input with grad_out as the kernel (:func:`di
 "sum of shifted slices" implementation (:func:`slices_forward` & co.) is kept for the threshold
 benchmark (``benchmarks/cpu_threshold.py``), which measured it slower than oneDNN for every pass.
 
-**Non-finite inputs**: an FFT would smear a NaN/Inf over its whole plane, while ``F.conv2d`` keeps
-it local; inputs that are not all finite (one cheap ``isfinite`` pass) take the direct path.
+**Non-finite inputs and overflow**: an FFT would smear a NaN/Inf over its whole plane, while
+``F.conv2d`` keeps it local, and finite inputs can overflow inside the transform; each pass takes the
+FFT only when one cheap bound of every intermediate (:func:`fft_in_range`) stays in range, else the
+direct path.  The FFT's rounding error is relative to the plane's largest values, not local;
+:func:`local_accuracy` makes the registered instance take the direct path.
+
+**Dead padding**: the direct path crops the taps, input rows and padding that only ever meet
+zeros (:func:`_crop`) before materialising any padding.
 
 **Choice**: FFT when the kernel has at least a measured number of taps per output pixel, i.e.
 ``KH*KW >= threshold * sh*sw`` (per pass; :data:`FFT_MIN_TAPS_PER_PASS`, or
@@ -60,6 +66,8 @@ __all__ = [
     "FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD",
     "FORCE_PATH",
     "force_path",
+    "local_accuracy",
+    "fft_in_range",
     "choose_path",
     "next_fast_len",
     "fft_length",
@@ -332,6 +340,39 @@ def _split_pad(p: ConvParams):
     return (l, r, t, b), [0, 0]
 
 
+def _live_axis(size: int, p0: int, k: int, dil: int, out: int, stride: int):
+    """Crop of one axis to the taps that can meet a real input pixel.
+
+    Tap ``a`` reads input rows ``i*stride + a*dil - p0`` for ``i < out``; it can only meet the input
+    when that range overlaps ``[0, size)``, which holds for a contiguous range of taps
+    ``[a_lo, a_hi]``.  Returns None when no tap meets the input, else ``(taps, rows, pad_lo,
+    pad_hi)``: the kept taps, the input rows still read, and the padding still needed around them
+    (at most ``(out-1)*stride`` per side), which give the same ``out`` outputs."""
+    a_lo = max(0, -(((out - 1) * stride - p0) // dil))  # ceil((p0 - (out-1)*stride) / dil)
+    a_hi = min(k - 1, (size - 1 + p0) // dil)
+    if a_lo > a_hi:
+        return None
+    q0 = p0 - a_lo * dil  # the padding in front of the first kept tap (negative: skip input rows)
+    need = (out - 1) * stride + (a_hi - a_lo) * dil + 1  # padded length the kept taps read
+    u0, u1 = max(0, -q0), min(size, need - q0)
+    return slice(a_lo, a_hi + 1), slice(u0, u1), max(0, q0), max(0, need - q0 - size)
+
+
+def _crop(in_hw, k_hw, out_hw, p: ConvParams):
+    """The geometry of :func:`_live_axis` on both axes: None when nothing changes, "empty" when no
+    tap meets the input, else ``(tap_rows, tap_cols, in_rows, in_cols, params)``."""
+    rows = _live_axis(in_hw[0], p.padding[0], k_hw[0], p.dilation[0], out_hw[0], p.stride[0])
+    cols = _live_axis(in_hw[1], p.padding[2], k_hw[1], p.dilation[1], out_hw[1], p.stride[1])
+    if rows is None or cols is None:
+        return "empty"
+    (tr, ir, pt, pb), (tc, ic, pl, pr) = rows, cols
+    same = (tr == slice(0, k_hw[0]) and tc == slice(0, k_hw[1]) and ir == slice(0, in_hw[0])
+            and ic == slice(0, in_hw[1]) and (pt, pb, pl, pr) == tuple(p.padding))
+    if same:
+        return None
+    return tr, tc, ir, ic, ConvParams(p.stride, (pt, pb, pl, pr), p.dilation)
+
+
 #: oneDNN's depthwise forward falls off a cliff (~10x slower) when the convolution's own padding is
 #: >= 7 (measured: K=13 "same" (pad 6) 31 ms, K=15 (pad 7) 581 ms, K=16 pre-padded 58 ms at N=8,
 #: C=128, 56x56, 1 thread), so larger paddings are applied by an explicit F.pad first.
@@ -339,6 +380,15 @@ DIRECT_MAX_CONV_PAD = 6
 
 
 def direct_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
+    # padding that only ever meets zeros is never materialised: crop the taps and the padding first
+    out_hw = p.out_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
+    c = _crop(tuple(x.shape[2:]), tuple(weight.shape[2:]), out_hw, p)
+    if c == "empty":  # no tap meets the input: the output is the bias
+        out = _out_like((x.shape[0], x.shape[1]) + tuple(out_hw), x, x.dtype)
+        return out.zero_() if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand_as(out))
+    if c is not None:
+        tr, tc, ir, ic, pc = c
+        return direct_forward(x[:, :, ir, ic], weight[:, :, tr, tc], bias, pc)
     cdt = _compute_dtype(x.dtype)
     xc, wc = x.to(cdt), weight.to(cdt)
     bc = None if bias is None else bias.to(cdt)
@@ -356,6 +406,14 @@ def direct_grad_input(grad_out, weight, input_shape: Sequence[int], p: ConvParam
     cdt = _compute_dtype(grad_out.dtype)
     if N == 0 or C == 0:
         return _out_like((N, C, H, W), grad_out, grad_out.dtype).zero_()
+    c = _crop((H, W), tuple(weight.shape[2:]), tuple(grad_out.shape[2:]), p)
+    if c is not None:  # input pixels no kept tap reads get a zero gradient
+        gx = _out_like((N, C, H, W), grad_out, grad_out.dtype).zero_()
+        if c != "empty":
+            tr, tc, ir, ic, pc = c
+            sub = (N, C, ir.stop - ir.start, ic.stop - ic.start)
+            gx[:, :, ir, ic] = direct_grad_input(grad_out, weight[:, :, tr, tc], sub, pc)
+        return gx
     pre, pad = _split_pad(p)
     shape = (N, C, H, W)
     if pre is not None:
@@ -406,6 +464,14 @@ def direct_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) 
     cdt = _compute_dtype(x.dtype)
     if N == 0 or C == 0:
         return torch.zeros(tuple(weight_shape), dtype=x.dtype, device=x.device)
+    c = _crop(tuple(x.shape[2:]), (KH, KW), tuple(grad_out.shape[2:]), p)
+    if c is not None:  # taps that never meet the input get a zero gradient
+        gw = torch.zeros(tuple(weight_shape), dtype=x.dtype, device=x.device)
+        if c != "empty":
+            tr, tc, ir, ic, pc = c
+            sub = (C, 1, tr.stop - tr.start, tc.stop - tc.start)
+            gw[:, :, tr, tc] = direct_grad_weight(grad_out, x[:, :, ir, ic], sub, pc)
+        return gw
     if KH * KW <= DIRECT_ATEN_GW_MAX_TAPS:
         return _aten_grad_weight(grad_out, x, weight_shape, p)
     t, b, l, r = p.padding
@@ -487,6 +553,53 @@ def _finite(*ts) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
+def _plane_l1(t: torch.Tensor) -> torch.Tensor:
+    """(N, C) sums of |t| over each plane, accumulated in fp64 (inf/nan if t holds any)."""
+    return t.abs().sum(dim=(2, 3), dtype=torch.float64)
+
+
+def _fft_length_product(in_hw, k_hw, out_hw, p: ConvParams) -> int:
+    t, _, l, _ = p.padding
+    lh = fft_length(in_hw[0], t, k_hw[0], p.dilation[0], out_hw[0], p.stride[0])
+    lw = fft_length(in_hw[1], l, k_hw[1], p.dilation[1], out_hw[1], p.stride[1], even=True)
+    return lh * lw
+
+
+#: the FFT is used only when its bound stays below this fraction of the compute dtype's largest value
+FFT_RANGE_MARGIN = 0.25
+
+
+def fft_in_range(a: torch.Tensor, b: torch.Tensor, in_hw, k_hw, out_hw, p: ConvParams, pass_: str) -> bool:
+    """Whether the FFT of this pass can neither overflow nor meet a NaN/Inf (else: direct path).
+
+    An unnormalised length-L DFT of a plane is bounded by the plane's L1 norm, a product of two
+    spectra by the product of the norms, and every partial sum of the inverse by L times that, so
+    ``L * |a|_1 * |b|_1`` (per channel; for grad_weight summed over the batch) bounds every
+    intermediate.  Finite inputs whose bound exceeds the compute dtype's range (two pixels at 3e38 in
+    fp32) would come out as Inf/NaN over the whole plane; inputs that already hold Inf/NaN make the
+    bound non-finite.  ``a``/``b``: (x, weight) for the forward, (grad_out, weight) for grad_input,
+    (grad_out, x) for grad_weight.  One pass over the data, accumulated in fp64."""
+    if a.numel() == 0 or b.numel() == 0:
+        return True
+    limit = torch.finfo(_compute_dtype(a.dtype)).max * FFT_RANGE_MARGIN
+    L = _fft_length_product(in_hw, k_hw, out_hw, p)
+    sa = _plane_l1(a)  # (N, C)
+    if pass_ == "grad_weight":
+        per_c = (sa * _plane_l1(b)).sum(0)
+    else:
+        per_c = sa.amax(0) * b.abs().sum(dim=(1, 2, 3), dtype=torch.float64)
+    bound = float(per_c.max()) * L
+    return bound < limit  # False for inf and nan
+
+
+def local_accuracy():
+    """``with local_accuracy(): ...`` — the registered ``cpu`` backend (so ``auto`` on CPU tensors)
+    takes the direct path, whose error is local like ``F.conv2d``'s, instead of the FFT, whose error
+    is relative to the largest values of the plane (see docs/cpu_backend.md).  The same as
+    ``force_path("direct")``."""
+    return force_path("direct")
+
+
 class CPUBackend(Backend):
     name = "cpu"
     description = (
@@ -518,17 +631,24 @@ class CPUBackend(Backend):
     # An FFT spreads a NaN/Inf over its whole plane; torch's convolution keeps it local.  Inputs
     # that are not all finite therefore take the direct path (one cheap pass over the data), so
     # NaN/Inf propagate exactly as in F.conv2d.
+    # Likewise an FFT whose intermediates could overflow (fft_in_range) takes the direct path.
     def forward(self, x, weight, bias, params):
-        if self._path(weight.shape, params, "forward") == "fft" and _finite(x, weight):
+        kh_kw, out_hw = tuple(weight.shape[2:]), params.out_size(x.shape[2], x.shape[3], *weight.shape[2:])
+        if (self._path(weight.shape, params, "forward") == "fft"
+                and fft_in_range(x, weight, tuple(x.shape[2:]), kh_kw, out_hw, params, "forward")):
             return fft_forward(x, weight, bias, params)
         return direct_forward(x, weight, bias, params)
 
     def grad_input(self, grad_out, weight, input_shape, params):
-        if self._path(weight.shape, params, "grad_input") == "fft" and _finite(grad_out, weight):
+        if (self._path(weight.shape, params, "grad_input") == "fft"
+                and fft_in_range(grad_out, weight, tuple(input_shape[2:]), tuple(weight.shape[2:]),
+                                 tuple(grad_out.shape[2:]), params, "grad_input")):
             return fft_grad_input(grad_out, weight, input_shape, params)
         return direct_grad_input(grad_out, weight, input_shape, params)
 
     def grad_weight(self, grad_out, x, weight_shape, params):
-        if self._path(weight_shape, params, "grad_weight") == "fft" and _finite(grad_out, x):
+        if (self._path(weight_shape, params, "grad_weight") == "fft"
+                and fft_in_range(grad_out, x, tuple(x.shape[2:]), tuple(weight_shape[2:]),
+                                 tuple(grad_out.shape[2:]), params, "grad_weight")):
             return fft_grad_weight(grad_out, x, weight_shape, params)
         return direct_grad_weight(grad_out, x, weight_shape, params)

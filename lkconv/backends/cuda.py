@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .base import Backend
+from .limits import int32_geometry_reason
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_KERNEL = 65535
@@ -151,7 +152,7 @@ class CUDABackend(Backend):
             return f"kernel size {tuple(weight.shape[2:])} exceeds {_MAX_KERNEL}"
         if max(params.stride) > _MAX_PARAM or max(params.dilation) > _MAX_PARAM or max(params.padding) > _MAX_PARAM:
             return f"stride/padding/dilation beyond {_MAX_PARAM}"
-        return None
+        return int32_geometry_reason(x.shape, (weight.shape[2], weight.shape[3]), params, tile=1024)
 
     # -- the three passes -------------------------------------------------------------------------
     def forward(self, x, weight, bias, p):
