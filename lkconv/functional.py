@@ -100,7 +100,7 @@ def depthwise_conv2d(
     name = resolve_backend(backend, x, weight, params, passes)
     stride_l, pad_l, dil_l = params.as_lists()
     if _ops.needs_function_wrapper():  # forward-mode AD / torch.func (see lkconv.ops)
-        out = _ops.DepthwiseConv2dFunction.apply(x, weight, bias, stride_l, pad_l, dil_l, name)
+        out = _ops.depthwise_conv2d_function(x, weight, bias, stride_l, pad_l, dil_l, name)
     else:
         out = torch.ops.lkconv.dwconv2d(x, weight, bias, stride_l, pad_l, dil_l, name)
     return out.squeeze(0) if unbatched else out

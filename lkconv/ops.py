@@ -211,45 +211,61 @@ dwconv2d_grad_weight.register_autograd(_gw_backward, setup_context=_gw_setup_con
 #     d out = conv(dx, w) + conv(x, dw) + db
 # and its backward is the usual pair of gradient ops.  Elsewhere (eager reverse mode, torch.compile,
 # export, jit.trace) the op is called directly, so graphs keep one lkconv::dwconv2d node.
+class _ConvArgs:
+    """stride, padding, dilation, backend as ONE opaque (non-pytree) argument: torch.func's
+    generated vmap rules flatten list arguments into leaves, which breaks nested transforms
+    (``hessian``)."""
+
+    __slots__ = ("stride", "padding", "dilation", "backend")
+
+    def __init__(self, stride, padding, dilation, backend):
+        self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+        self.backend = backend
+
+    def __iter__(self):  # a, b, c, d = cargs  /  op(..., *cargs)
+        return iter((self.stride, self.padding, self.dilation, self.backend))
+
+
 class DepthwiseConv2dFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, backend):
-        return dwconv2d(x, weight, bias, stride, padding, dilation, backend)
+    def forward(x, weight, bias, cargs):
+        return dwconv2d(x, weight, bias, *cargs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding, dilation, backend = inputs
+        x, weight, bias, cargs = inputs
         ctx.save_for_backward(x, weight)
         ctx.save_for_forward(x, weight)
-        ctx.conv_args = (list(stride), list(padding), list(dilation), backend)
+        ctx.cargs = cargs
         ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        a = ctx.conv_args
+        a = ctx.cargs
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _call_grad_input(grad, weight, list(x.shape), *a)
+            gx = _call_grad_input(grad, weight, list(x.shape), a)
         if ctx.needs_input_grad[1]:
-            gw = _call_grad_weight(grad, x, list(weight.shape), *a)
+            gw = _call_grad_weight(grad, x, list(weight.shape), a)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum(dim=(0, 2, 3))
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None
 
     @staticmethod
-    def jvp(ctx, dx, dw, db, *_):
+    def jvp(ctx, dx, dw, db, _):
         x, weight = ctx.saved_tensors
-        a = ctx.conv_args
+        a = ctx.cargs
         out = _sum_or_none(
-            None if dx is None else _call_conv(dx, weight, None, *a),
-            None if dw is None else _call_conv(x, dw, None, *a),
+            None if dx is None else _call_conv(dx, weight, None, a),
+            None if dw is None else _call_conv(x, dw, None, a),
         )
         if db is not None:
             t = db.view(1, -1, 1, 1)
-            out = t.expand(_out_shape(x.shape, weight.shape, _params(*a[:3]))) if out is None else out + t
+            shape = _out_shape(x.shape, weight.shape, _params(a.stride, a.padding, a.dilation))
+            out = t.expand(shape) if out is None else out + t
         return out
 
 
@@ -260,32 +276,32 @@ class _GradInputFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_out, weight, input_size, stride, padding, dilation, backend):
-        return dwconv2d_grad_input(grad_out, weight, input_size, stride, padding, dilation, backend)
+    def forward(grad_out, weight, input_size, cargs):
+        return dwconv2d_grad_input(grad_out, weight, list(input_size), *cargs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_out, weight, input_size, stride, padding, dilation, backend = inputs
+        grad_out, weight, input_size, cargs = inputs
         ctx.save_for_backward(grad_out, weight)
         ctx.save_for_forward(grad_out, weight)
         ctx.input_size = list(input_size)
-        ctx.conv_args = (list(stride), list(padding), list(dilation), backend)
+        ctx.cargs = cargs
 
     @staticmethod
     def backward(ctx, g):
         grad_out, weight = ctx.saved_tensors
-        a = ctx.conv_args
-        d_go = _call_conv(g, weight, None, *a) if ctx.needs_input_grad[0] else None
-        d_w = _call_grad_weight(grad_out, g, list(weight.shape), *a) if ctx.needs_input_grad[1] else None
-        return d_go, d_w, None, None, None, None, None
+        a = ctx.cargs
+        d_go = _call_conv(g, weight, None, a) if ctx.needs_input_grad[0] else None
+        d_w = _call_grad_weight(grad_out, g, list(weight.shape), a) if ctx.needs_input_grad[1] else None
+        return d_go, d_w, None, None
 
     @staticmethod
     def jvp(ctx, d_go, d_w, *_):
         grad_out, weight = ctx.saved_tensors
-        a = ctx.conv_args
+        a = ctx.cargs
         return _sum_or_none(
-            None if d_go is None else _call_grad_input(d_go, weight, ctx.input_size, *a),
-            None if d_w is None else _call_grad_input(grad_out, d_w, ctx.input_size, *a),
+            None if d_go is None else _call_grad_input(d_go, weight, ctx.input_size, a),
+            None if d_w is None else _call_grad_input(grad_out, d_w, ctx.input_size, a),
         )
 
 
@@ -293,32 +309,32 @@ class _GradWeightFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_out, x, weight_size, stride, padding, dilation, backend):
-        return dwconv2d_grad_weight(grad_out, x, weight_size, stride, padding, dilation, backend)
+    def forward(grad_out, x, weight_size, cargs):
+        return dwconv2d_grad_weight(grad_out, x, list(weight_size), *cargs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_out, x, weight_size, stride, padding, dilation, backend = inputs
+        grad_out, x, weight_size, cargs = inputs
         ctx.save_for_backward(grad_out, x)
         ctx.save_for_forward(grad_out, x)
         ctx.weight_size = list(weight_size)
-        ctx.conv_args = (list(stride), list(padding), list(dilation), backend)
+        ctx.cargs = cargs
 
     @staticmethod
     def backward(ctx, g):
         grad_out, x = ctx.saved_tensors
-        a = ctx.conv_args
-        d_go = _call_conv(x, g, None, *a) if ctx.needs_input_grad[0] else None
-        d_x = _call_grad_input(grad_out, g, list(x.shape), *a) if ctx.needs_input_grad[1] else None
-        return d_go, d_x, None, None, None, None, None
+        a = ctx.cargs
+        d_go = _call_conv(x, g, None, a) if ctx.needs_input_grad[0] else None
+        d_x = _call_grad_input(grad_out, g, list(x.shape), a) if ctx.needs_input_grad[1] else None
+        return d_go, d_x, None, None
 
     @staticmethod
     def jvp(ctx, d_go, d_x, *_):
         grad_out, x = ctx.saved_tensors
-        a = ctx.conv_args
+        a = ctx.cargs
         return _sum_or_none(
-            None if d_go is None else _call_grad_weight(d_go, x, ctx.weight_size, *a),
-            None if d_x is None else _call_grad_weight(grad_out, d_x, ctx.weight_size, *a),
+            None if d_go is None else _call_grad_weight(d_go, x, ctx.weight_size, a),
+            None if d_x is None else _call_grad_weight(grad_out, d_x, ctx.weight_size, a),
         )
 
 
@@ -328,22 +344,39 @@ def _sum_or_none(a, b):
     return a if b is None else a + b
 
 
-def _call_conv(x, weight, bias, stride, padding, dilation, backend):
+class _Sizes:
+    """A size list as an opaque argument (see _ConvArgs)."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = list(v)
+
+    def __iter__(self):
+        return iter(self.v)
+
+
+def _call_conv(x, weight, bias, a: _ConvArgs):
     if needs_function_wrapper():
-        return DepthwiseConv2dFunction.apply(x, weight, bias, stride, padding, dilation, backend)
-    return dwconv2d(x, weight, bias, stride, padding, dilation, backend)
+        return DepthwiseConv2dFunction.apply(x, weight, bias, a)
+    return dwconv2d(x, weight, bias, *a)
 
 
-def _call_grad_input(grad_out, weight, input_size, stride, padding, dilation, backend):
+def _call_grad_input(grad_out, weight, input_size, a: _ConvArgs):
     if needs_function_wrapper():
-        return _GradInputFunction.apply(grad_out, weight, input_size, stride, padding, dilation, backend)
-    return dwconv2d_grad_input(grad_out, weight, input_size, stride, padding, dilation, backend)
+        return _GradInputFunction.apply(grad_out, weight, _Sizes(input_size), a)
+    return dwconv2d_grad_input(grad_out, weight, list(input_size), *a)
 
 
-def _call_grad_weight(grad_out, x, weight_size, stride, padding, dilation, backend):
+def _call_grad_weight(grad_out, x, weight_size, a: _ConvArgs):
     if needs_function_wrapper():
-        return _GradWeightFunction.apply(grad_out, x, weight_size, stride, padding, dilation, backend)
-    return dwconv2d_grad_weight(grad_out, x, weight_size, stride, padding, dilation, backend)
+        return _GradWeightFunction.apply(grad_out, x, _Sizes(weight_size), a)
+    return dwconv2d_grad_weight(grad_out, x, list(weight_size), *a)
+
+
+def depthwise_conv2d_function(x, weight, bias, stride, padding, dilation, backend: str) -> Tensor:
+    """The op through :class:`DepthwiseConv2dFunction` (forward AD / torch.func)."""
+    return DepthwiseConv2dFunction.apply(x, weight, bias, _ConvArgs(stride, padding, dilation, backend))
 
 
 def _forward_ad_level() -> int:

@@ -141,7 +141,8 @@ def backend_status() -> Dict[str, Optional[str]]:
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide default backend (``"auto"`` restores the automatic choice)."""
+    """Set the process-wide default backend (``"auto"`` restores the automatic choice).  An open
+    :func:`use_backend` block of the calling thread still wins until it ends."""
     global _default_backend
     if name != "auto":
         _instance(name)  # validates the name
