@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import backends as _backends
@@ -380,9 +381,8 @@ def depthwise_conv2d_function(x, weight, bias, stride, padding, dilation, backen
 
 
 def _forward_ad_level() -> int:
-    from torch.autograd import forward_ad
-
-    return getattr(forward_ad, "_current_level", -1)
+    """The innermost active ``forward_ad.dual_level`` (-1: none)."""
+    return getattr(_forward_ad, "_current_level", -1)
 
 
 def needs_function_wrapper() -> bool:

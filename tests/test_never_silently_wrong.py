@@ -165,7 +165,11 @@ def test_plain_autograd_path_unchanged():
     x, w, b = _data(k=(3, 3))
     x.requires_grad_(True)
     out = lkconv.depthwise_conv2d(x, w, b, padding=1)
-    assert "lkconv" in type(out.grad_fn).__name__.lower() or "backward" in type(out.grad_fn).__name__.lower()
+    assert "lkconv_dwconv2d" in type(out.grad_fn).__name__  # the op's own autograd, not the wrapper
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        assert "DepthwiseConv2dFunction" in type(lkconv.depthwise_conv2d(x, w, b, padding=1).grad_fn).__name__
     (g,) = torch.autograd.grad(out.sum(), x)
     xr = x.detach().requires_grad_(True)
     (rg,) = torch.autograd.grad(_conv_ref(xr, w, b, padding=1).sum(), xr)
