@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy as _Proxy
 
 from . import ops as _ops  # noqa: F401  (registers the torch.library ops)
 from .backends import resolve_backend
@@ -35,6 +36,16 @@ def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
         return t.to(dt)
 
     return cast(x), cast(weight), cast(bias)
+
+
+def _fx_node(x, weight, bias, stride, padding, dilation, backend):
+    """Under ``torch.fx`` symbolic tracing: record one ``call_function`` node for this function (a
+    leaf, like ``F.conv2d``), so ``symbolic_trace``, torchvision's ``create_feature_extractor`` and
+    FX quantization work on models that call lkconv."""
+    proxy = next(p for p in (x, weight, bias) if isinstance(p, _Proxy))
+    return proxy.tracer.create_proxy(
+        "call_function", depthwise_conv2d, (x, weight, bias, stride, padding, dilation), {"backend": backend}
+    )
 
 
 def depthwise_conv2d(
@@ -65,6 +76,8 @@ def depthwise_conv2d(
     Returns:
         (N, m*C, Ho, Wo) in x's dtype (or the autocast dtype), channels_last if x is.
     """
+    if isinstance(x, _Proxy) or isinstance(weight, _Proxy) or isinstance(bias, _Proxy):
+        return _fx_node(x, weight, bias, stride, padding, dilation, backend)
     if not isinstance(x, Tensor):
         raise TypeError(f"lkconv: input must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Tensor):
@@ -76,7 +89,9 @@ def depthwise_conv2d(
         raise ValueError(
             f"lkconv: weight must have shape (m*C, 1, KH, KW) for a depthwise convolution, got {tuple(weight.shape)}"
         )
-    params = normalize_params(stride, padding, dilation, (weight.shape[2], weight.shape[3]))
+    # plain ints: under torch.jit.trace tensor sizes are traced values, and a "same" padding computed
+    # from them would reach the op schema as a list of tensors
+    params = normalize_params(stride, padding, dilation, (int(weight.shape[2]), int(weight.shape[3])))
     x, weight, bias = _autocast(x, weight, bias)
     check_tensors(x, weight, bias, params)
 
@@ -88,5 +103,8 @@ def depthwise_conv2d(
             passes.append("grad_weight")
     name = resolve_backend(backend, x, weight, params, passes)
     stride_l, pad_l, dil_l = params.as_lists()
-    out = torch.ops.lkconv.dwconv2d(x, weight, bias, stride_l, pad_l, dil_l, name)
+    if _ops.needs_function_wrapper():  # forward-mode AD / torch.func (see lkconv.ops)
+        out = _ops.depthwise_conv2d_function(x, weight, bias, stride_l, pad_l, dil_l, name)
+    else:
+        out = torch.ops.lkconv.dwconv2d(x, weight, bias, stride_l, pad_l, dil_l, name)
     return out.squeeze(0) if unbatched else out

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import backends as _backends
@@ -196,3 +197,257 @@ def _gw_backward(ctx, g):
 
 
 dwconv2d_grad_weight.register_autograd(_gw_backward, setup_context=_gw_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# forward-mode AD and torch.func
+# ------------------------------------------------------------------------------------------------
+# torch.library's register_autograd covers reverse mode only: under forward AD the op has no tangent
+# rule, and torch.func's transforms refuse the autograd.Function that custom_op builds internally.
+# Where either is in play, lkconv.depthwise_conv2d calls the op through this autograd.Function
+# instead.  The op is bilinear in (x, weight) plus the bias, so its JVP is made of the same op:
+#     d out = conv(dx, w) + conv(x, dw) + db
+# and its backward is the usual pair of gradient ops.  Elsewhere (eager reverse mode, torch.compile,
+# export, jit.trace) the op is called directly, so graphs keep one lkconv::dwconv2d node.
+class _ConvArgs:
+    """stride, padding, dilation, backend as ONE opaque (non-pytree) argument: torch.func's
+    generated vmap rules flatten list arguments into leaves, which breaks nested transforms
+    (``hessian``)."""
+
+    __slots__ = ("stride", "padding", "dilation", "backend")
+
+    def __init__(self, stride, padding, dilation, backend):
+        self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+        self.backend = backend
+
+    def __iter__(self):  # a, b, c, d = cargs  /  op(..., *cargs)
+        return iter((self.stride, self.padding, self.dilation, self.backend))
+
+
+class DepthwiseConv2dFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, cargs):
+        return dwconv2d(x, weight, bias, *cargs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, cargs = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.cargs = cargs
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        a = ctx.cargs
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _call_grad_input(grad, weight, list(x.shape), a)
+        if ctx.needs_input_grad[1]:
+            gw = _call_grad_weight(grad, x, list(weight.shape), a)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=(0, 2, 3))
+        return gx, gw, gb, None
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, _):
+        x, weight = ctx.saved_tensors
+        a = ctx.cargs
+        out = _sum_or_none(
+            None if dx is None else _call_conv(dx, weight, None, a),
+            None if dw is None else _call_conv(x, dw, None, a),
+        )
+        if db is not None:
+            t = db.view(1, -1, 1, 1)
+            shape = _out_shape(x.shape, weight.shape, _params(a.stride, a.padding, a.dilation))
+            out = t.expand(shape) if out is None else out + t
+        return out
+
+
+class _GradInputFunction(torch.autograd.Function):
+    """grad_input(grad_out, weight): bilinear, so its JVP and VJP are the three ops again (see the
+    double-backward note above)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, weight, input_size, cargs):
+        return dwconv2d_grad_input(grad_out, weight, list(input_size), *cargs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, weight, input_size, cargs = inputs
+        ctx.save_for_backward(grad_out, weight)
+        ctx.save_for_forward(grad_out, weight)
+        ctx.input_size = list(input_size)
+        ctx.cargs = cargs
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_out, weight = ctx.saved_tensors
+        a = ctx.cargs
+        d_go = _call_conv(g, weight, None, a) if ctx.needs_input_grad[0] else None
+        d_w = _call_grad_weight(grad_out, g, list(weight.shape), a) if ctx.needs_input_grad[1] else None
+        return d_go, d_w, None, None
+
+    @staticmethod
+    def jvp(ctx, d_go, d_w, *_):
+        grad_out, weight = ctx.saved_tensors
+        a = ctx.cargs
+        return _sum_or_none(
+            None if d_go is None else _call_grad_input(d_go, weight, ctx.input_size, a),
+            None if d_w is None else _call_grad_input(grad_out, d_w, ctx.input_size, a),
+        )
+
+
+class _GradWeightFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, x, weight_size, cargs):
+        return dwconv2d_grad_weight(grad_out, x, list(weight_size), *cargs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, x, weight_size, cargs = inputs
+        ctx.save_for_backward(grad_out, x)
+        ctx.save_for_forward(grad_out, x)
+        ctx.weight_size = list(weight_size)
+        ctx.cargs = cargs
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_out, x = ctx.saved_tensors
+        a = ctx.cargs
+        d_go = _call_conv(x, g, None, a) if ctx.needs_input_grad[0] else None
+        d_x = _call_grad_input(grad_out, g, list(x.shape), a) if ctx.needs_input_grad[1] else None
+        return d_go, d_x, None, None
+
+    @staticmethod
+    def jvp(ctx, d_go, d_x, *_):
+        grad_out, x = ctx.saved_tensors
+        a = ctx.cargs
+        return _sum_or_none(
+            None if d_go is None else _call_grad_weight(d_go, x, ctx.weight_size, a),
+            None if d_x is None else _call_grad_weight(grad_out, d_x, ctx.weight_size, a),
+        )
+
+
+def _sum_or_none(a, b):
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+class _Sizes:
+    """A size list as an opaque argument (see _ConvArgs)."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = list(v)
+
+    def __iter__(self):
+        return iter(self.v)
+
+
+def _call_conv(x, weight, bias, a: _ConvArgs):
+    if needs_function_wrapper():
+        return DepthwiseConv2dFunction.apply(x, weight, bias, a)
+    return dwconv2d(x, weight, bias, *a)
+
+
+def _call_grad_input(grad_out, weight, input_size, a: _ConvArgs):
+    if needs_function_wrapper():
+        return _GradInputFunction.apply(grad_out, weight, _Sizes(input_size), a)
+    return dwconv2d_grad_input(grad_out, weight, list(input_size), *a)
+
+
+def _call_grad_weight(grad_out, x, weight_size, a: _ConvArgs):
+    if needs_function_wrapper():
+        return _GradWeightFunction.apply(grad_out, x, _Sizes(weight_size), a)
+    return dwconv2d_grad_weight(grad_out, x, list(weight_size), *a)
+
+
+def depthwise_conv2d_function(x, weight, bias, stride, padding, dilation, backend: str) -> Tensor:
+    """The op through :class:`DepthwiseConv2dFunction` (forward AD / torch.func)."""
+    return DepthwiseConv2dFunction.apply(x, weight, bias, _ConvArgs(stride, padding, dilation, backend))
+
+
+def _forward_ad_level() -> int:
+    """The innermost active ``forward_ad.dual_level`` (-1: none)."""
+    return getattr(_forward_ad, "_current_level", -1)
+
+
+def needs_function_wrapper() -> bool:
+    """True where the op must go through :class:`DepthwiseConv2dFunction`: a ``torch.func``
+    transform (jvp, jacfwd, vmap, grad, jacrev, ...) or a ``torch.autograd.forward_ad.dual_level``
+    is active.  False under torch.compile / export tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return _forward_ad_level() >= 0
+
+
+# vmap rules (torch.func.vmap, and the vmaps inside jacfwd / jacrev / generate_vmap_rule): a vmapped
+# depthwise convolution is one depthwise convolution with the vmap dimension folded into the batch
+# (only the data is batched) or into the channels (the filter is batched: B*C groups).
+def _fold_n(t: Tensor, d) -> Tensor:
+    """(..B at d..) (N, C, H, W) -> (B*N, C, H, W)"""
+    t = t.movedim(d, 0)
+    return t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]))
+
+
+def _fold_c(t: Tensor, d, B: int) -> Tensor:
+    """(N, C, H, W) batched at d (or unbatched: broadcast) -> (N, B*C, H, W)"""
+    t = t.unsqueeze(1).expand(t.shape[0], B, *t.shape[1:]) if d is None else t.movedim(d, 1)
+    return t.reshape((t.shape[0], B * t.shape[2]) + tuple(t.shape[3:]))
+
+
+def _fold_w(w: Tensor, d, B: int) -> Tensor:
+    """(C, 1, KH, KW) batched at d (or broadcast) -> (B*C, 1, KH, KW)"""
+    w = w.unsqueeze(0).expand(B, *w.shape) if d is None else w.movedim(d, 0)
+    return w.reshape((B * w.shape[1],) + tuple(w.shape[2:]))
+
+
+def _dwconv2d_vmap(info, in_dims, x, weight, bias, stride, padding, dilation, backend):
+    xd, wd, bd = in_dims[0], in_dims[1], in_dims[2]
+    B = info.batch_size
+    if wd is None and bd is None:
+        out = dwconv2d(_fold_n(x, xd), weight, bias, stride, padding, dilation, backend)
+        return out.view((B, -1) + tuple(out.shape[1:])), 0
+    N = x.shape[1] if xd == 0 else x.shape[0]
+    if bias is not None:
+        bias = bias.repeat(B) if bd is None else bias.movedim(bd, 0).reshape(-1)
+    out = dwconv2d(_fold_c(x, xd, B), _fold_w(weight, wd, B), bias, stride, padding, dilation, backend)
+    return out.view((out.shape[0], B, -1) + tuple(out.shape[2:])), 1
+
+
+def _grad_input_vmap(info, in_dims, grad_out, weight, input_size, stride, padding, dilation, backend):
+    gd, wd = in_dims[0], in_dims[1]
+    B = info.batch_size
+    N, C, H, W = input_size
+    if wd is None:
+        gx = dwconv2d_grad_input(_fold_n(grad_out, gd), weight, [B * N, C, H, W], stride, padding, dilation, backend)
+        return gx.view(B, N, C, H, W), 0
+    gx = dwconv2d_grad_input(_fold_c(grad_out, gd, B), _fold_w(weight, wd, B), [N, B * C, H, W], stride,
+                             padding, dilation, backend)
+    return gx.view(N, B, C, H, W), 1
+
+
+def _grad_weight_vmap(info, in_dims, grad_out, x, weight_size, stride, padding, dilation, backend):
+    gd, xd = in_dims[0], in_dims[1]
+    B = info.batch_size
+    C, one, KH, KW = weight_size
+    gw = dwconv2d_grad_weight(_fold_c(grad_out, gd, B), _fold_c(x, xd, B), [B * C, one, KH, KW], stride,
+                              padding, dilation, backend)
+    return gw.view(B, C, one, KH, KW), 0
+
+
+dwconv2d.register_vmap(_dwconv2d_vmap)
+dwconv2d_grad_input.register_vmap(_grad_input_vmap)
+dwconv2d_grad_weight.register_vmap(_grad_weight_vmap)

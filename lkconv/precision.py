@@ -52,25 +52,77 @@ def _legacy_readable() -> bool:
         return False
 
 
+def _precision_objects():
+    """(name, object) for every object of this PyTorch that carries an ``fp32_precision`` string,
+    parents before children."""
+    b = torch.backends
+    cands = [("backends", b), ("cuda.matmul", getattr(getattr(b, "cuda", None), "matmul", None)),
+             ("cudnn", getattr(b, "cudnn", None)), ("cudnn.conv", getattr(getattr(b, "cudnn", None), "conv", None)),
+             ("cudnn.rnn", getattr(getattr(b, "cudnn", None), "rnn", None)), ("mkldnn", getattr(b, "mkldnn", None))]
+    for op in ("matmul", "conv", "rnn"):
+        cands.append((f"mkldnn.{op}", getattr(getattr(b, "mkldnn", None), op, None)))
+    out = []
+    for name, obj in cands:
+        try:
+            if obj is not None and isinstance(getattr(obj, "fp32_precision", None), str):
+                out.append((name, obj))
+        except Exception:  # an object whose getter raises is left alone
+            pass
+    return out
+
+
+def _precision_snapshot() -> dict:
+    """Every precision setting :func:`tf32` may touch, as strings: the ``fp32_precision`` of each
+    backend/op and ``torch.get_float32_matmul_precision()``."""
+    snap = {name: obj.fp32_precision for name, obj in _precision_objects()}
+    try:  # raises once the legacy and new matmul APIs were mixed
+        snap["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        snap["float32_matmul_precision"] = None
+    return snap
+
+
+def _float32_matmul_precision():
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
+def _precision_restore(snap: dict) -> None:
+    """Put back exactly the strings of :func:`_precision_snapshot` (only those that changed)."""
+    want = snap.get("float32_matmul_precision")
+    if want is not None and _float32_matmul_precision() != want:
+        torch.set_float32_matmul_precision(want)
+    for name, obj in _precision_objects():
+        if name in snap and obj.fp32_precision != snap[name]:
+            obj.fp32_precision = snap[name]
+
+
 @contextlib.contextmanager
 def tf32(enabled: bool):
     """TF32 on or off for convolutions and matmuls inside the block; the previous settings are
-    restored afterwards, also after an error.  Uses the API the process is already on: the legacy
-    flags while they are readable (setting the new API would make the user's later reads of the
-    legacy flags raise), the new ``fp32_precision`` strings once the user has switched to them."""
+    restored exactly afterwards (every ``fp32_precision`` string, the float32 matmul precision and,
+    while they are readable, the legacy flags), also after an error.  Uses the API the process is
+    already on: the legacy flags while they are readable (setting the new API would make the user's
+    later reads of the legacy flags raise), the new ``fp32_precision`` strings once the user has
+    switched to them."""
+    snap = _precision_snapshot()
     if (not _legacy_readable() and _has_new_api()
             and getattr(torch.backends.cuda.matmul, "fp32_precision", None) is not None):
         conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-        old = (conv.fp32_precision, mm.fp32_precision)
         conv.fp32_precision = mm.fp32_precision = "tf32" if enabled else "ieee"
         try:
             yield
         finally:
-            conv.fp32_precision, mm.fp32_precision = old
+            _precision_restore(snap)
         return
     a, b = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
+        # the legacy setters keep PyTorch's legacy flags consistent (the legacy getters check them);
+        # they also rewrite the precision strings (e.g. matmul 'none' -> 'ieee'): put those back
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = a, b
+        _precision_restore(snap)

@@ -201,3 +201,34 @@ def test_double_backward_matches_torch(backend):
     x, w, b = _tensors((2, 2, 9, 10), 2, (5, 3), torch.float64)
     errs = double_backward_errors(backend, x, w, b, stride=2, padding=(2, 1), dilation=1)
     assert errs and all(e <= 1e-9 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
+def test_forward_ad_and_vmap_with_channel_multiplier(backend):
+    """jvp (tangents on x, weight and bias) and vmap over the data, the filter and both, with m = 2,
+    against F.conv2d in fp64: the vmap rules fold a batched filter into the channels, which must
+    keep output channel c*m + j reading input channel c."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 1, 5, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+
+    def ours(x, w, b):
+        return lkconv.depthwise_conv2d(x, w, b, 1, 2, backend=backend)
+
+    def ref(x, w, b):
+        return F.conv2d(x, w, b, 1, 2, groups=3)
+
+    tangents = tuple(torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, b))
+    (o1, t1), (o2, t2) = torch.func.jvp(ours, (x, w, b), tangents), torch.func.jvp(ref, (x, w, b), tangents)
+    torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(t1, t2, rtol=1e-10, atol=1e-10)
+    X = torch.randn(4, 2, 3, 9, 9, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 6, 1, 5, 5, generator=g, dtype=torch.float64)
+    B = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    for got, want in (
+        (torch.func.vmap(lambda w: ours(x, w, b))(W), torch.stack([ref(x, W[i], b) for i in range(4)])),
+        (torch.func.vmap(lambda x: ours(x, w, b))(X), torch.stack([ref(X[i], w, b) for i in range(4)])),
+        (torch.func.vmap(ours)(X, W, B), torch.stack([ref(X[i], W[i], B[i]) for i in range(4)])),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -10,11 +10,14 @@ extension, a GPU) is touched until a backend is actually asked for.
 * anything else (meta, ...): ``torch``
 
 The first backend in the chain that is available and supports the case wins.  The choice can be
-overridden globally with :func:`set_backend` / :func:`use_backend`, or per call with ``backend=``.
+overridden process-wide with :func:`set_backend`, for a block with :func:`use_backend` (a
+``contextvars.ContextVar``: per thread and per asyncio task; it wins over :func:`set_backend`), or
+per call with ``backend=``.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -171,26 +174,37 @@ def backend_status() -> Dict[str, Optional[str]]:
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide default backend (``"auto"`` restores the automatic choice)."""
+    """Set the process-wide default backend (``"auto"`` restores the automatic choice).  An open
+    :func:`use_backend` block of the calling thread still wins until it ends."""
     global _default_backend
     validate_backend_name(name, allow_none=False)
     _default_backend = name
 
 
+#: the open ``use_backend`` blocks of this thread / task, innermost last: a tuple of (entry, name)
+#: pairs.  Each block removes exactly its own entry when it ends, so blocks that end out of order
+#: (generators, interleaved coroutines) never leave a stale override behind.
+_OVERRIDES: "contextvars.ContextVar[tuple]" = contextvars.ContextVar("lkconv_backend_overrides", default=())
+
+
 def get_default_backend() -> str:
-    return _default_backend
+    """The backend used when a call passes no ``backend=``: the innermost :func:`use_backend` block
+    of this thread / task, else the process-wide :func:`set_backend` value (normally ``"auto"``)."""
+    overrides = _OVERRIDES.get()
+    return overrides[-1][1] if overrides else _default_backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: ``with lkconv.use_backend("cpu"): ...``"""
-    global _default_backend
-    prev = _default_backend
-    set_backend(name)
+    """Context manager: ``with lkconv.use_backend("cpu"): ...``.  The override holds for this thread
+    (or asyncio task) only; other threads keep their own default."""
+    validate_backend_name(name, allow_none=False)
+    entry = object()
+    _OVERRIDES.set(_OVERRIDES.get() + ((entry, name),))
     try:
         yield
     finally:
-        _default_backend = prev
+        _OVERRIDES.set(tuple(e for e in _OVERRIDES.get() if e[0] is not entry))
 
 
 def resolve_backend(
@@ -200,7 +214,7 @@ def resolve_backend(
     and supports every pass in ``passes`` for these tensors.  Explicit names that cannot serve the
     case raise (through :func:`require`); ``auto`` walks the chain of its device type."""
     if name is None:
-        name = _default_backend
+        name = get_default_backend()
     validate_backend_name(name, allow_none=False)
     requests = [Request.of(p, x, weight, params) for p in passes]
     if name != "auto":

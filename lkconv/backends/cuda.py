@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .base import Backend, channel_multiplier_declined
+from .limits import int32_geometry_reason
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 #: the mirror of csrc/dwconv_limits.h (the C++ kernels' size limits; tests/test_backend_cuda.py checks
@@ -166,7 +167,7 @@ class CUDABackend(Backend):
         params = req.params
         if max(params.stride) > _MAX_PARAM or max(params.dilation) > _MAX_PARAM or max(params.padding) > _MAX_PARAM:
             return f"stride/padding/dilation beyond {_MAX_PARAM}"
-        return None
+        return int32_geometry_reason(req.input_shape, (req.weight_shape[2], req.weight_shape[3]), params, tile=1024)
 
     # -- the three passes -------------------------------------------------------------------------
     def forward(self, x, weight, bias, p):

@@ -6,6 +6,7 @@ shapes are identical to the depthwise ``nn.Conv2d`` they replace: a checkpoint l
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch.nn as nn
@@ -81,12 +82,18 @@ class LargeKernelConv2d(nn.Conv2d):
         """A LargeKernelConv2d with ``conv``'s configuration sharing its parameters (no copy)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
+        # nn.Module.__init__ gave ``new`` its own state (hook dicts, parameter/buffer/module dicts,
+        # training flag, ...): copy only the convolution's configuration on top of it, so that hooks
+        # registered on one module never fire on the other
+        fresh = set(new.__dict__)
         for k, v in conv.__dict__.items():
-            if k not in ("_parameters", "_buffers", "_modules"):
-                new.__dict__[k] = v
-        new._parameters = dict(conv._parameters)
-        new._buffers = dict(conv._buffers)
-        new._modules = dict(conv._modules)
+            if k not in fresh:
+                new.__dict__[k] = copy.copy(v) if isinstance(v, (list, dict, set)) else v
+        new.training = conv.training
+        new._parameters.update(conv._parameters)  # the same Parameter objects: shared, not copied
+        new._buffers.update(conv._buffers)
+        new._non_persistent_buffers_set.update(conv._non_persistent_buffers_set)
+        new._modules.update(conv._modules)
         new.backend = _check_backend_name(backend)
         if not _is_depthwise(new.in_channels, new.out_channels, new.groups):
             raise ValueError(f"lkconv: {conv} is not a depthwise convolution (groups == in_channels, "

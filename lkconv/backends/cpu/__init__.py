@@ -6,8 +6,14 @@
   backend's passes, with fp16/bf16 upcast and oneDNN's padding rule;
 * this module -- the choice between them and :class:`CPUBackend`.
 
-**Non-finite inputs**: an FFT would smear a NaN/Inf over its whole plane, while ``F.conv2d`` keeps
-it local; inputs that are not all finite (one cheap ``isfinite`` pass) take the direct path.
+**Non-finite inputs and overflow**: an FFT would smear a NaN/Inf over its whole plane, while
+``F.conv2d`` keeps it local, and finite inputs can overflow inside the transform; each pass takes the
+FFT only when one cheap bound of every intermediate (:func:`.fft.fft_in_range`) stays in range, else
+the direct path.  The FFT's rounding error is relative to the plane's largest values, not local;
+:func:`local_accuracy` makes the registered instance take the direct path.
+
+**Dead padding**: the direct path crops the taps, input rows and padding that only ever meet
+zeros before materialising any padding (:mod:`.direct`).
 
 **Choice**: FFT when the kernel has at least a measured number of taps per output pixel, i.e.
 ``KH*KW >= threshold * sh*sw`` (per pass; :data:`FFT_MIN_TAPS_PER_PASS`, or
@@ -29,7 +35,7 @@ from ..base import Backend
 from ...params import ConvParams
 from .direct import (DIRECT_ATEN_GW_MAX_TAPS, DIRECT_MAX_CONV_PAD, direct_forward, direct_grad_input,
                      direct_grad_weight)
-from .fft import _axis, fft_forward, fft_grad_input, fft_grad_weight, fft_length, next_fast_len
+from .fft import _axis, fft_forward, fft_grad_input, fft_grad_weight, fft_in_range, fft_length, next_fast_len
 
 __all__ = [
     "CPUBackend",
@@ -38,6 +44,8 @@ __all__ = [
     "FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD",
     "FORCE_PATH",
     "force_path",
+    "local_accuracy",
+    "fft_in_range",
     "choose_path",
     "next_fast_len",
     "fft_length",
@@ -98,8 +106,12 @@ def choose_path(kh: int, kw: int, stride: Tuple[int, int], pass_: str = "forward
 
 
 # ------------------------------------------------------------------------------------------------
-def _finite(*ts) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+def local_accuracy():
+    """``with local_accuracy(): ...`` — the registered ``cpu`` backend (so ``auto`` on CPU tensors)
+    takes the direct path, whose error is local like ``F.conv2d``'s, instead of the FFT, whose error
+    is relative to the largest values of the plane (see docs/cpu_backend.md).  The same as
+    ``force_path("direct")``."""
+    return force_path("direct")
 
 
 class CPUBackend(Backend):
@@ -128,22 +140,28 @@ class CPUBackend(Backend):
             return FORCE_PATH
         return choose_path(weight_shape[2], weight_shape[3], p.stride, pass_)
 
-    # An FFT spreads a NaN/Inf over its whole plane; torch's convolution keeps it local.  Inputs
-    # that are not all finite therefore take the direct path (one cheap pass over the data), so
-    # NaN/Inf propagate exactly as in F.conv2d.
+    # An FFT spreads a NaN/Inf over its whole plane (torch's convolution keeps it local) and finite
+    # inputs can overflow inside it: the FFT is taken only when fft_in_range bounds every
+    # intermediate (one pass over the data; Inf/NaN make the bound non-finite), so NaN/Inf propagate
+    # exactly as in F.conv2d and no finite input turns into Inf/NaN.
     # Channel multiplier m > 1 (weight (m*C, 1, KH, KW)): the direct forward and grad_input are
     # native (oneDNN takes groups=C with m*C outputs); the FFT paths and grad_weight run on the
     # channel-expanded input x.repeat_interleave(m, 1) (output channel c*m + j reads input c), an
     # extra (N, m*C, H, W) buffer; the FFT grad_input sums its (N, m*C, H, W) result over j.
     def forward(self, x, weight, bias, params):
-        m = weight.shape[0] // x.shape[1]
-        if self._path(weight.shape, params, "forward") == "fft" and _finite(x, weight):
-            return fft_forward(x if m == 1 else x.repeat_interleave(m, 1), weight, bias, params)
+        if self._path(weight.shape, params, "forward") == "fft":
+            m = weight.shape[0] // x.shape[1]
+            xe = x if m == 1 else x.repeat_interleave(m, 1)
+            k_hw, out_hw = tuple(weight.shape[2:]), params.out_size(x.shape[2], x.shape[3], *weight.shape[2:])
+            if fft_in_range(xe, weight, tuple(x.shape[2:]), k_hw, out_hw, params, "forward"):
+                return fft_forward(xe, weight, bias, params)
         return direct_forward(x, weight, bias, params)
 
     def grad_input(self, grad_out, weight, input_shape, params):
-        m = weight.shape[0] // input_shape[1]
-        if self._path(weight.shape, params, "grad_input") == "fft" and _finite(grad_out, weight):
+        if (self._path(weight.shape, params, "grad_input") == "fft"
+                and fft_in_range(grad_out, weight, tuple(input_shape[2:]), tuple(weight.shape[2:]),
+                                 tuple(grad_out.shape[2:]), params, "grad_input")):
+            m = weight.shape[0] // input_shape[1]
             if m == 1:
                 return fft_grad_input(grad_out, weight, input_shape, params)
             N, C, H, W = input_shape
@@ -155,6 +173,8 @@ class CPUBackend(Backend):
         m = weight_shape[0] // x.shape[1]
         if m > 1:
             x = x.repeat_interleave(m, 1)
-        if self._path(weight_shape, params, "grad_weight") == "fft" and _finite(grad_out, x):
+        if (self._path(weight_shape, params, "grad_weight") == "fft"
+                and fft_in_range(grad_out, x, tuple(x.shape[2:]), tuple(weight_shape[2:]),
+                                 tuple(grad_out.shape[2:]), params, "grad_weight")):
             return fft_grad_weight(grad_out, x, weight_shape, params)
         return direct_grad_weight(grad_out, x, weight_shape, params)

@@ -24,6 +24,10 @@ from .fft import _compute_dtype, _out_like
 __all__ = ["DIRECT_MAX_CONV_PAD", "DIRECT_ATEN_GW_MAX_TAPS", "direct_forward", "direct_grad_input",
            "direct_grad_weight"]
 
+# Padding that only ever meets zeros is never materialised: every pass first crops the taps, input
+# rows and padding that cannot meet a real input pixel (_crop), so padding/dilation 2**16 on a 5x6
+# plane costs nothing (F.conv2d's own CPU path would run it; an explicit F.pad would not).
+
 #: oneDNN's depthwise forward falls off a cliff (~10x slower) when the convolution's own padding is
 #: >= 7 (measured: K=13 "same" (pad 6) 31 ms, K=15 (pad 7) 581 ms, K=16 pre-padded 58 ms at N=8,
 #: C=128, 56x56, 1 thread), so larger paddings are applied by an explicit F.pad first.
@@ -34,7 +38,48 @@ DIRECT_MAX_CONV_PAD = 6
 DIRECT_ATEN_GW_MAX_TAPS = 9
 
 
+def _live_axis(size: int, p0: int, k: int, dil: int, out: int, stride: int):
+    """Crop of one axis to the taps that can meet a real input pixel.
+
+    Tap ``a`` reads input rows ``i*stride + a*dil - p0`` for ``i < out``; it can only meet the input
+    when that range overlaps ``[0, size)``, which holds for a contiguous range of taps
+    ``[a_lo, a_hi]``.  Returns None when no tap meets the input, else ``(taps, rows, pad_lo,
+    pad_hi)``: the kept taps, the input rows still read, and the padding still needed around them
+    (at most ``(out-1)*stride`` per side), which give the same ``out`` outputs."""
+    a_lo = max(0, -(((out - 1) * stride - p0) // dil))  # ceil((p0 - (out-1)*stride) / dil)
+    a_hi = min(k - 1, (size - 1 + p0) // dil)
+    if a_lo > a_hi:
+        return None
+    q0 = p0 - a_lo * dil  # the padding in front of the first kept tap (negative: skip input rows)
+    need = (out - 1) * stride + (a_hi - a_lo) * dil + 1  # padded length the kept taps read
+    u0, u1 = max(0, -q0), min(size, need - q0)
+    return slice(a_lo, a_hi + 1), slice(u0, u1), max(0, q0), max(0, need - q0 - size)
+
+
+def _crop(in_hw, k_hw, out_hw, p: ConvParams):
+    """The geometry of :func:`_live_axis` on both axes: None when nothing changes, "empty" when no
+    tap meets the input, else ``(tap_rows, tap_cols, in_rows, in_cols, params)``."""
+    rows = _live_axis(in_hw[0], p.padding[0], k_hw[0], p.dilation[0], out_hw[0], p.stride[0])
+    cols = _live_axis(in_hw[1], p.padding[2], k_hw[1], p.dilation[1], out_hw[1], p.stride[1])
+    if rows is None or cols is None:
+        return "empty"
+    (tr, ir, pt, pb), (tc, ic, pl, pr) = rows, cols
+    same = (tr == slice(0, k_hw[0]) and tc == slice(0, k_hw[1]) and ir == slice(0, in_hw[0])
+            and ic == slice(0, in_hw[1]) and (pt, pb, pl, pr) == tuple(p.padding))
+    if same:
+        return None
+    return tr, tc, ir, ic, ConvParams(p.stride, (pt, pb, pl, pr), p.dilation)
+
+
 def direct_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
+    out_hw = p.out_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
+    c = _crop(tuple(x.shape[2:]), tuple(weight.shape[2:]), out_hw, p)
+    if c == "empty":  # no tap meets the input: the output is the bias
+        out = _out_like((x.shape[0], weight.shape[0]) + tuple(out_hw), x, x.dtype)
+        return out.zero_() if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand_as(out))
+    if c is not None:
+        tr, tc, ir, ic, pc = c
+        return direct_forward(x[:, :, ir, ic], weight[:, :, tr, tc], bias, pc)
     cdt = _compute_dtype(x.dtype)
     bc = None if bias is None else bias.to(cdt)
     out = torch_forward(x.to(cdt), weight.to(cdt), bc, p, max_conv_pad=DIRECT_MAX_CONV_PAD)
@@ -45,6 +90,14 @@ def direct_grad_input(grad_out, weight, input_shape: Sequence[int], p: ConvParam
     N, C, H, W = input_shape
     if N == 0 or C == 0:
         return _out_like((N, C, H, W), grad_out, grad_out.dtype).zero_()
+    c = _crop((H, W), tuple(weight.shape[2:]), tuple(grad_out.shape[2:]), p)
+    if c is not None:  # input pixels no kept tap reads get a zero gradient
+        gx = _out_like((N, C, H, W), grad_out, grad_out.dtype).zero_()
+        if c != "empty":
+            tr, tc, ir, ic, pc = c
+            sub = (N, C, ir.stop - ir.start, ic.stop - ic.start)
+            gx[:, :, ir, ic] = direct_grad_input(grad_out, weight[:, :, tr, tc], sub, pc)
+        return gx
     cdt = _compute_dtype(grad_out.dtype)
     gx = torch_grad_input(grad_out.to(cdt), weight.to(cdt), input_shape, p)
     return gx.to(grad_out.dtype)
@@ -64,6 +117,14 @@ def direct_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) 
     cdt = _compute_dtype(x.dtype)
     if N == 0 or C == 0:
         return torch.zeros(tuple(weight_shape), dtype=x.dtype, device=x.device)
+    c = _crop(tuple(x.shape[2:]), (KH, KW), tuple(grad_out.shape[2:]), p)
+    if c is not None:  # taps that never meet the input get a zero gradient
+        gw = torch.zeros(tuple(weight_shape), dtype=x.dtype, device=x.device)
+        if c != "empty":
+            tr, tc, ir, ic, pc = c
+            sub = (C, 1, tr.stop - tr.start, tc.stop - tc.start)
+            gw[:, :, tr, tc] = direct_grad_weight(grad_out, x[:, :, ir, ic], sub, pc)
+        return gw
     if KH * KW <= DIRECT_ATEN_GW_MAX_TAPS:
         return torch_grad_weight(grad_out.to(cdt), x.to(cdt), weight_shape, p).to(x.dtype)
     t, b, l, r = p.padding

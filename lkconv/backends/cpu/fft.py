@@ -232,3 +232,42 @@ def fft_grad_weight(grad_out, x, weight_shape: Sequence[int], p: ConvParams) -> 
             sub = r.index_select(1, plan.r_pos).index_select(2, plan.c_pos)
             gw[c0:c1, plan.a_idx[:, None], plan.b_idx[None, :]] = sub
     return gw.to(x.dtype).view(C, 1, KH, KW)
+
+
+def _plane_l1(t: torch.Tensor) -> torch.Tensor:
+    """(N, C) sums of |t| over each plane, accumulated in fp64 (inf/nan if t holds any)."""
+    return t.abs().sum(dim=(2, 3), dtype=torch.float64)
+
+
+def _fft_length_product(in_hw, k_hw, out_hw, p: ConvParams) -> int:
+    t, _, l, _ = p.padding
+    lh = fft_length(in_hw[0], t, k_hw[0], p.dilation[0], out_hw[0], p.stride[0])
+    lw = fft_length(in_hw[1], l, k_hw[1], p.dilation[1], out_hw[1], p.stride[1], even=True)
+    return lh * lw
+
+
+#: the FFT is used only when its bound stays below this fraction of the compute dtype's largest value
+FFT_RANGE_MARGIN = 0.25
+
+
+def fft_in_range(a: torch.Tensor, b: torch.Tensor, in_hw, k_hw, out_hw, p: ConvParams, pass_: str) -> bool:
+    """Whether the FFT of this pass can neither overflow nor meet a NaN/Inf (else: direct path).
+
+    An unnormalised length-L DFT of a plane is bounded by the plane's L1 norm, a product of two
+    spectra by the product of the norms, and every partial sum of the inverse by L times that, so
+    ``L * |a|_1 * |b|_1`` (per channel; for grad_weight summed over the batch) bounds every
+    intermediate.  Finite inputs whose bound exceeds the compute dtype's range (two pixels at 3e38 in
+    fp32) would come out as Inf/NaN over the whole plane; inputs that already hold Inf/NaN make the
+    bound non-finite.  ``a``/``b``: (x, weight) for the forward, (grad_out, weight) for grad_input,
+    (grad_out, x) for grad_weight.  One pass over the data, accumulated in fp64."""
+    if a.numel() == 0 or b.numel() == 0:
+        return True
+    limit = torch.finfo(_compute_dtype(a.dtype)).max * FFT_RANGE_MARGIN
+    L = _fft_length_product(in_hw, k_hw, out_hw, p)
+    sa = _plane_l1(a)  # (N, C)
+    if pass_ == "grad_weight":
+        per_c = (sa * _plane_l1(b)).sum(0)
+    else:
+        per_c = sa.amax(0) * b.abs().sum(dim=(1, 2, 3), dtype=torch.float64)
+    bound = float(per_c.max()) * L
+    return bound < limit  # False for inf and nan

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..base import Backend, channel_multiplier_declined
+from ..limits import int32_geometry_reason
 
 __all__ = ["TritonBackend"]
 
@@ -130,6 +131,9 @@ class TritonBackend(Backend):
         KH, KW = req.weight_shape[2], req.weight_shape[3]
         if C * KH * KW > _I32:
             return "C*KH*KW exceeds 2**31 (filter offsets are int32)"
+        why = int32_geometry_reason(req.input_shape, (KH, KW), req.params)
+        if why is not None:
+            return why
         # one program per (plane, 16x16 tile) at worst: the 1-D grid must stay below 2**31; the
         # forward's grid covers the output plane, grad_input's the input plane (either may be larger)
         ho, wo = req.params.out_size(H, W, KH, KW)
