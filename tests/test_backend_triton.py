@@ -56,6 +56,12 @@ CPU_CASES = {
     "noncontig-slice": dict(shape=(2, 4, 10, 10), k=(5, 5), padding=2, layout="slice", bias=True),
     "batch0": dict(shape=(0, 3, 8, 8), k=(3, 3), padding=1),
     "batch1-C1": dict(shape=(1, 1, 7, 7), k=(7, 7), padding=3),
+    # small planes of several images: the aligned forward packs whole planes of one channel into a
+    # tile (under the interpreter's BM = 16: output planes of <= 8 rows, N >= 2); N = 3 leaves a
+    # partial group, K > H
+    "packed-7x7-k13": dict(shape=(3, 2, 7, 7), k=(13, 13), padding=6, bias=True),
+    "packed-5x6-k31-cl": dict(shape=(4, 3, 5, 6), k=(31, 31), padding=15, layout="channels_last"),
+    "packed-stride2": dict(shape=(3, 2, 13, 11), k=(5, 3), stride=2, padding=(2, 1)),
 }
 
 # realistic shapes for the GPU (RepLKNet-31B-like layers, batch 2)
@@ -118,6 +124,7 @@ def needs_cuda_kernels(f):
 CPU_16BIT = [
     "k3-bias", "k13-same", "k31-gt-H", "k31-partial", "k63", "even-rect-6x8-same", "rect-31x5",
     "pad-gt-kernel", "stride2-partial", "stride2-dil2", "channels_last-stride2", "noncontig-slice", "batch0",
+    "packed-7x7-k13", "packed-5x6-k31-cl",
 ]
 CPU_PARAMS = [(c, "fp32") for c in CPU_CASES] + [(c, d) for d in ("fp16", "bf16") for c in CPU_16BIT]
 
@@ -256,6 +263,33 @@ def test_cuda_aligned_vs_strided_agree(dtype, one_config, monkeypatch):
 
 
 @needs_cuda_kernels
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "strided"])
+@pytest.mark.parametrize("case", ["c32-56-k31", "c256-7-k13", "c32-56-k7-s2"])
+def test_cuda_fp32_tf32_path(case, aligned, one_config, monkeypatch):
+    """fp32 with TF32 allowed (PyTorch's default; compare_all_passes runs with TF32 off, i.e. the
+    IEEE path): every pass against the fp64 reference under the fp16 rule (TF32 keeps a 10-bit
+    mantissa like fp16, and accumulates in fp32), with PyTorch's fp16 result as the dtype term."""
+    from lkconv.backends.triton import ops as tops
+    from lkconv.testing import _torch_d_all_passes, reference_all_passes, tf32, tolerance
+
+    monkeypatch.setattr(tops, "ALIGNED", aligned)
+    c = CUDA_CASES[case]
+    x, w, b = make(c, torch.float32, "cuda")
+    p = normalize_params(c.get("stride", 1), c.get("padding", 0), c.get("dilation", 1), c["k"])
+    be = get_backend("triton")
+    HO, WO = p.out_size(x.shape[2], x.shape[3], *c["k"])
+    g = torch.randn(x.shape[0], x.shape[1], HO, WO, device="cuda")
+    refs = reference_all_passes(x, w, b, p, g)[:3]
+    t16 = _torch_d_all_passes(x.half(), w.half(), None if b is None else b.half(), p, g.half())
+    with tf32(True):
+        assert tops._precision(torch.float32) == "tf32"
+        ours = (be.forward(x, w, b, p), be.grad_input(g, w, x.shape, p), be.grad_weight(g, x, w.shape, p))
+    for name, o, r, d in zip(("forward", "grad_input", "grad_weight"), ours, refs, t16):
+        err = (o.double().cpu() - r).abs().max().item()
+        assert err <= tolerance(r, d, torch.float16), (name, err)
+
+
+@needs_cuda_kernels
 @pytest.mark.parametrize("case", ["c32-56-k31", "c256-7-k13"])
 def test_cuda_autotuned(case):
     run_case(CUDA_CASES[case], torch.float16, "cuda")
@@ -328,6 +362,28 @@ def test_cpu_interpreter_aligned_autotune_configs(idx, monkeypatch):
     case = ["k31-partial", "stride2-partial", "dil-2x3-same", "even-rect-6x8-same", "channels_last-k31"][idx]
     dtype = ["fp16", "fp32", "bf16", "fp32", "fp16"][idx]
     run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("idx", range(5), ids=lambda i: f"conv{i}")
+def test_cpu_interpreter_aligned_autotune_configs_packed(idx, monkeypatch):
+    """Each forward / grad_input config of the aligned kernel on packed small planes (BM // 7 planes
+    per tile, a partial last group)."""
+    from lkconv.backends.triton import ops as tops
+
+    bm, bk, khb, _, _ = tops._ALIGNED_CONV_CONFIGS[idx]
+    monkeypatch.setattr(tops, "_INTERP_ALIGNED_CONV", dict(BM=bm, BK=bk, KHB=khb))
+    assert tops._packed(3, 7, bm)
+    run_case(CPU_CASES["packed-7x7-k13"], DTYPES[["fp32", "fp16", "bf16", "fp32", "fp16"][idx]], "cpu")
+
+
+def test_packing_decision():
+    from lkconv.backends.triton import ops as tops
+
+    assert tops._packed(2, 7, 16) and tops._packed(64, 28, 128) and tops._packed(64, 32, 64)
+    assert not tops._packed(1, 7, 64)  # one image: nothing to pack
+    assert not tops._packed(64, 56, 128)  # large planes: tiles of one plane
+    assert not tops._packed(8, 9, 16)  # two planes do not fit the tile
 
 
 def test_aligned_input_copy_layout():
@@ -647,7 +703,7 @@ def test_kernels_compile_for_sm90_and_sm80_without_a_gpu():
 
 
 _ALIGNED_SASS_CHECK = textwrap.dedent(
-    """
+    r"""
     import os, re, subprocess, sys
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
@@ -685,22 +741,32 @@ _ALIGNED_SASS_CHECK = textwrap.dedent(
 
     # the RepLKNet 56x56, K = 31 layer (N=64, C=128), bf16, the default (non-autotuned) tiles
     C, H = 128, 56
-    fwd = dict(xp_ptr="bf16", t_ptr="bf16", b_ptr="bf16", y_ptr="bf16", C=C, H=H, W=H, WP=80, HO=H, WO=H,
+    fwd = dict(xp_ptr="bf16", t_ptr="bf16", b_ptr="bf16", y_ptr="bf16", N=64, C=C, H=H, W=H, WP=80, HO=H, WO=H,
                sxp=H * 80, syn=C * H * H, syc=H * H, syh=H, syw=1, PT=15, PL16=0, LBORD=15, KH=31, LB=48)
     gw = dict(xp_ptr="bf16", g_ptr="bf16", ws_ptr="fp32", C=C, H=H, WP=80, HO=H, WO=H, SGROUPS=64 * 14,
               SG_PER_SPLIT=100, sxp=H * 80, sgn=C * H * H, sgc=H * H, sgh=H, sgw=1, PT=15, PL16=0, KH=31, KW=31)
     for arch in (90, 80):
         sass, res = compile_rt(K.dwconv_forward_aligned_kernel, fwd, dict(
-            SH=1, SW=1, DH=1, HAS_BIAS=False, BIG=False, PREC=None, UPCAST=False, BM=64, BN=16, BK=16, KHB=8), arch, 4, 3)
+            SH=1, SW=1, DH=1, HAS_BIAS=False, BIG=False, PACKED=False, PREC=None, UPCAST=False, BM=64, BN=16, BK=16,
+            KHB=8), arch, 4, 3)
         assert "LOCAL:0" in res, res
-        assert re.search(r"LDGSTS\\.E\\.(BYPASS\\.)?(LTC128B\\.)?128", sass), "forward: no 16-byte cp.async"
+        assert re.search(r"LDGSTS\.E\.(BYPASS\.)?(LTC128B\.)?128", sass), "forward: no 16-byte cp.async"
         assert "LDG.E.U16" not in sass, "forward: a scalar 2-byte global load is left"
         assert ("HGMMA.64x16x16" if arch == 90 else "HMMA.16816") in sass, arch
         sass, res = compile_rt(K.dwconv_grad_weight_aligned_kernel, gw, dict(
             SH=1, SW=1, DH=1, DW=1, BIG=False, PREC=None, UPCAST=False, BKH=32, NA=2, RS=4, BKC=32, R=2), arch, 4, 3)
         assert "LOCAL:0" in res, res
-        assert re.search(r"LDGSTS\\.E\\.(BYPASS\\.)?(LTC128B\\.)?128", sass), "grad_weight: no 16-byte cp.async of x"
+        assert re.search(r"LDGSTS\.E\.(BYPASS\.)?(LTC128B\.)?128", sass), "grad_weight: no 16-byte cp.async of x"
         assert ("HGMMA.64x16x16" if arch == 90 else "HMMA.16816") in sass, arch
+    # packed small planes (7x7, K = 13, C = 1024): 9 planes per 64-row tile
+    fwd7 = dict(fwd, C=1024, H=7, W=7, WP=16, HO=7, WO=7, sxp=7 * 16, syn=1024 * 49, syc=49, syh=7, PT=6,
+                LBORD=6, KH=13, LB=32)
+    sass, res = compile_rt(K.dwconv_forward_aligned_kernel, fwd7, dict(
+        SH=1, SW=1, DH=1, HAS_BIAS=False, BIG=False, PACKED=True, PREC=None, UPCAST=False, BM=64, BN=16, BK=16,
+        KHB=8), 90, 4, 3)
+    assert "LOCAL:0" in res, res
+    assert re.search(r"LDGSTS\.E\.(BYPASS\.)?128", sass) and "LDG.E.U16" not in sass, "packed forward loads"
+    assert "HGMMA.64x16x16" in sass
     print("SASS OK")
     """
 )

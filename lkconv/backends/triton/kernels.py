@@ -331,13 +331,13 @@ ALIGN = 16
 @triton.jit
 def dwconv_forward_aligned_kernel(
     xp_ptr, t_ptr, b_ptr, y_ptr,
-    C, H, W, WP, HO, WO,
+    N, C, H, W, WP, HO, WO,
     sxp,
     syn, syc, syh, syw,
     PT, PL16, LBORD,
     KH, LB,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIG: tl.constexpr, PACKED: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KHB: tl.constexpr,
 ):
@@ -358,22 +358,42 @@ def dwconv_forward_aligned_kernel(
     One dot covers ``KHB`` kernel rows: GEMM-K = ``KHB * BK`` with ``k = (kernel row - kh, column
     k0 + k % BK)``, i.e. ``Y += [X_kh | X_kh+1 | ...] @ [T_kh; T_kh+1; ...]`` -- fewer, larger dots
     (the per-iteration overhead is paid once per ``KHB`` kernel rows); kernel rows past the tile's
-    last useful one are masked (zeros)."""
+    last useful one are masked (zeros).
+
+    ``PACKED`` (small planes, ``2*HO <= BM``): one tile holds ``BM // HO`` whole output planes of
+    the same channel (consecutive images ``n``) stacked along GEMM-M -- the filter band is the same
+    for all of them, so they share every ``T``; tile row ``m`` is output row ``m % HO`` of image
+    ``g*pack + m // HO``."""
     pid = tl.program_id(0)
     n_tw = tl.cdiv(WO, BN)
-    n_tiles = tl.cdiv(HO, BM) * n_tw
-    tile = pid % n_tiles
-    plane = pid // n_tiles
-    n = plane // C
-    c = plane % C
-    i0 = (tile // n_tw) * BM
-    j0 = (tile % n_tw) * BN
-
-    x_base = xp_ptr + plane.to(tl.int64) * sxp
-    y_base = y_ptr + n.to(tl.int64) * syn + c.to(tl.int64) * syc
+    if PACKED:
+        pack = BM // HO
+        n_grp = tl.cdiv(N, pack)
+        j0 = (pid % n_tw) * BN
+        r = pid // n_tw
+        g = r % n_grp
+        c = r // n_grp
+        i0 = 0
+        pm = tl.arange(0, BM) // HO
+        offs_m = tl.arange(0, BM) % HO
+        nrow = g * pack + pm
+        mvalid = (pm < pack) & (nrow < N)
+        x_base = xp_ptr + ((nrow * C + c).to(tl.int64) * sxp)[:, None]
+        y_base = y_ptr + (nrow.to(tl.int64) * syn + c.to(tl.int64) * syc)[:, None]
+    else:
+        n_tiles = tl.cdiv(HO, BM) * n_tw
+        tile = pid % n_tiles
+        plane = pid // n_tiles
+        n = plane // C
+        c = plane % C
+        i0 = (tile // n_tw) * BM
+        j0 = (tile % n_tw) * BN
+        offs_m = i0 + tl.arange(0, BM)
+        mvalid = offs_m < HO
+        x_base = xp_ptr + plane.to(tl.int64) * sxp
+        y_base = y_ptr + n.to(tl.int64) * syn + c.to(tl.int64) * syc
     t_base = t_ptr + c.to(tl.int64) * KH * LB * BN
 
-    offs_m = i0 + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
 
     i_last = tl.minimum(i0 + BM, HO) - 1
@@ -404,7 +424,7 @@ def dwconv_forward_aligned_kernel(
             rows = rows.to(tl.int64)
         a = tl.load(
             x_base + rows * WP + cols[None, :],
-            mask=(rows >= 0) & (rows < H) & (khmask & (cols < WP))[None, :],
+            mask=(rows >= 0) & (rows < H) & mvalid[:, None] & (khmask & (cols < WP))[None, :],
             other=0.0,
         )
         t = tl.load(
@@ -428,7 +448,7 @@ def dwconv_forward_aligned_kernel(
     tl.store(
         y_base + orows[:, None] * syh + ocols[None, :] * syw,
         acc.to(y_ptr.dtype.element_ty),
-        mask=(offs_m < HO)[:, None] & ((j0 + offs_n) < WO)[None, :],
+        mask=mvalid[:, None] & ((j0 + offs_n) < WO)[None, :],
     )
 
 

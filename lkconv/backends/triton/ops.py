@@ -67,7 +67,7 @@ BAND_BN = 16
 # padding changes), geometry, layout (Triton's autotuner adds the dtypes)
 _CONV_KEY = ["KH", "KW", "H", "W", "HO", "WO", "SH", "SW", "DH", "DW", "PLANE_FAST"]
 _GRAD_WEIGHT_KEY = ["KH", "KW", "H", "W", "SH", "SW", "DH", "DW"]
-_ALIGNED_CONV_KEY = ["KH", "LB", "H", "W", "HO", "WO", "SH", "SW", "DH"]
+_ALIGNED_CONV_KEY = ["KH", "LB", "H", "W", "HO", "WO", "SH", "SW", "DH", "PACKED"]
 _ALIGNED_GRAD_WEIGHT_KEY = ["KH", "KW", "H", "WP", "HO", "WO", "SH", "SW", "DH", "DW", "BKH", "NA"]
 
 
@@ -109,12 +109,25 @@ def _aligned_grad_weight_configs():
 
 
 def _prune_aligned_conv(configs, named_args, **kwargs):
-    """Aligned forward/grad_input: drop configs whose BM exceeds the output plane's rows rounded up
-    to a power of two (keep the smallest if none is left)."""
+    """Aligned forward/grad_input: packed (small planes): keep the configs whose tile holds at least
+    two planes; otherwise drop those whose BM exceeds the output rows rounded up to a power of two
+    (keep the smallest if none is left)."""
     rows = int(named_args["HO"])
+    if kwargs.get("PACKED", named_args.get("PACKED")):
+        kept = [c for c in configs if c.kwargs["BM"] >= 2 * rows]
+        return kept or [max(configs, key=lambda c: c.kwargs["BM"])]
     bm_cap = max(16, triton.next_power_of_2(max(rows, 1)))
     kept = [c for c in configs if c.kwargs["BM"] <= bm_cap]
     return kept or [min(configs, key=lambda c: c.kwargs["BM"])]
+
+
+#: output rows up to which the aligned forward packs whole planes of one channel into a tile
+PACK_MAX_ROWS = 32
+
+
+def _packed(n: int, ho: int, bm_max: int) -> bool:
+    """Pack planes when at least two images and at least two planes fit the largest tile."""
+    return n >= 2 and 2 * ho <= min(bm_max, 2 * PACK_MAX_ROWS)
 
 
 #: False: launch one default configuration instead of autotuning (GPU correctness tests use it to
@@ -318,20 +331,29 @@ def _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl):
     xp, pl16, lbord, wp = _aligned_input(x, pl)
     band, lb = _toeplitz_band(weight, flip, stride[1], dilation[1])
     NC = N * C
+    if INTERPRETED:
+        bm_max = _INTERP_ALIGNED_CONV["BM"]
+    elif AUTOTUNE:
+        bm_max = max(c[0] for c in _ALIGNED_CONV_CONFIGS)
+    else:
+        bm_max = 64
+    packed = _packed(N, HO, bm_max)
 
     def grid(m):
+        if packed:
+            return (triton.cdiv(WO, BAND_BN) * triton.cdiv(N, m["BM"] // HO) * C,)
         return (triton.cdiv(HO, m["BM"]) * triton.cdiv(WO, BAND_BN) * NC,)
 
     args = (
         xp, band, bias if bias is not None else band, out,
-        C, H, W, wp, HO, WO,
+        N, C, H, W, wp, HO, WO,
         H * wp, *out.stride(),
         pt, pl16, lbord,
         KH, lb,
     )
     kwargs = dict(
         SH=stride[0], SW=stride[1], DH=dilation[0],
-        HAS_BIAS=bias is not None, BIG=_big(xp, out),
+        HAS_BIAS=bias is not None, BIG=_big(xp, out), PACKED=packed,
         PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), BN=BAND_BN,
     )
     base = K.dwconv_forward_aligned_kernel
@@ -341,7 +363,7 @@ def _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl):
         elif AUTOTUNE:
             _forward_aligned_tuned[grid](*args, **kwargs)
         else:
-            bm = min(64, max(16, triton.next_power_of_2(max(HO, 1))))
+            bm = 64 if packed else min(64, max(16, triton.next_power_of_2(max(HO, 1))))
             base[grid](*args, **kwargs, BM=bm, BK=16, KHB=8, num_warps=4, num_stages=3)
     return out
 
