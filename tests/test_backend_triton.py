@@ -384,6 +384,13 @@ def test_packing_decision():
     assert not tops._packed(1, 7, 64)  # one image: nothing to pack
     assert not tops._packed(64, 56, 128)  # large planes: tiles of one plane
     assert not tops._packed(8, 9, 16)  # two planes do not fit the tile
+    # the non-autotuned defaults are configs of the list (so the interpreter runs them) and a packed
+    # default holds at least two planes
+    for ho in (1, 5, 7, 8, 9, 14, 16, 17, 28, 32, 33, 56, 200):
+        for packed in (False, True) if ho <= tops.PACK_MAX_ROWS else (False,):
+            cfg = tops._default_aligned_conv(ho, packed)
+            assert cfg in tops._ALIGNED_CONV_CONFIGS, (ho, packed, cfg)
+            assert not packed or cfg[0] >= 2 * ho, (ho, cfg)
 
 
 def test_aligned_input_copy_layout():

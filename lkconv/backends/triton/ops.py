@@ -320,6 +320,17 @@ def _conv(x, wflat, bias, out, KH, KW, stride, dilation, pt, pl):
     return out
 
 
+def _default_aligned_conv(ho: int, packed: bool):
+    """The non-autotuned config per shape class, the one the static model ranks best
+    (docs/triton_backend.md, modelled table): packed planes of <= 8 rows: 128-row tiles; other packed
+    planes: 64 rows, 8 kernel rows per dot; large planes: 64 rows, 16 kernel rows per dot; planes of
+    one image with <= 32 rows: a tile sized to the plane."""
+    if packed:
+        return (128, 16, 8, 8, 3) if ho <= 8 else (64, 16, 8, 4, 3)
+    bm = min(64, max(16, triton.next_power_of_2(max(ho, 1))))
+    return {16: (16, 16, 4, 2, 2), 32: (32, 16, 4, 4, 3)}.get(bm, (64, 16, 16, 4, 2))
+
+
 def _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl):
     """out = the Toeplitz convolution of x with (flipped) weight and signed offsets (pt, pl), by the
     aligned forward kernel (an aligned copy of x, a precomputed band)."""
@@ -333,10 +344,8 @@ def _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl):
     NC = N * C
     if INTERPRETED:
         bm_max = _INTERP_ALIGNED_CONV["BM"]
-    elif AUTOTUNE:
+    else:  # autotuned or the per-shape-class defaults: the largest tile is 128 rows either way
         bm_max = max(c[0] for c in _ALIGNED_CONV_CONFIGS)
-    else:
-        bm_max = 64
     packed = _packed(N, HO, bm_max)
 
     def grid(m):
@@ -363,8 +372,8 @@ def _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl):
         elif AUTOTUNE:
             _forward_aligned_tuned[grid](*args, **kwargs)
         else:
-            bm = 64 if packed else min(64, max(16, triton.next_power_of_2(max(HO, 1))))
-            base[grid](*args, **kwargs, BM=bm, BK=16, KHB=8, num_warps=4, num_stages=3)
+            bm, bk, khb, warps, stages = _default_aligned_conv(HO, packed)
+            base[grid](*args, **kwargs, BM=bm, BK=bk, KHB=khb, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -516,6 +525,6 @@ def _grad_weight_aligned(grad_out, x, C, KH, KW, p):
         elif AUTOTUNE:
             _grad_weight_aligned_tuned[grid](*args, **kwargs)
         else:
-            base[grid](*args, **kwargs, BKC=32, R=2, num_warps=4, num_stages=3)
+            base[grid](*args, **kwargs, BKC=32, R=4, num_warps=4, num_stages=3)
     # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
     return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
