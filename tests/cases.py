@@ -163,6 +163,12 @@ TRITON_CPU_CASES = _table(
     Case('noncontig-slice', (2, 4, 10, 10), (5, 5), padding=2, bias=True, layout='sliced'),
     Case('batch0', (0, 3, 8, 8), (3, 3), padding=1),
     Case('batch1-C1', (1, 1, 7, 7), (7, 7), padding=3),
+    # small planes of several images: the aligned forward packs whole planes of one channel into a
+    # tile (under the interpreter's BM = 16: output planes of <= 8 rows, N >= 2); N = 3 leaves a
+    # partial group, K > H
+    Case('packed-7x7-k13', (3, 2, 7, 7), (13, 13), padding=6, bias=True),
+    Case('packed-5x6-k31-cl', (4, 3, 5, 6), (31, 31), padding=15, layout='channels_last'),
+    Case('packed-stride2', (3, 2, 13, 11), (5, 3), stride=2, padding=(2, 1)),
 )
 
 #: realistic shapes for the Triton kernels on a GPU (RepLKNet-31B-like layers, batch 2)

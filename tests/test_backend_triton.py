@@ -64,6 +64,7 @@ def needs_cuda_kernels(f):
 CPU_16BIT = [
     "k3-bias", "k13-same", "k31-gt-H", "k31-partial", "k63", "even-rect-6x8-same", "rect-31x5",
     "pad-gt-kernel", "stride2-partial", "stride2-dil2", "channels_last-stride2", "noncontig-slice", "batch0",
+    "packed-7x7-k13", "packed-5x6-k31-cl",
 ]
 CPU_PARAMS = [(c, "fp32") for c in CPU_CASES] + [(c, d) for d in ("fp16", "bf16") for c in CPU_16BIT]
 
@@ -164,6 +165,71 @@ def test_cuda_double_backward(one_config):
 
 
 @needs_cuda_kernels
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", ["c32-56-k31", "c32-56-k31-cl", "c32-56-k31-slice", "c32-56-k7-s2", "c256-7-k13"])
+def test_cuda_strided_kernels(case, dtype, one_config, monkeypatch):
+    """The strided (v1) kernels, ALIGNED = False (the aligned ones are the default that
+    test_cuda_all_passes runs): both paths against the fp64 reference on the same cases."""
+    from lkconv.backends.triton import ops as tops
+
+    monkeypatch.setattr(tops, "ALIGNED", False)
+    run_case(CUDA_CASES[case], DTYPES[dtype], "cuda")
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cuda_aligned_vs_strided_agree(dtype, one_config, monkeypatch):
+    """Aligned (fast) and strided (generic) kernels on one layer: each pass of the two within the
+    tolerance rule of each other's distance to the reference (both checked against it above), and
+    grad_weight bitwise reproducible on the aligned path."""
+    from lkconv.backends.triton import ops as tops
+
+    torch.manual_seed(0)
+    dt = DTYPES[dtype]
+    x = torch.randn(2, 32, 56, 56, device="cuda", dtype=dt)
+    w = torch.randn(32, 1, 31, 31, device="cuda", dtype=dt)
+    p = normalize_params(1, 15, 1, (31, 31))
+    be = get_backend("triton")
+    outs = {}
+    for aligned in (True, False):
+        monkeypatch.setattr(tops, "ALIGNED", aligned)
+        y = be.forward(x, w, None, p)
+        outs[aligned] = (y, be.grad_input(y, w, x.shape, p), be.grad_weight(y, x, w.shape, p))
+    for a, b in zip(outs[True], outs[False]):
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 0.05 * scale, dtype
+    monkeypatch.setattr(tops, "ALIGNED", True)
+    assert torch.equal(be.grad_weight(outs[True][0], x, w.shape, p), outs[True][2])
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "strided"])
+@pytest.mark.parametrize("case", ["c32-56-k31", "c256-7-k13", "c32-56-k7-s2"])
+def test_cuda_fp32_tf32_path(case, aligned, one_config, monkeypatch):
+    """fp32 with TF32 allowed (PyTorch's default; compare_all_passes runs with TF32 off, i.e. the
+    IEEE path): every pass against the fp64 reference under the fp16 rule (TF32 keeps a 10-bit
+    mantissa like fp16, and accumulates in fp32), with PyTorch's fp16 result as the dtype term."""
+    from lkconv.backends.triton import ops as tops
+    from lkconv.testing import _torch_d_all_passes, reference_all_passes, tf32, tolerance
+
+    monkeypatch.setattr(tops, "ALIGNED", aligned)
+    c = CUDA_CASES[case]
+    x, w, b = make_inputs(c, torch.float32, "cuda")
+    p = normalize_params(c.get("stride", 1), c.get("padding", 0), c.get("dilation", 1), c["k"])
+    be = get_backend("triton")
+    HO, WO = p.out_size(x.shape[2], x.shape[3], *c["k"])
+    g = torch.randn(x.shape[0], x.shape[1], HO, WO, device="cuda")
+    refs = reference_all_passes(x, w, b, p, g)[:3]
+    t16 = _torch_d_all_passes(x.half(), w.half(), None if b is None else b.half(), p, g.half())
+    with tf32(True):
+        assert tops._precision(torch.float32) == "tf32"
+        ours = (be.forward(x, w, b, p), be.grad_input(g, w, x.shape, p), be.grad_weight(g, x, w.shape, p))
+    for name, o, r, d in zip(("forward", "grad_input", "grad_weight"), ours, refs, t16):
+        err = (o.double().cpu() - r).abs().max().item()
+        assert err <= tolerance(r, d, torch.float16), (name, err)
+
+
+@needs_cuda_kernels
 @pytest.mark.parametrize("case", ["c32-56-k31", "c256-7-k13"])
 def test_cuda_autotuned(case):
     run_case(CUDA_CASES[case], torch.float16, "cuda")
@@ -184,9 +250,122 @@ def test_cpu_interpreter_other_tile_configs(name, monkeypatch):
     from lkconv.backends.triton import ops as tops
 
     conv, grad_weight_bk, case, dtype = OTHER_TILES[name]
+    monkeypatch.setattr(tops, "ALIGNED", False)  # these are the strided (v1) kernels' tiles
     monkeypatch.setattr(tops, "_INTERP_CONV", conv)
     monkeypatch.setattr(tops, "_INTERP_GRAD_WEIGHT_BK", grad_weight_bk)
     run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
+
+
+# the strided (v1) kernels, ALIGNED = False: a spread of geometries and all three dtypes
+V1_CASES = [
+    ("k31-partial", "fp16"), ("stride2-partial", "fp32"), ("channels_last-k31", "fp32"),
+    ("dil-2x3-same", "bf16"), ("pad-gt-kernel", "fp32"), ("noncontig-slice", "fp16"),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case,dtype", V1_CASES, ids=[f"{c}-{d}" for c, d in V1_CASES])
+def test_cpu_interpreter_strided_kernels(case, dtype, monkeypatch):
+    from lkconv.backends.triton import ops as tops
+
+    monkeypatch.setattr(tops, "ALIGNED", False)
+    run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
+
+
+# every GPU autotune config of the aligned kernels, run by the interpreter (small shapes; a config's
+# tiles may exceed the plane: the masks must still hold)
+def _aligned_conv_ids():
+    from lkconv.backends.triton import ops as tops
+
+    return [f"BM{bm}-BK{bk}-KHB{khb}" for bm, bk, khb, _, _ in tops._ALIGNED_CONV_CONFIGS]
+
+
+def _aligned_grad_weight_ids():
+    from lkconv.backends.triton import ops as tops
+
+    return [f"BKC{bkc}-R{r}" for bkc, r, _, _ in tops._ALIGNED_GRAD_WEIGHT_CONFIGS]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("idx", range(5), ids=lambda i: f"conv{i}")
+def test_cpu_interpreter_aligned_autotune_configs(idx, monkeypatch):
+    """Each (forward / grad_input, grad_weight) autotune config of the aligned kernels, against the
+    fp64 reference: conv config idx, and grad_weight config idx (mod their count)."""
+    from lkconv.backends.triton import ops as tops
+
+    assert len(tops._ALIGNED_CONV_CONFIGS) == 5, "update the parametrisation: every config must run here"
+    bm, bk, khb, _, _ = tops._ALIGNED_CONV_CONFIGS[idx]
+    bkc, r, _, _ = tops._ALIGNED_GRAD_WEIGHT_CONFIGS[idx % len(tops._ALIGNED_GRAD_WEIGHT_CONFIGS)]
+    assert r <= tops._GRAD_WEIGHT_RS and tops._GRAD_WEIGHT_RS % r == 0
+    monkeypatch.setattr(tops, "_INTERP_ALIGNED_CONV", dict(BM=bm, BK=bk, KHB=khb))
+    monkeypatch.setattr(tops, "_INTERP_ALIGNED_GRAD_WEIGHT", dict(BKC=bkc, R=r))
+    case = ["k31-partial", "stride2-partial", "dil-2x3-same", "even-rect-6x8-same", "channels_last-k31"][idx]
+    dtype = ["fp16", "fp32", "bf16", "fp32", "fp16"][idx]
+    run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("idx", range(5), ids=lambda i: f"conv{i}")
+def test_cpu_interpreter_aligned_autotune_configs_packed(idx, monkeypatch):
+    """Each forward / grad_input config of the aligned kernel on packed small planes (BM // 7 planes
+    per tile, a partial last group)."""
+    from lkconv.backends.triton import ops as tops
+
+    bm, bk, khb, _, _ = tops._ALIGNED_CONV_CONFIGS[idx]
+    monkeypatch.setattr(tops, "_INTERP_ALIGNED_CONV", dict(BM=bm, BK=bk, KHB=khb))
+    assert tops._packed(3, 7, bm)
+    run_case(CPU_CASES["packed-7x7-k13"], DTYPES[["fp32", "fp16", "bf16", "fp32", "fp16"][idx]], "cpu")
+
+
+def test_packing_decision():
+    from lkconv.backends.triton import ops as tops
+
+    assert tops._packed(2, 7, 16) and tops._packed(64, 28, 128) and tops._packed(64, 32, 64)
+    assert not tops._packed(1, 7, 64)  # one image: nothing to pack
+    assert not tops._packed(64, 56, 128)  # large planes: tiles of one plane
+    assert not tops._packed(8, 9, 16)  # two planes do not fit the tile
+    # the non-autotuned defaults are configs of the list (so the interpreter runs them) and a packed
+    # default holds at least two planes
+    for ho in (1, 5, 7, 8, 9, 14, 16, 17, 28, 32, 33, 56, 200):
+        for packed in (False, True) if ho <= tops.PACK_MAX_ROWS else (False,):
+            cfg = tops._default_aligned_conv(ho, packed)
+            assert cfg in tops._ALIGNED_CONV_CONFIGS, (ho, packed, cfg)
+            assert not packed or cfg[0] >= 2 * ho, (ho, cfg)
+
+
+def test_aligned_input_copy_layout():
+    """The aligned copy: LBORD = pl mod 16 zero columns, the input, zeros up to WP (a multiple of 16);
+    PL16 = pl - LBORD a multiple of 16 (negative pl included: grad_input's signed offsets)."""
+    from lkconv.backends.triton import ops as tops
+
+    x = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)
+    for pl in (0, 3, 15, 16, 31, -1, -17):
+        xp, pl16, lbord, wp = tops._aligned_input(x, pl)
+        assert xp.is_contiguous() and xp.shape == (2, 3, 5, wp)
+        assert wp % 16 == 0 and pl16 % 16 == 0 and 0 <= lbord < 16 and pl16 + lbord == pl
+        assert wp - 7 <= 30
+        assert torch.equal(xp[..., lbord:lbord + 7], x)
+        assert not xp[..., :lbord].any() and not xp[..., lbord + 7:].any()
+
+
+@pytest.mark.parametrize("sw,dw,flip", [(1, 1, False), (2, 1, False), (1, 3, True), (3, 2, False)])
+def test_toeplitz_band_matches_definition(sw, dw, flip):
+    """band[c, kh, r, n] = f[c, kh, (r - n*sw)/dw] where integral and in range, else exactly 0 (an Inf
+    in the filter does not leak into the zeros)."""
+    from lkconv.backends.triton import ops as tops
+
+    w = torch.randn(2, 1, 3, 5)
+    w[1, 0, 2, 4] = float("inf")
+    band, lb = tops._toeplitz_band(w, flip, sw, dw)
+    f = w.flip(2, 3) if flip else w
+    assert band.shape == (2, 3, lb, 16) and lb % 16 == 0 and lb >= 15 * sw + 4 * dw + 1
+    for r in range(lb):
+        for n in range(16):
+            d = r - n * sw
+            if d >= 0 and d % dw == 0 and d // dw < 5:
+                assert torch.equal(band[:, :, r, n], f[:, 0, :, d // dw])
+            else:
+                assert not band[:, :, r, n].any()
 
 
 @needs_interpreter
@@ -240,6 +419,7 @@ def test_cpu_interpreter_channels_last_copy_strategy(case, monkeypatch):
     """The alternative channels_last strategy (one explicit NCHW copy of the input) is exact too."""
     from lkconv.backends.triton import ops as tops
 
+    monkeypatch.setattr(tops, "ALIGNED", False)  # the aligned kernels always read their own copy
     monkeypatch.setattr(tops, "CHANNELS_LAST_INPUT", "copy")
     run_case(CPU_CASES[case], torch.float16, "cpu")
 
@@ -467,3 +647,86 @@ def test_kernels_compile_for_sm90_and_sm80_without_a_gpu():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "COMPILED" in out.stdout, (out.stdout + out.stderr)[-3000:]
+
+
+_ALIGNED_SASS_CHECK = textwrap.dedent(
+    r"""
+    import os, re, subprocess, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from lkconv.backends.triton import kernels as K
+    BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+    def compile_rt(fn, vals, consts, arch, warps, stages):
+        # Triton's runtime specialisation: ints equal to 1 become constants, ints and pointers that
+        # are multiples of 16 get tt.divisibility=16
+        sig, cx, attrs = {}, dict(consts), {}
+        for i, n in enumerate(fn.arg_names):
+            if n in cx:
+                sig[n] = "constexpr"
+                continue
+            v = vals[n]
+            if isinstance(v, str):
+                sig[n] = "*" + v
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif v == 1:
+                sig[n] = "constexpr"
+                cx[n] = 1
+            else:
+                sig[n] = "i32"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        ck = triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=warps, num_stages=stages))
+        path = os.path.join(sys.argv[1], f"{fn.__name__}_{arch}.cubin")
+        open(path, "wb").write(ck.asm["cubin"])
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        return sass, res
+
+    # the RepLKNet 56x56, K = 31 layer (N=64, C=128), bf16, the default (non-autotuned) tiles
+    C, H = 128, 56
+    fwd = dict(xp_ptr="bf16", t_ptr="bf16", b_ptr="bf16", y_ptr="bf16", N=64, C=C, H=H, W=H, WP=80, HO=H, WO=H,
+               sxp=H * 80, syn=C * H * H, syc=H * H, syh=H, syw=1, PT=15, PL16=0, LBORD=15, KH=31, LB=48)
+    gw = dict(xp_ptr="bf16", g_ptr="bf16", ws_ptr="fp32", C=C, H=H, WP=80, HO=H, WO=H, SGROUPS=64 * 14,
+              SG_PER_SPLIT=100, sxp=H * 80, sgn=C * H * H, sgc=H * H, sgh=H, sgw=1, PT=15, PL16=0, KH=31, KW=31)
+    for arch in (90, 80):
+        sass, res = compile_rt(K.dwconv_forward_aligned_kernel, fwd, dict(
+            SH=1, SW=1, DH=1, HAS_BIAS=False, BIG=False, PACKED=False, PREC=None, UPCAST=False, BM=64, BN=16, BK=16,
+            KHB=8), arch, 4, 3)
+        assert "LOCAL:0" in res, res
+        assert re.search(r"LDGSTS\.E\.(BYPASS\.)?(LTC128B\.)?128", sass), "forward: no 16-byte cp.async"
+        assert "LDG.E.U16" not in sass, "forward: a scalar 2-byte global load is left"
+        assert ("HGMMA.64x16x16" if arch == 90 else "HMMA.16816") in sass, arch
+        sass, res = compile_rt(K.dwconv_grad_weight_aligned_kernel, gw, dict(
+            SH=1, SW=1, DH=1, DW=1, BIG=False, PREC=None, UPCAST=False, BKH=32, NA=2, RS=4, BKC=32, R=2), arch, 4, 3)
+        assert "LOCAL:0" in res, res
+        assert re.search(r"LDGSTS\.E\.(BYPASS\.)?(LTC128B\.)?128", sass), "grad_weight: no 16-byte cp.async of x"
+        assert ("HGMMA.64x16x16" if arch == 90 else "HMMA.16816") in sass, arch
+    # packed small planes (7x7, K = 13, C = 1024): 9 planes per 64-row tile
+    fwd7 = dict(fwd, C=1024, H=7, W=7, WP=16, HO=7, WO=7, sxp=7 * 16, syn=1024 * 49, syc=49, syh=7, PT=6,
+                LBORD=6, KH=13, LB=32)
+    sass, res = compile_rt(K.dwconv_forward_aligned_kernel, fwd7, dict(
+        SH=1, SW=1, DH=1, HAS_BIAS=False, BIG=False, PACKED=True, PREC=None, UPCAST=False, BM=64, BN=16, BK=16,
+        KHB=8), 90, 4, 3)
+    assert "LOCAL:0" in res, res
+    assert re.search(r"LDGSTS\.E\.(BYPASS\.)?128", sass) and "LDG.E.U16" not in sass, "packed forward loads"
+    assert "HGMMA.64x16x16" in sass
+    print("SASS OK")
+    """
+)
+
+
+@pytest.mark.skipif(not _nvidia_backend_present(), reason="triton's NVIDIA backend (ptxas) is not installed")
+def test_aligned_kernels_sass_vector_loads_and_mma(tmp_path):
+    """The aligned kernels, compiled for sm_90 and sm_80 with the runtime's specialisation (no GPU):
+    16-byte cp.async loads of the input and band (no scalar 2-byte loads left in the forward),
+    wgmma on sm_90 (grad_weight with GEMM-M = 64 included), mma.sync on sm_80, no spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _ALIGNED_SASS_CHECK, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "SASS OK" in out.stdout, (out.stdout + out.stderr)[-3000:]

@@ -318,3 +318,241 @@ def dwconv_grad_weight_kernel(
         acc,
         mask=(offs_h < KH)[:, None] & kwmask,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# aligned variants (the default path): the input is read from a zero-bordered, aligned copy and the
+# Toeplitz operand from a precomputed band, so every operand load is contiguous and provably aligned
+# ------------------------------------------------------------------------------------------------
+#: column alignment (elements) of the aligned input copy and of every chunk start
+ALIGN = 16
+
+
+@triton.jit
+def dwconv_forward_aligned_kernel(
+    xp_ptr, t_ptr, b_ptr, y_ptr,
+    N, C, H, W, WP, HO, WO,
+    sxp,
+    syn, syc, syh, syw,
+    PT, PL16, LBORD,
+    KH, LB,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIG: tl.constexpr, PACKED: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KHB: tl.constexpr,
+):
+    """Forward (and grad_input at stride 1) from aligned operands.
+
+    ``xp`` is the input as contiguous planes ``[N*C, H, WP]`` with every row shifted right by
+    ``LBORD = PL mod 16`` zero columns and zero-filled up to ``WP`` (a multiple of 16): input column
+    ``x`` of the original is column ``x + LBORD`` of ``xp``, so the first input column a tile needs,
+    ``j0*SW - PL``, sits at ``j0*SW - PL16`` (``PL16 = PL - LBORD``, a multiple of 16) -- a multiple
+    of 16 for every tile.  ``t`` is the Toeplitz band ``[C, KH, LB, BN]``, ``t[c, kh, r, n] =
+    f[c, kh, (r - n*SW) / DW]`` (zero where not integral or outside ``[0, KW)``; the dilation is in
+    the band, not in the kernel), ``LB`` = the tile's input-column span rounded up to 16.  Per
+    (kernel row, column chunk) the kernel loads ``A = xp[rows, s + k0 : s + k0 + BK]`` and ``T =
+    t[c, kh, k0 : k0 + BK, :]``: both contiguous along their fast axis, masks constant over 16
+    elements, so they compile to 16-byte vector loads (cp.async when pipelined).  The mathematics is
+    the one of :func:`dwconv_forward_kernel`.
+
+    One dot covers ``KHB`` kernel rows: GEMM-K = ``KHB * BK`` with ``k = (kernel row - kh, column
+    k0 + k % BK)``, i.e. ``Y += [X_kh | X_kh+1 | ...] @ [T_kh; T_kh+1; ...]`` -- fewer, larger dots
+    (the per-iteration overhead is paid once per ``KHB`` kernel rows); kernel rows past the tile's
+    last useful one are masked (zeros).
+
+    ``PACKED`` (small planes, ``2*HO <= BM``): one tile holds ``BM // HO`` whole output planes of
+    the same channel (consecutive images ``n``) stacked along GEMM-M -- the filter band is the same
+    for all of them, so they share every ``T``; tile row ``m`` is output row ``m % HO`` of image
+    ``g*pack + m // HO``."""
+    pid = tl.program_id(0)
+    n_tw = tl.cdiv(WO, BN)
+    if PACKED:
+        pack = BM // HO
+        n_grp = tl.cdiv(N, pack)
+        j0 = (pid % n_tw) * BN
+        r = pid // n_tw
+        g = r % n_grp
+        c = r // n_grp
+        i0 = 0
+        pm = tl.arange(0, BM) // HO
+        offs_m = tl.arange(0, BM) % HO
+        nrow = g * pack + pm
+        mvalid = (pm < pack) & (nrow < N)
+        x_base = xp_ptr + ((nrow * C + c).to(tl.int64) * sxp)[:, None]
+        y_base = y_ptr + (nrow.to(tl.int64) * syn + c.to(tl.int64) * syc)[:, None]
+    else:
+        n_tiles = tl.cdiv(HO, BM) * n_tw
+        tile = pid % n_tiles
+        plane = pid // n_tiles
+        n = plane // C
+        c = plane % C
+        i0 = (tile // n_tw) * BM
+        j0 = (tile % n_tw) * BN
+        offs_m = i0 + tl.arange(0, BM)
+        mvalid = offs_m < HO
+        x_base = xp_ptr + plane.to(tl.int64) * sxp
+        y_base = y_ptr + n.to(tl.int64) * syn + c.to(tl.int64) * syc
+    t_base = t_ptr + c.to(tl.int64) * KH * LB * BN
+
+    offs_n = tl.arange(0, BN)
+
+    i_last = tl.minimum(i0 + BM, HO) - 1
+    kh_lo = (tl.maximum(PT - i_last * SH, 0) + DH - 1) // DH
+    kh_hi = tl.minimum((tl.maximum(H - 1 + PT - i0 * SH, -1) + DH) // DH, KH)
+    # padded column of the tile's first input column (a multiple of 16), and the band rows that
+    # meet real input, the start rounded down to 16 so every chunk starts aligned
+    s = j0 * SW - PL16
+    k_lo = (tl.maximum(LBORD - s, 0) // 16) * 16
+    k_hi = tl.minimum(LBORD + W - s, LB)
+    n_chunks = (tl.maximum(k_hi - k_lo, 0) + BK - 1) // BK
+    n_iter = ((tl.maximum(kh_hi - kh_lo, 0) + KHB - 1) // KHB) * n_chunks
+
+    offs_kk = tl.arange(0, KHB * BK)
+    sub = offs_kk // BK  # kernel row within the group
+    kcol = offs_kk % BK  # column within the chunk
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # (kernel row group, chunk) carried as counters: no integer division in the loop
+    khg = kh_lo
+    ch = 0
+    for it in range(0, n_iter):
+        kh = khg + sub
+        khmask = kh < kh_hi
+        kk = k_lo + ch * BK + kcol
+        rows = offs_m[:, None] * SH + (kh * DH - PT)[None, :]
+        cols = s + kk
+        if BIG:
+            rows = rows.to(tl.int64)
+        a = tl.load(
+            x_base + rows * WP + cols[None, :],
+            mask=(rows >= 0) & (rows < H) & mvalid[:, None] & (khmask & (cols < WP))[None, :],
+            other=0.0,
+        )
+        t = tl.load(
+            t_base + (kh * LB + kk)[:, None] * BN + offs_n[None, :],
+            mask=(khmask & (kk < LB))[:, None],
+            other=0.0,
+        )
+        acc = _mma(a, t, acc, PREC, UPCAST)
+        ch += 1
+        wrap = ch == n_chunks
+        khg = tl.where(wrap, khg + KHB, khg)
+        ch = tl.where(wrap, 0, ch)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    ocols = j0 + offs_n
+    orows = offs_m
+    if BIG:
+        ocols = ocols.to(tl.int64)
+        orows = orows.to(tl.int64)
+    tl.store(
+        y_base + orows[:, None] * syh + ocols[None, :] * syw,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mvalid[:, None] & ((j0 + offs_n) < WO)[None, :],
+    )
+
+
+@triton.jit
+def dwconv_grad_weight_aligned_kernel(
+    xp_ptr, g_ptr, ws_ptr,
+    C, H, WP, HO, WO, SGROUPS, SG_PER_SPLIT,
+    sxp,
+    sgn, sgc, sgh, sgw,
+    PT, PL16,
+    KH, KW,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BIG: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BKH: tl.constexpr, NA: tl.constexpr, RS: tl.constexpr, BKC: tl.constexpr, R: tl.constexpr,
+):
+    """fp32 partial grad_weight of one (channel, kernel block, split of the N*HO rows), with GEMM-M =
+    ``BKH * NA`` (kernel rows x column groups of 16) so that K = 17..32 gives M = 64.
+
+    With ``kw = kw0 + 16*a + b`` (``a < NA``, ``b < 16``) and ``u = j*SW + b*DW`` the padded column
+    of ``xp`` (layout of :func:`dwconv_forward_aligned_kernel`) is ``u + (kw0 + 16*a)*DW - PL16``, so::
+
+        dW[kh, kw0 + 16a + b] = sum_{q, u} A[(a, kh), (q, u)] * B[(q, u), b]
+        A[(a, kh), (q, u)] = xp[q's row i*SH + kh*DH - PT, u + (kw0 + 16a)*DW - PL16]
+        B[(q, u), b]       = g[q, (u - b*DW) / SW]     (zero where not integral or outside [0, WO))
+
+    A is a set of contiguous, 16-aligned row segments of the input (vector loads); B, the Toeplitz
+    side, is a 16-column gather of grad_out (half the gather per MAC of a 32-column one).  One dot
+    reduces ``R`` output rows of one image (each ``BKC`` columns ``u``): GEMM-K = ``R * BKC``.
+    The output rows of each image are cut into super-groups of ``RS`` rows (``RS`` a multiple of
+    every tuned ``R``, so the split does not depend on the config); the ``N * cdiv(HO, RS)``
+    super-groups are split into contiguous ranges of ``SG_PER_SPLIT``, one per program (fp32
+    partials ``ws[split]``, summed in a fixed order by the launcher)."""
+    tl.static_assert(RS % R == 0)
+    BM: tl.constexpr = BKH * NA
+    BK: tl.constexpr = R * BKC
+    pid = tl.program_id(0)
+    n_khb = tl.cdiv(KH, BKH)
+    n_kwb = tl.cdiv(KW, 16 * NA)
+    c = pid % C
+    r = pid // C
+    kwb = r % n_kwb
+    r = r // n_kwb
+    khb = r % n_khb
+    s = r // n_khb
+    kh0 = khb * BKH
+    kw0 = kwb * (16 * NA)
+
+    offs_m = tl.arange(0, BM)
+    am = offs_m // BKH
+    kh = kh0 + offs_m % BKH
+    shift = (kw0 + 16 * am) * DW - PL16  # a multiple of 16 when PL16 is
+    mmask = (kh < KH) & (kw0 + 16 * am < KW)
+    offs_k = tl.arange(0, BK)
+    kr = offs_k // BKC
+    ku = offs_k % BKC
+    offs_b = tl.arange(0, 16)
+
+    # u = j*SW + b*DW over j < WO, b < 16
+    n_chunks = ((WO - 1) * SW + 15 * DW + 1 + BKC - 1) // BKC
+    n_sg = (HO + RS - 1) // RS  # super-groups per image
+    hop = n_sg * RS  # rows per image including the masked tail of the last super-group
+    g_lo = s * SG_PER_SPLIT
+    g_hi = tl.minimum(g_lo + SG_PER_SPLIT, SGROUPS)
+    n_iter = tl.maximum(g_hi - g_lo, 0) * (RS // R) * n_chunks
+    c64 = c.to(tl.int64)
+    acc = tl.zeros((BM, 16), dtype=tl.float32)
+    # (image, first row of the group, column chunk) carried as counters: no division in the loop
+    n = g_lo // n_sg
+    i0 = (g_lo % n_sg) * RS
+    ch = 0
+    for it in range(0, n_iter):
+        i = i0 + kr
+        qmask = i < HO
+        u = ch * BKC + ku
+        rows = i[None, :] * SH + (kh * DH - PT)[:, None]
+        cols = u[None, :] + shift[:, None]
+        amask = (rows >= 0) & (rows < H) & mmask[:, None] & qmask[None, :] & (cols >= 0) & (cols < WP)
+        x_base = xp_ptr + (n * C + c).to(tl.int64) * sxp
+        if BIG:
+            rows = rows.to(tl.int64)
+        a = tl.load(x_base + rows * WP + cols, mask=amask, other=0.0)
+        d = u[:, None] - offs_b[None, :] * DW  # = j * SW
+        if SW == 1:
+            jj = d
+            bmask = (d >= 0) & (d < WO)
+        else:
+            jj = d // SW
+            bmask = (d >= 0) & (d % SW == 0) & (jj < WO)
+        bmask = bmask & qmask[:, None]
+        g_base = g_ptr + n.to(tl.int64) * sgn + c64 * sgc
+        g_row = i * sgh
+        if BIG:
+            jj = jj.to(tl.int64)
+            g_row = i.to(tl.int64) * sgh
+        b = tl.load(g_base + g_row[:, None] + jj * sgw, mask=bmask, other=0.0)
+        acc = _mma(a, b, acc, PREC, UPCAST)
+        ch += 1
+        wrap = ch == n_chunks
+        ch = tl.where(wrap, 0, ch)
+        i0 = tl.where(wrap, i0 + R, i0)
+        nwrap = i0 >= hop
+        n = tl.where(nwrap, n + 1, n)
+        i0 = tl.where(nwrap, 0, i0)
+
+    kw = kw0 + 16 * am[:, None] + offs_b[None, :]
+    ws = ws_ptr + (s.to(tl.int64) * C + c) * (KH * KW)
+    tl.store(ws + kh[:, None] * KW + kw, acc, mask=(kh < KH)[:, None] & (kw < KW))

@@ -44,10 +44,31 @@ _GRAD_WEIGHT_CONFIGS = [(32, 4, 2), (64, 4, 3), (128, 8, 3)]
 _INTERP_CONV = dict(BM=16, BN=16, BK=16)
 _INTERP_GRAD_WEIGHT_BK = 16
 
+# aligned kernels (the default path, see ALIGNED): BN is fixed at 16 (the Toeplitz band is built for
+# it); forward / grad_input (BM, BK input columns per kernel row, KHB kernel rows per dot, warps,
+# stages) -- one dot has GEMM-K = KHB * BK; grad_weight (BKC input columns per output row, R output
+# rows per dot, warps, stages) -- one dot has GEMM-K = R * BKC
+_ALIGNED_CONV_CONFIGS = [
+    (16, 16, 4, 2, 2),
+    (32, 16, 4, 4, 3),
+    (64, 16, 8, 4, 3),
+    (64, 16, 16, 4, 2),
+    (128, 16, 8, 8, 3),
+]
+_ALIGNED_GRAD_WEIGHT_CONFIGS = [(32, 2, 4, 3), (64, 1, 4, 3), (32, 4, 4, 3)]
+_INTERP_ALIGNED_CONV = dict(BM=16, BK=16, KHB=2)
+_INTERP_ALIGNED_GRAD_WEIGHT = dict(BKC=16, R=2)
+#: grad_weight splits the rows of each image into super-groups of this many rows (a multiple of
+#: every R above and of the interpreter's)
+_GRAD_WEIGHT_RS = 4
+BAND_BN = 16
+
 # autotune keys: kernel size, plane sizes (input and output: the prune step looks at the output, which
 # padding changes), geometry, layout (Triton's autotuner adds the dtypes)
 _CONV_KEY = ["KH", "KW", "H", "W", "HO", "WO", "SH", "SW", "DH", "DW", "PLANE_FAST"]
 _GRAD_WEIGHT_KEY = ["KH", "KW", "H", "W", "SH", "SW", "DH", "DW"]
+_ALIGNED_CONV_KEY = ["KH", "LB", "H", "W", "HO", "WO", "SH", "SW", "DH", "PACKED"]
+_ALIGNED_GRAD_WEIGHT_KEY = ["KH", "KW", "H", "WP", "HO", "WO", "SH", "SW", "DH", "DW", "BKH", "NA"]
 
 
 # configs that spill registers, found by the static report (`python -m lkconv static`, ptxas of triton
@@ -112,6 +133,41 @@ def _grad_weight_configs():
     return [triton.Config(dict(BK=bk), num_warps=w, num_stages=s) for bk, w, s in _GRAD_WEIGHT_CONFIGS]
 
 
+def _aligned_conv_configs():
+    return [
+        triton.Config(dict(BM=bm, BK=bk, KHB=khb), num_warps=w, num_stages=s)
+        for bm, bk, khb, w, s in _ALIGNED_CONV_CONFIGS
+    ]
+
+
+def _aligned_grad_weight_configs():
+    return [
+        triton.Config(dict(BKC=bkc, R=r), num_warps=w, num_stages=s) for bkc, r, w, s in _ALIGNED_GRAD_WEIGHT_CONFIGS
+    ]
+
+
+def _prune_aligned_conv(configs, named_args, **kwargs):
+    """Aligned forward/grad_input: packed (small planes): keep the configs whose tile holds at least
+    two planes; otherwise drop those whose BM exceeds the output rows rounded up to a power of two
+    (keep the smallest if none is left)."""
+    rows = int(named_args["HO"])
+    if kwargs.get("PACKED", named_args.get("PACKED")):
+        kept = [c for c in configs if c.kwargs["BM"] >= 2 * rows]
+        return kept or [max(configs, key=lambda c: c.kwargs["BM"])]
+    bm_cap = max(16, triton.next_power_of_2(max(rows, 1)))
+    kept = [c for c in configs if c.kwargs["BM"] <= bm_cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BM"])]
+
+
+#: output rows up to which the aligned forward packs whole planes of one channel into a tile
+PACK_MAX_ROWS = 32
+
+
+def _packed(n: int, ho: int, bm_max: int) -> bool:
+    """Pack planes when at least two images and at least two planes fit the largest tile."""
+    return n >= 2 and 2 * ho <= min(bm_max, 2 * PACK_MAX_ROWS)
+
+
 #: False: launch one default configuration instead of autotuning (GPU correctness tests use it to
 #: keep the number of compiles down; benchmarks and normal use leave it True)
 AUTOTUNE = True
@@ -129,6 +185,22 @@ else:  # pragma: no cover - needs a GPU
         configs=_grad_weight_configs(), key=_GRAD_WEIGHT_KEY,
         prune_configs_by={"early_config_prune": _prune_grad_weight()},
     )(K.dwconv_grad_weight_kernel)
+
+if INTERPRETED:
+    _forward_aligned_tuned = _grad_weight_aligned_tuned = None
+else:  # pragma: no cover - needs a GPU
+    _forward_aligned_tuned = triton.autotune(
+        configs=_aligned_conv_configs(), key=_ALIGNED_CONV_KEY,
+        prune_configs_by={"early_config_prune": _prune_aligned_conv},
+    )(K.dwconv_forward_aligned_kernel)
+    _grad_weight_aligned_tuned = triton.autotune(
+        configs=_aligned_grad_weight_configs(), key=_ALIGNED_GRAD_WEIGHT_KEY
+    )(K.dwconv_grad_weight_aligned_kernel)
+
+#: True (default): forward, grad_input at stride 1 and grad_weight run the aligned kernels (an
+#: aligned zero-bordered copy of the input, a precomputed Toeplitz band; 16-byte vector loads).
+#: False: the original kernels, which read every tensor through its strides.
+ALIGNED = True
 
 
 def _launch_conv(tuned, base, grid, rows: int, args, kwargs) -> None:
@@ -196,6 +268,44 @@ def _flat_weight(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
     return w.reshape(C, KH * KW).contiguous()
 
 
+def _aligned_input(x: torch.Tensor, pl: int):
+    """The aligned, zero-bordered copy the aligned kernels read: contiguous planes ``[N, C, H, WP]``
+    whose rows start with ``LBORD = pl mod 16`` zero columns, then the ``W`` input columns, then
+    zeros up to ``WP`` (a multiple of 16).  Returns ``(xp, PL16, LBORD, WP)`` with ``PL16 = pl -
+    LBORD`` (a multiple of 16, possibly negative).  Extra memory: ``(WP - W) / W`` of |x| on top of
+    one copy of x (at most 30 columns per row; docs/triton_backend.md has the table)."""
+    N, C, H, W = x.shape
+    a = K.ALIGN
+    lbord = pl % a
+    wp = triton.cdiv(lbord + W, a) * a
+    xp = torch.empty((N, C, H, wp), dtype=x.dtype, device=x.device)
+    if lbord:
+        xp[..., :lbord].zero_()
+    if lbord + W < wp:
+        xp[..., lbord + W:].zero_()
+    xp[..., lbord:lbord + W].copy_(x)
+    return xp, pl - lbord, lbord, wp
+
+
+def _toeplitz_band(weight: torch.Tensor, flip: bool, sw: int, dw: int, bn: int = BAND_BN):
+    """The Toeplitz band ``[C, KH, LB, bn]`` of the aligned forward kernel: ``band[c, kh, r, n] =
+    f[c, kh, (r - n*sw) / dw]``, zero where ``r - n*sw`` is not a multiple of ``dw`` in ``[0, KW*dw)``
+    (``torch.where``, not a product, so an Inf in the filter stays out of the zeros); ``LB`` is the
+    tile's input-column span ``(bn-1)*sw + (KW-1)*dw + 1`` rounded up to 16.  Returns ``(band, LB)``."""
+    C, _, KH, KW = weight.shape
+    w = weight.flip(2, 3) if flip else weight
+    span = (bn - 1) * sw + (KW - 1) * dw + 1
+    lb = triton.cdiv(span, K.ALIGN) * K.ALIGN
+    r = torch.arange(lb, device=weight.device)[:, None]
+    n = torch.arange(bn, device=weight.device)[None, :]
+    d = r - n * sw
+    valid = (d >= 0) & (d % dw == 0) & (d < KW * dw)
+    idx = torch.where(valid, d // dw, torch.zeros_like(d))
+    band = w.reshape(C, KH, KW)[:, :, idx]
+    band = torch.where(valid, band, torch.zeros((), dtype=w.dtype, device=w.device))
+    return band.contiguous(), lb
+
+
 #: how channels_last inputs are read: "strides" (directly, programs ordered channel-fastest so
 #: neighbouring channels share cache lines) or "copy" (one explicit NCHW copy of the input first; the
 #: output is still written channels_last).  A module-level switch for the GPU benchmark to compare;
@@ -251,14 +361,73 @@ def _conv(x, wflat, bias, out, KH, KW, stride, dilation, pt, pl):
     return out
 
 
+def _default_aligned_conv(ho: int, packed: bool):
+    """The non-autotuned config per shape class, the one the static model ranks best
+    (docs/triton_backend.md, modelled table): packed planes of <= 8 rows: 128-row tiles; other packed
+    planes: 64 rows, 8 kernel rows per dot; large planes: 64 rows, 16 kernel rows per dot; planes of
+    one image with <= 32 rows: a tile sized to the plane."""
+    if packed:
+        return (128, 16, 8, 8, 3) if ho <= 8 else (64, 16, 8, 4, 3)
+    bm = min(64, max(16, triton.next_power_of_2(max(ho, 1))))
+    return {16: (16, 16, 4, 2, 2), 32: (32, 16, 4, 4, 3)}.get(bm, (64, 16, 16, 4, 2))
+
+
+def _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl):
+    """out = the Toeplitz convolution of x with (flipped) weight and signed offsets (pt, pl), by the
+    aligned forward kernel (an aligned copy of x, a precomputed band)."""
+    N, C, H, W = x.shape
+    HO, WO = out.shape[2], out.shape[3]
+    if out.numel() == 0:
+        return out
+    KH = weight.shape[2]
+    xp, pl16, lbord, wp = _aligned_input(x, pl)
+    band, lb = _toeplitz_band(weight, flip, stride[1], dilation[1])
+    NC = N * C
+    if INTERPRETED:
+        bm_max = _INTERP_ALIGNED_CONV["BM"]
+    else:  # autotuned or the per-shape-class defaults: the largest tile is 128 rows either way
+        bm_max = max(c[0] for c in _ALIGNED_CONV_CONFIGS)
+    packed = _packed(N, HO, bm_max)
+
+    def grid(m):
+        if packed:
+            return (triton.cdiv(WO, BAND_BN) * triton.cdiv(N, m["BM"] // HO) * C,)
+        return (triton.cdiv(HO, m["BM"]) * triton.cdiv(WO, BAND_BN) * NC,)
+
+    args = (
+        xp, band, bias if bias is not None else band, out,
+        N, C, H, W, wp, HO, WO,
+        H * wp, *out.stride(),
+        pt, pl16, lbord,
+        KH, lb,
+    )
+    kwargs = dict(
+        SH=stride[0], SW=stride[1], DH=dilation[0],
+        HAS_BIAS=bias is not None, BIG=_big(xp, out), PACKED=packed,
+        PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype), BN=BAND_BN,
+    )
+    base = K.dwconv_forward_aligned_kernel
+    with _device_guard(x):
+        if INTERPRETED:
+            base[grid](*args, **kwargs, **_INTERP_ALIGNED_CONV)
+        elif AUTOTUNE:
+            _forward_aligned_tuned[grid](*args, **kwargs)
+        else:
+            bm, bk, khb, warps, stages = _default_aligned_conv(HO, packed)
+            base[grid](*args, **kwargs, BM=bm, BK=bk, KHB=khb, num_warps=warps, num_stages=stages)
+    return out
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, bias, p: ConvParams) -> torch.Tensor:
     N, C, H, W = x.shape
     KH, KW = weight.shape[2], weight.shape[3]
     HO, WO = p.out_size(H, W, KH, KW)
     out = _empty_like_format((N, C, HO, WO), x, x.dtype)
-    x = _read_layout(x)
     b = None if bias is None else bias.contiguous()
     t, _, l, _ = p.padding
+    if ALIGNED:
+        return _conv_aligned(x, weight, False, b, out, p.stride, p.dilation, t, l)
+    x = _read_layout(x)
     return _conv(x, _flat_weight(weight), b, out, KH, KW, p.stride, p.dilation, t, l)
 
 
@@ -274,6 +443,11 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
     if p.stride == (1, 1):
         # gx[h] = sum_k f[K-1-k] g[h + k*D - ((K-1)*D - P)]: the forward on grad_out with the flipped
         # filter and (signed) offsets (K-1)*D - P; only the top/left offsets matter, the output size is H x W
+        if ALIGNED:
+            return _conv_aligned(
+                grad_out, weight, True, None, gx, (1, 1), p.dilation,
+                (KH - 1) * dil_h - t, (KW - 1) * dil_w - l,
+            )
         return _conv(
             grad_out, _flat_weight(weight, flip=True), None, gx, KH, KW, (1, 1), p.dilation,
             (KH - 1) * dil_h - t, (KW - 1) * dil_w - l,
@@ -304,11 +478,11 @@ def _kblock(k: int) -> int:
     return min(64, max(16, triton.next_power_of_2(k)))
 
 
-def _num_splits(rows: int, programs_per_split: int, device: torch.device) -> int:
+def _num_splits(rows: int, programs_per_split: int, device: torch.device, per_sm: int = 4) -> int:
     if INTERPRETED:
         return min(rows, 2)  # two splits: exercises the ordered reduction of partials
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(4 * sms, programs_per_split)
+    want = triton.cdiv(per_sm * sms, programs_per_split)
     # at least a few rows per program so the partials stay small next to the work
     return max(1, min(want, triton.cdiv(rows, 4)))
 
@@ -320,6 +494,8 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     rows = N * HO
     if rows == 0 or WO == 0:
         return torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
+    if ALIGNED:
+        return _grad_weight_aligned(grad_out, x, C, KH, KW, p)
     x, grad_out = _read_layout(x), _read_layout(grad_out)
     BKH, BKW = _kblock(KH), _kblock(KW)
     per_split = C * triton.cdiv(KH, BKH) * triton.cdiv(KW, BKW)
@@ -341,5 +517,55 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     )
     with _device_guard(x):
         _launch_grad_weight((per_split * splits,), args, kwargs)
+    # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
+    return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
+
+
+def _grad_weight_blocks(KH: int, KW: int):
+    """(BKH, NA) of the aligned grad_weight kernel: GEMM-M = BKH kernel rows x NA groups of 16 kernel
+    columns, at most 64 (K = 17..32: 32 x 2 = 64, so sm_90 can use wgmma)."""
+    bkh = _kblock(KH)
+    na = max(1, min(64 // bkh, triton.next_power_of_2(triton.cdiv(KW, 16))))
+    return bkh, na
+
+
+def _grad_weight_aligned(grad_out, x, C, KH, KW, p):
+    N, _, H, W = x.shape
+    HO, WO = grad_out.shape[2], grad_out.shape[3]
+    rows = N * HO
+    t, _, l, _ = p.padding
+    xp, pl16, _, wp = _aligned_input(x, l)
+    grad_out = _read_layout(grad_out)
+    bkh, na = _grad_weight_blocks(KH, KW)
+    per_split = C * triton.cdiv(KH, bkh) * triton.cdiv(KW, 16 * na)
+    # super-groups of RS output rows of one image (RS a multiple of every tuned R), split into
+    # contiguous ranges: the split does not depend on the config the autotuner picks
+    rs = _GRAD_WEIGHT_RS
+    sgroups = N * triton.cdiv(HO, rs)
+    splits = _num_splits(sgroups, per_split, x.device, per_sm=8)
+    sg_per_split = triton.cdiv(sgroups, splits)
+    splits = triton.cdiv(sgroups, sg_per_split)
+    ws = new_output((splits, C, KH, KW), x, torch.float32)
+    args = (
+        xp, grad_out, ws,
+        C, H, wp, HO, WO, sgroups, sg_per_split,
+        H * wp, *grad_out.stride(),
+        t, pl16,
+        KH, KW,
+    )
+    kwargs = dict(
+        SH=p.stride[0], SW=p.stride[1], DH=p.dilation[0], DW=p.dilation[1],
+        BIG=_big(xp, grad_out), PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+        BKH=bkh, NA=na, RS=rs,
+    )
+    grid = (per_split * splits,)
+    base = K.dwconv_grad_weight_aligned_kernel
+    with _device_guard(x):
+        if INTERPRETED:
+            base[grid](*args, **kwargs, **_INTERP_ALIGNED_GRAD_WEIGHT)
+        elif AUTOTUNE:
+            _grad_weight_aligned_tuned[grid](*args, **kwargs)
+        else:
+            base[grid](*args, **kwargs, BKC=32, R=4, num_warps=4, num_stages=3)
     # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
     return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
