@@ -582,3 +582,23 @@ def test_grad_weight_fast_poisoned_workspace(dtype, monkeypatch):
     g = torch.randn(3, 5, 20, 21, device="cuda").to(dt)
     gw = torch.ops.lkconv_cuda.grad_weight(g, x, [5, 1, 33, 9], [1, 1], [16, 16, 4, 4], [1, 1], 0)
     assert torch.isfinite(gw).all()
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_grad_weight_fast_nonfinite_inputs(dtype):
+    """The staged grad_weight multiplies the zero-filled grad_out border by in-image x values, so an Inf/NaN
+    can turn more taps NaN than F.conv2d; never a finite tap where the reference is non-finite."""
+    from lkconv.backends.reference import reference_grad_weight
+    from lkconv.testing import nonfinite_contract_violations
+
+    dt = DTYPES[dtype]
+    x = torch.randn(2, 3, 28, 28, device="cuda").to(dt)
+    g = torch.randn(2, 3, 28, 28, device="cuda").to(dt)
+    x[0, 1, 5, 7] = float("inf")
+    g[1, 2, 20, 3] = float("nan")
+    pr = normalize_params(1, 14, 1, (29, 29))
+    gw = torch.ops.lkconv_cuda.grad_weight(g, x, [3, 1, 29, 29], *pr.as_lists(), 0)
+    ref = reference_grad_weight(g.double().cpu(), x.double().cpu(), (3, 1, 29, 29), pr)
+    assert not nonfinite_contract_violations(gw, ref, dt)
