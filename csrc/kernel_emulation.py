@@ -386,3 +386,101 @@ def emulate_grad_weight_fast(x, g, KH, KW, pt, pl, tc, vec_x=1, vec_g=1, splits=
     for s in range(splits):  # grad_weight_reduce_kernel: split order
         out += partial[s]
     return out.reshape(C, 1, KH, KW)
+
+
+# ------------------------------------------------------------------------------------------------
+# toeplitz_mma_kernel (dwconv_forward.cu): raw ldmatrix + mma.sync row-Toeplitz forward, fp16/bf16,
+# stride 1, dilation 1, KH, KW <= 32; configs (WARPS, NT) = (4, 8) -> 64 x 64, (1, 2) -> 16 x 16
+# ------------------------------------------------------------------------------------------------
+TM_FO, TM_MAX_K = 22, 32
+
+
+def tm_layout(KH, KW, BM, BN):  # transcription of tm_layout()
+    rows = BM + KH - 1
+    xc = 16 * ((7 + BN - 1 + KW + 15) // 16)
+    xp = xc + 8
+    fp = round_up(KW + 2 * TM_FO, 8)
+    fe_off = round_up(rows * xp, 64)
+    fo_off = fe_off + round_up(KH * fp, 64) + 32
+    return dict(rows=rows, xc=xc, xp=xp, fp=fp, fe_off=fe_off, fo_off=fo_off, bytes=(fo_off + KH * fp) * 2)
+
+
+def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1):
+    """Transcription of toeplitz_mma_kernel: staging (vectors with zero-filled tails), Fe / Fo filter rows,
+    per-warp kh / chunk ranges, per-lane ldmatrix addresses and B pairs, the band test, m16n8k16 fragments,
+    the epilogue.  Shared memory is a flat NaN-initialised array per CTA; every read is bounds-asserted."""
+    if config is None:
+        config = (1, 2) if toeplitz_small_tile(Ho, Wo) else (4, 8)
+    WARPS, NT = config
+    BM, BN = 16 * WARPS, 8 * NT
+    N, C, H, W = x.shape
+    KH, KW = w.shape[2], w.shape[3]
+    assert KH <= TM_MAX_K and KW <= TM_MAX_K
+    L = tm_layout(KH, KW, BM, BN)
+    assert L["bytes"] <= 48 * 1024
+    y = torch.full((N, C, Ho, Wo), float("nan"), dtype=torch.float64)
+    for n in range(N):
+        for c in range(C):
+            f = w[c, 0].double()
+            for by in range(ceil_div(Wo, BN)):
+                for bz in range(ceil_div(Ho, BM)):
+                    ow0, oh0 = by * BN, bz * BM
+                    c0 = ((ow0 - pl) // 8) * 8
+                    s0 = ow0 - pl - c0
+                    smem = [float("nan")] * (L["bytes"] // 2)
+                    for r in range(L["rows"]):  # warp-strided rows, lane-strided vectors
+                        ih = oh0 - pt + r
+                        for j in range(0, L["xc"], vec_x):
+                            col = c0 + j
+                            assert col >= 0 or col + vec_x <= 0
+                            cnt = min(W - col, vec_x) if (0 <= ih < H and 0 <= col < W) else 0
+                            for k in range(vec_x):
+                                smem[r * L["xp"] + j + k] = float(x[n, c, ih, col + k]) if k < cnt else 0.0
+                    for kh in range(KH):
+                        for u in range(L["fp"]):
+                            kw = u - TM_FO
+                            smem[L["fe_off"] + kh * L["fp"] + u] = float(f[kh, kw]) if 0 <= kw < KW else 0.0
+                    wpr = L["fp"] // 2
+                    for kh in range(KH):
+                        for k in range(wpr):
+                            wd = kh * wpr + k
+                            smem[L["fo_off"] + 2 * wd] = smem[L["fe_off"] + 2 * wd + 1]
+                            smem[L["fo_off"] + 2 * wd + 1] = smem[L["fe_off"] + 2 * wd + 2] if k + 1 < wpr else 0.0
+                    nkc = (s0 + BN - 1 + KW + 15) // 16
+                    kc_lo = max((-c0) // 16, 0)
+                    kc_hi = min(ceil_div(W - c0, 16), nkc)
+                    b = 0.0 if bias is None else float(bias[c])
+                    for warp in range(WARPS):
+                        acc = [[[0.0] * 4 for _ in range(32)] for _ in range(NT)]
+                        kh_lo = min(max(pt - oh0 - 16 * warp - 15, 0), KH)
+                        kh_hi = min(max(H + pt - oh0 - 16 * warp, 0), KH)
+                        for kh in range(kh_lo, kh_hi):
+                            for kc in range(kc_lo, kc_hi):
+                                addr = [(warp * 16 + (l & 15)) * L["xp"] + (l >> 4) * 8 + kh * L["xp"] + 16 * kc
+                                        for l in range(32)]
+                                assert max(addr) // L["xp"] < L["rows"] and max(addr) % L["xp"] + 8 <= L["xc"]
+                                af = _ldmatrix_x4(smem, addr)
+                                for nt in range(NT):
+                                    kw_hi = 16 * kc - 8 * nt - s0 + 15
+                                    if kw_hi < 0 or kw_hi - 22 > KW - 1:
+                                        continue
+                                    b0, b1 = [], []
+                                    for lane in range(32):
+                                        g4, t4 = lane >> 2, lane & 3
+                                        odd = (s0 + g4) & 1
+                                        base = (L["fo_off"] - 1 if odd else L["fe_off"]) + 2 * t4 - g4 - s0 + TM_FO
+                                        p = base + kh * L["fp"] + 16 * kc - 8 * nt
+                                        u = p - (L["fo_off"] - 1 if odd else L["fe_off"]) - kh * L["fp"]
+                                        assert p % 2 == 0 and u - odd >= 0 and u + 9 - odd < L["fp"]
+                                        b0.append((smem[p], smem[p + 1]))
+                                        b1.append((smem[p + 8], smem[p + 9]))
+                                    _mma_m16n8k16(acc[nt], af, b0, b1)
+                        for nt in range(NT):
+                            for lane in range(32):
+                                g4, t4 = lane >> 2, lane & 3
+                                for r in range(4):
+                                    oh = oh0 + 16 * warp + g4 + 8 * (r >> 1)
+                                    ow = ow0 + 8 * nt + 2 * t4 + (r & 1)
+                                    if oh < Ho and ow < Wo:
+                                        y[n, c, oh, ow] = acc[nt][lane][r] + b
+    return y

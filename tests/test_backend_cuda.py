@@ -197,6 +197,10 @@ CASES = {
     # plane at RepLKNet's 56x56, and a 3x3 grid of CTAs per plane (blockIdx.y/z tile offsets)
     "k31_56": (2, 4, 56, 56, 31, 31, 1, 15, 1),
     "big_tile_multi": (1, 3, 150, 140, 31, 31, 1, 15, 1),
+    # RepLKNet-31B's later stages (16x16 tile; staging vectors 8 B / 4 B / scalar in fp16/bf16 NCHW)
+    "k29_28": (2, 3, 28, 28, 29, 29, 1, 14, 1),
+    "k27_14": (2, 3, 14, 14, 27, 27, 1, 13, 1),
+    "k13_7": (2, 3, 7, 7, 13, 13, 1, 6, 1),
     "batch0": (0, 3, 8, 8, 5, 5, 1, 2, 1),
     "batch1": (1, 3, 8, 8, 5, 5, 1, 2, 1),
 }
@@ -235,7 +239,7 @@ def test_all_passes_vs_reference(case, dtype, layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case", ["k7", "k31", "k63", "even_k8_same", "asym_pad", "k_gt_h_31_on_7", "tall_130",
-                                  "wide_150", "dilation2_k7", "k31_56", "big_tile_multi"])
+                                  "wide_150", "dilation2_k7", "k31_56", "big_tile_multi", "k29_28", "k27_14", "k13_7"])
 def test_fast_kernels_match_generic(case, dtype):
     """The fast kernels (algo 0) agree with the generic ones (algo 1) within the dtype's rounding."""
     x, w, b, s, p, d = _make(case, DTYPES[dtype], "nchw")
@@ -419,6 +423,10 @@ EMU_KERNELS = {
     "toeplitz_16x16": lambda *a: EMU.emulate_toeplitz(*a, config=(1, 1)),
     "toeplitz_auto": EMU.emulate_toeplitz,
     "fp32_blocked": EMU.emulate_fp32_blocked,
+    # the raw ldmatrix + mma.sync kernel: each config with a staging vector width (16 B, 4 B, scalar)
+    "toeplitz_mma_64x64_v8": lambda *a: EMU.emulate_toeplitz_mma(*a, config=(4, 8), vec_x=8),
+    "toeplitz_mma_16x16_v2": lambda *a: EMU.emulate_toeplitz_mma(*a, config=(1, 2), vec_x=2),
+    "toeplitz_mma_auto": EMU.emulate_toeplitz_mma,
 }
 
 
