@@ -399,15 +399,17 @@ __global__ void __launch_bounds__(32 * WARPS) toeplitz_mma_kernel(ConvArgs a, in
   int64_t kc_lo = floor_div(-c0 - 15 + 15, 16), kc_hi = ceil_div(a.W - c0, 16);
   kc_lo = kc_lo < 0 ? 0 : kc_lo;
   kc_hi = kc_hi > nkc ? nkc : kc_hi;
+  const unsigned band = (unsigned)(KW + 21);
   for (int kh = (int)kh_lo; kh < (int)kh_hi; ++kh) {
     const T* brow = bbase + kh * L.fp;
     for (int kc = (int)kc_lo; kc < (int)kc_hi; ++kc) {
       uint32_t af[4];
       ldmatrix_x4(af, a_base + (uint32_t)((kh * L.xp + 16 * kc) * 2));
+      const int kw_top = 16 * kc - s0 + 15;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int kw_hi = 16 * kc - 8 * nt - s0 + 15;  // band: the block meets [0, KW)
-        if (kw_hi < 0 || kw_hi - 22 > KW - 1) continue;
+        // band: the block meets [0, KW) iff its largest tap kw_hi = kw_top - 8 nt is in [0, KW + 21]
+        if ((unsigned)(kw_top - 8 * nt) > band) continue;
         const uint32_t b0 = *reinterpret_cast<const uint32_t*>(brow + 16 * kc - 8 * nt);
         const uint32_t b1 = *reinterpret_cast<const uint32_t*>(brow + 16 * kc - 8 * nt + 8);
         MmaOp<T>::run(acc[nt], af, b0, b1);

@@ -460,9 +460,9 @@ def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1):
                                         for l in range(32)]
                                 assert max(addr) // L["xp"] < L["rows"] and max(addr) % L["xp"] + 8 <= L["xc"]
                                 af = _ldmatrix_x4(smem, addr)
+                                kw_top = 16 * kc - s0 + 15
                                 for nt in range(NT):
-                                    kw_hi = 16 * kc - 8 * nt - s0 + 15
-                                    if kw_hi < 0 or kw_hi - 22 > KW - 1:
+                                    if not 0 <= kw_top - 8 * nt <= KW + 21:  # the unsigned band test
                                         continue
                                     b0, b1 = [], []
                                     for lane in range(32):
