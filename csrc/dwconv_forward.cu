@@ -417,15 +417,26 @@ __global__ void __launch_bounds__(32 * WARPS) toeplitz_mma_kernel(ConvArgs a, in
     }
   }
 
-  // epilogue: C fragment (row g4 [+8], columns 2*t4, 2*t4 + 1 of block nt)
+  // epilogue: C fragment (row g4 [+8], columns 2*t4, 2*t4 + 1 of block nt); the two columns of a pair are
+  // stored as one 32-bit word where the output has unit column stride and even, aligned rows
   const float b = a.bias != nullptr ? Cvt<T>::to_f(static_cast<const T*>(a.bias)[c]) : 0.f;
   T* yc = static_cast<T*>(a.y) + n * a.ys[0] + c * a.ys[1];
+  const bool pairs = a.ys[3] == 1 && (a.ys[2] & 1) == 0 && (reinterpret_cast<uintptr_t>(yc) & 3) == 0;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int64_t oh = oh0 + 16 * warp + g4 + 8 * (r >> 1), ow = ow0 + 8 * nt + 2 * t4 + (r & 1);
-      if (oh < a.Ho && ow < a.Wo) yc[oh * a.ys[2] + ow * a.ys[3]] = Cvt<T>::from_f(acc[nt][r] + b);
+    for (int h = 0; h < 2; ++h) {
+      const int64_t oh = oh0 + 16 * warp + g4 + 8 * h, ow = ow0 + 8 * nt + 2 * t4;  // ow even
+      if (oh >= a.Ho || ow >= a.Wo) continue;
+      T* dst = yc + oh * a.ys[2] + ow * a.ys[3];
+      const T v0 = Cvt<T>::from_f(acc[nt][2 * h] + b), v1 = Cvt<T>::from_f(acc[nt][2 * h + 1] + b);
+      if (pairs && ow + 1 < a.Wo) {
+        T pr[2] = {v0, v1};
+        *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(pr);
+      } else {
+        dst[0] = v0;
+        if (ow + 1 < a.Wo) dst[a.ys[3]] = v1;
+      }
     }
 }
 

@@ -475,7 +475,7 @@ def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1):
                                         b0.append((smem[p], smem[p + 1]))
                                         b1.append((smem[p + 8], smem[p + 9]))
                                     _mma_m16n8k16(acc[nt], af, b0, b1)
-                        for nt in range(NT):
+                        for nt in range(NT):  # (the kernel stores the pairs r = 0, 1 / 2, 3 as one word when it can)
                             for lane in range(32):
                                 g4, t4 = lane >> 2, lane & 3
                                 for r in range(4):
