@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(32 * TC_WARPS) toeplitz_wmma_kernel(ConvArgs a
 
 // ------------------------------------------------------------------------------------------------
 // toeplitz_mma_kernel: the row-Toeplitz GEMM with raw ldmatrix + mma.sync.m16n8k16 (fp16/bf16, sm80+,
-// stride 1, dilation 1, KH, KW <= 32).  CTA = WARPS warps = (16*WARPS) x (8*NT) outputs of one (n, c).
+// stride 1, dilation 1, KH, KW <= 64).  CTA = WARPS warps = (16*WARPS) x (8*NT) outputs of one (n, c).
 // Staged once: Xs[r][j] = x[n, c, oh0 - pt + r, c0 + j] (c0 = ow0 - pl rounded down to 8, s0 = ow0 - pl - c0;
 // zero outside the image; cp.async vectors where aligned), the filter rows Fe[kh][u] = f[kh, u - TM_FO]
 // (zero outside [0, KW)) and their one-element-shifted copy Fo[kh][u] = Fe[kh][u + 1].  Per kernel row kh
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(32 * TC_WARPS) toeplitz_wmma_kernel(ConvArgs a
 // block is materialised and there is no barrier inside the kh loop.
 // ------------------------------------------------------------------------------------------------
 constexpr int TM_FO = 22;       // filter-row offset: an in-band B pair reads kw in [-22, KW + 21]
-constexpr int TM_MAX_K = 32;
+constexpr int TM_MAX_K = 64;
 
 struct TmLayout {
   int rows, xc, xp, fp, fe_off, fo_off, bytes;  // offsets in elements (2-byte T)
@@ -513,10 +513,15 @@ inline bool toeplitz_small_tile(int64_t Ho, int64_t Wo) {
 template <typename T, int WARPS, int NT>
 bool launch_toeplitz_mma_cfg(const ConvArgs& a, cudaStream_t stream) {
   const TmLayout L = tm_layout((int)a.KH, (int)a.KW, 16 * WARPS, 8 * NT);
-  if (L.bytes > 48 * 1024) return false;  // K <= 32: at most ~34 KB
+  // K <= 32: at most 33 KB; larger kernels need the opt-in (64 x 64 tile, K = 64: 67 KB)
+  if (L.bytes > a.max_smem_optin) return false;
   const int64_t gx = a.N * a.C, gy = ceil_div(a.Wo, 8 * NT), gz = ceil_div(a.Ho, 16 * WARPS);
   if (!grid_ok(gx, gy, gz)) return false;
   const int vec_x = vec_elems(a.x, a.xs, 2, a.sm_major);  // c0 is a multiple of 8 >= any vector width
+  if (L.bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(toeplitz_mma_kernel<T, WARPS, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        L.bytes));
+  }
   toeplitz_mma_kernel<T, WARPS, NT>
       <<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), 32 * WARPS, (size_t)L.bytes, stream>>>(a, vec_x);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -528,8 +533,10 @@ bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
   if (a.sm_major < 8) return false;  // kernel body is compiled for sm80+ only
   if (a.sh != 1 || a.sw != 1 || a.dil_h != 1 || a.dil_w != 1) return false;
   if (a.KH <= TM_MAX_K && a.KW <= TM_MAX_K) {  // raw mma.sync kernel, same tile choice as the wmma one
+    // (the big tile's shared memory may exceed the device's limit where the small one still fits)
     if (toeplitz_small_tile(a.Ho, a.Wo) ? launch_toeplitz_mma_cfg<T, 1, 2>(a, stream)
-                                        : launch_toeplitz_mma_cfg<T, 4, 8>(a, stream))
+                                        : (launch_toeplitz_mma_cfg<T, 4, 8>(a, stream) ||
+                                           launch_toeplitz_mma_cfg<T, 1, 2>(a, stream)))
       return true;
   }
   if (a.KH > kMaxFastKernelSide || a.KW > kMaxFastKernelSide) return false;

@@ -201,6 +201,9 @@ CASES = {
     "k29_28": (2, 3, 28, 28, 29, 29, 1, 14, 1),
     "k27_14": (2, 3, 14, 14, 27, 27, 1, 13, 1),
     "k13_7": (2, 3, 7, 7, 13, 13, 1, 6, 1),
+    # SLaK-style 51 x 5 / 5 x 51 (raw mma.sync kernel, K > 32)
+    "slak_5x51": (2, 3, 28, 30, 5, 51, 1, (2, 25), 1),
+    "slak_51x5_56": (1, 2, 56, 56, 51, 5, 1, (25, 2), 1),
     "batch0": (0, 3, 8, 8, 5, 5, 1, 2, 1),
     "batch1": (1, 3, 8, 8, 5, 5, 1, 2, 1),
 }
@@ -239,7 +242,8 @@ def test_all_passes_vs_reference(case, dtype, layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case", ["k7", "k31", "k63", "even_k8_same", "asym_pad", "k_gt_h_31_on_7", "tall_130",
-                                  "wide_150", "dilation2_k7", "k31_56", "big_tile_multi", "k29_28", "k27_14", "k13_7"])
+                                  "wide_150", "dilation2_k7", "k31_56", "big_tile_multi", "k29_28", "k27_14", "k13_7",
+                                  "slak_5x51", "slak_51x5_56"])
 def test_fast_kernels_match_generic(case, dtype):
     """The fast kernels (algo 0) agree with the generic ones (algo 1) within the dtype's rounding."""
     x, w, b, s, p, d = _make(case, DTYPES[dtype], "nchw")
@@ -614,3 +618,33 @@ def test_grad_weight_fast_nonfinite_inputs(dtype):
     gw = torch.ops.lkconv_cuda.grad_weight(g, x, [3, 1, 29, 29], *pr.as_lists(), 0)
     ref = reference_grad_weight(g.double().cpu(), x.double().cpu(), (3, 1, 29, 29), pr)
     assert not nonfinite_contract_violations(gw, ref, dt)
+
+
+# toeplitz_mma_kernel for 32 < K <= 64 (more than 48 KB of shared memory for the 64 x 64 tile: opt-in):
+# (C, H, W, KH, KW, (top, bottom, left, right), (WARPS, NT), vec_x)
+TOEPLITZ_MMA_LARGE_K = {
+    "k5x51_16x16_v2": (1, 6, 20, 5, 51, (2, 2, 25, 25), (1, 2), 2),
+    "k5x51_64x64_v8": (1, 6, 20, 5, 51, (2, 2, 25, 25), (4, 8), 8),
+    "k40x36_small": (1, 5, 9, 40, 36, (20, 19, 18, 17), (1, 2), 1),
+    "k64_on_4x5": (1, 4, 5, 64, 64, (32, 31, 32, 31), (1, 2), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(TOEPLITZ_MMA_LARGE_K), ids=list(TOEPLITZ_MMA_LARGE_K))
+def test_toeplitz_mma_large_kernels_emulated(case):
+    C, H, W, KH, KW, pad, config, vec_x = TOEPLITZ_MMA_LARGE_K[case]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64)
+    b = torch.randn(C, generator=gen, dtype=torch.float64)
+    t, bo, l, r = pad
+    F = torch.nn.functional
+    ref = F.conv2d(F.pad(x, (l, r, t, bo)), w, b, groups=C)
+    Ho, Wo = ref.shape[2:]
+    y = EMU.emulate_toeplitz_mma(x, w, b, t, l, Ho, Wo, config, vec_x)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    gx = EMU.emulate_toeplitz_mma(g, w.flip(2, 3), None, KH - 1 - t, KW - 1 - l, H, W, config, vec_x)
+    xr = x.clone().requires_grad_(True)
+    (gx_ref,) = torch.autograd.grad(F.conv2d(F.pad(xr, (l, r, t, bo)), w, None, groups=C), xr, g)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)

@@ -3,7 +3,7 @@
 Kernels (see docs/cuda_backend.md):
 
 * fp16/bf16, stride 1, dilation 1 (sm80+): row-Toeplitz implicit GEMM on tensor cores (raw ldmatrix +
-  mma.sync m16n8k16 for K <= 32, nvcuda::wmma m16n16k16 above; fp32 accumulate);
+  mma.sync m16n8k16 for K <= 64, nvcuda::wmma m16n16k16 above; fp32 accumulate);
 * fp32, stride 1, dilation 1: register-blocked direct convolution on CUDA cores (IEEE fp32; the
   TF32 path is not implemented, so ``torch.backends.cudnn.allow_tf32`` does not change results);
 * everything else (stride > 1, dilation, shared memory too small, ...): a simple generic kernel per
