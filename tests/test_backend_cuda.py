@@ -204,6 +204,8 @@ CASES = {
     # SLaK-style 51 x 5 / 5 x 51 (raw mma.sync kernel, K > 32)
     "slak_5x51": (2, 3, 28, 30, 5, 51, 1, (2, 25), 1),
     "slak_51x5_56": (1, 2, 56, 56, 51, 5, 1, (25, 2), 1),
+    # K > 64: the wmma tensor-core kernel (fp16/bf16) stays the fast path there
+    "k71_wmma": (1, 2, 80, 90, 71, 71, 1, 35, 1),
     "batch0": (0, 3, 8, 8, 5, 5, 1, 2, 1),
     "batch1": (1, 3, 8, 8, 5, 5, 1, 2, 1),
 }
@@ -243,7 +245,7 @@ def test_all_passes_vs_reference(case, dtype, layout):
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case", ["k7", "k31", "k63", "even_k8_same", "asym_pad", "k_gt_h_31_on_7", "tall_130",
                                   "wide_150", "dilation2_k7", "k31_56", "big_tile_multi", "k29_28", "k27_14", "k13_7",
-                                  "slak_5x51", "slak_51x5_56"])
+                                  "slak_5x51", "slak_51x5_56", "k71_wmma"])
 def test_fast_kernels_match_generic(case, dtype):
     """The fast kernels (algo 0) agree with the generic ones (algo 1) within the dtype's rounding."""
     x, w, b, s, p, d = _make(case, DTYPES[dtype], "nchw")
