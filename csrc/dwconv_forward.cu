@@ -6,8 +6,11 @@
 //   grad_input_strided_kernel     grad_input for stride > 1 (gather form), any dilation.
 //   fp32_blocked_kernel      fp32, stride 1, dilation 1: CUDA-core direct conv, input tile + filter in
 //                            shared memory, each thread a strip of 8 outputs in one row.
-//   toeplitz_wmma_kernel     fp16/bf16, stride 1, dilation 1, sm80+: the row-Toeplitz implicit GEMM
-//                            on tensor cores (nvcuda::wmma m16n16k16, fp32 accumulate).
+//   toeplitz_mma_kernel      fp16/bf16, stride 1, dilation 1, sm80+, KH, KW <= 64: the row-Toeplitz
+//                            implicit GEMM on tensor cores with raw ldmatrix + mma.sync.m16n8k16 (fp32
+//                            accumulate), Toeplitz B fragments formed per lane from the filter rows.
+//   toeplitz_wmma_kernel     the same GEMM with nvcuda::wmma m16n16k16 and Toeplitz blocks rebuilt in shared
+//                            memory per kernel row: larger kernels.
 //
 // Index convention (see dwconv_params.h):
 //   y[n,c,oh,ow] = sum_{kh,kw} x[n,c, oh*sh - pt + kh*dil_h, ow*sw - pl + kw*dil_w] * w[c,kh,kw]
