@@ -6,8 +6,11 @@
 //   grad_input_strided_kernel     grad_input for stride > 1 (gather form), any dilation.
 //   fp32_blocked_kernel      fp32, stride 1, dilation 1: CUDA-core direct conv, input tile + filter in
 //                            shared memory, each thread a strip of 8 outputs in one row.
-//   toeplitz_wmma_kernel     fp16/bf16, stride 1, dilation 1, sm80+: the row-Toeplitz implicit GEMM
-//                            on tensor cores (nvcuda::wmma m16n16k16, fp32 accumulate).
+//   toeplitz_mma_kernel      fp16/bf16, stride 1, dilation 1, sm80+, KH, KW <= 64: the row-Toeplitz
+//                            implicit GEMM on tensor cores with raw ldmatrix + mma.sync.m16n8k16 (fp32
+//                            accumulate), Toeplitz B fragments formed per lane from the filter rows.
+//   toeplitz_wmma_kernel     the same GEMM with nvcuda::wmma m16n16k16 and Toeplitz blocks rebuilt in shared
+//                            memory per kernel row: larger kernels.
 //
 // Index convention (see dwconv_params.h):
 //   y[n,c,oh,ow] = sum_{kh,kw} x[n,c, oh*sh - pt + kh*dil_h, ow*sw - pl + kw*dil_w] * w[c,kh,kw]
@@ -18,6 +21,7 @@
 
 #include "dwconv_launch.h"
 #include "dwconv_convert.cuh"
+#include "dwconv_mma.cuh"
 
 namespace lkconv {
 
@@ -294,6 +298,152 @@ __global__ void __launch_bounds__(32 * TC_WARPS) toeplitz_wmma_kernel(ConvArgs a
 }
 
 // ------------------------------------------------------------------------------------------------
+// toeplitz_mma_kernel: the row-Toeplitz GEMM with raw ldmatrix + mma.sync.m16n8k16 (fp16/bf16, sm80+,
+// stride 1, dilation 1, KH, KW <= 64).  CTA = WARPS warps = (16*WARPS) x (8*NT) outputs of one (n, c).
+// Staged once: Xs[r][j] = x[n, c, oh0 - pt + r, c0 + j] (c0 = ow0 - pl rounded down to 8, s0 = ow0 - pl - c0;
+// zero outside the image; cp.async vectors where aligned), the filter rows Fe[kh][u] = f[kh, u - TM_FO]
+// (zero outside [0, KW)) and their one-element-shifted copy Fo[kh][u] = Fe[kh][u + 1].  Per kernel row kh
+// and 16-column chunk kc each warp loads its A tile (rows 16*warp + kh, columns 16*kc) once with
+// ldmatrix.x4 and multiplies it by every 8-column Toeplitz block nt of the band:
+//   B[k][n] = f[kh, 16*kc - 8*nt - s0 + k - n],
+// whose lane registers are 32-bit pairs read from Fe or Fo - 1 (by the parity of s0 + lane/4).  No Toeplitz
+// block is materialised and there is no barrier inside the kh loop.
+// ------------------------------------------------------------------------------------------------
+constexpr int TM_FO = 22;       // filter-row offset: an in-band B pair reads kw in [-22, KW + 21]
+constexpr int TM_MAX_K = 64;
+
+struct TmLayout {
+  int rows, xc, xp, fp, fe_off, fo_off, bytes;  // offsets in elements (2-byte T)
+};
+__host__ __device__ __forceinline__ TmLayout tm_layout(int KH, int KW, int BM, int BN) {
+  TmLayout L;
+  L.rows = BM + KH - 1;
+  L.xc = 16 * ((7 + BN - 1 + KW + 15) / 16);  // columns s0 + [0, BN - 1 + KW) with s0 < 8, whole chunks
+  L.xp = L.xc + 8;                            // 16-B units per row odd: ldmatrix rows on distinct bank groups
+  L.fp = round_up_i(KW + 2 * TM_FO, 8);
+  L.fe_off = round_up_i(L.rows * L.xp, 64);
+  L.fo_off = L.fe_off + round_up_i(KH * L.fp, 64) + 32;  // Fo 16 banks from Fe
+  L.bytes = (L.fo_off + KH * L.fp) * 2;
+  return L;
+}
+
+template <typename T, int WARPS, int NT>
+__global__ void __launch_bounds__(32 * WARPS) toeplitz_mma_kernel(ConvArgs a, int vec_x) {
+  constexpr int BM = 16 * WARPS, BN = 8 * NT, THREADS = 32 * WARPS;
+  extern __shared__ __align__(128) unsigned char smem_tm[];
+  const int KH = (int)a.KH, KW = (int)a.KW;
+  const TmLayout L = tm_layout(KH, KW, BM, BN);
+  T* Xs = reinterpret_cast<T*>(smem_tm);
+  T* Fe = Xs + L.fe_off;
+  T* Fo = Xs + L.fo_off;
+  const int64_t nc = blockIdx.x;
+  const int64_t n = nc / a.C, c = nc - (nc / a.C) * a.C;
+  const int64_t ow0 = (int64_t)blockIdx.y * BN, oh0 = (int64_t)blockIdx.z * BM;
+  const int64_t c0 = floor_div(ow0 - a.pl, 8) * 8;
+  const int s0 = (int)(ow0 - a.pl - c0);
+  const T* __restrict__ xc = static_cast<const T*>(a.x) + n * a.xs[0] + c * a.xs[1];
+  const T* __restrict__ wc = static_cast<const T*>(a.w) + c * a.KH * a.KW;
+  const T zero = Cvt<T>::from_f(0.f);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  {  // stage x: warp-strided rows, lane-strided vectors (no division); a vector never straddles column 0
+    const int ve = vec_x;
+    for (int r = warp; r < L.rows; r += WARPS) {
+      const int64_t ih = oh0 - a.pt + r;
+      const bool row_in = ih >= 0 && ih < a.H;
+      for (int j = lane * ve; j < L.xc; j += 32 * ve) {
+        const int64_t col = c0 + j;
+        int cnt = 0;
+        if (row_in && col >= 0 && col < a.W) cnt = (int)((a.W - col) < ve ? (a.W - col) : ve);
+        T* dst = Xs + r * L.xp + j;
+        if (ve == 1) {
+          *dst = cnt ? xc[ih * a.xs[2] + col * a.xs[3]] : zero;
+        } else {
+          cp_async_zfill(dst, cnt ? xc + ih * a.xs[2] + col : xc, ve * 2, cnt * 2);
+        }
+      }
+    }
+    // filter rows, zero-padded by TM_FO on the left
+    for (int kh = warp; kh < KH; kh += WARPS)
+      for (int u = lane; u < L.fp; u += 32) {
+        const int kw = u - TM_FO;
+        Fe[kh * L.fp + u] = (kw >= 0 && kw < KW) ? wc[kh * KW + kw] : zero;
+      }
+    cp_async_wait_all();
+  }
+  __syncthreads();
+  {  // Fo[kh][u] = Fe[kh][u + 1] (0 at the row end), word-wise
+    const uint32_t* fe32 = reinterpret_cast<const uint32_t*>(Fe);
+    uint32_t* fo32 = reinterpret_cast<uint32_t*>(Fo);
+    const int wpr = L.fp >> 1;
+    for (int kh = warp; kh < KH; kh += WARPS)
+      for (int k = lane; k < wpr; k += 32) {
+        const int w = kh * wpr + k;
+        fo32[w] = __byte_perm(fe32[w], k + 1 < wpr ? fe32[w + 1] : 0u, 0x5432);
+      }
+  }
+  __syncthreads();
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f;
+
+  const int g4 = lane >> 2, t4 = lane & 3;
+  const T* bbase = (((s0 + g4) & 1) ? Fo - 1 : Fe) + 2 * t4 - g4 - s0 + TM_FO;  // + kh*fp + 16kc - 8nt
+  const uint32_t a_base = smem_u32(Xs) + (uint32_t)((((warp * 16) + (lane & 15)) * L.xp + (lane >> 4) * 8) * 2);
+  const int nkc = (s0 + BN - 1 + KW + 15) / 16;
+  // kernel rows whose input rows for this warp meet [0, H)
+  int64_t kh_lo = a.pt - oh0 - 16 * warp - 15, kh_hi = a.H + a.pt - oh0 - 16 * warp;
+  kh_lo = kh_lo < 0 ? 0 : (kh_lo > KH ? KH : kh_lo);
+  kh_hi = kh_hi < 0 ? 0 : (kh_hi > KH ? KH : kh_hi);
+  // 16-column chunks inside the image
+  int64_t kc_lo = floor_div(-c0 - 15 + 15, 16), kc_hi = ceil_div(a.W - c0, 16);
+  kc_lo = kc_lo < 0 ? 0 : kc_lo;
+  kc_hi = kc_hi > nkc ? nkc : kc_hi;
+  const unsigned band = (unsigned)(KW + 21);
+  for (int kh = (int)kh_lo; kh < (int)kh_hi; ++kh) {
+    const T* brow = bbase + kh * L.fp;
+    for (int kc = (int)kc_lo; kc < (int)kc_hi; ++kc) {
+      uint32_t af[4];
+      ldmatrix_x4(af, a_base + (uint32_t)((kh * L.xp + 16 * kc) * 2));
+      const int kw_top = 16 * kc - s0 + 15;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        // band: the block meets [0, KW) iff its largest tap kw_hi = kw_top - 8 nt is in [0, KW + 21]
+        if ((unsigned)(kw_top - 8 * nt) > band) continue;
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(brow + 16 * kc - 8 * nt);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(brow + 16 * kc - 8 * nt + 8);
+        MmaOp<T>::run(acc[nt], af, b0, b1);
+      }
+    }
+  }
+
+  // epilogue: C fragment (row g4 [+8], columns 2*t4, 2*t4 + 1 of block nt); the two columns of a pair are
+  // stored as one 32-bit word where the output has unit column stride and even, aligned rows
+  const float b = a.bias != nullptr ? Cvt<T>::to_f(static_cast<const T*>(a.bias)[c]) : 0.f;
+  T* yc = static_cast<T*>(a.y) + n * a.ys[0] + c * a.ys[1];
+  const bool pairs = a.ys[3] == 1 && (a.ys[2] & 1) == 0 && (reinterpret_cast<uintptr_t>(yc) & 3) == 0;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t oh = oh0 + 16 * warp + g4 + 8 * h, ow = ow0 + 8 * nt + 2 * t4;  // ow even
+      if (oh >= a.Ho || ow >= a.Wo) continue;
+      T* dst = yc + oh * a.ys[2] + ow * a.ys[3];
+      const T v0 = Cvt<T>::from_f(acc[nt][2 * h] + b), v1 = Cvt<T>::from_f(acc[nt][2 * h + 1] + b);
+      if (pairs && ow + 1 < a.Wo) {
+        T pr[2] = {v0, v1};
+        *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(pr);
+      } else {
+        dst[0] = v0;
+        if (ow + 1 < a.Wo) dst[a.ys[3]] = v1;
+      }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // launchers
 // ------------------------------------------------------------------------------------------------
 namespace {
@@ -363,10 +513,35 @@ inline bool toeplitz_small_tile(int64_t Ho, int64_t Wo) {
   return 2 * small <= big;  // small must save at least half the area to be worth its lower reuse
 }
 
+template <typename T, int WARPS, int NT>
+bool launch_toeplitz_mma_cfg(const ConvArgs& a, cudaStream_t stream) {
+  const TmLayout L = tm_layout((int)a.KH, (int)a.KW, 16 * WARPS, 8 * NT);
+  // K <= 32: at most 33 KB; larger kernels need the opt-in (64 x 64 tile, K = 64: 67 KB)
+  if (L.bytes > a.max_smem_optin) return false;
+  const int64_t gx = a.N * a.C, gy = ceil_div(a.Wo, 8 * NT), gz = ceil_div(a.Ho, 16 * WARPS);
+  if (!grid_ok(gx, gy, gz)) return false;
+  const int vec_x = vec_elems(a.x, a.xs, 2, a.sm_major);  // c0 is a multiple of 8 >= any vector width
+  if (L.bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(toeplitz_mma_kernel<T, WARPS, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        L.bytes));
+  }
+  toeplitz_mma_kernel<T, WARPS, NT>
+      <<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), 32 * WARPS, (size_t)L.bytes, stream>>>(a, vec_x);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 template <typename T>
 bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
   if (a.sm_major < 8) return false;  // kernel body is compiled for sm80+ only
   if (a.sh != 1 || a.sw != 1 || a.dil_h != 1 || a.dil_w != 1) return false;
+  if (a.KH <= TM_MAX_K && a.KW <= TM_MAX_K) {  // raw mma.sync kernel, same tile choice as the wmma one
+    // (the big tile's shared memory may exceed the device's limit where the small one still fits)
+    if (toeplitz_small_tile(a.Ho, a.Wo) ? launch_toeplitz_mma_cfg<T, 1, 2>(a, stream)
+                                        : (launch_toeplitz_mma_cfg<T, 4, 8>(a, stream) ||
+                                           launch_toeplitz_mma_cfg<T, 1, 2>(a, stream)))
+      return true;
+  }
   if (a.KH > kMaxFastKernelSide || a.KW > kMaxFastKernelSide) return false;
   if (toeplitz_small_tile(a.Ho, a.Wo)) return launch_toeplitz_cfg<T, 1, 1>(a, stream);
   // the big tile's shared memory may exceed the device's limit where the small one still fits

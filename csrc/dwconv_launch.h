@@ -16,9 +16,15 @@ void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream);
 void launch_grad_input_strided(const ConvArgs& a, cudaStream_t stream);
 
 // grad_weight: split reduction into a.partial, then a deterministic ordered reduction into a.grad_w.
-void launch_grad_weight(const GradWeightArgs& a, cudaStream_t stream);
+// force_generic: grad_weight_partial_kernel only (else the staged fast kernels where they apply).
+void launch_grad_weight(const GradWeightArgs& a, bool force_generic, cudaStream_t stream);
 
-// the split count launch_grad_weight expects a.splits / the workspace to have (depends on shapes only)
-int64_t grad_weight_splits(int64_t N, int64_t Ho, int64_t Wo, int64_t C);
+// a.vec_x / a.vec_g: the cp.async vector widths (elements) the pointers and strides allow (1 = scalar);
+// needs a.x, a.g, a.xs, a.gs, a.dtype, a.sm_major
+void fill_grad_weight_vectors(GradWeightArgs& a);
+
+// the split count launch_grad_weight expects a.splits / the workspace to have (shapes, dtype, device
+// generation and force_generic only; needs every field but the pointers' data and a.splits)
+int64_t grad_weight_splits(const GradWeightArgs& a, bool force_generic);
 
 }  // namespace lkconv

@@ -3,7 +3,7 @@
 //
 //   lkconv_cuda::forward(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor
 //   lkconv_cuda::grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor
-//   lkconv_cuda::grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, int[] padding, int[] dilation) -> Tensor
+//   lkconv_cuda::grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor
 //
 // padding = (top, bottom, left, right); stride, dilation = (h, w).  algo: 0 = fastest supported
 // kernel, 1 = the generic kernel only (for testing the fast kernels against it).
@@ -205,9 +205,10 @@ at::Tensor dwconv_grad_input(const at::Tensor& grad_out, const at::Tensor& weigh
 }
 
 at::Tensor dwconv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, at::IntArrayRef weight_size,
-                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t algo) {
   check_cuda(grad_out, "grad_out");
   check_cuda(x, "x");
+  TORCH_CHECK(algo == 0 || algo == 1, "lkconv_cuda: algo must be 0 (fastest) or 1 (generic), got ", algo);
   TORCH_CHECK(x.dim() == 4, "lkconv_cuda: x must be 4-D (N, C, H, W), got shape ", x.sizes());
   TORCH_CHECK(grad_out.dim() == 4, "lkconv_cuda: grad_out must be 4-D, got shape ", grad_out.sizes());
   const DType dt = dtype_of(x, "x");
@@ -229,21 +230,23 @@ at::Tensor dwconv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, a
               ", got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_w = poisoned(at::empty({C, 1, KH, KW}, x.options()));
-  const int64_t splits = N > 0 ? grad_weight_splits(N, Ho, Wo, C) : 1;
-  at::Tensor partial = poisoned(at::empty({splits, C, KH * KW}, x.options().dtype(at::kFloat)));
 
   GradWeightArgs a;
   a.x = x.data_ptr();
   a.g = grad_out.data_ptr();
   a.grad_w = grad_w.data_ptr();
-  a.partial = partial.data_ptr<float>();
   a.N = N; a.C = C; a.H = H; a.W = W; a.Ho = Ho; a.Wo = Wo; a.KH = KH; a.KW = KW;
   a.sh = g.sh; a.sw = g.sw; a.dil_h = g.dil_h; a.dil_w = g.dil_w; a.pt = g.pt; a.pl = g.pl;
   set_strides(a.xs, x);
   set_strides(a.gs, grad_out);
-  a.splits = splits;
   a.dtype = dt;
-  launch_grad_weight(a, at::cuda::getCurrentCUDAStream());
+  a.sm_major = at::cuda::getDeviceProperties(x.device().index())->major;
+  fill_grad_weight_vectors(a);
+  const int64_t splits = N > 0 ? grad_weight_splits(a, algo == 1) : 1;
+  at::Tensor partial = poisoned(at::empty({splits, C, KH * KW}, x.options().dtype(at::kFloat)));
+  a.partial = partial.data_ptr<float>();
+  a.splits = splits;
+  launch_grad_weight(a, algo == 1, at::cuda::getCurrentCUDAStream());
   return grad_w;
 }
 
@@ -253,7 +256,8 @@ TORCH_LIBRARY(lkconv_cuda, m) {
   m.def("forward(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor");
   m.def("grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, int[] padding, int[] dilation, "
         "int algo=0) -> Tensor");
-  m.def("grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def("grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, int[] padding, int[] dilation, "
+        "int algo=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lkconv_cuda, CUDA, m) {

@@ -50,6 +50,8 @@ struct GradWeightArgs {
   int64_t gs[4] = {0, 0, 0, 0};
   int64_t splits = 1;        // reduction split count (depends on shapes only -> reproducible)
   DType dtype = DType::kFloat32;
+  int sm_major = 0;          // compute capability major of the device
+  int vec_x = 1, vec_g = 1;  // cp.async vector widths in elements for x / g staging (1 = scalar loads)
 };
 
 }  // namespace lkconv

@@ -2,9 +2,10 @@
 
 The functions are line-by-line transcriptions of the kernels next to this file:
 toeplitz_wmma_kernel and fp32_blocked_kernel in dwconv_forward.cu (same tile constants, staging,
-skip conditions, Toeplitz blocks, sliding window) and grad_weight_partial_kernel +
+skip conditions, Toeplitz blocks, sliding window), grad_weight_partial_kernel +
 grad_weight_reduce_kernel in dwconv_grad_weight.cu (split/lane decomposition, incremental position
-walk).  tests/test_backend_cuda.py runs them on tiny shapes against F.conv2d: they check the index
+walk) and the staged grad_weight kernels there (grad_weight_tc_kernel down to the per-lane ldmatrix
+addresses and mma.sync fragment layouts, grad_weight_ffma_kernel's register block and window).  tests/test_backend_cuda.py runs them on tiny shapes against F.conv2d: they check the index
 math, not the CUDA code generation.  A change to a kernel's tiling is mirrored here.
 """
 import torch
@@ -173,3 +174,313 @@ def emulate_grad_weight(x, g, KH, KW, stride, pt, pl, dil, splits=None, threads=
                     if base + slot < taps:
                         partial[s, c, base + slot] = sum(red[l * P + slot] for l in range(L))
     return partial.sum(0).reshape(C, 1, KH, KW)
+
+
+# ------------------------------------------------------------------------------------------------
+# grad_weight fast path (dwconv_grad_weight.cu): grad_weight_tc_kernel (fp16/bf16) and
+# grad_weight_ffma_kernel (fp32), stride 1, dilation 1, KH, KW <= 64
+# ------------------------------------------------------------------------------------------------
+GWT_RB, GWT_QW, GWT_WARPS, GWT_MAX_K = 16, 64, 4, 64
+
+
+def round_up(v, m):
+    return ceil_div(v, m) * m
+
+
+def gwt_layout(KH, KW, esz, tc):  # transcription of gwt_layout(): element offsets and the byte size
+    kh32, kw32 = round_up(KH, 32), round_up(KW, 32)
+    xr = GWT_RB + kh32 - 1
+    xp = GWT_QW + 8 if tc else GWT_QW + 4
+    gp_log2 = 7 if GWT_QW + kw32 + 8 <= 128 else 8
+    gp = 1 << gp_log2
+    ge_off = round_up(xr * xp, 64)
+    go_off = ge_off + round_up(GWT_RB * gp, 64) + 32 if tc else ge_off + GWT_RB * gp
+    total = go_off + GWT_RB * gp if tc else go_off
+    return dict(xr=xr, xp=xp, gp_log2=gp_log2, gp=gp, ge_off=ge_off, go_off=go_off,
+                bytes=max(total * esz, GWT_WARPS * 32 * 32 * 4))
+
+
+def grad_weight_fast_splits(N, Ho, C):  # grad_weight_splits() on the fast path
+    s = min(ceil_div(N * Ho, 64), ceil_div(1024, max(C, 1)), 1024)
+    return max(s, 1)
+
+
+def gwt_xw(cols_left):  # gwt_xw_log2() as a width
+    return 64 if cols_left > 32 else 32 if cols_left > 16 else 16
+
+
+def gwt_gw(xw, KWP):  # gwt_gw_log2() as a width
+    need = xw + KWP + 8
+    return 64 if need <= 64 else 128 if need <= 128 else 256
+
+
+def _gwt_stage(smem, L, xn, gn, H, W, Wo, pt, oh0, nr, xrows, xw, gw, qa, gal, vec_x, vec_g):
+    """gwt_stage(): x rows < xrows, columns < xw, and grad_out rows < nr, columns < gw, vector by vector,
+    the tail of a vector past the edge zero-filled (cp.async src-size), whole vectors outside the image zero."""
+    assert xrows <= L["xr"] and xw <= GWT_QW and gw <= L["gp"]
+    for e in range(xrows * (xw // vec_x)):
+        r, jv = divmod(e, xw // vec_x)
+        jv *= vec_x
+        ih, q = oh0 - pt + r, qa + jv
+        cnt = min(W - q, vec_x) if (0 <= ih < H and q < W) else 0
+        base = r * L["xp"] + jv
+        for k in range(vec_x):
+            smem[base + k] = float(xn[ih, q + k]) if k < cnt else 0.0
+    for e in range(nr * (gw // vec_g)):
+        i, v = divmod(e, gw // vec_g)
+        v *= vec_g
+        col = gal + v
+        assert col >= 0 or col + vec_g <= 0, "a grad_out vector straddles column 0"
+        cnt = min(Wo - col, vec_g) if 0 <= col < Wo else 0
+        base = L["ge_off"] + i * L["gp"] + v
+        for k in range(vec_g):
+            smem[base + k] = float(gn[oh0 + i, col + k]) if k < cnt else 0.0
+
+
+def _mma_m16n8k16(acc, a_regs, b0, b1):
+    """mma.sync.m16n8k16.row.col on the per-lane fragments (PTX ISA layout): a_regs[lane] = 4 pairs,
+    b0/b1[lane] = pairs, acc[lane] = 4 fp32 (c0..c3), updated in place.  g = lane / 4, t = lane % 4:
+    a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..); b0 (k = 2t..2t+1, n = g),
+    b1 (k = 2t+8.., n = g); c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)."""
+    A = torch.full((16, 16), float("nan"), dtype=torch.float64)
+    B = torch.full((16, 8), float("nan"), dtype=torch.float64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for reg, (ro, co) in enumerate([(0, 0), (8, 0), (0, 8), (8, 8)]):
+            A[g + ro, 2 * t + co], A[g + ro, 2 * t + co + 1] = a_regs[lane][reg]
+        B[2 * t, g], B[2 * t + 1, g] = b0[lane]
+        B[2 * t + 8, g], B[2 * t + 9, g] = b1[lane]
+    assert not torch.isnan(A).any() and not torch.isnan(B).any(), "fragment element not loaded"
+    D = A @ B
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        acc[lane][0] += float(D[g, 2 * t]); acc[lane][1] += float(D[g, 2 * t + 1])
+        acc[lane][2] += float(D[g + 8, 2 * t]); acc[lane][3] += float(D[g + 8, 2 * t + 1])
+
+
+def _ldmatrix_x4(smem, lane_addr):
+    """ldmatrix.m8n8.x4.b16: lane l gives the address of row l % 8 of matrix l // 8; lane T receives, from
+    each matrix, row T / 4, elements 2 (T % 4) and 2 (T % 4) + 1."""
+    regs = []
+    for T in range(32):
+        regs.append([(smem[lane_addr[8 * mi + T // 4] + 2 * (T % 4)], smem[lane_addr[8 * mi + T // 4] + 2 * (T % 4) + 1])
+                     for mi in range(4)])
+    return regs
+
+
+def emulate_grad_weight_fast(x, g, KH, KW, pt, pl, tc, vec_x=1, vec_g=1, splits=None):
+    """Transcription of grad_weight_tc_kernel (tc=True: per-lane ldmatrix addresses, B pairs from Ge / Go,
+    m16n8k16 fragments) or grad_weight_ffma_kernel (tc=False: 4 x 8 register block, 15-value window), then
+    the warp-order epilogue and grad_weight_reduce_kernel.  Shared memory is a flat array initialised to
+    NaN, so a read of anything not staged shows up in the result."""
+    N, C, H, W = x.shape
+    Ho, Wo = g.shape[2:]
+    assert KH <= GWT_MAX_K and KW <= GWT_MAX_K
+    esz = 2 if tc else 4
+    L = gwt_layout(KH, KW, esz, tc)
+    gp = L["gp"]
+    taps, NHo = KH * KW, N * Ho
+    splits = splits or grad_weight_fast_splits(N, Ho, C)
+    chunk = ceil_div(NHo, splits)
+    TWg = ceil_div(KW, 32)
+    TG = ceil_div(KH, 32) * TWg
+    WPG = GWT_WARPS // TG
+    KWP = 32 * TWg
+    partial = torch.full((splits, C, taps), float("nan"), dtype=torch.float64)
+    for c in range(C):
+        for s in range(splits):
+            smem = [float("nan")] * (L["bytes"] // esz)
+            rho0 = s * chunk
+            rho1 = min(rho0 + chunk, NHo)
+            acc = [[[0.0] * 4 for _ in range(32)] for _ in range(GWT_WARPS * 8)] if tc else \
+                [[[0.0] * 32 for _ in range(32)] for _ in range(GWT_WARPS)]
+            rho = rho0
+            while rho < rho1:
+                n, oh0 = divmod(rho, Ho)
+                nr = min(GWT_RB, rho1 - rho, Ho - oh0)
+                for qa in range(0, W, GWT_QW):
+                    gbase = qa + pl - KWP
+                    gal = (gbase // vec_g) * vec_g  # floor_div
+                    delta = gbase - gal
+                    xrows = nr + (round_up(KH, 16) if tc else round_up(KH, 32)) - 1
+                    xw = gwt_xw(W - qa)
+                    gw = gwt_gw(xw, KWP)
+                    _gwt_stage(smem, L, x[n, c], g[n, c], H, W, Wo, pt, oh0, nr, xrows, xw, gw, qa, gal, vec_x, vec_g)
+                    if tc:
+                        wpr = gw // 2  # staged words per row
+                        for e in range(nr * wpr):  # Go word w = (high half of Ge word w, low half of word w + 1)
+                            k = e % wpr
+                            w = (e // wpr) * (gp // 2) + k
+                            smem[L["go_off"] + 2 * w] = smem[L["ge_off"] + 2 * w + 1]
+                            smem[L["go_off"] + 2 * w + 1] = 0.0 if k + 1 == wpr else smem[L["ge_off"] + 2 * w + 2]
+                    for warp in range(GWT_WARPS):
+                        tg, wr = divmod(warp, WPG)
+                        khg, kwg = 32 * (tg // TWg), 32 * (tg % TWg)
+                        for i in range(wr, nr, WPG):
+                            if tc:  # gwt_tc_rows<T, mb, nb>: tiles and chunks fixed per (warp, window)
+                                cols = W - qa
+                                nq = GWT_QW // 16 if cols >= GWT_QW else ceil_div(cols, 16)
+                                mb = 2 if khg + 16 < KH else 1
+                                nb = 4 if KW - kwg >= 32 else ceil_div(KW - kwg, 8)
+                                a_base = [(khg + (l & 15)) * L["xp"] + (l >> 4) * 8 for l in range(32)]
+                                for qc in range(nq):
+                                    af = {}
+                                    for mt in range(mb):
+                                        addr = [a_base[l] + i * L["xp"] + 16 * mt * L["xp"] + 16 * qc for l in range(32)]
+                                        assert max(addr) // L["xp"] < xrows and max(addr) % L["xp"] + 8 <= xw
+                                        af[mt] = _ldmatrix_x4(smem, addr)
+                                    for nt in range(nb):
+                                        b0, b1 = [], []
+                                        for lane in range(32):
+                                            g4, t4 = lane >> 2, lane & 3
+                                            odd = (delta + g4) & 1
+                                            brow0 = L["go_off"] - 1 if odd else L["ge_off"]
+                                            v0 = 2 * t4 + KWP - kwg - g4 + delta
+                                            p = brow0 + i * gp + v0 + 16 * qc - 8 * nt
+                                            assert p % 2 == 0 and 0 <= v0 + 16 * qc - 8 * nt - odd and \
+                                                v0 + 16 * qc - 8 * nt + 9 - odd < gw
+                                            b0.append((smem[p], smem[p + 1]))
+                                            b1.append((smem[p + 8], smem[p + 9]))
+                                        for mt in range(mb):
+                                            _mma_m16n8k16(acc[warp * 8 + mt * 4 + nt], af[mt], b0, b1)
+                            else:
+                                for j0 in range(0, GWT_QW, 8):
+                                    if qa + j0 >= W:
+                                        break
+                                    for lane in range(32):
+                                        khb, kwb = lane >> 2, lane & 3
+                                        grow = L["ge_off"] + i * gp + KWP - kwg - 8 * kwb - 7 + delta
+                                        wv = [smem[grow + j0 + m] for m in range(15)]
+                                        assert grow + j0 >= L["ge_off"] + i * gp and grow + j0 + 14 < L["ge_off"] + i * gp + gw
+                                        xrow = (i + khg + khb) * L["xp"]
+                                        assert i + khg + khb + 24 < xrows and j0 + 8 <= xw
+                                        a_ = acc[warp][lane]
+                                        for ai in range(4):
+                                            xv = smem[xrow + 8 * ai * L["xp"] + j0: xrow + 8 * ai * L["xp"] + j0 + 8]
+                                            for jj in range(8):
+                                                for b in range(8):
+                                                    a_[ai * 8 + b] += xv[jj] * wv[jj + 7 - b]
+                rho += nr
+            # epilogue: red[warp][32][32], then the warps of each tap group in warp order
+            red = [[[float("nan")] * 32 for _ in range(32)] for _ in range(GWT_WARPS)]
+            for warp in range(GWT_WARPS):
+                for lane in range(32):
+                    if tc:
+                        g4, t4 = lane >> 2, lane & 3
+                        for mt in range(2):
+                            for nt in range(4):
+                                for r in range(4):
+                                    red[warp][16 * mt + g4 + 8 * (r >> 1)][8 * nt + 2 * t4 + (r & 1)] = \
+                                        acc[warp * 8 + mt * 4 + nt][lane][r]
+                    else:
+                        khb, kwb = lane >> 2, lane & 3
+                        for ai in range(4):
+                            for b in range(8):
+                                red[warp][khb + 8 * ai][8 * kwb + b] = acc[warp][lane][ai * 8 + b]
+            for e in range(TG * 1024):
+                tgi, row, col = e >> 10, (e >> 5) & 31, e & 31
+                kh, kw = 32 * (tgi // TWg) + row, 32 * (tgi % TWg) + col
+                if kh < KH and kw < KW:
+                    partial[s, c, kh * KW + kw] = sum(red[tgi * WPG + w2][row][col] for w2 in range(WPG))
+    out = torch.zeros(C, taps, dtype=torch.float64)
+    for s in range(splits):  # grad_weight_reduce_kernel: split order
+        out += partial[s]
+    return out.reshape(C, 1, KH, KW)
+
+
+# ------------------------------------------------------------------------------------------------
+# toeplitz_mma_kernel (dwconv_forward.cu): raw ldmatrix + mma.sync row-Toeplitz forward, fp16/bf16,
+# stride 1, dilation 1, KH, KW <= 64; configs (WARPS, NT) = (4, 8) -> 64 x 64, (1, 2) -> 16 x 16
+# ------------------------------------------------------------------------------------------------
+TM_FO, TM_MAX_K = 22, 64
+
+
+def tm_layout(KH, KW, BM, BN):  # transcription of tm_layout()
+    rows = BM + KH - 1
+    xc = 16 * ((7 + BN - 1 + KW + 15) // 16)
+    xp = xc + 8
+    fp = round_up(KW + 2 * TM_FO, 8)
+    fe_off = round_up(rows * xp, 64)
+    fo_off = fe_off + round_up(KH * fp, 64) + 32
+    return dict(rows=rows, xc=xc, xp=xp, fp=fp, fe_off=fe_off, fo_off=fo_off, bytes=(fo_off + KH * fp) * 2)
+
+
+def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1):
+    """Transcription of toeplitz_mma_kernel: staging (vectors with zero-filled tails), Fe / Fo filter rows,
+    per-warp kh / chunk ranges, per-lane ldmatrix addresses and B pairs, the band test, m16n8k16 fragments,
+    the epilogue.  Shared memory is a flat NaN-initialised array per CTA; every read is bounds-asserted."""
+    if config is None:
+        config = (1, 2) if toeplitz_small_tile(Ho, Wo) else (4, 8)
+    WARPS, NT = config
+    BM, BN = 16 * WARPS, 8 * NT
+    N, C, H, W = x.shape
+    KH, KW = w.shape[2], w.shape[3]
+    assert KH <= TM_MAX_K and KW <= TM_MAX_K
+    L = tm_layout(KH, KW, BM, BN)
+    assert L["bytes"] <= 227 * 1024  # (> 48 KB: the launcher's opt-in)
+    y = torch.full((N, C, Ho, Wo), float("nan"), dtype=torch.float64)
+    for n in range(N):
+        for c in range(C):
+            f = w[c, 0].double()
+            for by in range(ceil_div(Wo, BN)):
+                for bz in range(ceil_div(Ho, BM)):
+                    ow0, oh0 = by * BN, bz * BM
+                    c0 = ((ow0 - pl) // 8) * 8
+                    s0 = ow0 - pl - c0
+                    smem = [float("nan")] * (L["bytes"] // 2)
+                    for r in range(L["rows"]):  # warp-strided rows, lane-strided vectors
+                        ih = oh0 - pt + r
+                        for j in range(0, L["xc"], vec_x):
+                            col = c0 + j
+                            assert col >= 0 or col + vec_x <= 0
+                            cnt = min(W - col, vec_x) if (0 <= ih < H and 0 <= col < W) else 0
+                            for k in range(vec_x):
+                                smem[r * L["xp"] + j + k] = float(x[n, c, ih, col + k]) if k < cnt else 0.0
+                    for kh in range(KH):
+                        for u in range(L["fp"]):
+                            kw = u - TM_FO
+                            smem[L["fe_off"] + kh * L["fp"] + u] = float(f[kh, kw]) if 0 <= kw < KW else 0.0
+                    wpr = L["fp"] // 2
+                    for kh in range(KH):
+                        for k in range(wpr):
+                            wd = kh * wpr + k
+                            smem[L["fo_off"] + 2 * wd] = smem[L["fe_off"] + 2 * wd + 1]
+                            smem[L["fo_off"] + 2 * wd + 1] = smem[L["fe_off"] + 2 * wd + 2] if k + 1 < wpr else 0.0
+                    nkc = (s0 + BN - 1 + KW + 15) // 16
+                    kc_lo = max((-c0) // 16, 0)
+                    kc_hi = min(ceil_div(W - c0, 16), nkc)
+                    b = 0.0 if bias is None else float(bias[c])
+                    for warp in range(WARPS):
+                        acc = [[[0.0] * 4 for _ in range(32)] for _ in range(NT)]
+                        kh_lo = min(max(pt - oh0 - 16 * warp - 15, 0), KH)
+                        kh_hi = min(max(H + pt - oh0 - 16 * warp, 0), KH)
+                        for kh in range(kh_lo, kh_hi):
+                            for kc in range(kc_lo, kc_hi):
+                                addr = [(warp * 16 + (l & 15)) * L["xp"] + (l >> 4) * 8 + kh * L["xp"] + 16 * kc
+                                        for l in range(32)]
+                                assert max(addr) // L["xp"] < L["rows"] and max(addr) % L["xp"] + 8 <= L["xc"]
+                                af = _ldmatrix_x4(smem, addr)
+                                kw_top = 16 * kc - s0 + 15
+                                for nt in range(NT):
+                                    if not 0 <= kw_top - 8 * nt <= KW + 21:  # the unsigned band test
+                                        continue
+                                    b0, b1 = [], []
+                                    for lane in range(32):
+                                        g4, t4 = lane >> 2, lane & 3
+                                        odd = (s0 + g4) & 1
+                                        base = (L["fo_off"] - 1 if odd else L["fe_off"]) + 2 * t4 - g4 - s0 + TM_FO
+                                        p = base + kh * L["fp"] + 16 * kc - 8 * nt
+                                        u = p - (L["fo_off"] - 1 if odd else L["fe_off"]) - kh * L["fp"]
+                                        assert p % 2 == 0 and u - odd >= 0 and u + 9 - odd < L["fp"]
+                                        b0.append((smem[p], smem[p + 1]))
+                                        b1.append((smem[p + 8], smem[p + 9]))
+                                    _mma_m16n8k16(acc[nt], af, b0, b1)
+                        for nt in range(NT):  # (the kernel stores the pairs r = 0, 1 / 2, 3 as one word when it can)
+                            for lane in range(32):
+                                g4, t4 = lane >> 2, lane & 3
+                                for r in range(4):
+                                    oh = oh0 + 16 * warp + g4 + 8 * (r >> 1)
+                                    ow = ow0 + 8 * nt + 2 * t4 + (r & 1)
+                                    if oh < Ho and ow < Wo:
+                                        y[n, c, oh, ow] = acc[nt][lane][r] + b
+    return y

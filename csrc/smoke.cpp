@@ -15,7 +15,7 @@ using ForwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::op
 using GradInFn = at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,
                             c10::IntArrayRef, c10::IntArrayRef, int64_t);
 using GradWFn = at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
-                           c10::IntArrayRef);
+                           c10::IntArrayRef, int64_t);
 
 // y = depthwise conv (stride 1, dilation 1, padding pt/pl, output Ho x Wo), double precision CPU loop
 static at::Tensor cpu_conv(const at::Tensor& x, const at::Tensor& w, int64_t pt, int64_t pl, int64_t Ho, int64_t Wo) {
@@ -78,7 +78,7 @@ int main() {
       auto g = at::randn({N, C, H, W}, opts);
       auto y = forward.call(x, w, std::nullopt, {1, 1}, {p, p, p, p}, {1, 1}, algo);
       auto gx = gin.call(g, w, {N, C, H, W}, {1, 1}, {p, p, p, p}, {1, 1}, algo);
-      auto dw = gw.call(g, x, {C, 1, K, K}, {1, 1}, {p, p, p, p}, {1, 1});
+      auto dw = gw.call(g, x, {C, 1, K, K}, {1, 1}, {p, p, p, p}, {1, 1}, algo);
       auto y_ref = cpu_conv(x, w, p, p, H, W);
       auto gx_ref = cpu_conv(g, w.flip({2, 3}), K - 1 - p, K - 1 - p, H, W);
       // dW[c, a, b] = sum x[n, c, i - p + a, j - p + b] * g[n, c, i, j]: correlate x with g

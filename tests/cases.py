@@ -133,6 +133,15 @@ CUDA_CASES = _table(
     Case('big_tile_multi', (1, 3, 150, 140), (31, 31), padding=15, bias=True),
     Case('batch0', (0, 3, 8, 8), (5, 5), padding=2, bias=True),
     Case('batch1', (1, 3, 8, 8), (5, 5), padding=2, bias=True),
+    # RepLKNet-31B's later stages (16x16 tile; staging vectors 8 B / 4 B / scalar in fp16/bf16 NCHW)
+    Case('k29_28', (2, 3, 28, 28), (29, 29), padding=14, bias=True),
+    Case('k27_14', (2, 3, 14, 14), (27, 27), padding=13, bias=True),
+    Case('k13_7', (2, 3, 7, 7), (13, 13), padding=6, bias=True),
+    # SLaK-style 51 x 5 / 5 x 51 (raw mma.sync kernel, K > 32)
+    Case('slak_5x51', (2, 3, 28, 30), (5, 51), padding=(2, 25), bias=True),
+    Case('slak_51x5_56', (1, 2, 56, 56), (51, 5), padding=(25, 2), bias=True),
+    # K > 64: the wmma tensor-core kernel (fp16/bf16) stays the fast path there
+    Case('k71_wmma', (1, 2, 80, 90), (71, 71), padding=35, bias=True),
 )
 
 #: tiny shapes for the Triton interpreter (tiles are 16x16: 17..20 gives partial tiles)

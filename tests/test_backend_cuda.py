@@ -17,7 +17,7 @@ import lkconv
 from lkconv.backends import Request
 from lkconv.backends import cuda as cuda_backend
 from lkconv.params import normalize_params
-from lkconv.testing import compare_all_passes
+from lkconv.testing import compare_all_passes, tolerance
 
 from cases import CUDA_CASES, LAYOUTS, make_inputs
 
@@ -29,7 +29,7 @@ SCHEMAS = {
     "grad_input": "lkconv_cuda::grad_input(Tensor grad_out, Tensor weight, int[] input_size, int[] stride, "
                   "int[] padding, int[] dilation, int algo=0) -> Tensor",
     "grad_weight": "lkconv_cuda::grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, "
-                   "int[] padding, int[] dilation) -> Tensor",
+                   "int[] padding, int[] dilation, int algo=0) -> Tensor",
 }
 
 
@@ -197,7 +197,8 @@ def test_all_passes_vs_reference(case, dtype, layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case", ["k7", "k31", "k63", "even_k8_same", "asym_pad", "k_gt_h_31_on_7", "tall_130",
-                                  "wide_150", "dilation2_k7", "k31_56", "big_tile_multi"])
+                                  "wide_150", "dilation2_k7", "k31_56", "big_tile_multi", "k29_28", "k27_14", "k13_7",
+                                  "slak_5x51", "slak_51x5_56", "k71_wmma"])
 def test_fast_kernels_match_generic(case, dtype):
     """The fast kernels (algo 0) agree with the generic ones (algo 1) within the dtype's rounding."""
     x, w, b, s, p, d = _make(case, DTYPES[dtype], "nchw")
@@ -381,6 +382,10 @@ EMU_KERNELS = {
     "toeplitz_16x16": lambda *a: EMU.emulate_toeplitz(*a, config=(1, 1)),
     "toeplitz_auto": EMU.emulate_toeplitz,
     "fp32_blocked": EMU.emulate_fp32_blocked,
+    # the raw ldmatrix + mma.sync kernel: each config with a staging vector width (16 B, 4 B, scalar)
+    "toeplitz_mma_64x64_v8": lambda *a: EMU.emulate_toeplitz_mma(*a, config=(4, 8), vec_x=8),
+    "toeplitz_mma_16x16_v2": lambda *a: EMU.emulate_toeplitz_mma(*a, config=(1, 2), vec_x=2),
+    "toeplitz_mma_auto": EMU.emulate_toeplitz_mma,
 }
 
 
@@ -434,3 +439,167 @@ def test_grad_weight_decomposition_emulated(case):
     (gw_ref,) = torch.autograd.grad(out, w, g)
     gw = EMU.emulate_grad_weight(x, g, KH, KW, st, t, l, dil, splits, threads)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+
+
+# grad_weight fast path (grad_weight_tc_kernel / grad_weight_ffma_kernel), host emulation:
+# (N, C, H, W, KH, KW, (top, bottom, left, right), vec_x, vec_g, splits)
+GRAD_WEIGHT_FAST_EMU = {
+    "k5_two_images": (2, 1, 9, 11, 5, 5, (2, 2, 2, 2), 1, 1, None),          # batches stop at the image edge
+    "k5_splits_mid_image": (2, 1, 9, 11, 5, 5, (2, 2, 2, 2), 2, 2, 3),        # split boundaries inside an image
+    "k13_asym": (1, 1, 7, 20, 13, 13, (6, 7, 5, 0), 4, 4, None),
+    "k31_on_5x6": (1, 1, 5, 6, 31, 31, (15, 15, 15, 15), 2, 2, None),        # K > H, K > W
+    "wide_70_two_windows": (1, 1, 4, 70, 3, 17, (1, 1, 8, 8), 4, 8, None),   # W > 64: two column windows, tails
+    "tall_40_batches": (2, 2, 40, 9, 3, 3, (1, 1, 1, 1), 1, 1, 5),           # > 16 rows: several batches per split
+    "k40_four_tap_groups": (1, 1, 6, 7, 40, 40, (20, 19, 20, 19), 1, 2, None),
+    "rect_5x40_two_groups": (1, 1, 6, 9, 5, 40, (2, 2, 20, 19), 2, 4, None),
+    "rect_40x5_two_groups": (1, 1, 6, 9, 40, 5, (20, 19, 2, 2), 2, 2, None),
+    "pad_gt_k": (1, 1, 4, 5, 3, 3, (4, 5, 3, 6), 1, 1, None),
+    "k64_valid": (1, 1, 64, 66, 64, 64, (0, 0, 0, 0), 2, 2, None),            # the largest kernel of the path
+}
+
+
+@pytest.mark.parametrize("tc", [True, False], ids=["tc", "ffma"])
+@pytest.mark.parametrize("case", list(GRAD_WEIGHT_FAST_EMU), ids=list(GRAD_WEIGHT_FAST_EMU))
+def test_grad_weight_fast_emulated(case, tc):
+    N, C, H, W, KH, KW, pad, vec_x, vec_g, splits = GRAD_WEIGHT_FAST_EMU[case]
+    if not tc:  # fp32: 16-byte vectors are 4 elements
+        vec_x, vec_g = min(vec_x, 4), min(vec_g, 4)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64, requires_grad=True)
+    t, bo, l, r = pad
+    F = torch.nn.functional
+    out = F.conv2d(F.pad(x, (l, r, t, bo)), w, None, groups=C)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (gw_ref,) = torch.autograd.grad(out, w, g)
+    gw = EMU.emulate_grad_weight_fast(x, g, KH, KW, t, l, tc, vec_x, vec_g, splits)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_grad_weight_fast_layout_fits_default_smem():
+    # every kernel size of the fast path stays within the 48 KB a launch gets without an opt-in
+    for tc, esz in ((True, 2), (False, 4)):
+        for k in (1, 13, 31, 32, 33, 64):
+            lay = EMU.gwt_layout(k, k, esz, tc)
+            assert lay["bytes"] <= 48 * 1024, (tc, k, lay)
+            assert lay["ge_off"] >= lay["xr"] * lay["xp"] and lay["gp"] >= 64 + 32 * -(-k // 32) + 8
+            if tc:  # ldmatrix rows on distinct 16-B bank groups; Go 16 banks away from Ge
+                assert (lay["xp"] * esz // 16) % 2 == 1
+                assert ((lay["go_off"] - lay["ge_off"]) * esz // 4) % 32 == 16
+
+
+# GPU: the fast grad_weight kernels against the generic one (algo 1) and the reference.  Widths chosen for
+# the staging vector widths: W=56 (16-B rows), 28 (8-B fp16/bf16, 16-B fp32), 14 (4-B / 8-B), 7 (scalar);
+# "sliced" shifts the base pointer (scalar or narrower vectors), channels_last is always scalar.
+GRAD_WEIGHT_FAST_CASES = {
+    "k31_56": (2, 3, 56, 56, 31, 31, 15),
+    "k29_28": (2, 4, 28, 28, 29, 29, 14),
+    "k27_14": (3, 4, 14, 14, 27, 27, 13),
+    "k13_7": (4, 5, 7, 7, 13, 13, 6),
+    "k5_wide_150": (1, 2, 10, 150, 5, 5, 2),
+    "k64_even": (1, 2, 70, 72, 64, 64, 32),
+    "k40x7": (2, 2, 30, 33, 40, 7, (20, 3)),
+}
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(GRAD_WEIGHT_FAST_CASES), ids=list(GRAD_WEIGHT_FAST_CASES))
+def test_grad_weight_fast_vs_generic_and_reference(case, dtype, layout):
+    from lkconv.backends.reference import reference_grad_weight
+
+    N, C, H, W, KH, KW, p = GRAD_WEIGHT_FAST_CASES[case]
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(4)
+    if layout == "sliced":
+        x = torch.randn(N, C + 1, H + 1, W + 3, generator=gen).to(dt).cuda()[:, 1:, 1:, 1:W + 1]
+    else:
+        x = torch.randn(N, C, H, W, generator=gen).to(dt).cuda()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    pr = normalize_params(1, p, 1, (KH, KW))
+    st, pad, dil = pr.as_lists()
+    Ho, Wo = H + pad[0] + pad[1] - KH + 1, W + pad[2] + pad[3] - KW + 1
+    g = torch.randn(N, C, Ho, Wo, generator=gen).to(dt).cuda()
+    if layout == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    ops = torch.ops.lkconv_cuda
+    fast = ops.grad_weight(g, x, [C, 1, KH, KW], st, pad, dil, 0)
+    generic = ops.grad_weight(g, x, [C, 1, KH, KW], st, pad, dil, 1)
+    ref = reference_grad_weight(g.double(), x.double(), (C, 1, KH, KW), pr)
+    # the project's tolerance rule: the dtype's floor plus twice PyTorch's own error in this dtype
+    w0 = torch.zeros(C, 1, KH, KW, dtype=dt, device="cuda", requires_grad=True)
+    F = torch.nn.functional
+    out = F.conv2d(F.pad(x, (pad[2], pad[3], pad[0], pad[1])), w0, None, groups=C)
+    (torch_d,) = torch.autograd.grad(out, w0, g)
+    tol = tolerance(ref, torch_d, dt)
+    assert fast.dtype == dt and fast.shape == (C, 1, KH, KW)
+    torch.testing.assert_close(fast.double(), ref, atol=tol, rtol=0)
+    torch.testing.assert_close(fast.double(), generic.double(), atol=tol, rtol=0)
+    again = ops.grad_weight(g, x, [C, 1, KH, KW], st, pad, dil, 0)
+    assert torch.equal(fast, again)  # deterministic
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_grad_weight_fast_poisoned_workspace(dtype, monkeypatch):
+    # with NaN-filled outputs and workspace, every partial must be written by the fast kernel
+    monkeypatch.setenv("LKCONV_POISON_OUTPUTS", "1")
+    dt = DTYPES[dtype]
+    x = torch.randn(3, 5, 20, 21, device="cuda").to(dt)
+    g = torch.randn(3, 5, 20, 21, device="cuda").to(dt)
+    gw = torch.ops.lkconv_cuda.grad_weight(g, x, [5, 1, 33, 9], [1, 1], [16, 16, 4, 4], [1, 1], 0)
+    assert torch.isfinite(gw).all()
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_grad_weight_fast_nonfinite_inputs(dtype):
+    """The staged grad_weight multiplies the zero-filled grad_out border by in-image x values, so an Inf/NaN
+    can turn more taps NaN than F.conv2d; never a finite tap where the reference is non-finite."""
+    from lkconv.backends.reference import reference_grad_weight
+    from lkconv.testing import nonfinite_contract_violations
+
+    dt = DTYPES[dtype]
+    x = torch.randn(2, 3, 28, 28, device="cuda").to(dt)
+    g = torch.randn(2, 3, 28, 28, device="cuda").to(dt)
+    x[0, 1, 5, 7] = float("inf")
+    g[1, 2, 20, 3] = float("nan")
+    pr = normalize_params(1, 14, 1, (29, 29))
+    gw = torch.ops.lkconv_cuda.grad_weight(g, x, [3, 1, 29, 29], *pr.as_lists(), 0)
+    ref = reference_grad_weight(g.double().cpu(), x.double().cpu(), (3, 1, 29, 29), pr)
+    assert not nonfinite_contract_violations(gw, ref, dt)
+
+
+# toeplitz_mma_kernel for 32 < K <= 64 (more than 48 KB of shared memory for the 64 x 64 tile: opt-in):
+# (C, H, W, KH, KW, (top, bottom, left, right), (WARPS, NT), vec_x)
+TOEPLITZ_MMA_LARGE_K = {
+    "k5x51_16x16_v2": (1, 6, 20, 5, 51, (2, 2, 25, 25), (1, 2), 2),
+    "k5x51_64x64_v8": (1, 6, 20, 5, 51, (2, 2, 25, 25), (4, 8), 8),
+    "k40x36_small": (1, 5, 9, 40, 36, (20, 19, 18, 17), (1, 2), 1),
+    "k64_on_4x5": (1, 4, 5, 64, 64, (32, 31, 32, 31), (1, 2), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(TOEPLITZ_MMA_LARGE_K), ids=list(TOEPLITZ_MMA_LARGE_K))
+def test_toeplitz_mma_large_kernels_emulated(case):
+    C, H, W, KH, KW, pad, config, vec_x = TOEPLITZ_MMA_LARGE_K[case]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64)
+    b = torch.randn(C, generator=gen, dtype=torch.float64)
+    t, bo, l, r = pad
+    F = torch.nn.functional
+    ref = F.conv2d(F.pad(x, (l, r, t, bo)), w, b, groups=C)
+    Ho, Wo = ref.shape[2:]
+    y = EMU.emulate_toeplitz_mma(x, w, b, t, l, Ho, Wo, config, vec_x)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    gx = EMU.emulate_toeplitz_mma(g, w.flip(2, 3), None, KH - 1 - t, KW - 1 - l, H, W, config, vec_x)
+    xr = x.clone().requires_grad_(True)
+    (gx_ref,) = torch.autograd.grad(F.conv2d(F.pad(xr, (l, r, t, bo)), w, None, groups=C), xr, g)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)

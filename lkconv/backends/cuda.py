@@ -2,20 +2,22 @@
 
 Kernels (see docs/cuda_backend.md):
 
-* fp16/bf16, stride 1, dilation 1 (sm80+): row-Toeplitz implicit GEMM on tensor cores (nvcuda::wmma
-  m16n16k16, fp32 accumulate);
+* fp16/bf16, stride 1, dilation 1 (sm80+): row-Toeplitz implicit GEMM on tensor cores (raw ldmatrix +
+  mma.sync m16n8k16 for K <= 64, nvcuda::wmma m16n16k16 above; fp32 accumulate);
 * fp32, stride 1, dilation 1: register-blocked direct convolution on CUDA cores (IEEE fp32; the
   TF32 path is not implemented, so ``torch.backends.cudnn.allow_tf32`` does not change results);
 * everything else (stride > 1, dilation, shared memory too small, ...): a simple generic kernel per
   pass, fp32 accumulation;
 * grad_input with stride 1 is the forward with the flipped kernel; grad_weight is a split reduction
-  with fp32 partials and an ordered (always deterministic) final sum.
+  with fp32 partials and an ordered (always deterministic) final sum: x and grad_out rows staged in
+  shared memory and reused by every tap, on tensor cores (fp16/bf16, mma.sync m16n8k16) or register-
+  blocked FFMA (fp32) for stride 1, dilation 1, K <= 64; a generic split kernel otherwise.
 
 Loading, lazily (never at ``import lkconv``): the ops are already registered -> use them; else
 ``import lkconv._C`` (built by ``pip install --no-build-isolation -e .`` / ``python setup.py
 build_ext --inplace`` with a CUDA toolkit and a CUDA build of torch); else, when ``LKCONV_JIT=1``,
 JIT-build csrc/ with ``torch.utils.cpp_extension.load`` (ninja).  ``LKCONV_CUDA_ALGO=generic`` forces
-the generic kernels (debugging the fast ones).
+the generic kernels of all three passes (debugging the fast ones).
 """
 from __future__ import annotations
 
@@ -186,5 +188,5 @@ class CUDABackend(Backend):
         if grad_out.dtype != x.dtype:
             grad_out = grad_out.to(x.dtype)
         return torch.ops.lkconv_cuda.grad_weight(
-            grad_out, x, list(weight_shape), list(p.stride), list(p.padding), list(p.dilation)
+            grad_out, x, list(weight_shape), list(p.stride), list(p.padding), list(p.dilation), self.algo
         )
