@@ -112,6 +112,19 @@ def cmd_info(args) -> int:
         if desc:
             print(f"  {' ' * width}  {desc}")
     print()
+    from lkconv.backends import routing
+
+    print("auto on CUDA tensors, per pass (backends/routing.py; lkconv backends expected to beat PyTorch,")
+    print(f"fastest first; K >= {routing.LARGE_KERNEL}, stride 1, dilation 1; times in µs are modelled unless "
+          "marked measured):")
+    for row in routing.route_table():
+        times = ", ".join(f"{be} {t:.0f}" for be, t in row["times"].items() if t is not None)
+        measured = [be for be, b in row["basis"].items() if b.startswith("measured")]
+        print(f"  {row['dtype']:4s} {row['shape'] + '²':4s} {row['pass_']:11s} -> {' > '.join(row['order']):22s}"
+              f" ({times}{'; measured: ' + ','.join(measured) if measured else ''})")
+    print("  cuda/triton: " + routing.MODEL_BASIS + "; torch: " + routing.TORCH_BASIS
+          + " (docs/performance_model.md)")
+    print()
     devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("auto picks (N=8, C=128, 56x56, padding K//2):")
     for dev in devs:

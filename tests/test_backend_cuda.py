@@ -274,9 +274,13 @@ def test_nonfinite_inputs(dtype):
 @requires_cuda_backend
 @pytest.mark.gpu
 def test_auto_picks_cuda():
-    x, w, b, s, p, d = _make("k7", torch.float16, "nchw")
-    pr = normalize_params(s, p, d, (7, 7))
+    """auto follows the routing table on a GPU: the 56x56/K31 fp16 layer runs every pass on cuda
+    (modelled fastest); a 7x7 kernel has no model, so PyTorch."""
+    x, w, b, s, p, d = _make("k31_56", torch.float16, "nchw")
+    pr = normalize_params(s, p, d, (31, 31))
     assert lkconv.backends.resolve_backend("auto", x, w, pr) == "cuda"
+    x, w, b, s, p, d = _make("k7", torch.float16, "nchw")
+    assert lkconv.backends.resolve_backend("auto", x, w, normalize_params(s, p, d, (7, 7))) == "torch"
 
 
 @requires_cuda_backend

@@ -5,11 +5,14 @@ extension, a GPU) is touched until a backend is actually asked for.
 
 ``auto`` resolves, per call and *before* the op runs, to a concrete backend:
 
-* CUDA tensors: ``cuda`` (compiled implicit-GEMM extension) -> ``triton`` -> ``torch``
+* CUDA tensors: per pass, the order of the routing table (:mod:`.routing`): the lkconv backends
+  (``cuda``, ``triton``) expected to beat PyTorch for that pass, dtype and shape class, fastest
+  first, then ``torch``; the result is one name, or a per-pass route
+  (``"forward=cuda;grad_input=cuda;grad_weight=triton"``) that every op reads its own pass from
 * CPU tensors:  ``cpu`` (direct / FFT, by measured threshold) -> ``torch``
 * anything else (meta, ...): ``torch``
 
-The first backend in the chain that is available and supports the case wins.  The choice can be
+The first backend in the order that is available and supports the case wins.  The choice can be
 overridden process-wide with :func:`set_backend`, for a block with :func:`use_backend` (a
 ``contextvars.ContextVar``: per thread and per asyncio task; it wins over :func:`set_backend`), or
 per call with ``backend=``.
@@ -24,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..params import ConvParams
+from . import routing
 from .base import (
     PASSES,
     Backend,
@@ -58,9 +62,8 @@ __all__ = [
 _FACTORIES: Dict[str, Callable[[], Backend]] = {}
 _INSTANCES: Dict[str, Backend] = {}
 
-#: the order ``auto`` tries backends in, per device type
+#: the order ``auto`` tries backends in, per device type (CUDA tensors: the routing table, per pass)
 AUTO_CHAIN: Dict[str, Tuple[str, ...]] = {
-    "cuda": ("cuda", "triton", "torch"),
     "cpu": ("cpu", "torch"),
 }
 _FALLBACK_CHAIN = ("torch",)
@@ -154,6 +157,8 @@ def require(name: str, *requests: Request) -> Backend:
     if name == "auto":
         raise ValueError("lkconv: the lkconv ops take a concrete backend; resolve 'auto' first "
                          "(lkconv.depthwise_conv2d does)")
+    if len(requests) == 1:  # an op's own pass: a per-pass route names its backend
+        name = routing.route_for(name, requests[0].pass_)
     inst = get_backend(name)
     for req in requests:
         why = inst.check(req)
@@ -220,6 +225,8 @@ def resolve_backend(
     if name != "auto":
         require(name, *requests)
         return name
+    if x.device.type == "cuda":
+        return _route_cuda(x, weight, params)
     reasons = []
     for cand in AUTO_CHAIN.get(x.device.type, _FALLBACK_CHAIN):
         if cand not in _FACTORIES:
@@ -232,6 +239,35 @@ def resolve_backend(
             return cand
         reasons.append(f"{cand}: {why}")
     raise UnsupportedError("lkconv: no backend can run this case; " + "; ".join(reasons))
+
+
+def _first_that_serves(order, req: Request, reasons: List[str]) -> Optional[str]:
+    for cand in order:
+        if cand not in _FACTORIES:
+            continue
+        why = _unavailable_reason(cand) or None
+        if why is None:
+            why = _INSTANCES[cand].check(req)
+        if why is None:
+            return cand
+        reasons.append(f"{cand}: {why}")
+    return None
+
+
+def _route_cuda(x: torch.Tensor, weight: torch.Tensor, params: ConvParams) -> str:
+    """``auto`` on CUDA tensors: per pass, the first backend of the routing table's order
+    (:mod:`lkconv.backends.routing`: the lkconv backends expected to beat PyTorch, fastest first,
+    then ``torch``) that is available and supports the pass.  Every pass is routed (a backward or
+    double backward may need any of them); one name when all agree, else a per-pass route."""
+    per_pass, reasons = {}, []
+    for pass_ in PASSES:
+        req = Request.of(pass_, x, weight, params)
+        order, _ = routing.route_order(req)
+        pick = _first_that_serves(order, req, reasons)
+        if pick is None:
+            raise UnsupportedError("lkconv: no backend can run this case; " + "; ".join(reasons))
+        per_pass[pass_] = pick
+    return routing.join_route(per_pass)
 
 
 def _register_builtin() -> None:
