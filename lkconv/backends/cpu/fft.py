@@ -239,6 +239,20 @@ def _plane_l1(t: torch.Tensor) -> torch.Tensor:
     return t.abs().sum(dim=(2, 3), dtype=torch.float64)
 
 
+def _max_abs(t: torch.Tensor) -> float:
+    """max |t| (inf/nan if t holds any): two vectorised reductions, no temporary."""
+    return max(abs(float(t.amax())), abs(float(t.amin())))
+
+
+def _coarse_bound(a: torch.Tensor, b: torch.Tensor, pass_: str) -> float:
+    """An upper bound of the per-channel ``|a|_1 * |b|_1`` of :func:`fft_in_range` from the largest
+    magnitudes (for grad_weight summed over the batch, as there)."""
+    hw_a = a.shape[-1] * a.shape[-2]
+    if pass_ == "grad_weight":
+        return a.shape[0] * hw_a * _max_abs(a) * b.shape[-1] * b.shape[-2] * _max_abs(b)
+    return hw_a * _max_abs(a) * (b[0].numel() * _max_abs(b))  # b: the weight, |b_c|_1 <= KH*KW*max|b|
+
+
 def _fft_length_product(in_hw, k_hw, out_hw, p: ConvParams) -> int:
     t, _, l, _ = p.padding
     lh = fft_length(in_hw[0], t, k_hw[0], p.dilation[0], out_hw[0], p.stride[0])
@@ -259,11 +273,18 @@ def fft_in_range(a: torch.Tensor, b: torch.Tensor, in_hw, k_hw, out_hw, p: ConvP
     intermediate.  Finite inputs whose bound exceeds the compute dtype's range (two pixels at 3e38 in
     fp32) would come out as Inf/NaN over the whole plane; inputs that already hold Inf/NaN make the
     bound non-finite.  ``a``/``b``: (x, weight) for the forward, (grad_out, weight) for grad_input,
-    (grad_out, x) for grad_weight.  One pass over the data, accumulated in fp64."""
+    (grad_out, x) for grad_weight.
+
+    Two stages: a coarse bound from the largest magnitudes (``|a|_1 <= H*W*max|a|``; one max/min
+    reduction, about 1 ms at 8x128x56x56 where the per-plane L1 sums cost ~50) settles the common
+    case; only when it fails (large values, or Inf/NaN, which make it non-finite) the per-plane L1
+    bound above decides, accumulated in fp64."""
     if a.numel() == 0 or b.numel() == 0:
         return True
     limit = torch.finfo(_compute_dtype(a.dtype)).max * FFT_RANGE_MARGIN
     L = _fft_length_product(in_hw, k_hw, out_hw, p)
+    if _coarse_bound(a, b, pass_) * L < limit:
+        return True
     sa = _plane_l1(a)  # (N, C)
     if pass_ == "grad_weight":
         per_c = (sa * _plane_l1(b)).sum(0)
