@@ -462,7 +462,10 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
         opnd_bytes = (BKH * BK + BK * BKW) * eb
         useful = layer.N * layer.C * HO * WO * KH * KW
     acc = _Acc(n_prog)
-    acc.issue = prog_it * warps * body
+    # every program also runs the kernel's straight-line code once (index set-up, masks, epilogue
+    # stores): all SASS outside loops, per warp -- an upper bound (both sides of every branch counted)
+    straight = max(facts["sass"].get("n_instr", 0) - sum(lp["mix"]["total"] for lp in _loops(facts)), 0)
+    acc.issue = prog_it * warps * body + warps * straight
     acc.macs = prog_it * (macs_it if tc_rate else 0)
     wave_it = warps * waves_it + (opnd_bytes / 128 if hot and hot["mix"].get("hgmma") else 0)
     acc.wave = prog_it * wave_it
@@ -473,6 +476,7 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
     r = _finish(b, _hbm(layer, dtype, m, extra_hbm), dict(
         prep_us=prep_bytes / m.hbm_Bps * 1e6,
         threads=threads, dyn_smem=facts.get("dynamic_smem"), occupancy=occ, regs=facts["regs"],
+        straight_line_instr=straight,
         per_unit=dict(instr_per_iter=body, macs_per_iter=macs_it, instr_per_kmac=body * warps / macs_it * 1000),
         mma_usefulness=useful / max(total_macs, 1)))
     if prep_bytes:  # the aligned copy and the band are separate (torch) kernels before this one: additive
