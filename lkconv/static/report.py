@@ -266,7 +266,42 @@ def build_report(data: Dict) -> Dict:
                 machine=M.H100.__dict__, h200_hbm_Bps=M.H200.hbm_Bps, issue_eff_low=M.ISSUE_EFF_LOW)
 
 
-def write_report(rep: Dict, outdir: str) -> List[str]:
+MODEL_NOTES = """\
+## How the default kernels are modelled (all modelled; assumptions)
+
+* **Routing** follows the launchers for the layer set (stride 1, K <= 64): CUDA fp16/bf16 forward and
+  grad_input -> `toeplitz_mma_kernel` (`<4,8>` = 64x64 tile at 56², `<1,2>` = 16x16 below, the
+  `toeplitz_small_tile` rule); fp32 -> `fp32_blocked_kernel`; grad_weight -> `grad_weight_tc_kernel`
+  (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA has no TF32 path), split count of
+  `grad_weight_splits`.  Triton (`ops.ALIGNED = True`): `dwconv_forward_aligned_kernel` (forward and
+  stride-1 grad_input) and `dwconv_grad_weight_aligned_kernel`; the time is the best modelled config of
+  the list the shipped prune keeps (the autotuner keeps the fastest measured one); `triton_default_*`
+  in model.csv is the non-autotuned default config.  "fallback" columns: `toeplitz_wmma_kernel` (now
+  only K > 64) and `grad_weight_partial_kernel`, and the unaligned Triton kernels (`ops.ALIGNED = False`).
+* **toeplitz_mma_kernel**: per CTA the x rows are staged (cp.async vectors of `vec_x` elements:
+  8 / 4 / 2 / 1 at 56² / 28² / 14² / 7², from the row stride) plus the filter rows and their shifted
+  copy; per warp and (kernel row, 16-column chunk) the SASS loop body per ldmatrix (measured-static),
+  HMMA.16816 = 2048 MACs for in-band 8-column blocks only (the band test is predicated: every block
+  issues), 4 wavefronts per ldmatrix.x4 and 1 per 32-bit B load (conflict-free assumed).
+* **grad_weight_tc / grad_weight_ffma**: per CTA (c, split) its staged batches of <= 16 rows (never
+  across an image), one 64-column window; per warp its rows i = wr (mod 4), per row nq 16-column
+  chunks (tc: the `<MB,NB>` variant's unrolled body per chunk; ffma: the 256-FFMA body per 8 columns)
+  plus the row loop; staging charged per vector; fp32 partials (write + read) in the HBM traffic.
+* **Aligned Triton**: per program the loop trip count of the kernel's own bounds, the hot loop body
+  per iteration per warp, and **once per program the kernel's straight-line SASS** (an upper bound:
+  both sides of every branch).  HBM: the kernel reads the bordered copy (`N*C*H*WP`) instead of x and,
+  forward, the band `C*KH*LB*16` once; the copy (read x + write the copy) and the band write are
+  separate torch kernels, charged as **additive** prep time at HBM bandwidth (`parts.prep`).
+  HGMMA at the wgmma peak irrespective of N (these kernels issue 64x16x16: optimistic).
+* Unchanged from the earlier report: mma.sync at half the wgmma rate (unmeasured), 0.7 issue
+  efficiency for the slow end, H100 SXM constants (docs/performance_model.md).
+* `routing.json` / `routing.csv`: per (backend, layer, pass, dtype) the slow end of the range of the
+  kernel each backend runs by default.  There is no torch NCHW estimate: neither this report nor the
+  earlier one models torch/cuDNN (no cuDNN kernel is compiled here).
+"""
+
+
+def write_report(rep: Dict, outdir: str, baseline: Optional[str] = None) -> List[str]:
     os.makedirs(outdir, exist_ok=True)
     paths = []
     p = os.path.join(outdir, "static.json")
@@ -300,7 +335,15 @@ def write_report(rep: Dict, outdir: str) -> List[str]:
            "N = 64, stride 1, padding K//2. Floors: docs/performance_model.md. forward and grad_input (stride 1) "
            "run the same kernel. `limiter`: the model's binding resource on the busiest SM.", "",
            model_markdown(rep["model_h100"], ("bf16", "fp16", "fp32", "tf32")), "",
-           "## Kernels (measured-static)", "",
+           MODEL_NOTES, ""]
+    if baseline:
+        md += [f"## Before/after (modelled): `{os.path.basename(os.path.normpath(baseline))}` -> this report", "",
+               "Same floors and constants; the earlier numbers are the committed ones (its model charged no "
+               "straight-line code per Triton program; re-modelled now, the unaligned Triton kernels are "
+               "0-11 % slower, see the fallback columns above).", "",
+               compare_markdown(os.path.join(baseline, "model.csv"), os.path.join(outdir, "model.csv"),
+                                os.path.basename(os.path.normpath(baseline)).replace("static-", ""), "now"), ""]
+    md += ["## Kernels (measured-static)", "",
            "Hot loop = the loop issuing the tensor ops (else the FFMA); counts are SASS instructions of one "
            "iteration of its body per warp; `instr_per_unit` per tensor instruction (HMMA/HGMMA) or per FFMA.", "",
            kernels_markdown(rep["kernels"]), ""]
@@ -397,7 +440,8 @@ def default_outdir() -> str:
     return os.path.join(root, "benchmarks", "results", f"static-{git_commit() or 'nocommit'}")
 
 
-def main(out: Optional[str] = None, archs=ARCHS, jobs: int = 2, quiet: bool = False) -> int:
+def main(out: Optional[str] = None, archs=ARCHS, jobs: int = 2, quiet: bool = False,
+         baseline: Optional[str] = None) -> int:
     t0 = time.perf_counter()
 
     def progress(msg):
@@ -408,7 +452,7 @@ def main(out: Optional[str] = None, archs=ARCHS, jobs: int = 2, quiet: bool = Fa
     data = collect(archs, jobs=jobs, progress=progress)
     rep = build_report(data)
     out = out or default_outdir()
-    paths = write_report(rep, out)
+    paths = write_report(rep, out, baseline)
     print()
     print(model_markdown(rep["model_h100"], ("bf16", "fp32")))
     errs = [r for r in rep["kernels"] if "error" in r]
