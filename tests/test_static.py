@@ -341,3 +341,34 @@ def test_aligned_prunes_drop_the_configs_the_report_found_spilling():
     assert (64, 16, 8, 4, 3) not in conv(8, "ieee", 28, True) and (64, 16, 8, 4, 3) in conv(9, "ieee", 28, True)
     gw = ops._prune_aligned_grad_weight_for(8)(ops._aligned_grad_weight_configs(), {}, PREC="ieee")
     assert len(gw) == len(ops._ALIGNED_GRAD_WEIGHT_CONFIGS) - 1
+
+
+def test_new_kernel_symbols_map_to_roles():
+    """KERNEL_TABLE: the v2 CUDA and the aligned Triton kernels have their own rows (first match wins:
+    toeplitz_mma is not taken for toeplitz_wmma and vice versa) and a default/fallback status."""
+    cases = {
+        "void lkconv::toeplitz_mma_kernel<__nv_bfloat16, 4, 8>(lkconv::ConvArgs, int)": ("tc_toeplitz_mma", "bf16", (4, 8)),
+        "void lkconv::toeplitz_wmma_kernel<__half, 1, 1>(lkconv::ConvArgs)": ("tc_toeplitz", "fp16", (1, 1)),
+        "void lkconv::grad_weight_tc_kernel<__half>(lkconv::GradWeightArgs)": ("grad_weight_tc", "fp16", None),
+        "lkconv::grad_weight_ffma_kernel(lkconv::GradWeightArgs)": ("grad_weight_ffma", "fp32", None),
+        "dwconv_forward_aligned_kernel": ("tr_conv_aligned", None, None),
+        "dwconv_grad_weight_aligned_kernel": ("tr_grad_weight_aligned", None, None),
+        "dwconv_forward_kernel": ("tr_conv", None, None),
+    }
+    for name, (role, dtype, tmpl) in cases.items():
+        d = SK.describe_symbol(name)
+        assert (d["role"], d["dtype"], d["template"]) == (role, dtype, tmpl), name
+        assert SK.ROLE_STATUS[role] in ("default", "fallback")
+    assert SK.ROLE_STATUS["tc_toeplitz"] == "fallback" and SK.ROLE_STATUS["tc_toeplitz_mma"] == "default"
+
+
+def test_routing_rows_take_the_slow_end():
+    from lkconv.static.report import routing_rows
+
+    model = [dict(layer="C128/H56/K31", pass_="forward", dtype="bf16", cuda_us_lo=100.0, cuda_us_hi=142.9,
+                  cuda_kernel="k", cuda_tile="64x64", cuda_limiter="issue", cuda_fallback_kernel="old",
+                  cuda_fallback_us_hi=900.0, triton_us_lo=50.0, triton_us_hi=71.4, triton_kernel="t",
+                  triton_config="c", triton_limiter="issue")]
+    rows = routing_rows(model)
+    assert [(r["backend"], r["modelled_us"], r["fallback_modelled_us"], r["kind"]) for r in rows] == \
+        [("cuda", 142.9, 900.0, "modelled"), ("triton", 71.4, None, "modelled")]

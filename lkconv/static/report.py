@@ -202,10 +202,13 @@ def routing_rows(model: List[Dict]) -> List[Dict]:
             hi = r.get(f"{be}_us_hi")
             if hi is None:
                 continue
+            fb = r.get(f"{be}_fallback_us_hi")
             out.append(dict(backend=be, layer=r["layer"], pass_=r["pass_"], dtype=r["dtype"],
                             modelled_us=round(hi, 1), kernel=r.get(f"{be}_kernel"),
                             config=r.get("cuda_tile") if be == "cuda" else r.get("triton_config"),
-                            limiter=r.get(f"{be}_limiter"), kind="modelled"))
+                            limiter=r.get(f"{be}_limiter"),
+                            fallback_kernel=r.get(f"{be}_fallback_kernel"),
+                            fallback_modelled_us=round(fb, 1) if fb is not None else None, kind="modelled"))
     return out
 
 
@@ -311,7 +314,9 @@ def write_report(rep: Dict, outdir: str, baseline: Optional[str] = None) -> List
     p = os.path.join(outdir, "routing.json")
     with open(p, "w") as f:
         json.dump(dict(label=LABEL, machine="H100 SXM (sm_90 code)", issue_efficiency=M.ISSUE_EFF_LOW,
-                       value="modelled_us = the slow end of the modelled range (0.7 issue efficiency)",
+                       value="modelled_us = the slow end of the modelled range (0.7 issue efficiency) of the "
+                             "backend's default kernel; fallback_modelled_us the same for the kernel the backend "
+                             "keeps behind a switch (CUDA: the pre-v2 kernel; Triton: ops.ALIGNED = False)",
                        note="no torch NCHW estimate: the static model has none (no cuDNN kernel is compiled here)",
                        rows=rep.get("routing", [])), f, indent=1)
     paths.append(p)
