@@ -279,8 +279,10 @@ def test_cli_static_is_registered(capsys):
     ap = cli.build_parser()
     args = ap.parse_args(["static", "--archs", "90", "--out", "/tmp/x", "--jobs", "1"])
     assert args.command == "static" and args.archs == "90" and args.jobs == 1
+    assert ap.parse_args(["static", "--baseline", "benchmarks/results/static-4d1aa9b"]).baseline.endswith("4d1aa9b")
     for argv, needle in ((["static", "--archs", "75"], "--archs"), (["static", "--archs", "nine"], "--archs"),
-                         (["static", "--jobs", "0"], "--jobs")):
+                         (["static", "--jobs", "0"], "--jobs"),
+                         (["static", "--baseline", "/nonexistent"], "--baseline")):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2 and needle in capsys.readouterr().err
