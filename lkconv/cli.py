@@ -370,7 +370,9 @@ def cmd_static(args) -> int:
     if bad or args.jobs < 1:
         raise _fail(f"--archs must be among {sorted(SM_COUNT)} (got {bad})" if bad else
                     f"--jobs must be >= 1, got {args.jobs}")
-    return static_main(out=args.out, archs=archs, jobs=args.jobs)
+    if args.baseline and not os.path.isfile(os.path.join(args.baseline, "model.csv")):
+        raise _fail(f"--baseline {args.baseline}: no model.csv there (a benchmarks/results/static-* folder)")
+    return static_main(out=args.out, archs=archs, jobs=args.jobs, baseline=args.baseline)
 
 
 def cmd_train(argv: List[str]) -> int:
@@ -429,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", help="results folder (default benchmarks/results/static-<commit>/)")
     st.add_argument("--archs", help="comma-separated SM versions (default 80,90)")
     st.add_argument("--jobs", type=int, default=2, help="parallel Triton compiles (default 2)")
+    st.add_argument("--baseline", help="an earlier static-* folder: add a before/after table (modelled) to the README")
 
     sub.add_parser("train", help="train RepLKNet models (lkconv.models.train); arguments are passed on",
                    add_help=False)

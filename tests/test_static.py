@@ -47,7 +47,9 @@ def test_cuda_kernels_found_and_no_spills(cuda_facts, arch):
     kf = cuda_facts[arch]
     roles = {f["role"] for f in kf.values()}
     # every kernel of the table is present (a rename without a table update fails here)
-    assert {"tc_toeplitz", "fp32_direct", "fallback", "fallback_strided", "grad_weight_partial", "grad_weight_reduce"} <= roles
+    assert {"tc_toeplitz_mma", "tc_toeplitz", "fp32_direct", "fallback", "fallback_strided", "grad_weight_tc",
+            "grad_weight_ffma", "grad_weight_partial", "grad_weight_reduce"} <= roles
+    assert all(f["dtype"] is not None for f in kf.values() if f["role"] != "fp32_direct")
     assert all(f["role"] is not None for f in kf.values()), [f["name"] for f in kf.values() if f["role"] is None]
     problems = [p for f in kf.values() for p in checks.spill_problems(f)]
     assert problems == []
@@ -56,38 +58,72 @@ def test_cuda_kernels_found_and_no_spills(cuda_facts, arch):
 @needs_cuda_tools
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_shared_memory_fits(cuda_facts, arch):
-    """Static smem of every kernel plus the launcher's dynamic smem for every shape of the layer set."""
+    """Static smem of every kernel plus the launcher's dynamic smem for every shape of the layer set:
+    the default kernels (toeplitz_mma, fp32_blocked, grad_weight_tc / grad_weight_ffma) and the
+    toeplitz_wmma fallback."""
     kf = cuda_facts[arch]
     problems = []
     for f in kf.values():
         problems += checks.smem_problems(f["static_smem"], 0, arch, f["name"])
     for layer in SK.LAYERS:
         for dt in ("fp16", "bf16", "fp32"):
+            for p in ("forward", "grad_weight"):
+                r = SM.model_cuda_v2(kf, layer, p, dt)
+                assert r is not None, (layer, p, dt)
+                problems += checks.smem_problems(0, r["dyn_smem"], arch, f"{r['kernel']} at {layer.label}")
+                assert r["dyn_smem"] > 0
+                if p == "grad_weight":  # the fast path's launcher keeps it under the default 48 KB
+                    assert r["dyn_smem"] <= 48 * 1024
             r = SM.model_cuda(kf, layer, "forward", dt)
             problems += checks.smem_problems(0, r["dyn_smem"], arch, f"{r['kernel']} at {layer.label}")
-            assert r["dyn_smem"] > 0
     assert problems == []
 
 
-def _toeplitz(kf, dtype):
-    fs = [f for f in kf.values() if f["role"] == "tc_toeplitz" and f["dtype"] == dtype]
-    assert fs, f"no tensor-core kernel for {dtype}"
+@needs_cuda_tools
+def test_cuda_default_routing_is_the_new_kernels(cuda_facts):
+    """The model follows the launchers: K <= 64 fp16/bf16 -> toeplitz_mma (64x64 tile at 56², 16x16
+    below), grad_weight -> grad_weight_tc / grad_weight_ffma."""
+    kf = cuda_facts[90]
+    names = {(l.H, p, dt): SM.model_cuda_v2(kf, l, p, dt)["kernel"] for l in SK.LAYERS
+             for p in ("forward", "grad_weight") for dt in ("bf16", "fp32")}
+    assert "toeplitz_mma_kernel<__nv_bfloat16, 4, 8>" in names[(56, "forward", "bf16")]
+    assert all("toeplitz_mma_kernel<__nv_bfloat16, 1, 2>" in names[(h, "forward", "bf16")] for h in (28, 14, 7))
+    assert all("grad_weight_tc_kernel<__nv_bfloat16>" in names[(l.H, "grad_weight", "bf16")] for l in SK.LAYERS)
+    assert all("grad_weight_ffma_kernel" in names[(l.H, "grad_weight", "fp32")] for l in SK.LAYERS)
+    assert all("fp32_blocked_kernel" in names[(l.H, "forward", "fp32")] for l in SK.LAYERS)
+
+
+def _tc_kernels(kf, dtype, roles=("tc_toeplitz_mma", "grad_weight_tc")):
+    fs = [f for f in kf.values() if f["role"] in roles and f["dtype"] == dtype]
+    assert {f["role"] for f in fs} == set(roles), f"missing tensor-core kernels for {dtype}"
     return fs
 
 
 @needs_cuda_tools
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cuda_fp16_tensor_core_kernels_use_ldsm_and_hmma(cuda_facts, arch):
-    problems = [p for f in _toeplitz(cuda_facts[arch], "fp16") for p in checks.tensor_core_problems(f)]
+@pytest.mark.parametrize("dtype", ("fp16", "bf16"))
+def test_cuda_16bit_tensor_core_kernels_use_ldsm_and_hmma(cuda_facts, arch, dtype):
+    """The default 16-bit kernels (raw ldmatrix + mma.sync): LDSM-fed HMMA, no generic LD."""
+    problems = [p for f in _tc_kernels(cuda_facts[arch], dtype) for p in checks.tensor_core_problems(f)]
     assert problems == []
 
 
 @needs_cuda_tools
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.xfail(strict=True, reason="toeplitz_wmma_kernel<__nv_bfloat16>: nvcuda::wmma bf16 fragment loads "
-                   "compile to generic LD (+MOVM), no LDSM; cleared by the raw ldmatrix + mma.sync rewrite")
-def test_cuda_bf16_tensor_core_kernels_use_ldsm_and_hmma(cuda_facts, arch):
-    problems = [p for f in _toeplitz(cuda_facts[arch], "bf16") for p in checks.tensor_core_problems(f)]
+def test_cuda_fp16_wmma_fallback_uses_ldsm_and_hmma(cuda_facts, arch):
+    problems = [p for f in _tc_kernels(cuda_facts[arch], "fp16", ("tc_toeplitz",))
+                for p in checks.tensor_core_problems(f)]
+    assert problems == []
+
+
+@needs_cuda_tools
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.xfail(strict=True, reason="toeplitz_wmma_kernel<__nv_bfloat16> (the fallback, now only for K > 64): "
+                   "nvcuda::wmma bf16 fragment loads compile to generic LD (+MOVM), no LDSM; the default "
+                   "K <= 64 path (toeplitz_mma_kernel) is checked above")
+def test_cuda_bf16_wmma_fallback_uses_ldsm_and_hmma(cuda_facts, arch):
+    problems = [p for f in _tc_kernels(cuda_facts[arch], "bf16", ("tc_toeplitz",))
+                for p in checks.tensor_core_problems(f)]
     assert problems == []
 
 
@@ -172,22 +208,34 @@ def test_triton_16bit_dots_use_tensor_cores(triton_results, arch):
     assert problems == []
 
 
-@needs_triton
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.xfail(strict=True, reason="Triton dwconv_forward_kernel/dwconv_grad_weight_kernel: 16-bit global operand loads are "
-                   "masked scalar LDG.E.U16 gathers (no TMA, cp.async or 128-bit loads: the chunk start's alignment "
-                   "is unprovable); cleared by aligned block-pointer (TMA) loads of a zero-padded input and a "
-                   "precomputed Toeplitz band")
-def test_triton_16bit_global_loads_are_vectorised(triton_results, arch):
+def _vector_problems(results, kernel):
     problems = []
-    for r in triton_results[arch]:
-        if r["spec"]["dtype"] not in ("fp16", "bf16") or "error" in r:
+    for r in results:
+        if r["spec"]["kernel"] != kernel or r["spec"]["dtype"] not in ("fp16", "bf16") or "error" in r:
             continue
         mix = r["facts"]["hot"]["mix"]
         if mix.get("ldg_16") or not (mix.get("tma") or mix.get("cp_async") or mix.get("ldg_128")):
             problems.append(f"{r['spec']['kernel']} {SK.tile_of(r['spec'])}: {mix.get('ldg_16', 0)} LDG.U16, "
-                            f"{mix.get('ldsm', 0)} LDSM, {mix.get('tma', 0)} TMA")
-    assert problems == []
+                            f"{mix.get('cp_async', 0)} cp.async, {mix.get('tma', 0)} TMA")
+    return problems
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", ARCHS)
+def test_triton_aligned_forward_16bit_loads_are_vectorised(triton_results, arch):
+    """The default forward / stride-1 grad_input kernel reads both operands (aligned input copy,
+    precomputed band) with cp.async and no scalar 16-bit LDG in its hot loop, for every shipped config."""
+    assert any(r["spec"]["kernel"] == "dwconv_forward_aligned_kernel" for r in triton_results[arch])
+    assert _vector_problems(triton_results[arch], "dwconv_forward_aligned_kernel") == []
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.xfail(strict=True, reason="dwconv_grad_weight_aligned_kernel: the A operand (aligned input rows) is "
+                   "cp.async, but the B operand (the 16-column Toeplitz gather of grad_out) is masked scalar "
+                   "LDG.E.U16 (+STS); cleared by a vectorised/staged grad_out load")
+def test_triton_aligned_grad_weight_16bit_loads_are_vectorised(triton_results, arch):
+    assert _vector_problems(triton_results[arch], "dwconv_grad_weight_aligned_kernel") == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,8 +279,10 @@ def test_cli_static_is_registered(capsys):
     ap = cli.build_parser()
     args = ap.parse_args(["static", "--archs", "90", "--out", "/tmp/x", "--jobs", "1"])
     assert args.command == "static" and args.archs == "90" and args.jobs == 1
+    assert ap.parse_args(["static", "--baseline", "benchmarks/results/static-4d1aa9b"]).baseline.endswith("4d1aa9b")
     for argv, needle in ((["static", "--archs", "75"], "--archs"), (["static", "--archs", "nine"], "--archs"),
-                         (["static", "--jobs", "0"], "--jobs")):
+                         (["static", "--jobs", "0"], "--jobs"),
+                         (["static", "--baseline", "/nonexistent"], "--baseline")):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2 and needle in capsys.readouterr().err
@@ -277,3 +327,50 @@ def test_cache_reanalyses_old_entries_without_recompiling(tmp_path, monkeypatch)
     (a,), (b,) = first.values(), again.values()
     assert b["sass"] == a["sass"] and b["sass"]["n_instr"] > 0 and b["regs"] == a["regs"]
     assert json.load(open(entry))["analysis"] == sass.ANALYSIS_VERSION
+
+
+def test_aligned_prunes_drop_the_configs_the_report_found_spilling():
+    """The launcher's aligned prunes consult ops._STATIC_SPILLS per SM major (the static specs go
+    through the same prunes, so the spill test above covers exactly what would run)."""
+    from lkconv.backends.triton import ops
+
+    def conv(major, prec, ho, packed):
+        return [ops._aligned_conv_cfg(c) for c in ops._prune_aligned_conv_for(major)(
+            ops._aligned_conv_configs(), {"HO": ho, "PACKED": packed}, PACKED=packed, PREC=prec)]
+
+    assert (64, 16, 16, 4, 2) in conv(9, None, 56, False) and (64, 16, 16, 4, 2) not in conv(8, None, 56, False)
+    assert (64, 16, 16, 4, 2) not in conv(9, "ieee", 56, False)
+    assert (64, 16, 8, 4, 3) not in conv(8, "ieee", 28, True) and (64, 16, 8, 4, 3) in conv(9, "ieee", 28, True)
+    gw = ops._prune_aligned_grad_weight_for(8)(ops._aligned_grad_weight_configs(), {}, PREC="ieee")
+    assert len(gw) == len(ops._ALIGNED_GRAD_WEIGHT_CONFIGS) - 1
+
+
+def test_new_kernel_symbols_map_to_roles():
+    """KERNEL_TABLE: the v2 CUDA and the aligned Triton kernels have their own rows (first match wins:
+    toeplitz_mma is not taken for toeplitz_wmma and vice versa) and a default/fallback status."""
+    cases = {
+        "void lkconv::toeplitz_mma_kernel<__nv_bfloat16, 4, 8>(lkconv::ConvArgs, int)": ("tc_toeplitz_mma", "bf16", (4, 8)),
+        "void lkconv::toeplitz_wmma_kernel<__half, 1, 1>(lkconv::ConvArgs)": ("tc_toeplitz", "fp16", (1, 1)),
+        "void lkconv::grad_weight_tc_kernel<__half>(lkconv::GradWeightArgs)": ("grad_weight_tc", "fp16", None),
+        "lkconv::grad_weight_ffma_kernel(lkconv::GradWeightArgs)": ("grad_weight_ffma", "fp32", None),
+        "dwconv_forward_aligned_kernel": ("tr_conv_aligned", None, None),
+        "dwconv_grad_weight_aligned_kernel": ("tr_grad_weight_aligned", None, None),
+        "dwconv_forward_kernel": ("tr_conv", None, None),
+    }
+    for name, (role, dtype, tmpl) in cases.items():
+        d = SK.describe_symbol(name)
+        assert (d["role"], d["dtype"], d["template"]) == (role, dtype, tmpl), name
+        assert SK.ROLE_STATUS[role] in ("default", "fallback")
+    assert SK.ROLE_STATUS["tc_toeplitz"] == "fallback" and SK.ROLE_STATUS["tc_toeplitz_mma"] == "default"
+
+
+def test_routing_rows_take_the_slow_end():
+    from lkconv.static.report import routing_rows
+
+    model = [dict(layer="C128/H56/K31", pass_="forward", dtype="bf16", cuda_us_lo=100.0, cuda_us_hi=142.9,
+                  cuda_kernel="k", cuda_tile="64x64", cuda_limiter="issue", cuda_fallback_kernel="old",
+                  cuda_fallback_us_hi=900.0, triton_us_lo=50.0, triton_us_hi=71.4, triton_kernel="t",
+                  triton_config="c", triton_limiter="issue")]
+    rows = routing_rows(model)
+    assert [(r["backend"], r["modelled_us"], r["fallback_modelled_us"], r["kind"]) for r in rows] == \
+        [("cuda", 142.9, 900.0, "modelled"), ("triton", 71.4, None, "modelled")]

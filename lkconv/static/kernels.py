@@ -10,21 +10,38 @@ import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["KERNEL_TABLE", "describe_symbol", "demangle", "Layer", "LAYERS", "DTYPES", "PASSES", "ARCHS",
+__all__ = ["KERNEL_TABLE", "ROLE_STATUS", "describe_symbol", "demangle", "Layer", "LAYERS", "DTYPES", "PASSES", "ARCHS",
            "SM_COUNT", "triton_conv_configs", "triton_grad_weight_configs", "triton_specs", "tile_of"]
 
-# (regex on the demangled symbol, backend, passes, role)
+# (regex on the demangled symbol, backend, passes, role); the first matching row wins
 KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
+    (r"toeplitz_mma_kernel", "cuda", "forward,grad_input", "tc_toeplitz_mma"),
     (r"toeplitz_wmma_kernel", "cuda", "forward,grad_input", "tc_toeplitz"),
     (r"fp32_blocked_kernel", "cuda", "forward,grad_input", "fp32_direct"),
     (r"generic_conv_kernel", "cuda", "forward,grad_input", "fallback"),
     (r"grad_input_strided_kernel", "cuda", "grad_input", "fallback_strided"),
+    (r"grad_weight_tc_kernel", "cuda", "grad_weight", "grad_weight_tc"),
+    (r"grad_weight_ffma_kernel", "cuda", "grad_weight", "grad_weight_ffma"),
     (r"grad_weight_partial_kernel", "cuda", "grad_weight", "grad_weight_partial"),
     (r"grad_weight_reduce_kernel", "cuda", "grad_weight", "grad_weight_reduce"),
+    (r"dwconv_forward_aligned_kernel", "triton", "forward,grad_input", "tr_conv_aligned"),
+    (r"dwconv_grad_weight_aligned_kernel", "triton", "grad_weight", "tr_grad_weight_aligned"),
     (r"dwconv_forward_kernel|forward_kernel", "triton", "forward,grad_input", "tr_conv"),
     (r"dwconv_grad_input_kernel|grad_input_kernel", "triton", "grad_input", "tr_grad_input_strided"),
     (r"dwconv_grad_weight_kernel|grad_weight_kernel", "triton", "grad_weight", "tr_grad_weight"),
 ]
+
+#: what the launchers route the RepLKNet layer set to by default ("default") and what they keep for other
+#: shapes or behind a switch ("fallback": CUDA toeplitz_wmma_kernel only for K > 64,
+#: grad_weight_partial_kernel outside the fast path's stride 1 / dilation 1 / K <= 64; Triton's
+#: unaligned kernels behind ``ops.ALIGNED = False`` and for grad_input at stride > 1)
+ROLE_STATUS: Dict[str, str] = {
+    "tc_toeplitz_mma": "default", "fp32_direct": "default", "grad_weight_tc": "default",
+    "grad_weight_ffma": "default", "grad_weight_reduce": "default", "tr_conv_aligned": "default",
+    "tr_grad_weight_aligned": "default", "tr_grad_input_strided": "default (stride > 1)",
+    "tc_toeplitz": "fallback", "fallback": "fallback", "fallback_strided": "fallback",
+    "grad_weight_partial": "fallback", "tr_conv": "fallback", "tr_grad_weight": "fallback",
+}
 
 ARCHS = (80, 90)
 #: SMs of the GPU each arch is modelled/specialised for (A100 SXM, H100/H200 SXM)
@@ -60,6 +77,8 @@ def describe_symbol(sym: str) -> Dict:
         dtype = "fp16"
     elif re.search(r"<float\b|\(float|Ifloat|kernelIf", name + sym):
         dtype = "fp32"
+    if dtype is None and role == "grad_weight_ffma":  # not a template: fp32 by construction
+        dtype = "fp32"
     m = re.search(r"<[^<>]*?,\s*(\d+),\s*(\d+)>", name)
     tmpl = (int(m.group(1)), int(m.group(2))) if m else None
     return dict(name=name, backend=backend, passes=passes, role=role, dtype=dtype, template=tmpl)
@@ -87,6 +106,12 @@ LAYERS = (Layer(128, 56, 31), Layer(256, 28, 29), Layer(512, 14, 27), Layer(1024
 
 def tile_of(spec: Dict) -> str:
     c = spec["constexprs"]
+    if spec["kernel"] == "dwconv_forward_aligned_kernel":
+        return (f"{c['BM']}/{c['BN']}/{c['BK']}x{c['KHB']}{' packed' if c['PACKED'] else ''} "
+                f"w{spec['num_warps']} s{spec['num_stages']}")
+    if spec["kernel"] == "dwconv_grad_weight_aligned_kernel":
+        return (f"{c['BKH']}x{16 * c['NA']}/BKC{c['BKC']}xR{c['R']} "
+                f"w{spec['num_warps']} s{spec['num_stages']}")
     if spec["kernel"] == "dwconv_grad_weight_kernel":
         return f"{c['BKH']}x{c['BKW']}/BK{c['BK']} w{spec['num_warps']} s{spec['num_stages']}"
     return f"{c['BM']}/{c['BN']}/{c['BK']} w{spec['num_warps']} s{spec['num_stages']}"
@@ -152,10 +177,88 @@ def grad_weight_splits(layer: Layer, arch: int, bkh: int, bkw: int) -> Tuple[int
     return -(-rows // rps), rps
 
 
-def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 1) -> List[Dict]:
+def aligned_geometry(layer: Layer, pl: int) -> Dict[str, int]:
+    """LBORD, PL16, WP (ops._aligned_input) and LB (ops._toeplitz_band, stride 1, dilation 1)."""
+    from lkconv.backends.triton import kernels as TK
+    a = TK.ALIGN
+    lbord = pl % a
+    wp = -(-(lbord + layer.H) // a) * a
+    lb = -(-((ops_band_bn() - 1) + (layer.K - 1) + 1) // a) * a
+    return dict(LBORD=lbord, PL16=pl - lbord, WP=wp, LB=lb)
+
+
+def ops_band_bn() -> int:
+    return _ops().BAND_BN
+
+
+def aligned_conv_configs(ho: int, packed: bool, prec=None, arch: int = 90) -> List[Tuple[int, int, int, int, int]]:
+    """(BM, BK, KHB, warps, stages) of the aligned forward list that survive the shipped prune on sm_<arch>."""
+    ops = _ops()
+    kept = ops._prune_aligned_conv_for(arch // 10)(ops._aligned_conv_configs(), {"HO": ho, "PACKED": packed},
+                                                   PACKED=packed, PREC=prec)
+    return [(c.kwargs["BM"], c.kwargs["BK"], c.kwargs["KHB"], c.num_warps, c.num_stages) for c in kept]
+
+
+def aligned_grad_weight_splits(layer: Layer, arch: int, bkh: int, na: int, rs: int) -> Tuple[int, int, int]:
+    """(splits, super-groups, super-groups per split) exactly as ops._grad_weight_aligned computes them."""
+    sgroups = layer.N * -(-layer.H // rs)
+    per_split = layer.C * -(-layer.K // bkh) * -(-layer.K // (16 * na))
+    want = -(-8 * SM_COUNT[arch] // per_split)
+    splits = max(1, min(want, -(-sgroups // 4)))
+    sps = -(-sgroups // splits)
+    return -(-sgroups // sps), sgroups, sps
+
+
+def _aligned_specs(layer: Layer, pass_: str, dtype: str, arch: int) -> List[Dict]:
+    """The aligned kernels (the default path, ``ops.ALIGNED``) at stride 1: forward, grad_input
+    (the same kernel on grad_out with the flipped band) and grad_weight."""
+    ops = _ops()
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    common = dict(SH=1, SW=1, DH=1, BIG=False, PREC=_prec(dtype), UPCAST=False)
+    specs = []
+    if pass_ in ("forward", "grad_input"):
+        pl = P if pass_ == "forward" else K - 1 - P
+        g = aligned_geometry(layer, pl)
+        bm_max = max(c[0] for c in ops._ALIGNED_CONV_CONFIGS)
+        packed = bool(ops._packed(N, H, bm_max))
+        vals = dict(xp_ptr=0, t_ptr=0, b_ptr=0, y_ptr=0, N=N, C=C, H=H, W=H, WP=g["WP"], HO=H, WO=H,
+                    sxp=H * g["WP"], syn=C * H * H, syc=H * H, syh=H, syw=1, PT=pl, PL16=g["PL16"],
+                    LBORD=g["LBORD"], KH=K, LB=g["LB"])
+        for bm, bk, khb, w, s in aligned_conv_configs(H, packed, _prec(dtype), arch):
+            cons = dict(common, HAS_BIAS=False, PACKED=packed, BN=ops.BAND_BN, BM=bm, BK=bk, KHB=khb)
+            sp = _runtime_spec("dwconv_forward_aligned_kernel", vals, cons, dtype, w, s)
+            sp["default_config"] = (bm, bk, khb, w, s) == tuple(ops._default_aligned_conv(H, packed))
+            specs.append(sp)
+    elif pass_ == "grad_weight":
+        g = aligned_geometry(layer, P)
+        bkh, na = ops._grad_weight_blocks(K, K)
+        rs = ops._GRAD_WEIGHT_RS
+        splits, sgroups, sps = aligned_grad_weight_splits(layer, arch, bkh, na, rs)
+        vals = dict(xp_ptr=0, g_ptr=0, ws_ptr=0, C=C, H=H, WP=g["WP"], HO=H, WO=H, SGROUPS=sgroups,
+                    SG_PER_SPLIT=sps, sxp=H * g["WP"], sgn=C * H * H, sgc=H * H, sgh=H, sgw=1, PT=P,
+                    PL16=g["PL16"], KH=K, KW=K)
+        kept = ops._prune_aligned_grad_weight_for(arch // 10)(ops._aligned_grad_weight_configs(), {},
+                                                               PREC=_prec(dtype))
+        for bkc, r, w, s in [(c.kwargs["BKC"], c.kwargs["R"], c.num_warps, c.num_stages) for c in kept]:
+            cons = dict(common, DW=1, SW=1, BKH=bkh, NA=na, RS=rs, BKC=bkc, R=r)
+            sp = _runtime_spec("dwconv_grad_weight_aligned_kernel", vals, cons, dtype, w, s)
+            sp["splits"] = splits
+            sp["default_config"] = (bkc, r, w, s) == (32, 4, 4, 3)
+            specs.append(sp)
+    return specs
+
+
+def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 1,
+                 aligned: Optional[bool] = None) -> List[Dict]:
     """Every Triton launch the runtime would compile for (layer, pass, dtype): one spec per surviving
-    autotune config.  forward and grad_input (stride 1) are the same kernel (grad_input: flipped filter,
+    autotune config.  ``aligned`` (default: the launcher's ``ops.ALIGNED``, True): the aligned kernels
+    for forward, grad_input at stride 1 and grad_weight; False: the original (fallback) kernels.  forward and grad_input (stride 1) are the same kernel (grad_input: flipped filter,
     offsets K-1-K//2); bias is off (RepLKNet's large convolutions are followed by BatchNorm)."""
+    if aligned is None:
+        aligned = bool(_ops().ALIGNED)
+    if aligned and stride == 1:
+        return _aligned_specs(layer, pass_, dtype, arch)
     N, C, H, K = layer.N, layer.C, layer.H, layer.K
     P = K // 2
     common = dict(SH=stride, SW=stride, DH=1, DW=1, BIG=False, PREC=_prec(dtype), UPCAST=False)
@@ -194,7 +297,7 @@ def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 
 
 def spec_key(spec: Dict) -> str:
     import json
-    s = {k: v for k, v in spec.items() if k not in ("values", "splits")}
+    s = {k: v for k, v in spec.items() if k not in ("values", "splits", "default_config")}
     return json.dumps(s, sort_keys=True, default=str)
 
 
@@ -204,9 +307,10 @@ def shipped_triton_specs(arch: int) -> List[Dict]:
     seen: Dict[str, Dict] = {}
     for layer in LAYERS:
         for dt in DTYPES:
-            for p in ("forward", "grad_weight"):
-                for sp in triton_specs(layer, p, dt, arch):
-                    seen.setdefault(spec_key(sp), sp)
+            for aligned in (True, False):  # the default (aligned) kernels and the fallback ones
+                for p in ("forward", "grad_weight"):
+                    for sp in triton_specs(layer, p, dt, arch, aligned=aligned):
+                        seen.setdefault(spec_key(sp), sp)
     for dt in DTYPES:
         for sp in triton_specs(LAYERS[0], "grad_input", dt, arch, stride=2):
             seen.setdefault(spec_key(sp), sp)

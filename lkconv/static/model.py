@@ -371,6 +371,7 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
     warps = spec["num_warps"]
     eb = _bytes(dtype)
     tc_rate = _tc_rate(facts, dtype, m) if dtype != "fp32" else 0.0
+    extra_hbm = prep_bytes = 0.0
     if spec["kernel"] == "dwconv_forward_kernel":
         BM, BN, BK = c["BM"], c["BN"], c["BK"]
         HO, WO, H, W, KH, KW, PT, PL = v["HO"], v["WO"], v["H"], v["W"], v["KH"], v["KW"], v["PT"], v["PL"]
@@ -393,6 +394,52 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
         macs_it = BM * BN * BK
         opnd_bytes = (BM * BK + BK * BN) * eb
         useful = layer.N * layer.C * HO * WO * KH * KW
+    elif spec["kernel"] == "dwconv_forward_aligned_kernel":
+        BM, BN, BK, KHB = c["BM"], c["BN"], c["BK"], c["KHB"]
+        N, C, H, W, WO, HO = v["N"], v["C"], v["H"], v["W"], v["WO"], v["HO"]
+        KH, LB, PT, PL16, LBORD = v["KH"], v["LB"], v["PT"], v["PL16"], v["LBORD"]
+        n_tw = _ceil(WO, BN)
+        if c["PACKED"]:
+            pack = BM // HO
+            n_grp = _ceil(N, pack)
+            row_tiles = [(0, HO)]                 # every tile holds whole planes: rows 0 .. HO-1
+            per_plane_tiles = n_tw
+            n_prog = n_tw * n_grp * C
+        else:
+            row_tiles = [(i0, min(i0 + BM, HO)) for i0 in range(0, HO, BM)]
+            n_prog = len(row_tiles) * n_tw * N * C
+        iters = []
+        for i0, i_end in row_tiles:
+            kh_lo = max(PT - (i_end - 1), 0)
+            kh_hi = min(max(H - 1 + PT - i0, -1) + 1, KH)
+            for tw in range(n_tw):
+                s_ = tw * BN - PL16
+                k_lo = (max(LBORD - s_, 0) // 16) * 16
+                k_hi = min(LBORD + W - s_, LB)
+                n_chunks = _ceil(max(k_hi - k_lo, 0), BK)
+                iters.append(_ceil(max(kh_hi - kh_lo, 0), KHB) * n_chunks)
+        it = np.array(iters, dtype=float)        # pid: column tile fastest, then row tile / group, plane
+        prog_it = np.tile(it, n_prog // it.size)
+        macs_it = BM * BN * BK * KHB
+        opnd_bytes = (BM * BK * KHB + BK * KHB * BN) * eb
+        useful = layer.N * layer.C * HO * WO * KH * KH
+        extra_hbm, prep_bytes = aligned_extra_bytes(layer, dtype, v["WP"], LB, "forward")
+    elif spec["kernel"] == "dwconv_grad_weight_aligned_kernel":
+        BKH, NA, RS, BKC, R = c["BKH"], c["NA"], c["RS"], c["BKC"], c["R"]
+        C, HO, WO, KH, KW = v["C"], v["HO"], v["WO"], v["KH"], v["KW"]
+        n_khb, n_kwb = _ceil(KH, BKH), _ceil(KW, 16 * NA)
+        splits = spec["splits"]
+        n_prog = C * n_kwb * n_khb * splits
+        pid = np.arange(n_prog)
+        s = pid // C // n_kwb // n_khb
+        n_chunks = _ceil((WO - 1) + 15 + 1, BKC)
+        g_lo = s * v["SG_PER_SPLIT"]
+        g_hi = np.minimum(g_lo + v["SG_PER_SPLIT"], v["SGROUPS"])
+        prog_it = (np.maximum(g_hi - g_lo, 0) * (RS // R) * n_chunks).astype(float)
+        macs_it = BKH * NA * 16 * R * BKC
+        opnd_bytes = (BKH * NA * R * BKC + R * BKC * 16) * eb
+        useful = layer.N * layer.C * HO * WO * KH * KW
+        extra_hbm, prep_bytes = aligned_extra_bytes(layer, dtype, v["WP"], 0, "grad_weight", splits)
     else:  # dwconv_grad_weight_kernel
         BKH, BKW, BK = c["BKH"], c["BKW"], c["BK"]
         C, HO, WO, W, KH, KW, PL = v["C"], v["HO"], v["WO"], v["W"], v["KH"], v["KW"], v["PL"]
@@ -415,7 +462,10 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
         opnd_bytes = (BKH * BK + BK * BKW) * eb
         useful = layer.N * layer.C * HO * WO * KH * KW
     acc = _Acc(n_prog)
-    acc.issue = prog_it * warps * body
+    # every program also runs the kernel's straight-line code once (index set-up, masks, epilogue
+    # stores): all SASS outside loops, per warp -- an upper bound (both sides of every branch counted)
+    straight = max(facts["sass"].get("n_instr", 0) - sum(lp["mix"]["total"] for lp in _loops(facts)), 0)
+    acc.issue = prog_it * warps * body + warps * straight
     acc.macs = prog_it * (macs_it if tc_rate else 0)
     wave_it = warps * waves_it + (opnd_bytes / 128 if hot and hot["mix"].get("hgmma") else 0)
     acc.wave = prog_it * wave_it
@@ -423,11 +473,291 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
     threads = 32 * warps
     occ = occupancy(facts["regs"], threads, facts.get("dynamic_smem") or 0, m)
     total_macs = float(prog_it.sum()) * macs_it
-    return _finish(b, _hbm(layer, dtype, m), dict(
+    r = _finish(b, _hbm(layer, dtype, m, extra_hbm), dict(
+        prep_us=prep_bytes / m.hbm_Bps * 1e6,
         threads=threads, dyn_smem=facts.get("dynamic_smem"), occupancy=occ, regs=facts["regs"],
+        straight_line_instr=straight,
         per_unit=dict(instr_per_iter=body, macs_per_iter=macs_it, instr_per_kmac=body * warps / macs_it * 1000),
         mma_usefulness=useful / max(total_macs, 1)))
+    if prep_bytes:  # the aligned copy and the band are separate (torch) kernels before this one: additive
+        prep = prep_bytes / m.hbm_Bps
+        r["parts"]["prep"] = prep
+        r["t_lo"] += prep
+        r["t_hi"] += prep
+    return r
+
+
+def aligned_extra_bytes(layer: Layer, dtype: str, WP: int, LB: int, kind: str, splits: int = 0):
+    """HBM bytes the aligned Triton path adds to a pass's compulsory traffic, split into (bytes the
+    kernel itself moves beyond x + y + w, bytes of the separate preparation kernels):
+    kernel: it reads the aligned copy (N*C*H*WP elements) instead of x (N*C*H*W), plus for forward the
+    band (C*KH*LB*16 elements, read once; L2 reuse across the programs of a channel assumed), for
+    grad_weight the fp32 partials (written, then read by the launcher's ``ws.sum``);
+    preparation: the copy reads x and writes the bordered copy (+ the zeroed border columns), and the
+    band is written once (its gather reads the filter, negligible)."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    eb = _bytes(dtype)
+    x_el, xp_el = N * C * H * H, N * C * H * WP
+    kern = (xp_el - x_el) * eb
+    prep = (x_el + xp_el) * eb
+    if kind == "forward":
+        band = C * K * LB * 16 * eb
+        kern += band
+        prep += band
+    else:
+        kern += splits * C * K * K * 4 * 2
+    return float(kern), float(prep)
 
 
 def percent(floor_s: float, t: float) -> float:
     return 100.0 * floor_s / t if t > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA v2 kernels: toeplitz_mma_kernel, grad_weight_tc_kernel, grad_weight_ffma_kernel
+# ------------------------------------------------------------------------------------------------
+def _round_up(a: int, b: int) -> int:
+    return _ceil(a, b) * b
+
+
+def cuda_vec_elems(row_stride: int, esz: int) -> int:
+    """vec_elems (csrc/dwconv_mma.cuh) for a contiguous NCHW tensor of rows of ``row_stride`` elements
+    (torch allocations are 256-byte aligned; the plane and image strides are multiples of the row's)."""
+    for nbytes in (16, 8, 4):
+        ve = nbytes // esz
+        if ve < 2:
+            break
+        if row_stride % ve == 0:
+            return ve
+    return 1
+
+
+def tm_layout(K: int, BM: int, BN: int) -> Dict[str, int]:
+    """csrc/dwconv_forward.cu tm_layout (square kernel), element offsets and bytes."""
+    rows = BM + K - 1
+    xc = 16 * ((7 + BN - 1 + K + 15) // 16)
+    xp = xc + 8
+    fp = _round_up(K + 2 * 22, 8)
+    fe_off = _round_up(rows * xp, 64)
+    fo_off = fe_off + _round_up(K * fp, 64) + 32
+    return dict(rows=rows, xc=xc, xp=xp, fp=fp, bytes=(fo_off + K * fp) * 2)
+
+
+def _mem_ops(lp: Optional[Dict]) -> int:
+    if lp is None:
+        return 1
+    mx = lp["mix"]
+    return max(mx.get("cp_async", 0) + mx.get("ldg", 0) + mx.get("ld_generic", 0), 1)
+
+
+def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, warps: int, nt_: int, m: Machine, sms: int) -> Dict:
+    """toeplitz_mma_kernel<T, WARPS, NT>: per CTA stage x rows (cp.async vectors of vec_x elements, or
+    scalar), the filter rows Fe and the shifted copy Fo, then per warp and (kh, 16-column chunk kc) one
+    ldmatrix.x4 and, per in-band 8-column block nt, two 32-bit LDS + one HMMA.16816 (2048 MACs).  The
+    band test is predicated (SASS: one branch per loop body), so every nt issues; only in-band ones
+    use the tensor pipe."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    BM, BN, thr = 16 * warps, 8 * nt_, 32 * warps
+    L = tm_layout(K, BM, BN)
+    ve = cuda_vec_elems(H, 2)
+    mma = f["hot"]
+    kh_loop = _parent(f, mma)
+    c_kc = mma["mix"]["total"] / max(mma["mix"].get("ldsm", 0), 1)       # per (kh, kc) of one warp
+    lds_kc = mma["mix"].get("lds", 0) / max(mma["mix"].get("ldsm", 0), 1)
+    c_kh = kh_loop["mix"]["total"] if kh_loop else 0
+    vec_loop = max([lp for lp in _loops(f) if lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"],
+                   default=None)
+    sc_loop = max([lp for lp in _loops(f) if lp["mix"].get("ldg") and lp["mix"].get("sts")
+                   and not lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
+    c_vec = vec_loop["mix"]["total"] / _mem_ops(vec_loop) if vec_loop else 25.0
+    c_sc = sc_loop["mix"]["total"] / _mem_ops(sc_loop) if sc_loop else 8.0
+    c_stage = c_vec if ve > 1 else c_sc
+    gy, gz = _ceil(H, BN), _ceil(H, BM)
+    tiles = []
+    for z in range(gz):
+        for y in range(gy):
+            oh0, ow0 = z * BM, y * BN
+            c0 = ((ow0 - P) // 8) * 8
+            s0 = ow0 - P - c0
+            # staging: x rows (warp-strided rows, lane-strided vectors), filter rows (scalar), Fo words
+            issue = warps * _ceil(L["rows"], warps) * _ceil(L["xc"], 32 * ve) * c_stage
+            issue += warps * _ceil(K, warps) * _ceil(L["fp"], 32) * c_sc * 2
+            wave = warps * _ceil(L["rows"], warps) * _ceil(L["xc"], 32 * ve) * max(ve * 2 * 32 // 128, 1)
+            wave += 3 * warps * _ceil(K, warps) * _ceil(L["fp"], 32)
+            macs = 0.0
+            nkc = (s0 + BN - 1 + K + 15) // 16
+            kc_lo = max((-c0) // 16, 0)
+            kc_hi = min(_ceil(H - c0, 16), nkc)
+            for w in range(warps):
+                kh_lo = min(max(P - oh0 - 16 * w - 15, 0), K)
+                kh_hi = min(max(H + P - oh0 - 16 * w, 0), K)
+                nkh = max(kh_hi - kh_lo, 0)
+                live = sum(1 for kc in range(kc_lo, kc_hi) for nt in range(nt_)
+                           if 0 <= 16 * kc - s0 + 15 - 8 * nt <= K + 21)
+                nk = max(kc_hi - kc_lo, 0)
+                issue += nkh * (nk * c_kc + c_kh)
+                macs += nkh * live * 2048
+                wave += nkh * (4 * nk + live * lds_kc / max(nt_, 1) * 1.0)
+            issue += warps * nt_ * 2 * 12          # epilogue: 2 stores per block and lane, ~12 instructions each
+            wave += 0
+            tiles.append((issue, macs, wave))
+    t = np.array(tiles)
+    NC = N * C
+    acc = _Acc(NC * gy * gz)
+    it = np.repeat(np.arange(gy * gz), NC)       # blockIdx.x = plane (fastest), then y, then z
+    acc.issue, acc.macs, acc.wave = t[it, 0], t[it, 1], t[it, 2]
+    b = _busiest(acc, _tc_rate(f, dtype, m), m, sms)
+    useful = N * C * H * H * K * K
+    return _finish(b, _hbm(layer, dtype, m), dict(
+        tile=f"{BM}x{BN}", threads=thr, dyn_smem=int(L["bytes"]), vec_x=ve,
+        per_unit=dict(instr_per_kc=c_kc, instr_per_kh=c_kh, stage_per_vector=c_stage),
+        mma_usefulness=useful / max(b["total_macs"], 1)))
+
+
+def cuda_grad_weight_fast_splits(N: int, Ho: int, C: int) -> int:
+    """grad_weight_splits of csrc/dwconv_grad_weight.cu on the fast path."""
+    s = min(_ceil(N * Ho, 64), _ceil(1024, max(C, 1)), 1024)
+    return max(s, 1)
+
+
+def gwt_layout_bytes(K: int, esz: int, tc: bool) -> int:
+    kh32 = _round_up(K, 32)
+    xr = 16 + kh32 - 1
+    xp = 64 + 8 if tc else 64 + 4
+    gp = 1 << (7 if 64 + kh32 + 8 <= 128 else 8)
+    ge_off = _round_up(xr * xp, 64)
+    go_off = ge_off + _round_up(16 * gp, 64) + 32 if tc else ge_off + 16 * gp
+    total = go_off + 16 * gp if tc else go_off
+    return max(total * esz, 4 * 32 * 32 * 4)
+
+
+def _gwt_batches(N: int, Ho: int, rho0: int, rho1: int) -> List[int]:
+    """nr of every staged batch of rows [rho0, rho1) (at most 16 rows, never across an image)."""
+    out, rho = [], rho0
+    while rho < rho1:
+        oh0 = rho % Ho
+        nr = min(16, rho1 - rho, Ho - oh0)
+        out.append(nr)
+        rho += nr
+    return out
+
+
+def _model_grad_weight_fast(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, tc: bool) -> Dict:
+    """grad_weight_tc_kernel (tc) / grad_weight_ffma_kernel: grid (C, splits), 4 warps; per staged batch
+    of nr <= 16 output rows and 64-column window: stage x (nr + 16*ceil(K/16) - 1 rows; fp32 32*ceil) and
+    grad_out (nr rows; the tc kernel also builds the shifted copy Go), then each warp takes the rows
+    i = wr, wr + 4, ... (one 32 x 32 tap group for K <= 32).  tc: per (row, 16-column chunk) MB ldmatrix.x4,
+    the B pairs, MB*NB HMMA.16816; ffma: per (row, 8-column step) the unrolled 256-FFMA body."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    esz = 2 if tc else 4
+    splits = cuda_grad_weight_fast_splits(N, H, C)
+    NHo = N * H
+    chunk = _ceil(NHo, splits)
+    ve = cuda_vec_elems(H, esz)
+    xw = 64 if H > 32 else 32 if H > 16 else 16
+    KWP = 32 * _ceil(K, 32)
+    need = xw + KWP + 8
+    gw = 64 if need <= 64 else 128 if need <= 128 else 256
+    xrows_extra = (_round_up(K, 16) if tc else _round_up(K, 32)) - 1
+    hot = f["hot"]
+    stage_loops = [lp for lp in _loops(f) if lp["mix"].get("cp_async")]
+    c_vec = float(np.mean([lp["mix"]["total"] / _mem_ops(lp) for lp in stage_loops])) if stage_loops else 25.0
+    c_sc = 8.0
+    c_stage = c_vec if ve > 1 else c_sc
+    if tc:
+        MB = 2 if 16 < K else 1
+        NB = 4 if K >= 32 else (K + 7) // 8
+        cands = [lp for lp in _loops(f) if lp["mix"].get("hmma") and lp["mix"].get("ldsm")
+                 and lp["mix"]["hmma"] == NB * lp["mix"]["ldsm"] and lp["mix"]["ldsm"] == 4 * MB]
+        body = cands[0] if cands else hot
+        u = body["mix"]["ldsm"] / MB
+        c_unit = body["mix"]["total"] / u                       # per (row, 16-column chunk)
+        lds_unit = body["mix"].get("lds", 0) / u
+        par = _parent(f, body)
+        c_row = max((par["mix"]["total"] if par else 0) - (par["mix"].get("hmma", 0) / (MB * NB)) * c_unit, 10) \
+            if par else 10
+        units = min(4, _ceil(H, 16))                            # nq: 16-wide chunks inside the image
+        macs_unit = MB * NB * 2048
+        wave_unit = 4 * MB + lds_unit
+        go_words = gw // 2
+        variant = f"<{MB},{NB}>"
+    else:
+        c_unit = hot["mix"]["total"]                            # per (row, 8-column step)
+        lds_unit = hot["mix"].get("lds", 0)
+        par = _parent(f, hot)
+        c_row = par["mix"]["total"] if par else 10
+        units = _ceil(H, 8)
+        macs_unit = 0
+        wave_unit = lds_unit
+        go_words = 0
+        variant = "4x8 taps/lane"
+    costs = []
+    for s in range(splits):
+        rho0, rho1 = s * chunk, min(s * chunk + chunk, NHo)
+        issue = wave = macs = 0.0
+        for nr in _gwt_batches(N, H, rho0, rho1):
+            xv = (nr + xrows_extra) * _ceil(xw, ve)
+            gv = nr * _ceil(gw, ve)
+            issue += 4 * (_ceil(xv, 128) + _ceil(gv, 128)) * c_stage
+            wave += 4 * (_ceil(xv, 128) + _ceil(gv, 128)) * max(ve * esz * 32 // 128, 1)
+            if go_words:
+                issue += 4 * _ceil(nr * go_words, 128) * 10
+                wave += 4 * _ceil(nr * go_words, 128) * 2
+            for wr in range(4):
+                rows = _ceil(max(nr - wr, 0), 4)
+                issue += rows * (units * c_unit + c_row)
+                macs += rows * units * macs_unit
+                wave += rows * units * wave_unit
+            issue += 4 * 3 * 8                                  # three barriers per window
+        issue += 4 * 300                                        # epilogue: fragments -> smem -> partials
+        costs.append((issue, macs, wave))
+    cs = np.array(costs)
+    acc = _Acc(C * splits)
+    sidx = np.arange(C * splits) // C                           # blockIdx.x = c (fastest), y = split
+    acc.issue, acc.macs, acc.wave = cs[sidx, 0], cs[sidx, 1], cs[sidx, 2]
+    b = _busiest(acc, _tc_rate(f, dtype, m) if tc else 0.0, m, sms)
+    ws = splits * C * K * K * 4 * 2
+    return _finish(b, _hbm(layer, dtype, m, ws), dict(
+        tile=f"RB16xQW64 {variant}", threads=128, dyn_smem=gwt_layout_bytes(K, esz, tc), splits=splits,
+        vec=ve, per_unit=dict(instr_per_unit=c_unit, instr_per_row=c_row, stage_per_vector=c_stage),
+        mma_usefulness=(N * C * H * H * K * K / max(b["total_macs"], 1)) if tc else None))
+
+
+def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str, m: Machine = H100,
+                  sms: int = None) -> Optional[Dict]:
+    """The kernel the CUDA launchers route (layer, pass, dtype) to by default: fp16/bf16 forward and
+    stride-1 grad_input -> toeplitz_mma_kernel (K <= 64; <1,2> = 16x16 tile when toeplitz_small_tile,
+    else <4,8> = 64x64), fp32 -> fp32_blocked_kernel; grad_weight (stride 1, K <= 64, 48 KB smem) ->
+    grad_weight_tc_kernel / grad_weight_ffma_kernel.  None when the default kernel is not compiled."""
+    sms = sms or m.sms
+    kd = "fp32" if dtype in ("fp32", "tf32") else dtype
+
+    def find(role, tmpl=None):
+        for f in kfacts.values():
+            if f.get("role") == role and (role == "fp32_direct" or f.get("dtype") == kd) \
+                    and (tmpl is None or f.get("template") == tmpl):
+                return f
+        return None
+
+    if pass_ in ("forward", "grad_input"):
+        if kd == "fp32":
+            return model_cuda(kfacts, layer, pass_, dtype, m, sms)
+        if layer.K > 64:
+            return model_cuda(kfacts, layer, pass_, dtype, m, sms)
+        small = toeplitz_small_tile(layer.H, layer.H)
+        w, nt = (1, 2) if small else (4, 8)
+        f = find("tc_toeplitz_mma", (w, nt))
+        if f is None:
+            return None
+        r = _model_toeplitz_mma(f, layer, kd, w, nt, m, sms)
+    else:
+        tc = kd != "fp32"
+        if layer.K > 64 or gwt_layout_bytes(layer.K, 2 if tc else 4, tc) > 48 * 1024:
+            return model_cuda(kfacts, layer, pass_, dtype, m, sms)
+        f = find("grad_weight_tc" if tc else "grad_weight_ffma")
+        if f is None:
+            return None
+        r = _model_grad_weight_fast(f, layer, kd, m, sms, tc)
+    occ = occupancy(f["regs"], r["threads"], r["dyn_smem"], m)
+    return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)

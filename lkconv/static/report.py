@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 from . import compile as C
 from . import model as M
+from .kernels import ROLE_STATUS, describe_symbol
 from .kernels import ARCHS, DTYPES, LAYERS, PASSES, SM_COUNT, shipped_triton_specs, spec_key, tile_of, triton_specs
 
 __all__ = ["collect", "build_report", "write_report", "write_calibration", "calibrate_from_bench", "main"]
@@ -93,10 +94,11 @@ def kernel_rows(data: Dict) -> List[Dict]:
     rows = []
     for a, kf in data["cuda"].items():
         for sym, f in sorted(kf.items(), key=lambda kv: kv[1]["name"]):
-            occ = M.occupancy(f["regs"] or 0, 256 if f["role"] != "tc_toeplitz" else 32 * (f["template"] or (1, 1))[0],
-                              0)
+            thr = {"tc_toeplitz": 32 * (f["template"] or (1, 1))[0], "tc_toeplitz_mma": 32 * (f["template"] or (1, 1))[0],
+                   "grad_weight_tc": 128, "grad_weight_ffma": 128}.get(f["role"], 256)
+            occ = M.occupancy(f["regs"] or 0, thr, 0)
             rows.append(dict(backend="cuda", arch=f"sm_{a}", kernel=f["name"], config="", dtype=f["dtype"],
-                             role=f["role"], regs=f["regs"], spill_stores=f["spill_stores"],
+                             role=f["role"], status=ROLE_STATUS.get(f["role"]), regs=f["regs"], spill_stores=f["spill_stores"],
                              spill_loads=f["spill_loads"], static_smem=f["static_smem"], dynamic_smem="per shape",
                              ctas_per_sm_regs=occ["ctas_per_sm"], **_mix_summary(f.get("hot"))))
     for a, res in data["triton"].items():
@@ -110,15 +112,41 @@ def kernel_rows(data: Dict) -> List[Dict]:
                 continue
             f = r["facts"]
             occ = M.occupancy(f["regs"], 32 * sp["num_warps"], f["dynamic_smem"] or 0)
-            rows.append(dict(base, role=None, regs=f["regs"], spill_stores=f["spill_stores"],
+            role = describe_symbol(sp["kernel"])["role"]
+            rows.append(dict(base, role=role, status=ROLE_STATUS.get(role), regs=f["regs"], spill_stores=f["spill_stores"],
                              spill_loads=f["spill_loads"], static_smem=f["static_smem"], dynamic_smem=f["dynamic_smem"],
                              ctas_per_sm=occ["ctas_per_sm"], occ_limiter=occ["limiter"],
                              ptx_vector_loads=f.get("ptx_vector_loads"), **_mix_summary(f.get("hot"))))
     return rows
 
 
+def _short(name: str) -> str:
+    for junk in ("void lkconv::", "lkconv::", "(lkconv::ConvArgs, int)", "(lkconv::ConvArgs)",
+                 "(lkconv::GradWeightArgs)", "(lkconv::WgradArgs)"):
+        name = name.replace(junk, "")
+    return name
+
+
+def _best_triton(tri: Dict, layer, p: str, dt: str, arch: int, machine, aligned: bool):
+    """(best modelled config, the non-autotuned default config's model) over the specs that compiled."""
+    best = dflt = None
+    for sp in triton_specs(layer, p, dt, arch, aligned=aligned):
+        res = tri.get(spec_key(sp))
+        if res is None:
+            continue
+        r = M.model_triton(res["facts"], sp, layer, dt, machine, SM_COUNT[arch])
+        r["config"] = tile_of(sp)
+        r["kernel"] = sp["kernel"]
+        if best is None or r["t_lo"] < best["t_lo"]:
+            best = r
+        if sp.get("default_config"):
+            dflt = r
+    return best, dflt
+
+
 def model_rows(data: Dict, arch: int = 90, machine: M.Machine = M.H100) -> List[Dict]:
-    """One row per (layer, pass, dtype): CUDA and best Triton config, modelled."""
+    """One row per (layer, pass, dtype): the CUDA kernel the launcher routes to by default and its
+    fallback, the best Triton config of the default (aligned) kernels and of the fallback kernels; modelled."""
     rows = []
     tri = {spec_key(r["spec"]): r for r in data["triton"].get(arch, []) if "error" not in r}
     kf = data["cuda"].get(arch)
@@ -129,34 +157,59 @@ def model_rows(data: Dict, arch: int = 90, machine: M.Machine = M.H100) -> List[
                 row = dict(layer=layer.label, pass_=p, dtype=dt, tc_floor_us=fl["tc_floor_s"] * 1e6,
                            ffma_floor_us=fl["ffma_floor_s"] * 1e6, hbm_us=fl["hbm_s"] * 1e6)
                 if kf:
-                    r = M.model_cuda(kf, layer, p, dt, machine, SM_COUNT[arch])
-                    row.update(cuda_kernel=r["kernel"].replace("void lkconv::", "").replace("(lkconv::ConvArgs)", "")
-                               .replace("(lkconv::WgradArgs)", ""),
-                               cuda_tile=r.get("tile"), cuda_us_lo=r["t_lo"] * 1e6, cuda_us_hi=r["t_hi"] * 1e6,
-                               cuda_limiter=r["limiter"], cuda_ctas_per_sm=r["occupancy"]["ctas_per_sm"],
-                               cuda_occ_limiter=r["occupancy"]["limiter"],
-                               cuda_pct_tc=M.percent(fl["tc_floor_s"], r["t_lo"]),
-                               cuda_pct_ffma=M.percent(fl["ffma_floor_s"], r["t_lo"]),
-                               cuda_parts_us={k: round(v * 1e6, 1) for k, v in r["parts"].items()},
-                               cuda_note="CUDA has no TF32 path: the IEEE fp32 kernel" if dt == "tf32" else "")
-                best = None
-                for sp in triton_specs(layer, p, dt, arch):
-                    res = tri.get(spec_key(sp))
-                    if res is None:
-                        continue
-                    r = M.model_triton(res["facts"], sp, layer, dt, machine, SM_COUNT[arch])
-                    r["config"] = tile_of(sp)
-                    if best is None or r["t_lo"] < best["t_lo"]:
-                        best = r
+                    r = M.model_cuda_v2(kf, layer, p, dt, machine, SM_COUNT[arch])
+                    if r is not None:
+                        row.update(cuda_kernel=_short(r["kernel"]),
+                                   cuda_tile=r.get("tile"), cuda_us_lo=r["t_lo"] * 1e6, cuda_us_hi=r["t_hi"] * 1e6,
+                                   cuda_limiter=r["limiter"], cuda_ctas_per_sm=r["occupancy"]["ctas_per_sm"],
+                                   cuda_occ_limiter=r["occupancy"]["limiter"],
+                                   cuda_pct_tc=M.percent(fl["tc_floor_s"], r["t_lo"]),
+                                   cuda_pct_ffma=M.percent(fl["ffma_floor_s"], r["t_lo"]),
+                                   cuda_parts_us={k: round(v * 1e6, 1) for k, v in r["parts"].items()},
+                                   cuda_note="CUDA has no TF32 path: the IEEE fp32 kernel" if dt == "tf32" else "")
+                    fb = M.model_cuda(kf, layer, p, dt, machine, SM_COUNT[arch])
+                    if fb is not None and _short(fb["kernel"]) != row.get("cuda_kernel"):
+                        row.update(cuda_fallback_kernel=_short(fb["kernel"]), cuda_fallback_us_lo=fb["t_lo"] * 1e6,
+                                   cuda_fallback_us_hi=fb["t_hi"] * 1e6, cuda_fallback_limiter=fb["limiter"])
+                best, dflt = _best_triton(tri, layer, p, dt, arch, machine, aligned=True)
                 if best:
-                    row.update(triton_config=best["config"], triton_us_lo=best["t_lo"] * 1e6,
+                    row.update(triton_kernel=best["kernel"], triton_config=best["config"],
+                               triton_us_lo=best["t_lo"] * 1e6,
                                triton_us_hi=best["t_hi"] * 1e6, triton_limiter=best["limiter"],
                                triton_ctas_per_sm=best["occupancy"]["ctas_per_sm"],
                                triton_pct_tc=M.percent(fl["tc_floor_s"], best["t_lo"]),
                                triton_pct_ffma=M.percent(fl["ffma_floor_s"], best["t_lo"]),
+                               triton_prep_us=best.get("prep_us"),
                                triton_parts_us={k: round(v * 1e6, 1) for k, v in best["parts"].items()})
+                if dflt:
+                    row.update(triton_default_config=dflt["config"], triton_default_us_lo=dflt["t_lo"] * 1e6,
+                               triton_default_us_hi=dflt["t_hi"] * 1e6)
+                fbt, _ = _best_triton(tri, layer, p, dt, arch, machine, aligned=False)
+                if fbt:
+                    row.update(triton_fallback_kernel=fbt["kernel"], triton_fallback_config=fbt["config"],
+                               triton_fallback_us_lo=fbt["t_lo"] * 1e6, triton_fallback_us_hi=fbt["t_hi"] * 1e6,
+                               triton_fallback_limiter=fbt["limiter"])
                 rows.append(row)
     return rows
+
+
+def routing_rows(model: List[Dict]) -> List[Dict]:
+    """The routing input: per (backend, layer, pass, dtype) the modelled time at the slow end of the
+    range (ISSUE_EFF_LOW issue efficiency) of the kernel the backend runs by default."""
+    out = []
+    for r in model:
+        for be in ("cuda", "triton"):
+            hi = r.get(f"{be}_us_hi")
+            if hi is None:
+                continue
+            fb = r.get(f"{be}_fallback_us_hi")
+            out.append(dict(backend=be, layer=r["layer"], pass_=r["pass_"], dtype=r["dtype"],
+                            modelled_us=round(hi, 1), kernel=r.get(f"{be}_kernel"),
+                            config=r.get("cuda_tile") if be == "cuda" else r.get("triton_config"),
+                            limiter=r.get(f"{be}_limiter"),
+                            fallback_kernel=r.get(f"{be}_fallback_kernel"),
+                            fallback_modelled_us=round(fb, 1) if fb is not None else None, kind="modelled"))
+    return out
 
 
 def _f(v, nd=0):
@@ -171,25 +224,29 @@ def model_markdown(rows: List[Dict], dtypes=("bf16", "fp32")) -> str:
     out = []
     for dt in dtypes:
         out += [f"### {dt} — modelled (H100 SXM; range = perfect latency hiding … 0.7 issue efficiency)", "",
-                "| layer | pass | TC floor µs | FFMA floor µs | CUDA kernel | CUDA µs | CUDA % TC / % FFMA floor | "
-                "limiter | Triton config | Triton µs | Triton % TC / % FFMA floor | limiter |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| layer | pass | TC floor µs | FFMA floor µs | CUDA kernel (default) | CUDA µs | CUDA % TC / % FFMA floor | "
+                "limiter | Triton config (aligned, best modelled) | Triton µs | Triton % TC / % FFMA floor | limiter | "
+                "CUDA fallback µs | Triton fallback µs |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["dtype"] != dt:
                 continue
             out.append(
                 f"| {r['layer']} | {r['pass_']} | {r['tc_floor_us']:,.1f} | {r['ffma_floor_us']:,.1f} | "
-                f"{r.get('cuda_kernel', '—')} | {_f(r.get('cuda_us_lo'))}–{_f(r.get('cuda_us_hi'))} | "
+                f"{r.get('cuda_kernel', '—')} {r.get('cuda_tile') or ''} | "
+                f"{_f(r.get('cuda_us_lo'))}–{_f(r.get('cuda_us_hi'))} | "
                 f"{_f(r.get('cuda_pct_tc'), 2)} / {_f(r.get('cuda_pct_ffma'), 1)} | {r.get('cuda_limiter', '—')} | "
                 f"{r.get('triton_config', '—')} | {_f(r.get('triton_us_lo'))}–{_f(r.get('triton_us_hi'))} | "
                 f"{_f(r.get('triton_pct_tc'), 2)} / {_f(r.get('triton_pct_ffma'), 1)} | "
-                f"{r.get('triton_limiter', '—')} |")
+                f"{r.get('triton_limiter', '—')} | "
+                f"{_f(r.get('cuda_fallback_us_lo'))}–{_f(r.get('cuda_fallback_us_hi'))} | "
+                f"{_f(r.get('triton_fallback_us_lo'))}–{_f(r.get('triton_fallback_us_hi'))} |")
         out.append("")
     return "\n".join(out)
 
 
 def kernels_markdown(krows: List[Dict]) -> str:
-    cols = ["backend", "arch", "kernel", "config", "dtype", "regs", "spill_stores", "static_smem", "dynamic_smem",
+    cols = ["backend", "arch", "kernel", "status", "config", "dtype", "regs", "spill_stores", "static_smem", "dynamic_smem",
             "loop_instr", "unit", "instr_per_unit", "hmma", "hgmma", "ldsm", "ld_generic", "cp_async", "ldg_16",
             "ldg_128", "ffma", "int_addr", "barrier", "sync"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -207,19 +264,64 @@ def build_report(data: Dict) -> Dict:
     # the model is for H100/H200 (sm_90 code); sm_80 contributes compiler facts (CI checks) only
     model = model_rows(data, 90, M.H100) if (data["cuda"].get(90) or data["triton"].get(90)) else []
     return dict(label=LABEL, versions=data["versions"], notes=data["notes"], kernels=kernel_rows(data),
-                model_h100=model, floors={l.label: {dt: M.floors(l, dt) for dt in DTYPES}
+                model_h100=model, routing=routing_rows(model), floors={l.label: {dt: M.floors(l, dt) for dt in DTYPES}
                                                            for l in LAYERS},
                 machine=M.H100.__dict__, h200_hbm_Bps=M.H200.hbm_Bps, issue_eff_low=M.ISSUE_EFF_LOW)
 
 
-def write_report(rep: Dict, outdir: str) -> List[str]:
+MODEL_NOTES = """\
+## How the default kernels are modelled (all modelled; assumptions)
+
+* **Routing** follows the launchers for the layer set (stride 1, K <= 64): CUDA fp16/bf16 forward and
+  grad_input -> `toeplitz_mma_kernel` (`<4,8>` = 64x64 tile at 56², `<1,2>` = 16x16 below, the
+  `toeplitz_small_tile` rule); fp32 -> `fp32_blocked_kernel`; grad_weight -> `grad_weight_tc_kernel`
+  (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA has no TF32 path), split count of
+  `grad_weight_splits`.  Triton (`ops.ALIGNED = True`): `dwconv_forward_aligned_kernel` (forward and
+  stride-1 grad_input) and `dwconv_grad_weight_aligned_kernel`; the time is the best modelled config of
+  the list the shipped prune keeps (the autotuner keeps the fastest measured one); `triton_default_*`
+  in model.csv is the non-autotuned default config.  "fallback" columns: `toeplitz_wmma_kernel` (now
+  only K > 64) and `grad_weight_partial_kernel`, and the unaligned Triton kernels (`ops.ALIGNED = False`).
+* **toeplitz_mma_kernel**: per CTA the x rows are staged (cp.async vectors of `vec_x` elements:
+  8 / 4 / 2 / 1 at 56² / 28² / 14² / 7², from the row stride) plus the filter rows and their shifted
+  copy; per warp and (kernel row, 16-column chunk) the SASS loop body per ldmatrix (measured-static),
+  HMMA.16816 = 2048 MACs for in-band 8-column blocks only (the band test is predicated: every block
+  issues), 4 wavefronts per ldmatrix.x4 and 1 per 32-bit B load (conflict-free assumed).
+* **grad_weight_tc / grad_weight_ffma**: per CTA (c, split) its staged batches of <= 16 rows (never
+  across an image), one 64-column window; per warp its rows i = wr (mod 4), per row nq 16-column
+  chunks (tc: the `<MB,NB>` variant's unrolled body per chunk; ffma: the 256-FFMA body per 8 columns)
+  plus the row loop; staging charged per vector; fp32 partials (write + read) in the HBM traffic.
+* **Aligned Triton**: per program the loop trip count of the kernel's own bounds, the hot loop body
+  per iteration per warp, and **once per program the kernel's straight-line SASS** (an upper bound:
+  both sides of every branch).  HBM: the kernel reads the bordered copy (`N*C*H*WP`) instead of x and,
+  forward, the band `C*KH*LB*16` once; the copy (read x + write the copy) and the band write are
+  separate torch kernels, charged as **additive** prep time at HBM bandwidth (`parts.prep`).
+  HGMMA at the wgmma peak irrespective of N (these kernels issue 64x16x16: optimistic).
+* Unchanged from the earlier report: mma.sync at half the wgmma rate (unmeasured), 0.7 issue
+  efficiency for the slow end, H100 SXM constants (docs/performance_model.md).
+* `routing.json` / `routing.csv`: per (backend, layer, pass, dtype) the slow end of the range of the
+  kernel each backend runs by default.  There is no torch NCHW estimate: neither this report nor the
+  earlier one models torch/cuDNN (no cuDNN kernel is compiled here).
+"""
+
+
+def write_report(rep: Dict, outdir: str, baseline: Optional[str] = None) -> List[str]:
     os.makedirs(outdir, exist_ok=True)
     paths = []
     p = os.path.join(outdir, "static.json")
     with open(p, "w") as f:
         json.dump(rep, f, indent=1, default=str)
     paths.append(p)
-    for name, rows in (("kernels.csv", rep["kernels"]), ("model.csv", rep["model_h100"])):
+    p = os.path.join(outdir, "routing.json")
+    with open(p, "w") as f:
+        json.dump(dict(label=LABEL, machine="H100 SXM (sm_90 code)", issue_efficiency=M.ISSUE_EFF_LOW,
+                       value="modelled_us = the slow end of the modelled range (0.7 issue efficiency) of the "
+                             "backend's default kernel; fallback_modelled_us the same for the kernel the backend "
+                             "keeps behind a switch (CUDA: the pre-v2 kernel; Triton: ops.ALIGNED = False)",
+                       note="no torch NCHW estimate: the static model has none (no cuDNN kernel is compiled here)",
+                       rows=rep.get("routing", [])), f, indent=1)
+    paths.append(p)
+    for name, rows in (("kernels.csv", rep["kernels"]), ("model.csv", rep["model_h100"]),
+                       ("routing.csv", rep.get("routing", []))):
         p = os.path.join(outdir, name)
         keys: List[str] = []
         for r in rows:
@@ -238,7 +340,15 @@ def write_report(rep: Dict, outdir: str) -> List[str]:
            "N = 64, stride 1, padding K//2. Floors: docs/performance_model.md. forward and grad_input (stride 1) "
            "run the same kernel. `limiter`: the model's binding resource on the busiest SM.", "",
            model_markdown(rep["model_h100"], ("bf16", "fp16", "fp32", "tf32")), "",
-           "## Kernels (measured-static)", "",
+           MODEL_NOTES, ""]
+    if baseline:
+        md += [f"## Before/after (modelled): `{os.path.basename(os.path.normpath(baseline))}` -> this report", "",
+               "Same floors and constants; the earlier numbers are the committed ones (its model charged no "
+               "straight-line code per Triton program; re-modelled now, the unaligned Triton kernels are "
+               "0-11 % slower, see the fallback columns above).", "",
+               compare_markdown(os.path.join(baseline, "model.csv"), os.path.join(outdir, "model.csv"),
+                                os.path.basename(os.path.normpath(baseline)).replace("static-", ""), "now"), ""]
+    md += ["## Kernels (measured-static)", "",
            "Hot loop = the loop issuing the tensor ops (else the FFMA); counts are SASS instructions of one "
            "iteration of its body per warp; `instr_per_unit` per tensor instruction (HMMA/HGMMA) or per FFMA.", "",
            kernels_markdown(rep["kernels"]), ""]
@@ -335,7 +445,8 @@ def default_outdir() -> str:
     return os.path.join(root, "benchmarks", "results", f"static-{git_commit() or 'nocommit'}")
 
 
-def main(out: Optional[str] = None, archs=ARCHS, jobs: int = 2, quiet: bool = False) -> int:
+def main(out: Optional[str] = None, archs=ARCHS, jobs: int = 2, quiet: bool = False,
+         baseline: Optional[str] = None) -> int:
     t0 = time.perf_counter()
 
     def progress(msg):
@@ -346,7 +457,7 @@ def main(out: Optional[str] = None, archs=ARCHS, jobs: int = 2, quiet: bool = Fa
     data = collect(archs, jobs=jobs, progress=progress)
     rep = build_report(data)
     out = out or default_outdir()
-    paths = write_report(rep, out)
+    paths = write_report(rep, out, baseline)
     print()
     print(model_markdown(rep["model_h100"], ("bf16", "fp32")))
     errs = [r for r in rep["kernels"] if "error" in r]
@@ -362,3 +473,38 @@ def main(out: Optional[str] = None, archs=ARCHS, jobs: int = 2, quiet: bool = Fa
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def compare_markdown(old_csv: str, new_csv: str, old_label: str, new_label: str,
+                     dtypes=("bf16", "fp32")) -> str:
+    """Before/after table of two committed ``model.csv`` files (modelled µs range and % of the floor:
+    TC floor for the 16-bit dtypes, FFMA floor for fp32), CUDA and Triton default kernels."""
+    def load(p):
+        with open(p) as f:
+            return {(r["layer"], r["pass_"], r["dtype"]): r for r in csv.DictReader(f)}
+
+    old, new = load(old_csv), load(new_csv)
+
+    def rng(r, be):
+        lo, hi = r.get(f"{be}_us_lo"), r.get(f"{be}_us_hi")
+        return f"{float(lo):,.0f}–{float(hi):,.0f}" if lo else "—"
+
+    def pct(r, be, dt):
+        v = r.get(f"{be}_pct_{'ffma' if dt == 'fp32' else 'tc'}")
+        return f"{float(v):.1f}" if v else "—"
+
+    out = []
+    for dt in dtypes:
+        fl = "FFMA" if dt == "fp32" else "TC"
+        out += [f"#### {dt} — modelled µs (H100 SXM), {old_label} → {new_label}; % = % of the {fl} floor", "",
+                f"| layer | pass | CUDA {old_label} | % | CUDA {new_label} | % | Triton {old_label} | % | "
+                f"Triton {new_label} | % |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for key, n in new.items():
+            if key[2] != dt:
+                continue
+            o = old.get(key, {})
+            out.append(f"| {key[0]} | {key[1]} | {rng(o, 'cuda')} | {pct(o, 'cuda', dt)} | {rng(n, 'cuda')} | "
+                       f"{pct(n, 'cuda', dt)} | {rng(o, 'triton')} | {pct(o, 'triton', dt)} | {rng(n, 'triton')} | "
+                       f"{pct(n, 'triton', dt)} |")
+        out.append("")
+    return "\n".join(out)

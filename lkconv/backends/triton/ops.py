@@ -77,6 +77,14 @@ _ALIGNED_GRAD_WEIGHT_KEY = ["KH", "KW", "H", "WP", "HO", "WO", "SH", "SW", "DH",
 _STATIC_SPILLS = {
     ("conv", "ieee", (64, 32, 64, 4, 3)): {8},          # sm_80: 92 B (forward), 304 B (strided grad_input)
     ("grad_weight", "ieee", (128, 8, 3)): {8, 9},              # sm_80 32x32 blocks: 60 B; sm_90 16x16 blocks: 4 B
+    # aligned kernels, (BM, BK, KHB, warps, stages) / (BKC, R, warps, stages); "_packed": PACKED=True
+    ("aligned_conv", None, (64, 16, 16, 4, 2)): {8},           # fp16/bf16 sm_80: 4 B
+    ("aligned_conv", "ieee", (64, 16, 16, 4, 2)): {9},         # sm_90: 12 B
+    ("aligned_conv", "ieee", (64, 16, 8, 4, 3)): {8},          # sm_80: 440 B
+    ("aligned_conv_packed", "ieee", (64, 16, 8, 4, 3)): {8},   # sm_80: 592 B
+    ("aligned_conv_packed", "ieee", (128, 16, 8, 8, 3)): {8},  # sm_80: 588 B
+    ("aligned_conv_packed", "tf32", (64, 16, 16, 4, 2)): {8},  # sm_80: 24 B
+    ("aligned_grad_weight", "ieee", (32, 4, 4, 3)): {8},       # sm_80: 380 B
 }
 
 
@@ -146,17 +154,50 @@ def _aligned_grad_weight_configs():
     ]
 
 
-def _prune_aligned_conv(configs, named_args, **kwargs):
+def _aligned_conv_cfg(c) -> tuple:
+    return (c.kwargs["BM"], c.kwargs["BK"], c.kwargs["KHB"], c.num_warps, c.num_stages)
+
+
+def _prune_aligned_conv_for(sm_major=None):
     """Aligned forward/grad_input: packed (small planes): keep the configs whose tile holds at least
     two planes; otherwise drop those whose BM exceeds the output rows rounded up to a power of two
-    (keep the smallest if none is left)."""
-    rows = int(named_args["HO"])
-    if kwargs.get("PACKED", named_args.get("PACKED")):
-        kept = [c for c in configs if c.kwargs["BM"] >= 2 * rows]
-        return kept or [max(configs, key=lambda c: c.kwargs["BM"])]
-    bm_cap = max(16, triton.next_power_of_2(max(rows, 1)))
-    kept = [c for c in configs if c.kwargs["BM"] <= bm_cap]
-    return kept or [min(configs, key=lambda c: c.kwargs["BM"])]
+    (keep the smallest if none is left); then drop the configs known to spill on this GPU (keep the
+    smallest surviving one if none is left)."""
+
+    def prune(configs, named_args, **kwargs):
+        rows = int(named_args["HO"])
+        packed = bool(kwargs.get("PACKED", named_args.get("PACKED")))
+        if packed:
+            kept = [c for c in configs if c.kwargs["BM"] >= 2 * rows]
+            kept = kept or [max(configs, key=lambda c: c.kwargs["BM"])]
+        else:
+            bm_cap = max(16, triton.next_power_of_2(max(rows, 1)))
+            kept = [c for c in configs if c.kwargs["BM"] <= bm_cap]
+            kept = kept or [min(configs, key=lambda c: c.kwargs["BM"])]
+        major = sm_major if sm_major is not None else _current_sm_major()
+        kind = "aligned_conv_packed" if packed else "aligned_conv"
+        safe = [c for c in kept if not _spills(kind, kwargs.get("PREC"), _aligned_conv_cfg(c), major)]
+        return safe or kept[:1]
+
+    return prune
+
+
+_prune_aligned_conv = _prune_aligned_conv_for()
+
+
+def _prune_aligned_grad_weight_for(sm_major=None):
+    """Aligned grad_weight: drop the configs known to spill on this GPU (keep the first if none is left)."""
+
+    def prune(configs, named_args, **kwargs):
+        major = sm_major if sm_major is not None else _current_sm_major()
+        kept = [c for c in configs if not _spills("aligned_grad_weight", kwargs.get("PREC"),
+                                                  (c.kwargs["BKC"], c.kwargs["R"], c.num_warps, c.num_stages), major)]
+        return kept or configs[:1]
+
+    return prune
+
+
+_prune_aligned_grad_weight = _prune_aligned_grad_weight_for()
 
 
 #: output rows up to which the aligned forward packs whole planes of one channel into a tile
@@ -194,7 +235,8 @@ else:  # pragma: no cover - needs a GPU
         prune_configs_by={"early_config_prune": _prune_aligned_conv},
     )(K.dwconv_forward_aligned_kernel)
     _grad_weight_aligned_tuned = triton.autotune(
-        configs=_aligned_grad_weight_configs(), key=_ALIGNED_GRAD_WEIGHT_KEY
+        configs=_aligned_grad_weight_configs(), key=_ALIGNED_GRAD_WEIGHT_KEY,
+        prune_configs_by={"early_config_prune": _prune_aligned_grad_weight},
     )(K.dwconv_grad_weight_aligned_kernel)
 
 #: True (default): forward, grad_input at stride 1 and grad_weight run the aligned kernels (an
