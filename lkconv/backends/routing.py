@@ -32,7 +32,7 @@ __all__ = ["TIMES_US", "MEASURED_US", "LARGE_KERNEL", "shape_class", "dtype_clas
 #: smallest kernel side the model covers (RepLKNet-31B's smallest large kernel is 13x13)
 LARGE_KERNEL = 13
 
-MODEL_BASIS = _MODEL = "modelled (static report, H100 SXM, N=64, 0.7 issue efficiency)"
+MODEL_BASIS = _MODEL = "modelled (static report static-2aa159e87270, H100 SXM, N=64, 0.7 issue efficiency)"
 TORCH_BASIS = _TORCH_EST = "estimate (static model of PyTorch's native kernels, ±2x)"
 
 Key = Tuple[str, str, str, str]  # (backend, shape class, pass, dtype class)
@@ -50,25 +50,33 @@ def _rows(backend: str, dtype: str, basis: str, **per_pass: Tuple[float, float, 
 
 #: the one table (µs per layer, slow end of the modelled range); see the module docstring
 TIMES_US: Dict[Key, Tuple[float, str]] = {
-    # fp16 / bf16 ("half": the model gives both the same times for these kernels)
+    # lkconv kernels: benchmarks/results/static-2aa159e87270/routing.json (the default kernel of each
+    # backend; fp16 and bf16 merged by taking the slower)
     **_rows("cuda", "half", _MODEL + "; toeplitz_mma_kernel / grad_weight_tc_kernel",
-            forward=(295, 280, 140, 130), grad_input=(295, 280, 140, 130), grad_weight=(142, 122, 99, 146)),
+            forward=(452, 509, 224, 214), grad_input=(452, 509, 224, 214), grad_weight=(179, 114, 98, 64)),
     **_rows("triton", "half", _MODEL + "; aligned kernels",
-            forward=(538, 321, 146, 74), grad_input=(538, 321, 146, 74), grad_weight=(747, 495, 286, 281)),
+            forward=(617, 364, 148, 75), grad_input=(617, 364, 148, 75), grad_weight=(770, 511, 296, 221)),
+    **_rows("cuda", "fp32", _MODEL + "; fp32_blocked_kernel / grad_weight_ffma_kernel",
+            forward=(4428, 3542, 2973, 1434), grad_input=(4428, 3542, 2973, 1434),
+            grad_weight=(1482, 858, 453, 251)),
+    **_rows("triton", "fp32", _MODEL + "; aligned kernels, IEEE",
+            forward=(4062, 2100, 747, 261), grad_input=(4062, 2100, 747, 261),
+            grad_weight=(3752, 2497, 1434, 567)),
+    # the cuda backend is IEEE-only: its fp32 times stand for "tf32" too
+    **_rows("cuda", "tf32", _MODEL + "; IEEE kernels (no TF32 path)",
+            forward=(4428, 3542, 2973, 1434), grad_input=(4428, 3542, 2973, 1434),
+            grad_weight=(1482, 858, 453, 251)),
+    **_rows("triton", "tf32", _MODEL + "; aligned kernels, TF32",
+            forward=(1148, 664, 273, 137), grad_input=(1148, 664, 273, 137),
+            grad_weight=(1279, 848, 492, 321)),
+    # PyTorch's native kernels (NCHW; they do not use tensor cores or TF32)
     **_rows("torch", "half", _TORCH_EST,
             forward=(5711, 2169, 673, 86), grad_input=(11178, 4891, 2120, 246),
             grad_weight=(24567, 9772, 3619, 425)),
-    # fp32, IEEE (the cuda backend is IEEE-only, so its fp32 times also stand for "tf32")
-    **_rows("cuda", "fp32", _MODEL + "; fp32_blocked_kernel / grad_weight_ffma_kernel",
-            forward=(4428, 3542, 2973, 1434), grad_input=(4428, 3542, 2973, 1434),
-            grad_weight=(1000, None, None, None)),
     **_rows("torch", "fp32", _TORCH_EST,
             forward=(5711, 2169, 673, 86), grad_input=(9582, 4193, 1817, 211),
             grad_weight=(24567, 9772, 3619, 425)),
-    **_rows("cuda", "tf32", _MODEL + "; IEEE kernels (no TF32 path)",
-            forward=(4428, 3542, 2973, 1434), grad_input=(4428, 3542, 2973, 1434),
-            grad_weight=(1000, None, None, None)),
-    **_rows("torch", "tf32", _TORCH_EST + "; native kernels do not use TF32",
+    **_rows("torch", "tf32", _TORCH_EST,
             forward=(5711, 2169, 673, 86), grad_input=(9582, 4193, 1817, 211),
             grad_weight=(24567, 9772, 3619, 425)),
 }
