@@ -349,7 +349,7 @@ def run_case(case, backend: str, device: str = "cpu", cpu_path=None):
         if rg_w:
             checks.append(("grad_weight", grads.pop(0), ref_gw, td_gw))
         if rg_b:
-            # PyTorch's own bias gradient in this dtype (a plain sum, as in lkconv.ops): the §7
+            # PyTorch's own bias gradient in this dtype (a plain sum, as in lkconv.ops): the tolerance rule
             # baseline; without it a long fp32 sum can exceed the bare floor (found by the fuzzer:
             # 1566 terms, err 1.06e-5 > floor 1.03e-5)
             checks.append(("grad_bias", grads.pop(0), ref_gb, g.sum(dim=(0, 2, 3))))
