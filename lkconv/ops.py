@@ -159,9 +159,10 @@ dwconv2d.register_autograd(_backward, setup_context=_setup_context)
 #   grad_input:   d/d go = conv(g, w)              d/d w = grad_weight(go, x=g)
 #   grad_weight:  d/d go = conv(x, g)              d/d x = grad_input(go, w=g)
 # where g is the incoming gradient (shaped like the op's output).  Autograd composes these to any order.
-def _gi_setup_context(ctx, inputs, output):
-    grad_out, weight, input_size, stride, padding, dilation, backend = inputs
-    ctx.save_for_backward(grad_out, weight)
+def _grad_op_setup_context(ctx, inputs, output):
+    """Both gradient ops: (grad_out, weight | x, size, stride, padding, dilation, backend)."""
+    grad_out, other, _size, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(grad_out, other)
     ctx.conv_args = (list(stride), list(padding), list(dilation), backend)
 
 
@@ -176,13 +177,7 @@ def _gi_backward(ctx, g):
     return d_go, d_w, None, None, None, None, None
 
 
-dwconv2d_grad_input.register_autograd(_gi_backward, setup_context=_gi_setup_context)
-
-
-def _gw_setup_context(ctx, inputs, output):
-    grad_out, x, weight_size, stride, padding, dilation, backend = inputs
-    ctx.save_for_backward(grad_out, x)
-    ctx.conv_args = (list(stride), list(padding), list(dilation), backend)
+dwconv2d_grad_input.register_autograd(_gi_backward, setup_context=_grad_op_setup_context)
 
 
 def _gw_backward(ctx, g):
@@ -196,7 +191,7 @@ def _gw_backward(ctx, g):
     return d_go, d_x, None, None, None, None, None
 
 
-dwconv2d_grad_weight.register_autograd(_gw_backward, setup_context=_gw_setup_context)
+dwconv2d_grad_weight.register_autograd(_gw_backward, setup_context=_grad_op_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,23 +262,27 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
         return out
 
 
-class _GradInputFunction(torch.autograd.Function):
-    """grad_input(grad_out, weight): bilinear, so its JVP and VJP are the three ops again (see the
-    double-backward note above)."""
+class _GradOpFunction(torch.autograd.Function):
+    """What both gradient-op wrappers share: inputs (grad_out, weight | x, size, cargs)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_out, weight, input_size, cargs):
-        return dwconv2d_grad_input(grad_out, weight, list(input_size), *cargs)
+    def setup_context(ctx, inputs, output):
+        grad_out, other, size, cargs = inputs
+        ctx.save_for_backward(grad_out, other)
+        ctx.save_for_forward(grad_out, other)
+        ctx.size = list(size)
+        ctx.cargs = cargs
+
+
+class _GradInputFunction(_GradOpFunction):
+    """grad_input(grad_out, weight): bilinear, so its JVP and VJP are the three ops again (see the
+    double-backward note above)."""
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad_out, weight, input_size, cargs = inputs
-        ctx.save_for_backward(grad_out, weight)
-        ctx.save_for_forward(grad_out, weight)
-        ctx.input_size = list(input_size)
-        ctx.cargs = cargs
+    def forward(grad_out, weight, input_size, cargs):
+        return dwconv2d_grad_input(grad_out, weight, list(input_size), *cargs)
 
     @staticmethod
     def backward(ctx, g):
@@ -298,25 +297,17 @@ class _GradInputFunction(torch.autograd.Function):
         grad_out, weight = ctx.saved_tensors
         a = ctx.cargs
         return _sum_or_none(
-            None if d_go is None else _call_grad_input(d_go, weight, ctx.input_size, a),
-            None if d_w is None else _call_grad_input(grad_out, d_w, ctx.input_size, a),
+            None if d_go is None else _call_grad_input(d_go, weight, ctx.size, a),
+            None if d_w is None else _call_grad_input(grad_out, d_w, ctx.size, a),
         )
 
 
-class _GradWeightFunction(torch.autograd.Function):
-    generate_vmap_rule = True
+class _GradWeightFunction(_GradOpFunction):
+    """grad_weight(grad_out, x): bilinear, like grad_input."""
 
     @staticmethod
     def forward(grad_out, x, weight_size, cargs):
         return dwconv2d_grad_weight(grad_out, x, list(weight_size), *cargs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        grad_out, x, weight_size, cargs = inputs
-        ctx.save_for_backward(grad_out, x)
-        ctx.save_for_forward(grad_out, x)
-        ctx.weight_size = list(weight_size)
-        ctx.cargs = cargs
 
     @staticmethod
     def backward(ctx, g):
@@ -331,8 +322,8 @@ class _GradWeightFunction(torch.autograd.Function):
         grad_out, x = ctx.saved_tensors
         a = ctx.cargs
         return _sum_or_none(
-            None if d_go is None else _call_grad_weight(d_go, x, ctx.weight_size, a),
-            None if d_x is None else _call_grad_weight(grad_out, d_x, ctx.weight_size, a),
+            None if d_go is None else _call_grad_weight(d_go, x, ctx.size, a),
+            None if d_x is None else _call_grad_weight(grad_out, d_x, ctx.size, a),
         )
 
 

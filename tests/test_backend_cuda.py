@@ -182,11 +182,18 @@ def _make(case, dtype, layout, bias=True, seed=0):
     return (x, w, b, *c.conv_args)
 
 
-@requires_cuda_backend
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def gpu_case_matrix(cases):
+    """A GPU test over every case x dtype x layout (the cuda backend must be built)."""
+    def wrap(f):
+        for mark in (pytest.mark.parametrize("case", list(cases), ids=list(cases)),
+                     pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES)),
+                     pytest.mark.parametrize("layout", LAYOUTS), pytest.mark.gpu, requires_cuda_backend):
+            f = mark(f)
+        return f
+    return wrap
+
+
+@gpu_case_matrix(CASES)
 def test_all_passes_vs_reference(case, dtype, layout):
     x, w, b, s, p, d = _make(case, DTYPES[dtype], layout)
     res = compare_all_passes("cuda", x, w, b, s, p, d)
@@ -398,19 +405,25 @@ def test_toeplitz_tile_choice():
     assert not EMU.toeplitz_small_tile(56, 56) and not EMU.toeplitz_small_tile(64, 100)
 
 
+def _emu_case(C, H, W, KH, KW, pad, seed):
+    """fp64 inputs of an emulation case and the F.conv2d forward they must reproduce."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, C, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64)
+    b = torch.randn(C, generator=gen, dtype=torch.float64)
+    t, bo, l, r = pad
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (l, r, t, bo)), w, b, groups=C)
+    return gen, x, w, b, ref, pad
+
+
 @pytest.mark.parametrize("kernel", list(EMU_KERNELS))
 @pytest.mark.parametrize("case", list(EMU_CASES), ids=list(EMU_CASES))
 def test_fast_kernel_index_math_emulated(kernel, case):
     C, H, W, KH, KW, pad = EMU_CASES[case]
     emulate = EMU_KERNELS[kernel]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, C, H, W, generator=gen, dtype=torch.float64)
-    w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64)
-    b = torch.randn(C, generator=gen, dtype=torch.float64)
-    t, bo, l, r = pad
-    F = torch.nn.functional
-    ref = F.conv2d(F.pad(x, (l, r, t, bo)), w, b, groups=C)
+    gen, x, w, b, ref, (t, bo, l, r) = _emu_case(C, H, W, KH, KW, pad, seed=1)
     Ho, Wo = ref.shape[2:]
+    F = torch.nn.functional
     y = emulate(x, w, b, t, l, Ho, Wo)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     # grad_input (stride 1) as the host code computes it: the same kernel with the flipped filter,
@@ -506,11 +519,7 @@ GRAD_WEIGHT_FAST_CASES = {
 }
 
 
-@requires_cuda_backend
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("case", list(GRAD_WEIGHT_FAST_CASES), ids=list(GRAD_WEIGHT_FAST_CASES))
+@gpu_case_matrix(GRAD_WEIGHT_FAST_CASES)
 def test_grad_weight_fast_vs_generic_and_reference(case, dtype, layout):
     from lkconv.backends.reference import reference_grad_weight
 
@@ -592,14 +601,9 @@ TOEPLITZ_MMA_LARGE_K = {
 @pytest.mark.parametrize("case", list(TOEPLITZ_MMA_LARGE_K), ids=list(TOEPLITZ_MMA_LARGE_K))
 def test_toeplitz_mma_large_kernels_emulated(case):
     C, H, W, KH, KW, pad, config, vec_x = TOEPLITZ_MMA_LARGE_K[case]
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(1, C, H, W, generator=gen, dtype=torch.float64)
-    w = torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64)
-    b = torch.randn(C, generator=gen, dtype=torch.float64)
-    t, bo, l, r = pad
-    F = torch.nn.functional
-    ref = F.conv2d(F.pad(x, (l, r, t, bo)), w, b, groups=C)
+    gen, x, w, b, ref, (t, bo, l, r) = _emu_case(C, H, W, KH, KW, pad, seed=5)
     Ho, Wo = ref.shape[2:]
+    F = torch.nn.functional
     y = EMU.emulate_toeplitz_mma(x, w, b, t, l, Ho, Wo, config, vec_x)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)

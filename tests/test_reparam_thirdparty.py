@@ -21,6 +21,13 @@ from lkconv.reparam import ReparamLargeKernelConv, merge_parallel_branches, rand
 _BN = nn.modules.batchnorm._BatchNorm
 
 
+def _assert_close_rel(dep, x, ref, rel):
+    """The deployed model's eval output on x within ``rel`` of the original's (relative to max|ref|)."""
+    with torch.no_grad():
+        err = (dep(x) - ref).abs().max().item()
+    assert err <= rel * max(1.0, ref.abs().max().item()), err
+
+
 def _nontrivial(model):
     """Random BN statistics/affine, layer scales and GRN parameters (zero or 1e-6 at init would make
     whole branches invisible in the output)."""
@@ -149,8 +156,7 @@ def test_slak_own_merge_fails_and_the_structure_is_merged_instead():
     assert isinstance(dep, LargeKernelConv2d) and dep.kernel_size == (31, 31) and dep.padding == (15, 15)
     (entry,) = report.entries
     assert entry.action == "structural" and "31x5" in entry.detail and "5x31" in entry.detail, entry
-    with torch.no_grad():
-        assert (dep(x) - ref).abs().max().item() <= 1e-11 * max(1.0, ref.abs().max().item())
+    _assert_close_rel(dep, x, ref, 1e-11)
 
 
 def test_model_level_structural_reparam_alone_is_used_when_blocks_have_no_method():
@@ -193,8 +199,7 @@ def test_model_level_structural_reparam_alone_is_used_when_blocks_have_no_method
     assert isinstance(dep.blocks[0].a[0], LargeKernelConv2d)  # the merged 7x7 depthwise runs on lkconv
     assert not report.left, report.summary()
     assert isinstance(dep.blocks[0].b[1], nn.Identity)  # the b branch's BN folded in its Sequential
-    with torch.no_grad():
-        assert (dep(x) - ref).abs().max().item() <= 1e-10 * max(1.0, ref.abs().max().item())
+    _assert_close_rel(dep, x, ref, 1e-10)
 
 
 def test_a_wrong_merge_is_undone_and_reported():
@@ -271,8 +276,7 @@ def test_example_inputs_give_the_check_real_inputs():
     dep, real = lkconv.reparameterize(make(), return_report=True, example_inputs=x)
     assert real.counts() == {"NHWCBlock": {"merged": 1}}, real.summary()
     assert dep[0].blk.deployed
-    with torch.no_grad():
-        assert (dep(x) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+    _assert_close_rel(dep, x, ref, 1e-4)
 
 
 def test_merge_parallel_branches_rectangular_dilated_strided_fp64():

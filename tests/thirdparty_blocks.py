@@ -287,7 +287,21 @@ class SLaKBlock(nn.Module):
         return x + self.drop_path(y)
 
 
-class SLaK(nn.Module):
+class _StagedBackbone(nn.Module):
+    """The part SLaK and UniRepLKNet share (both ConvNeXt-shaped): downsample + stage pairs, then
+    global average pooling, LayerNorm and a linear head."""
+
+    def _add_head(self, dim, num_classes):
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))
+        return self.head(self.norm(x.mean((-2, -1))))
+
+
+class SLaK(_StagedBackbone):
     """ConvNeXt layout: 4x4 stride-4 stem + LayerNorm, downsampling LayerNorm + 2x2 stride-2 conv,
     stages of SLaKBlock (decomposed K x 5 + 5 x K + 5 x 5 kernels)."""
 
@@ -302,13 +316,7 @@ class SLaK(nn.Module):
         self.stages = nn.ModuleList(
             nn.Sequential(*[SLaKBlock(dims[i], kernel_sizes[i], small_kernel, Decom, sync, use_lkconv)
                             for _ in range(depths[i])]) for i in range(4))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes)
-
-    def forward(self, x):
-        for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
-        return self.head(self.norm(x.mean((-2, -1))))
+        self._add_head(dims[-1], num_classes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,7 +483,7 @@ class UniRepLKNetBlock(nn.Module):
             self.pwconv2 = nn.Sequential(new, self.pwconv2[1])
 
 
-class UniRepLKNet(nn.Module):
+class UniRepLKNet(_StagedBackbone):
     """Stem (two 3x3 stride-2 convs with LayerNorm/GELU), 3x3 stride-2 downsampling + LayerNorm,
     stages of UniRepLKNetBlock (3x3 plain, 13x13 dilated re-param blocks)."""
 
@@ -491,13 +499,7 @@ class UniRepLKNet(nn.Module):
         self.stages = nn.ModuleList(
             nn.Sequential(*[UniRepLKNetBlock(dims[i], kernel_sizes[i][j], use_sync_bn=use_sync_bn,
                                              use_lkconv=use_lkconv) for j in range(depths[i])]) for i in range(4))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes)
-
-    def forward(self, x):
-        for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
-        return self.head(self.norm(x.mean((-2, -1))))
+        self._add_head(dims[-1], num_classes)
 
     def reparameterize_unireplknet(self):
         for m in self.modules():

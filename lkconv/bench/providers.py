@@ -42,6 +42,8 @@ class Provider:
     """Base class.  ``name`` is the column/series label."""
 
     name = "?"
+    #: run on channels_last x and grad_out (the ``-cl`` providers)
+    channels_last = False
 
     def unavailable(self, device: torch.device) -> Optional[str]:
         """None when this provider can run on ``device`` at all, else why not."""
@@ -53,6 +55,8 @@ class Provider:
 
     def prepare(self, x, w, g):
         """Convert the benchmark tensors to the provider's layout (done once, outside timing)."""
+        if self.channels_last:
+            return x.contiguous(memory_format=torch.channels_last), w, g.contiguous(memory_format=torch.channels_last)
         return x, w, g
 
     def make(self, pass_: str, x, w, g, shape: Shape) -> Callable[[], Outputs]:
@@ -82,11 +86,6 @@ class TorchProvider(Provider):
         if device.type == "cpu" and dtype in (torch.float16,):
             return "torch has no fast fp16 depthwise convolution on CPU"
         return None
-
-    def prepare(self, x, w, g):
-        if self.channels_last:
-            return x.contiguous(memory_format=torch.channels_last), w, g.contiguous(memory_format=torch.channels_last)
-        return x, w, g
 
     def make(self, pass_, x, w, g, shape):
         C = shape.c
@@ -139,11 +138,6 @@ class LkconvProvider(Provider):
         except (BackendError, ValueError, TypeError) as e:
             return str(e).replace("lkconv: ", "")
         return None
-
-    def prepare(self, x, w, g):
-        if self.channels_last:
-            return x.contiguous(memory_format=torch.channels_last), w, g.contiguous(memory_format=torch.channels_last)
-        return x, w, g
 
     def make(self, pass_, x, w, g, shape):
         import lkconv

@@ -122,3 +122,20 @@ class ReparamModule(nn.Module):
 
     def switch_to_deploy(self) -> "ReparamModule":
         return self.reparameterize()
+
+
+def deploy_merged(block, attr: str, like: str, drop) -> nn.Module:
+    """The usual ``reparameterize()``: install ``block.get_equivalent_kernel_bias()`` as the conv
+    ``attr`` (stride, padding and groups of the block; ``like``: the attribute path of the conv whose
+    type and backend it keeps) and delete the training branches ``drop``.  Idempotent; returns block."""
+    if block.deployed:
+        return block
+    k, b = block.get_equivalent_kernel_bias()
+    ref = block
+    for part in like.split("."):
+        ref = ref[part] if isinstance(ref, nn.ModuleDict) else getattr(ref, part)
+    setattr(block, attr, conv_from_kernel(k, b, block.stride, block.padding, 1, block.groups, like=ref))
+    for name in drop:
+        delattr(block, name)
+    block.deployed = True
+    return block

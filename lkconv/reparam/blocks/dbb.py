@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import transforms as T
-from .common import BNAndPad, ConvBN, ReparamModule, conv_from_kernel, make_conv
+from .common import BNAndPad, ConvBN, ReparamModule, deploy_merged, make_conv
 
 __all__ = ["DiverseBranchBlock", "IdentityBasedConv1x1"]
 
@@ -128,11 +128,5 @@ class DiverseBranchBlock(ReparamModule):
 
     @torch.no_grad()
     def reparameterize(self) -> "DiverseBranchBlock":
-        if self.deployed:
-            return self
-        k, b = self.get_equivalent_kernel_bias()
-        self.dbb_reparam = conv_from_kernel(k, b, self.stride, self.padding, 1, self.groups,
-                                            like=self.dbb_origin.conv)
-        del self.dbb_origin, self.dbb_avg, self.dbb_1x1_kxk, self.dbb_1x1
-        self.deployed = True
-        return self
+        return deploy_merged(self, "dbb_reparam", "dbb_origin.conv",
+                             ("dbb_origin", "dbb_avg", "dbb_1x1_kxk", "dbb_1x1"))

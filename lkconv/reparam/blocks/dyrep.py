@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import transforms as T
-from .common import BNAndPad, ConvBN, ReparamModule, conv_from_kernel
+from .common import BNAndPad, ConvBN, ReparamModule, deploy_merged
 
 __all__ = ["DyRepBlock", "DYREP_BRANCHES"]
 
@@ -241,11 +241,4 @@ class DyRepBlock(ReparamModule):
 
     @torch.no_grad()
     def reparameterize(self) -> "DyRepBlock":
-        if self.deployed:
-            return self
-        k, b = self.get_equivalent_kernel_bias()
-        self.reparam = conv_from_kernel(k, b, self.stride, self.padding, 1, self.groups,
-                                        like=self.branches["kxk"].cb.conv)
-        del self.branches
-        self.deployed = True
-        return self
+        return deploy_merged(self, "reparam", "branches.kxk.cb.conv", ("branches",))

@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import transforms as T
-from .common import ConvBN, ReparamModule, conv_from_kernel, make_conv
+from .common import ConvBN, ReparamModule, deploy_merged, make_conv
 
 __all__ = ["RepVGGBlock"]
 
@@ -68,11 +68,4 @@ class RepVGGBlock(ReparamModule):
 
     @torch.no_grad()
     def reparameterize(self) -> "RepVGGBlock":
-        if self.deployed:
-            return self
-        k, b = self.get_equivalent_kernel_bias()
-        self.rbr_reparam = conv_from_kernel(k, b, self.stride, self.padding, 1, self.groups,
-                                            like=self.rbr_dense.conv)
-        del self.rbr_dense, self.rbr_1x1, self.rbr_identity
-        self.deployed = True
-        return self
+        return deploy_merged(self, "rbr_reparam", "rbr_dense.conv", ("rbr_dense", "rbr_1x1", "rbr_identity"))
