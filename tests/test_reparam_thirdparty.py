@@ -28,6 +28,31 @@ def _assert_close_rel(dep, x, ref, rel):
     assert err <= rel * max(1.0, ref.abs().max().item()), err
 
 
+def _dw_branch(k):
+    """A depthwise k x k conv (4 channels, "same" padding) + BN branch of the test blocks."""
+    return nn.Sequential(nn.Conv2d(4, 4, k, 1, k // 2, groups=4, bias=False), nn.BatchNorm2d(4))
+
+
+class _TwoBranches(nn.Module):
+    """Two depthwise conv+BN branches ``a`` (ka x ka) and ``b`` (kb x kb); subclasses combine them."""
+
+    def __init__(self, ka, kb):
+        super().__init__()
+        self.a, self.b = _dw_branch(ka), _dw_branch(kb)
+
+
+def _deploy_one(block_cls, x_shape):
+    """A block (randomised BNs, seed 0) in a Sequential, its eval output on a random input, and
+    ``reparameterize``'s result with its report."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_nontrivial(block_cls()))
+    x = torch.randn(*x_shape)
+    with torch.no_grad():
+        ref = net(x)
+    dep, report = lkconv.reparameterize(net, return_report=True)
+    return net, x, ref, dep, report
+
+
 def _nontrivial(model):
     """Random BN statistics/affine, layer scales and GRN parameters (zero or 1e-6 at init would make
     whole branches invisible in the output)."""
@@ -161,11 +186,9 @@ def test_slak_own_merge_fails_and_the_structure_is_merged_instead():
 
 def test_model_level_structural_reparam_alone_is_used_when_blocks_have_no_method():
     """A model whose only deploy method is the model-level one (calls every block's private merge)."""
-    class Blk(nn.Module):
+    class Blk(_TwoBranches):
         def __init__(self):
-            super().__init__()
-            self.a = nn.Sequential(nn.Conv2d(4, 4, 7, 1, 3, groups=4, bias=False), nn.BatchNorm2d(4))
-            self.b = nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(4))
+            super().__init__(7, 3)
 
         def forward(self, x):
             return torch.relu(self.a(x)) + self.b(x)  # not a plain sum: structure must not merge it
@@ -223,12 +246,7 @@ def test_a_wrong_merge_is_undone_and_reported():
             self.merged.bias.copy_(b)
             del self.conv, self.bn, self.small
 
-    torch.manual_seed(0)
-    net = nn.Sequential(_nontrivial(Wrong()))
-    x = torch.randn(2, 4, 10, 10)
-    with torch.no_grad():
-        ref = net(x)
-    dep, report = lkconv.reparameterize(net, return_report=True)
+    net, x, ref, dep, report = _deploy_one(Wrong, (2, 4, 10, 10))
     assert hasattr(dep[0], "conv") and not hasattr(dep[0], "merged"), "the wrong merge was kept"
     (entry,) = report.left
     assert entry.path == "0" and "merge_kernel(): deployed output differs" in entry.detail
@@ -367,11 +385,9 @@ def test_fastvit_reparameterize_deploys_2c_convs_on_lkconv():
 def test_left_children_stay_reported_when_the_parent_is_restored():
     """A parent whose method fails is restored from its snapshot (a copy): what was found out about
     its children (left, with the reason) still appears in the report."""
-    class NotASum(nn.Module):
+    class NotASum(_TwoBranches):
         def __init__(self):
-            super().__init__()
-            self.a = nn.Sequential(nn.Conv2d(4, 4, 5, 1, 2, groups=4, bias=False), nn.BatchNorm2d(4))
-            self.b = nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(4))
+            super().__init__(5, 3)
 
         def forward(self, x):
             return self.a(x) * self.b(x)
@@ -390,12 +406,7 @@ def test_left_children_stay_reported_when_the_parent_is_restored():
         def merge_kernel(self):
             raise AttributeError("no lkb_origin")
 
-    torch.manual_seed(0)
-    net = nn.Sequential(_nontrivial(Parent()))
-    x = torch.randn(2, 4, 9, 10)
-    with torch.no_grad():
-        ref = net(x)
-    dep, report = lkconv.reparameterize(net, return_report=True)
+    net, x, ref, dep, report = _deploy_one(Parent, (2, 4, 9, 10))
     left = {e.path: e for e in report.left}
     assert set(left) == {"0", "0.inner"}, report.summary()
     assert "merge_kernel() raised AttributeError" in left["0"].detail

@@ -110,19 +110,15 @@ def test_cuda_16bit_tensor_core_kernels_use_ldsm_and_hmma(cuda_facts, arch, dtyp
 
 @needs_cuda_tools
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cuda_fp16_wmma_fallback_uses_ldsm_and_hmma(cuda_facts, arch):
-    problems = [p for f in _tc_kernels(cuda_facts[arch], "fp16", ("tc_toeplitz",))
-                for p in checks.tensor_core_problems(f)]
-    assert problems == []
-
-
-@needs_cuda_tools
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.xfail(strict=True, reason="toeplitz_wmma_kernel<__nv_bfloat16> (the fallback, now only for K > 64): "
-                   "nvcuda::wmma bf16 fragment loads compile to generic LD (+MOVM), no LDSM; the default "
-                   "K <= 64 path (toeplitz_mma_kernel) is checked above")
-def test_cuda_bf16_wmma_fallback_uses_ldsm_and_hmma(cuda_facts, arch):
-    problems = [p for f in _tc_kernels(cuda_facts[arch], "bf16", ("tc_toeplitz",))
+@pytest.mark.parametrize("dtype", [
+    "fp16",
+    pytest.param("bf16", marks=pytest.mark.xfail(
+        strict=True, reason="toeplitz_wmma_kernel<__nv_bfloat16> (the fallback, now only for K > 64): "
+        "nvcuda::wmma bf16 fragment loads compile to generic LD (+MOVM), no LDSM; the default "
+        "K <= 64 path (toeplitz_mma_kernel) is checked above")),
+])
+def test_cuda_wmma_fallback_uses_ldsm_and_hmma(cuda_facts, arch, dtype):
+    problems = [p for f in _tc_kernels(cuda_facts[arch], dtype, ("tc_toeplitz",))
                 for p in checks.tensor_core_problems(f)]
     assert problems == []
 
