@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lkconv.models.unireplknet import GRN  # NHWC global response norm (not what the deploy tests exercise)
+
 import lkconv
 
 
@@ -395,21 +397,6 @@ class _SE(nn.Module):
         return x * torch.sigmoid(self.up(self.nonlinear(self.down(s))))
 
 
-class _GRNwithNHWC(nn.Module):
-    def __init__(self, dim, use_bias=True):
-        super().__init__()
-        self.use_bias = use_bias
-        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
-        if use_bias:
-            self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
-
-    def forward(self, x):
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        out = (self.gamma * nx + 1) * x
-        return out + self.beta if self.use_bias else out
-
-
 class _NCHWtoNHWC(nn.Module):
     def forward(self, x):
         return x.permute(0, 2, 3, 1)
@@ -432,7 +419,7 @@ class UniRepLKNetBlock(nn.Module):
         self.se = _SE(dim, dim // 4)
         ffn = int(ffn_factor * dim)
         self.pwconv1 = nn.Sequential(_NCHWtoNHWC(), nn.Linear(dim, ffn))
-        self.act = nn.Sequential(nn.GELU(), _GRNwithNHWC(ffn, use_bias=not deploy))
+        self.act = nn.Sequential(nn.GELU(), GRN(ffn, use_bias=not deploy))
         if deploy:
             self.pwconv2 = nn.Sequential(nn.Linear(ffn, dim), _NHWCtoNCHW())
         else:
