@@ -27,9 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lkconv.models.unireplknet import GRN  # NHWC global response norm (not what the deploy tests exercise)
-
 import lkconv
+from lkconv.models.unireplknet import GRN  # NHWC global response norm (not what the deploy tests exercise)
 
 
 # ------------------------------------------------------------------------------------------------
