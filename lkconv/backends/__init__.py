@@ -195,8 +195,15 @@ _OVERRIDES: "contextvars.ContextVar[tuple]" = contextvars.ContextVar("lkconv_bac
 def get_default_backend() -> str:
     """The backend used when a call passes no ``backend=``: the innermost :func:`use_backend` block
     of this thread / task, else the process-wide :func:`set_backend` value (normally ``"auto"``)."""
+    return _innermost_override() or _default_backend
+
+
+@torch.compiler.assume_constant_result
+def _innermost_override() -> Optional[str]:
+    # opaque to torch.compile: dynamo in torch 2.11 cannot trace ContextVar.get (a compiled graph
+    # keeps the override it was traced under, as it keeps the resolved backend)
     overrides = _OVERRIDES.get()
-    return overrides[-1][1] if overrides else _default_backend
+    return overrides[-1][1] if overrides else None
 
 
 @contextlib.contextmanager

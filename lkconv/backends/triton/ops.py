@@ -85,6 +85,10 @@ _STATIC_SPILLS = {
     ("aligned_conv_packed", "ieee", (128, 16, 8, 8, 3)): {8},  # sm_80: 588 B
     ("aligned_conv_packed", "tf32", (64, 16, 16, 4, 2)): {8},  # sm_80: 24 B
     ("aligned_grad_weight", "ieee", (32, 4, 4, 3)): {8},       # sm_80: 380 B
+    # found with triton 3.6 (torch 2.11's, and the GPU box's); triton 3.8 compiles them spill-free
+    ("grad_weight", "tf32", (64, 4, 3)): {8},                  # sm_80 32x32 blocks: 16 B
+    ("aligned_conv_packed", "tf32", (128, 16, 8, 8, 3)): {8},  # sm_80: 8 B
+    ("aligned_grad_weight", "ieee", (32, 2, 4, 3)): {9},       # sm_90: 4 B
 }
 
 
