@@ -39,7 +39,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["run_suite", "repo_root", "gpu_test_commands", "main"]
+__all__ = ["run_suite", "repo_root", "gpu_test_commands", "csrc_digest", "prebuilt_extension", "main"]
+
+#: where scripts/build_for_gpu_box.sh leaves the extension and the peer built for the GPU box
+PREBUILT_DIR = ".gpu-prebuilt"
 
 
 def repo_root() -> Optional[str]:
@@ -47,6 +50,41 @@ def repo_root() -> Optional[str]:
     if os.path.exists(os.path.join(root, "setup.py")) or os.path.exists(os.path.join(root, "pyproject.toml")):
         return root
     return None
+
+
+def csrc_digest(root: str) -> str:
+    """sha256 over what lkconv._C is built from (csrc/ and setup.py), to tell a stale prebuilt apart."""
+    import hashlib
+
+    h = hashlib.sha256()
+    paths = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(root, "csrc")))
+             if f.endswith((".cu", ".cuh", ".cpp", ".h", ".py"))] + ["setup.py"]
+    for rel in paths:
+        h.update(rel.encode() + b"\0")
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def prebuilt_extension(root: str, torch_version: str):
+    """(path of the prebuilt lkconv._C, why not) for this checkout and torch (scripts/build_for_gpu_box.sh)."""
+    import glob
+
+    d = os.path.join(root, PREBUILT_DIR)
+    info_path = os.path.join(d, "BUILD_INFO.json")
+    if not os.path.exists(info_path):
+        return None, f"no {PREBUILT_DIR}/BUILD_INFO.json"
+    with open(info_path) as f:
+        info = json.load(f)
+    tag = f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
+    so = glob.glob(os.path.join(d, "lkconv", f"_C.{tag}-*.so"))
+    if not so:
+        return None, f"no prebuilt lkconv._C for {tag}"
+    if info.get("torch") != torch_version.split("+")[0]:
+        return None, f"prebuilt for torch {info.get('torch')}, running {torch_version}"
+    if info.get("csrc_digest") != csrc_digest(root):
+        return None, f"prebuilt from other sources (commit {info.get('commit')}): csrc changed since"
+    return so[0], ""
 
 
 def _run_step(name: str, cmd: List[str], log_path: str, timeout: float, cwd: Optional[str], echo: bool = True,
@@ -173,7 +211,22 @@ def run_suite(outdir: str, budget_s: float = 570.0, skip_build: bool = False, sk
     if dev != "cuda":
         say("WARNING: no CUDA device visible; the suite runs, but GPU tests skip and benchmarks run on CPU")
 
-    # 2. build
+    # 2. build (or the extension prebuilt for this box by scripts/build_for_gpu_box.sh)
+    peers = os.path.join(root, PREBUILT_DIR, "peers") if root else ""
+    if peers and os.path.isdir(peers):
+        env["PYTHONPATH"] = peers + os.pathsep + env["PYTHONPATH"]
+        say(f"benchmark peers from {peers}")
+    prebuilt, why_not = prebuilt_extension(root, torch.__version__) if root else (None, "no checkout")
+    if not skip_build and prebuilt:
+        import shutil
+
+        shutil.copy(prebuilt, os.path.join(root, "lkconv", os.path.basename(prebuilt)))
+        say(f"using the prebuilt extension {prebuilt}")
+        steps.append(dict(step="build", rc=0, seconds=0, log="", command="",
+                          note=f"prebuilt ({PREBUILT_DIR}/BUILD_INFO.json matches this checkout)"))
+        skip_build = True
+    elif not skip_build and root:
+        say(f"not using a prebuilt extension: {why_not}")
     if not skip_build:
         if root is None:
             steps.append(dict(step="build", rc=None, seconds=0, log="", note="no source checkout found; skipped",

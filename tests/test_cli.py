@@ -214,6 +214,7 @@ def test_suite_orchestration(tmp_path, monkeypatch):
                     note="", command=" ".join(cmd))
 
     monkeypatch.setattr(suite, "_run_step", fake_step)
+    monkeypatch.setattr(suite, "prebuilt_extension", lambda root, tv: (None, "none in this test"))
     rc = suite.run_suite(str(tmp_path / "run"), budget_s=570, echo=False)
     assert rc == 0  # pytest's "no tests selected" (5) is not a failure
     names = [c[0] for c in calls]
@@ -225,6 +226,33 @@ def test_suite_orchestration(tmp_path, monkeypatch):
     for n in names:
         assert f"| {n} |" in summary
     assert (tmp_path / "run" / "env.json").exists()
+
+
+def test_suite_prebuilt_extension(tmp_path, monkeypatch):
+    """scripts/build_for_gpu_box.sh's output is used only for the sources and torch it was built from."""
+    import json
+    import sys
+
+    suite = _gpu_suite()
+    root = tmp_path / "repo"
+    (root / "csrc").mkdir(parents=True)
+    (root / "csrc" / "k.cu").write_text("__global__ void k() {}\n")
+    (root / "setup.py").write_text("# setup\n")
+    so, why = suite.prebuilt_extension(str(root), "2.11.0+cu130")
+    assert so is None and "BUILD_INFO.json" in why
+    pre = root / suite.PREBUILT_DIR
+    (pre / "lkconv").mkdir(parents=True)
+    tag = f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
+    (pre / "lkconv" / f"_C.{tag}-x86_64-linux-gnu.so").write_bytes(b"")
+    info = dict(commit="abc", csrc_digest=suite.csrc_digest(str(root)), torch="2.11.0")
+    (pre / "BUILD_INFO.json").write_text(json.dumps(info))
+    so, why = suite.prebuilt_extension(str(root), "2.11.0+cu130")
+    assert so and so.endswith(".so") and why == ""
+    so, why = suite.prebuilt_extension(str(root), "2.14.1+cu130")
+    assert so is None and "torch 2.11.0" in why
+    (root / "csrc" / "k.cu").write_text("__global__ void k() { /* changed */ }\n")
+    so, why = suite.prebuilt_extension(str(root), "2.11.0+cu130")
+    assert so is None and "csrc changed" in why
 
 
 def test_suite_test_commands():
