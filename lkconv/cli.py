@@ -362,6 +362,15 @@ def cmd_static(args) -> int:
     from lkconv.static.kernels import SM_COUNT
     from lkconv.static.report import main as static_main
 
+    if args.update_routing:
+        from lkconv.static.report import update_routing
+
+        if not os.path.isfile(os.path.join(args.update_routing, "routing.json")):
+            raise _fail(f"--update-routing {args.update_routing}: no routing.json there "
+                        "(a benchmarks/results/static-* folder)")
+        print(f"wrote {update_routing(args.update_routing)}")
+        return 0
+
     try:
         archs = tuple(_int_list(args.archs, "--archs") or (80, 90))
     except ValueError as e:
@@ -432,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--archs", help="comma-separated SM versions (default 80,90)")
     st.add_argument("--jobs", type=int, default=2, help="parallel Triton compiles (default 2)")
     st.add_argument("--baseline", help="an earlier static-* folder: add a before/after table (modelled) to the README")
+    st.add_argument("--update-routing", metavar="DIR", help="no compile: regenerate auto's modelled routing rows "
+                    "(lkconv/backends/routing_modelled.py) from DIR/routing.json, a committed static-* folder")
 
     sub.add_parser("train", help="train RepLKNet models (lkconv.models.train); arguments are passed on",
                    add_help=False)

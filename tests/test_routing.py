@@ -117,3 +117,24 @@ def test_auto_on_cuda_requests_is_routed_per_pass(monkeypatch):
     want = {ps: routing.route_order(_req(ps, "7"))[0][0] for ps in PASSES}
     assert got == routing.join_route(want)
     assert routing.route_for(got, "forward") != "cuda"  # modelled slower than torch at 7x7/K13
+
+
+def test_modelled_rows_are_the_committed_report():
+    """auto's modelled lkconv rows are generated from one committed static report (one source): the
+    module in the package is exactly what `python -m lkconv static --update-routing` makes of it."""
+    import json
+    import os
+
+    from lkconv.backends import routing_modelled
+    from lkconv.static.report import routing_module_text
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(root, "benchmarks", "results", routing_modelled.REPORT)
+    with open(os.path.join(folder, "routing.json")) as f:
+        text = routing_module_text(json.load(f), routing_modelled.REPORT)
+    with open(routing_modelled.__file__) as f:
+        assert f.read() == text, "regenerate: python -m lkconv static --update-routing " + folder
+    # and the table uses it: every generated cell is in TIMES_US with the report named in its basis
+    for key, (us, kernel) in routing_modelled.CELLS.items():
+        t, basis = routing.TIMES_US[key]
+        assert t == us and routing_modelled.REPORT in basis and kernel in basis
