@@ -121,6 +121,33 @@ def test_fp32_rb_layout_fits():
 
 
 # ------------------------------------------------------------------------------------------------
+# compiled facts (nvcc, no GPU): both configurations, both archs
+# ------------------------------------------------------------------------------------------------
+def _static():
+    from lkconv.static import compile as SC
+    return SC
+
+
+@pytest.mark.skipif(_static().cuda_unavailable_reason() is not None, reason="nvcc / cuobjdump not available")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_fp32_rb_compiles_to_an_ffma_loop(arch):
+    """No spills; the steady 3-chunk loop (7 output rows) is 588 FFMA, 12 LDS.32 + 21 LDS.128 and >= 90 %
+    FFMA; every row count 1..7 has its own loop (no guards on the RepLKNet sizes)."""
+    from lkconv.static import checks, model as SM
+
+    kf = _static().compile_cuda(arch, sources=[os.path.join(ROOT, "csrc", "dwconv_forward_fp32.cu")])
+    fs = [f for f in kf.values() if f["role"] == "fp32_rb"]
+    assert {f["template"] for f in fs} == {(4, 8), (4, 2)}, [f["name"] for f in fs]
+    for f in fs:
+        assert checks.spill_problems(f) == [], f["name"]
+        per_v = SM._frb_loops(f, 7, 7)["per_v"]
+        assert sorted(per_v) == list(range(1, 8)), f["name"]
+        mix = per_v[7]["mix"]
+        assert mix["ffma"] == 588 and mix.get("lds") == 33 and mix.get("local", 0) == 0, mix
+        assert mix["ffma"] / mix["total"] >= 0.90, mix
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
 def _cuda_ready():
