@@ -51,14 +51,15 @@ def _rows(backend: str, dtype: str, basis: str, **per_pass: Tuple[float, float, 
 #: the one table (µs per layer, slow end of the modelled range); see the module docstring
 TIMES_US: Dict[Key, Tuple[float, str]] = {
     # lkconv kernels: benchmarks/results/static-2aa159e87270/routing.json (the default kernel of each
-    # backend; fp16 and bf16 merged by taking the slower)
+    # backend; fp16 and bf16 merged by taking the slower); CUDA fp32: static-d4c30a8305b3/routing.json
     **_rows("cuda", "half", _MODEL + "; toeplitz_mma_kernel / grad_weight_tc_kernel",
             forward=(452, 509, 224, 214), grad_input=(452, 509, 224, 214), grad_weight=(179, 114, 98, 64)),
     **_rows("triton", "half", _MODEL + "; aligned kernels",
             forward=(617, 364, 148, 75), grad_input=(617, 364, 148, 75), grad_weight=(770, 511, 296, 221)),
-    **_rows("cuda", "fp32", _MODEL + "; fp32_blocked_kernel / grad_weight_ffma_kernel",
-            forward=(4428, 3542, 2973, 1434), grad_input=(4428, 3542, 2973, 1434),
-            grad_weight=(1482, 858, 453, 251)),
+    **_rows("cuda", "fp32", _MODEL.replace("static-2aa159e87270", "static-d4c30a8305b3")
+            + "; fp32_rb_kernel / grad_weight_ffma_kernel",
+            forward=(1181, 520, 462, 330), grad_input=(1181, 520, 462, 330),
+            grad_weight=(1464, 752, 453, 254)),
     **_rows("triton", "fp32", _MODEL + "; aligned kernels, IEEE",
             forward=(4062, 2100, 747, 261), grad_input=(4062, 2100, 747, 261),
             grad_weight=(3752, 2497, 1434, 567)),
