@@ -554,7 +554,8 @@ void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream) 
   if (a.N * a.C * a.Ho * a.Wo == 0) return;
   switch (a.dtype) {
     case DType::kFloat32:
-      if (!force_generic && try_fp32_blocked(a, stream)) return;
+      // register-blocked fp32_rb_kernel (dwconv_forward_fp32.cu); fp32_blocked_kernel where it does not apply
+      if (!force_generic && (try_fp32_rb(a, stream) || try_fp32_blocked(a, stream))) return;
       launch_generic<float>(a, stream);
       return;
     case DType::kFloat16:

@@ -23,7 +23,8 @@
 //    warp order through shared memory.  Staging: cp.async of 4/8/16 bytes with src-size zero-fill where
 //    the tensor's alignment and unit column stride allow it (vec_x / vec_g), scalar loads otherwise.
 //    fp32 uses the same staging with a register block of 4 kernel rows (kh = khb + 8a) x 8 kernel
-//    columns per lane and a 15-value sliding window of the grad_out row (unrolled by 8: no moves).
+//    columns per lane and a 15-value sliding window of the grad_out row (unrolled by 8: no moves); the image's
+//    last 1-4 columns of a window take half a step (4 columns, 11 values: 28 x 28 planes end there).
 //  * grad_weight_partial_kernel (everything else, and algo=1): its 256 threads form P tap slots x L lanes
 //    (P = min(taps, 256), L = 256 / P); a thread sums its tap over r = (n, oh, ow) = lane, lane+L, ... of its
 //    split in fp32, then lane partials are added in lane order.
@@ -381,11 +382,14 @@ __global__ void __launch_bounds__(GWT_THREADS, 1) grad_weight_ffma_kernel(GradWe
       gwt_stage<float>(a, L, Xs, Ge, xc, gc, n, oh0, nr, nr + round_up_i(KH, 32) - 1, xw_log2, gw_log2, qa, gal, lvx,
                        lvg);
       __syncthreads();
+      const int wcols = (int)(a.W - qa < GWT_QW ? a.W - qa : GWT_QW);  // image columns of this window
       for (int i = wr; i < nr; i += WPG) {
         const float* grow = Ge + (i << L.gp_log2) + KWP - kwg - 8 * kwb - 7 + delta;
         const float* xrow = Xs + (i + khg + khb) * L.xp;
-        for (int j0 = 0; j0 < GWT_QW; j0 += 8) {
-          if (qa + j0 >= a.W) break;
+        // full 8-column steps while more than 4 image columns are left, then (1-4 left) half a step: 4 columns,
+        // 11 values (x columns j0 + 4 .. j0 + 7 are zero there)
+        const int jfull = wcols > 4 ? 8 * ((wcols - 4 + 7) / 8) : 0;
+        for (int j0 = 0; j0 < jfull; j0 += 8) {
           float wv[15];  // G[u] for u = j0 + KWP - kwg - 8*kwb - 7 + m: tap b at column j0 + jj is wv[jj + 7 - b]
 #pragma unroll
           for (int m = 0; m < 15; ++m) wv[m] = grow[j0 + m];
@@ -396,6 +400,21 @@ __global__ void __launch_bounds__(GWT_THREADS, 1) grad_weight_ffma_kernel(GradWe
             const float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
             for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+              for (int b = 0; b < 8; ++b) acc[ai][b] = fmaf(xv[jj], wv[jj + 7 - b], acc[ai][b]);
+          }
+        }
+        if (jfull < wcols) {
+          const int j0 = jfull;
+          float wv[11];
+#pragma unroll
+          for (int m = 0; m < 11; ++m) wv[m] = grow[j0 + m];
+#pragma unroll
+          for (int ai = 0; ai < 4; ++ai) {
+            const float4 x0 = *reinterpret_cast<const float4*>(xrow + 8 * ai * L.xp + j0);
+            const float xv[4] = {x0.x, x0.y, x0.z, x0.w};
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
               for (int b = 0; b < 8; ++b) acc[ai][b] = fmaf(xv[jj], wv[jj + 7 - b], acc[ai][b]);
           }

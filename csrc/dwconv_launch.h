@@ -10,6 +10,10 @@ namespace lkconv {
 // Throws (c10::Error) on launch failure.
 void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream);
 
+// fp32, stride 1, dilation 1, KH, KW <= 64, sm80+: the register-blocked fp32_rb_kernel
+// (dwconv_forward_fp32.cu); false when it does not apply (the caller falls back)
+bool try_fp32_rb(const ConvArgs& a, cudaStream_t stream);
+
 // grad_input for stride > 1 (any dilation): direct gather kernel.
 //   a.x = grad_out (N, C, Ho, Wo) with strides a.xs, a.y = grad_input (N, C, H, W) with a.ys,
 //   a.Ho/a.Wo = grad_out spatial size, a.H/a.W = grad_input spatial size; pt/pl/sh/sw/dil_h/dil_w as in forward.

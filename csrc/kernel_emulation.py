@@ -344,20 +344,23 @@ def emulate_grad_weight_fast(x, g, KH, KW, pt, pl, tc, vec_x=1, vec_g=1, splits=
                                         for mt in range(mb):
                                             _mma_m16n8k16(acc[warp * 8 + mt * 4 + nt], af[mt], b0, b1)
                             else:
-                                for j0 in range(0, GWT_QW, 8):
-                                    if qa + j0 >= W:
-                                        break
+                                # full 8-column steps while more than 4 image columns are left, then half a
+                                # step (4 columns) for the last 1-4
+                                wcols = min(W - qa, GWT_QW)
+                                jfull = 8 * ((wcols - 4 + 7) // 8) if wcols > 4 else 0
+                                steps = [(j0, 8) for j0 in range(0, jfull, 8)] + ([(jfull, 4)] if jfull < wcols else [])
+                                for j0, cols in steps:
                                     for lane in range(32):
                                         khb, kwb = lane >> 2, lane & 3
                                         grow = L["ge_off"] + i * gp + KWP - kwg - 8 * kwb - 7 + delta
-                                        wv = [smem[grow + j0 + m] for m in range(15)]
+                                        wv = [smem[grow + j0 + m] for m in range(cols + 7)]
                                         assert grow + j0 >= L["ge_off"] + i * gp and grow + j0 + 14 < L["ge_off"] + i * gp + gw
                                         xrow = (i + khg + khb) * L["xp"]
                                         assert i + khg + khb + 24 < xrows and j0 + 8 <= xw
                                         a_ = acc[warp][lane]
                                         for ai in range(4):
-                                            xv = smem[xrow + 8 * ai * L["xp"] + j0: xrow + 8 * ai * L["xp"] + j0 + 8]
-                                            for jj in range(8):
+                                            xv = smem[xrow + 8 * ai * L["xp"] + j0: xrow + 8 * ai * L["xp"] + j0 + cols]
+                                            for jj in range(cols):
                                                 for b in range(8):
                                                     a_[ai * 8 + b] += xv[jj] * wv[jj + 7 - b]
                 rho += nr
@@ -484,3 +487,241 @@ def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1):
                                     if oh < Ho and ow < Wo:
                                         y[n, c, oh, ow] = acc[nt][lane][r] + b
     return y
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32_rb_kernel (dwconv_forward_fp32.cu): fp32 forward-style kernel with R x CC register blocks per
+# thread, stride 1, dilation 1, KH, KW <= 64; configs (R, CC, LC, LR, SUB, WY) "56" -> 56 x 56 x 4 planes,
+# "28" -> 28 x 28 x 4 planes.  Vectorised over the 32 lanes of a warp (numpy), every lane with its own
+# shared-memory addresses exactly as the kernel computes them.
+# ------------------------------------------------------------------------------------------------
+FRB_CONFIGS = {"56": (7, 7, 8, 1, 4, 8), "28": (7, 7, 4, 2, 4, 2)}
+FRB_MAX_K = 64
+
+
+def frb_pitch(LC, LR, SUB):  # transcription of frb_pitch(): (xp_mod, xp_rem, ps_mod, ps_rem)
+    if (LC, LR, SUB) == (8, 2, 2):
+        return 16, 8, 32, 16
+    if (LC, LR, SUB) == (4, 2, 4):
+        return 8, 4, 16, 8
+    if (LC, LR, SUB) == (8, 1, 4):
+        return 4, 0, 16, 8
+    return 16, 8, 8, 4
+
+
+def frb_rows_cap(LR, TH, KH, H):  # transcription of frb_rows_cap()
+    return H if LR == 1 and H < TH + KH - 1 else TH + KH - 1
+
+
+def frb_layout(KH, KW, TH, TW, SUB, pitch, rows_cap):  # transcription of frb_layout(): floats, bytes
+    xp_mod, xp_rem, ps_mod, ps_rem = pitch
+    xr = min(TH + KH - 1, rows_cap)
+    xcols = round_up(TW + KW + 3, 4)
+    xp = round_up(xcols - xp_rem, xp_mod) + xp_rem
+    ps = round_up(xr * xp - ps_rem, ps_mod) + ps_rem
+    fp = round_up(KW, 4)
+    f_off = round_up(SUB * ps, 4)
+    return dict(xr=xr, xcols=xcols, xp=xp, ps=ps, fp=fp, f_off=f_off, bytes=(f_off + KH * fp) * 4)
+
+
+def fp32_rb_small_tile(Ho, Wo):  # transcription of fp32_rb_small_tile()
+    big = ceil_div(Ho, 56) * 56 * ceil_div(Wo, 56) * 56
+    small = ceil_div(Ho, 28) * 28 * ceil_div(Wo, 28) * 28
+    return small < big
+
+
+def frb_lane_x_offsets(config, KH, KW):
+    """Per lane, the shared-memory float offset of the lane's first x load (rb * XP + cb, plus its plane) in
+    warp 0: the bank pattern of every x load of the hot loop (the others add a warp-uniform offset)."""
+    import numpy as np
+    R, CC, LC, LR, SUB, WY = FRB_CONFIGS[config]
+    L = frb_layout(KH, KW, WY * LR * R, LC * CC, SUB, frb_pitch(LC, LR, SUB), WY * LR * R + KH - 1)
+    lanes = np.arange(32)
+    sub, rt, ct = lanes // (LC * LR), (lanes // LC) % LR, lanes % LC
+    return sub * L["ps"] + rt * R * L["xp"] + ct * CC
+
+
+def emulate_fp32_rb(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1):
+    """Transcription of fp32_rb_kernel: the flattened staging with its incremental (row, vector) walk and
+    zero-filled vectors, the chunk-major filter, the warp-uniform row / tap ranges, the per-row choice of output
+    rows [i_lo, i_hi) (full, head, foot instantiations; guarded only when both ends are inside the block), the
+    register ring with its compile-time slots (RS = 12, period 3 chunks: 3 per loop iteration, then 0-2), the
+    padded last chunk and the single-tap tail, the epilogue.  Shared memory is a flat NaN-initialised array per CTA; every read is
+    bounds-asserted and must not be NaN (never staged); the unguarded rows assert that every kernel row they
+    use is inside the filter; every output is written exactly once."""
+    import numpy as np
+    if config is None:
+        config = "28" if fp32_rb_small_tile(Ho, Wo) else "56"
+    R, CC, LC, LR, SUB, WY = FRB_CONFIGS[config]
+    TW, TH, THREADS = LC * CC, WY * LR * R, 32 * WY
+    RS = (CC + 3 + 3) // 4 * 4
+    assert RS // 4 == 3
+    N, C, H, W = x.shape
+    KH, KW = w.shape[2], w.shape[3]
+    assert KH <= FRB_MAX_K and KW <= FRB_MAX_K
+    CLIP = LR == 1
+    L = frb_layout(KH, KW, TH, TW, SUB, frb_pitch(LC, LR, SUB), frb_rows_cap(LR, TH, KH, H))
+    assert L["bytes"] <= 227 * 1024
+    xr, xcols, xp, ps, fp, f_off = L["xr"], L["xcols"], L["xp"], L["ps"], L["fp"], L["f_off"]
+    xd = x.double().numpy()
+    wd = w.double().numpy()
+    y = np.full((N, C, Ho, Wo), np.nan)
+    clamp = lambda v, lo, hi: lo if v < lo else (hi if v > hi else v)  # noqa: E731
+    kh4 = 4 * KH
+
+    for grp in range(ceil_div(N, SUB)):
+        for c in range(C):
+            for by in range(ceil_div(Wo, TW)):
+                for bz in range(ceil_div(Ho, TH)):
+                    n0, ow0, oh0 = grp * SUB, by * TW, bz * TH
+                    c0 = ((ow0 - pl) // 4) * 4
+                    s0 = ow0 - pl - c0
+                    assert 0 <= s0 < 4
+                    smem = np.full(L["bytes"] // 4, np.nan)
+                    # ---- staging: x, flattened (row, vector) walk per plane
+                    ve = vec_x
+                    vpr = xcols // ve
+                    assert xcols % ve == 0
+                    dr, dj = THREADS // vpr, THREADS - (THREADS // vpr) * vpr
+                    xr_tile = TH + KH - 1
+                    r_lo, r_hi = clamp(pt - oh0, 0, xr_tile), clamp(H + pt - oh0, 0, xr_tile)
+                    r0 = r_lo if CLIP else 0
+                    q_lo, q_hi = clamp(-c0, 0, xcols), clamp(W - c0, 0, xcols)
+                    for sub in range(SUB):
+                        n = n0 + sub
+                        n_in = n < N
+                        for tid in range(THREADS):
+                            rr, j = tid // vpr, tid - (tid // vpr) * vpr
+                            while rr < xr:
+                                q, r = j * ve, rr + r0
+                                cnt = 0
+                                if n_in and r_lo <= r < r_hi and q_lo <= q < q_hi:
+                                    cnt = q_hi - q if q_hi - q < ve else ve
+                                assert not (q < q_lo < q + ve)        # a vector never straddles column 0
+                                dst = sub * ps + rr * xp + q
+                                assert dst % ve == 0 and q + ve <= xcols  # aligned vector, inside the row
+                                for e in range(ve):
+                                    smem[dst + e] = xd[n, c, oh0 - pt + r, c0 + q + e] if e < cnt else 0.0
+                                rr += dr
+                                j += dj
+                                if j >= vpr:
+                                    j -= vpr
+                                    rr += 1
+                    for kh in range(KH):  # filter, chunk-major
+                        for kw in range(fp):
+                            smem[f_off + (kw >> 2) * kh4 + 4 * kh + (kw & 3)] = wd[c, 0, kh, kw] if kw < KW else 0.0
+
+                    lanes = np.arange(32)
+                    sub_l, rt, ct = lanes // (LC * LR), (lanes // LC) % LR, lanes % LC
+                    plane_lo = sub_l * ps
+
+                    def rd_x(addr):  # per-lane x loads: inside the lane's staged plane, staged columns only
+                        rel = addr - plane_lo
+                        assert (rel >= 0).all() and (rel < xr * xp).all() and (rel % xp < xcols).all()
+                        v = smem[addr]
+                        assert not np.isnan(v).any()
+                        return v
+
+                    def rd_f(off, kw_in_chunk_ok=True):  # warp-uniform filter load (broadcast)
+                        assert f_off <= off < f_off + KH * fp
+                        v = smem[off]
+                        assert not np.isnan(v)
+                        return v
+
+                    for warp in range(WY):
+                        wr0 = oh0 + warp * (LR * R)
+                        if wr0 >= Ho:
+                            continue
+                        rb = warp * (LR * R) + rt * R
+                        cb = ct * CC
+                        r0w = clamp(pt - oh0, 0, TH + KH - 1) if CLIP else 0
+                        xb = sub_l * ps + (rb - r0w) * xp + s0 + cb
+                        SR = R + KH - 1
+                        s_lo = clamp(pt - (wr0 + (LR - 1) * R), 0, SR)
+                        s_hi = clamp(H + pt - wr0, 0, SR)
+                        kw_lo = clamp(pl - (ow0 + TW - 1), 0, KW)
+                        kw_hi = clamp(W + pl - ow0, 0, KW)
+                        kwa = kw_lo & ~3
+                        ntap = kw_hi - kwa
+                        nfull = (ntap >> 2) + (1 if (ntap & 3) == 3 else 0)
+                        ntail = 0 if (ntap & 3) == 3 else (ntap & 3)
+                        acc = np.zeros((32, R, CC))
+
+                        def kernel_row_ok(s, i, guard):
+                            if guard:
+                                return 0 <= s - i < KH
+                            assert 0 <= s - i < KH  # the unguarded rows never reach outside the filter
+                            return True
+
+                        def chunk(P, xs, fs, ring, s, rows, guard):
+                            for t in range(4):
+                                ring[(4 * P + CC - 1 + t) % RS] = rd_x(xs + CC - 1 + t)
+                            for i in rows:
+                                if not kernel_row_ok(s, i, guard):
+                                    continue
+                                base = fs - 4 * i
+                                assert (base - f_off) % 4 == 0  # LDS.128: 16-byte aligned
+                                f = [rd_f(base + t) for t in range(4)]
+                                for t in range(4):
+                                    for jj in range(CC):
+                                        acc[:, i, jj] += ring[(4 * P + t + jj) % RS] * f[t]
+
+                        def tap(xs, fs, s, rows, guard):
+                            xv = [rd_x(xs + jj) for jj in range(CC)]
+                            for i in rows:
+                                if not kernel_row_ok(s, i, guard):
+                                    continue
+                                f = rd_f(fs - 4 * i)
+                                for jj in range(CC):
+                                    acc[:, i, jj] += xv[jj] * f
+
+                        def row(xs, fs, s, rows, guard):
+                            xt, ft = xs + 4 * nfull, fs + nfull * kh4
+                            ring = [None] * RS
+                            for v in range(CC - 1):
+                                ring[v] = rd_x(xs + v)
+                            n3, rem = nfull // 3, nfull - 3 * (nfull // 3)
+                            for _ in range(n3):
+                                chunk(0, xs, fs, ring, s, rows, guard)
+                                chunk(1, xs + 4, fs + kh4, ring, s, rows, guard)
+                                chunk(2, xs + 8, fs + 2 * kh4, ring, s, rows, guard)
+                                xs, fs = xs + 12, fs + 3 * kh4
+                            if rem > 0:
+                                chunk(0, xs, fs, ring, s, rows, guard)
+                            if rem > 1:
+                                chunk(1, xs + 4, fs + kh4, ring, s, rows, guard)
+                            if ntail > 0:
+                                tap(xt, ft, s, rows, guard)
+                            if ntail > 1:
+                                tap(xt + 1, ft + 1, s, rows, guard)
+
+                        if kw_lo < kw_hi:
+                            for s in range(s_lo, s_hi):
+                                xrow = xb + s * xp
+                                frow = f_off + kwa * KH + 4 * s
+                                i_lo, i_hi = max(s - KH + 1, 0), min(s + 1, R)
+                                if i_lo == 0 and i_hi == R:
+                                    row(xrow + kwa, frow, s, range(0, R), False)
+                                elif i_lo == 0:                       # frb_row_head: rows [0, V), V = i_hi
+                                    assert 1 <= i_hi <= R - 1
+                                    row(xrow + kwa, frow, s, range(0, i_hi), False)
+                                elif i_hi == R:                       # frb_row_foot: rows [R - V, R), V = R - i_lo
+                                    assert 1 <= R - i_lo <= R - 1
+                                    row(xrow + kwa, frow, s, range(i_lo, R), False)
+                                else:                                 # KH < R - 1
+                                    row(xrow + kwa, frow, s, range(0, R), True)
+                        b = 0.0 if bias is None else float(bias[c])
+                        for lane in range(32):
+                            n = n0 + int(sub_l[lane])
+                            if n >= N:
+                                continue
+                            for i in range(R):
+                                oh = oh0 + int(rb[lane]) + i
+                                if oh >= Ho:
+                                    break
+                                for jj in range(CC):
+                                    ow = ow0 + int(cb[lane]) + jj
+                                    if ow < Wo:
+                                        assert np.isnan(y[n, c, oh, ow])  # each output written once
+                                        y[n, c, oh, ow] = acc[lane, i, jj] + b
+    return torch.from_numpy(y)

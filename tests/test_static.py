@@ -47,7 +47,7 @@ def test_cuda_kernels_found_and_no_spills(cuda_facts, arch):
     kf = cuda_facts[arch]
     roles = {f["role"] for f in kf.values()}
     # every kernel of the table is present (a rename without a table update fails here)
-    assert {"tc_toeplitz_mma", "tc_toeplitz", "fp32_direct", "fallback", "fallback_strided", "grad_weight_tc",
+    assert {"tc_toeplitz_mma", "tc_toeplitz", "fp32_rb", "fp32_direct", "fallback", "fallback_strided", "grad_weight_tc",
             "grad_weight_ffma", "grad_weight_partial", "grad_weight_reduce"} <= roles
     assert all(f["dtype"] is not None for f in kf.values() if f["role"] != "fp32_direct")
     assert all(f["role"] is not None for f in kf.values()), [f["name"] for f in kf.values() if f["role"] is None]
@@ -59,7 +59,7 @@ def test_cuda_kernels_found_and_no_spills(cuda_facts, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_shared_memory_fits(cuda_facts, arch):
     """Static smem of every kernel plus the launcher's dynamic smem for every shape of the layer set:
-    the default kernels (toeplitz_mma, fp32_blocked, grad_weight_tc / grad_weight_ffma) and the
+    the default kernels (toeplitz_mma, fp32_rb, grad_weight_tc / grad_weight_ffma) and the
     toeplitz_wmma fallback."""
     kf = cuda_facts[arch]
     problems = []
@@ -82,7 +82,8 @@ def test_cuda_shared_memory_fits(cuda_facts, arch):
 @needs_cuda_tools
 def test_cuda_default_routing_is_the_new_kernels(cuda_facts):
     """The model follows the launchers: K <= 64 fp16/bf16 -> toeplitz_mma (64x64 tile at 56², 16x16
-    below), grad_weight -> grad_weight_tc / grad_weight_ffma."""
+    below), fp32 -> fp32_rb (56x56x4 tile at 56², 28x28x4 below), grad_weight -> grad_weight_tc /
+    grad_weight_ffma."""
     kf = cuda_facts[90]
     names = {(l.H, p, dt): SM.model_cuda_v2(kf, l, p, dt)["kernel"] for l in SK.LAYERS
              for p in ("forward", "grad_weight") for dt in ("bf16", "fp32")}
@@ -90,7 +91,8 @@ def test_cuda_default_routing_is_the_new_kernels(cuda_facts):
     assert all("toeplitz_mma_kernel<__nv_bfloat16, 1, 2>" in names[(h, "forward", "bf16")] for h in (28, 14, 7))
     assert all("grad_weight_tc_kernel<__nv_bfloat16>" in names[(l.H, "grad_weight", "bf16")] for l in SK.LAYERS)
     assert all("grad_weight_ffma_kernel" in names[(l.H, "grad_weight", "fp32")] for l in SK.LAYERS)
-    assert all("fp32_blocked_kernel" in names[(l.H, "forward", "fp32")] for l in SK.LAYERS)
+    assert "fp32_rb_kernel<7, 7, 8, 1, 4, 8>" in names[(56, "forward", "fp32")]
+    assert all("fp32_rb_kernel<7, 7, 4, 2, 4, 2>" in names[(h, "forward", "fp32")] for h in (28, 14, 7))
 
 
 def _tc_kernels(kf, dtype, roles=("tc_toeplitz_mma", "grad_weight_tc")):
@@ -349,6 +351,9 @@ def test_new_kernel_symbols_map_to_roles():
         "void lkconv::toeplitz_wmma_kernel<__half, 1, 1>(lkconv::ConvArgs)": ("tc_toeplitz", "fp16", (1, 1)),
         "void lkconv::grad_weight_tc_kernel<__half>(lkconv::GradWeightArgs)": ("grad_weight_tc", "fp16", None),
         "lkconv::grad_weight_ffma_kernel(lkconv::GradWeightArgs)": ("grad_weight_ffma", "fp32", None),
+        "void lkconv::(anonymous namespace)::fp32_rb_kernel<7, 7, 8, 1, 4, 8>(lkconv::ConvArgs, int)":
+            ("fp32_rb", "fp32", (4, 8)),
+        "lkconv::fp32_blocked_kernel(lkconv::ConvArgs)": ("fp32_direct", None, None),
         "dwconv_forward_aligned_kernel": ("tr_conv_aligned", None, None),
         "dwconv_grad_weight_aligned_kernel": ("tr_grad_weight_aligned", None, None),
         "dwconv_forward_kernel": ("tr_conv", None, None),

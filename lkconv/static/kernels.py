@@ -17,6 +17,7 @@ __all__ = ["KERNEL_TABLE", "ROLE_STATUS", "describe_symbol", "demangle", "Layer"
 KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
     (r"toeplitz_mma_kernel", "cuda", "forward,grad_input", "tc_toeplitz_mma"),
     (r"toeplitz_wmma_kernel", "cuda", "forward,grad_input", "tc_toeplitz"),
+    (r"fp32_rb_kernel", "cuda", "forward,grad_input", "fp32_rb"),
     (r"fp32_blocked_kernel", "cuda", "forward,grad_input", "fp32_direct"),
     (r"generic_conv_kernel", "cuda", "forward,grad_input", "fallback"),
     (r"grad_input_strided_kernel", "cuda", "grad_input", "fallback_strided"),
@@ -32,11 +33,12 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
 ]
 
 #: what the launchers route the RepLKNet layer set to by default ("default") and what they keep for other
-#: shapes or behind a switch ("fallback": CUDA toeplitz_wmma_kernel only for K > 64,
+#: shapes or behind a switch ("fallback": CUDA toeplitz_wmma_kernel only for K > 64, fp32_blocked_kernel
+#: only for fp32 K > 64 (or where fp32_rb_kernel's shared memory does not fit),
 #: grad_weight_partial_kernel outside the fast path's stride 1 / dilation 1 / K <= 64; Triton's
 #: unaligned kernels behind ``ops.ALIGNED = False`` and for grad_input at stride > 1)
 ROLE_STATUS: Dict[str, str] = {
-    "tc_toeplitz_mma": "default", "fp32_direct": "default", "grad_weight_tc": "default",
+    "tc_toeplitz_mma": "default", "fp32_rb": "default", "fp32_direct": "fallback", "grad_weight_tc": "default",
     "grad_weight_ffma": "default", "grad_weight_reduce": "default", "tr_conv_aligned": "default",
     "tr_grad_weight_aligned": "default", "tr_grad_input_strided": "default (stride > 1)",
     "tc_toeplitz": "fallback", "fallback": "fallback", "fallback_strided": "fallback",
@@ -77,7 +79,7 @@ def describe_symbol(sym: str) -> Dict:
         dtype = "fp16"
     elif re.search(r"<float\b|\(float|Ifloat|kernelIf", name + sym):
         dtype = "fp32"
-    if dtype is None and role == "grad_weight_ffma":  # not a template: fp32 by construction
+    if dtype is None and role in ("grad_weight_ffma", "fp32_rb"):  # fp32 by construction (no type parameter)
         dtype = "fp32"
     m = re.search(r"<[^<>]*?,\s*(\d+),\s*(\d+)>", name)
     tmpl = (int(m.group(1)), int(m.group(2))) if m else None

@@ -686,8 +686,13 @@ def _model_grad_weight_fast(f: Dict, layer: Layer, dtype: str, m: Machine, sms: 
         c_unit = hot["mix"]["total"]                            # per (row, 8-column step)
         lds_unit = hot["mix"].get("lds", 0)
         par = _parent(f, hot)
-        c_row = par["mix"]["total"] if par else 10
-        units = _ceil(H, 8)
+        # the row loop's own body: the row set-up plus the half step (4 columns: the FFMA of that body and
+        # its loads) that ends a window with 1-4 columns left; charged only where it runs
+        c_half = (par["mix"].get("ffma", 0) + par["mix"].get("lds", 0) + 2) if par and par["mix"].get("ffma") else 0
+        c_row = (par["mix"]["total"] - c_half) if par else 10
+        rem = H % 8
+        units = H // 8 + (1 if rem > 4 or (rem and not c_half) else 0)
+        c_row += c_half if 0 < rem <= 4 else 0
         macs_unit = 0
         wave_unit = lds_unit
         go_words = 0
@@ -728,7 +733,8 @@ def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str,
                   sms: int = None) -> Optional[Dict]:
     """The kernel the CUDA launchers route (layer, pass, dtype) to by default: fp16/bf16 forward and
     stride-1 grad_input -> toeplitz_mma_kernel (K <= 64; <1,2> = 16x16 tile when toeplitz_small_tile,
-    else <4,8> = 64x64), fp32 -> fp32_blocked_kernel; grad_weight (stride 1, K <= 64, 48 KB smem) ->
+    else <4,8> = 64x64), fp32 -> fp32_rb_kernel (K <= 64; 56x56 or 28x28x2 tile by fp32_rb_small_tile;
+    fp32_blocked_kernel above); grad_weight (stride 1, K <= 64, 48 KB smem) ->
     grad_weight_tc_kernel / grad_weight_ffma_kernel.  None when the default kernel is not compiled."""
     sms = sms or m.sms
     kd = "fp32" if dtype in ("fp32", "tf32") else dtype
@@ -742,7 +748,15 @@ def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str,
 
     if pass_ in ("forward", "grad_input"):
         if kd == "fp32":
-            return model_cuda(kfacts, layer, pass_, dtype, m, sms)
+            cfg = "28" if fp32_rb_small_tile(layer.H, layer.H) else "56"
+            R, CC, LC, LR, SUB, WY = FRB_CONFIGS[cfg]
+            f = next((f for f in kfacts.values() if f.get("role") == "fp32_rb"
+                      and f"fp32_rb_kernel<{R}, {CC}, {LC}, {LR}, {SUB}, {WY}>" in f["name"]), None)
+            if f is None or layer.K > FRB_MAX_K:
+                return model_cuda(kfacts, layer, pass_, dtype, m, sms)
+            r = _model_fp32_rb(f, layer, cfg, m, sms)
+            occ = occupancy(f["regs"], r["threads"], r["dyn_smem"], m)
+            return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)
         if layer.K > 64:
             return model_cuda(kfacts, layer, pass_, dtype, m, sms)
         small = toeplitz_small_tile(layer.H, layer.H)
@@ -761,3 +775,129 @@ def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str,
         r = _model_grad_weight_fast(f, layer, kd, m, sms, tc)
     occ = occupancy(f["regs"], r["threads"], r["dyn_smem"], m)
     return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32_rb_kernel (csrc/dwconv_forward_fp32.cu): fp32 forward / stride-1 grad_input, R x CC register blocks
+# ------------------------------------------------------------------------------------------------
+#: (R, CC, LC, LR, SUB, WY) of the two configurations, as the launcher instantiates them
+FRB_CONFIGS = {"56": (7, 7, 8, 1, 4, 8), "28": (7, 7, 4, 2, 4, 2)}
+FRB_MAX_K = 64
+#: ESTIMATED (not read from SASS: the row loop's own body holds every variant's straight-line code): per input
+#: row the prologue (CC - 1 LDS), the chunk count split (n3, rem), the row pointers and the variant dispatch
+FRB_ROW_INSTR = 40
+
+
+def fp32_rb_small_tile(Ho: int, Wo: int) -> bool:
+    """The launcher's tile choice (csrc/dwconv_forward_fp32.cu, fp32_rb_small_tile)."""
+    big = _ceil(Ho, 56) * 56 * _ceil(Wo, 56) * 56
+    small = _ceil(Ho, 28) * 28 * _ceil(Wo, 28) * 28
+    return small < big
+
+
+def frb_pitch(LC: int, LR: int, SUB: int) -> Tuple[int, int, int, int]:
+    """csrc/dwconv_forward_fp32.cu frb_pitch: (xp_mod, xp_rem, ps_mod, ps_rem)."""
+    if (LC, LR, SUB) == (8, 2, 2):
+        return 16, 8, 32, 16
+    if (LC, LR, SUB) == (4, 2, 4):
+        return 8, 4, 16, 8
+    if (LC, LR, SUB) == (8, 1, 4):
+        return 4, 0, 16, 8
+    return 16, 8, 8, 4
+
+
+def frb_layout(KH: int, KW: int, TH: int, TW: int, SUB: int, pitch: Tuple[int, int, int, int],
+               rows_cap: int) -> Dict[str, int]:
+    """csrc/dwconv_forward_fp32.cu frb_layout (float offsets, bytes); rows_cap as frb_rows_cap."""
+    xp_mod, xp_rem, ps_mod, ps_rem = pitch
+    xr = min(TH + KH - 1, rows_cap)
+    xcols = _round_up(TW + KW + 3, 4)
+    xp = _round_up(xcols - xp_rem, xp_mod) + xp_rem
+    ps = _round_up(xr * xp - ps_rem, ps_mod) + ps_rem
+    fp = _round_up(KW, 4)
+    f_off = _round_up(SUB * ps, 4)
+    return dict(xr=xr, xcols=xcols, xp=xp, ps=ps, fp=fp, f_off=f_off, bytes=(f_off + KH * fp) * 4)
+
+
+def _frb_loops(f: Dict, R: int, CC: int) -> Dict:
+    """The kernel's loops by their SASS mix: per output-row count v the 3-chunk loops of that instantiation
+    (FFMA = 3 x 4 x v x CC; for v = R the fewest branches: the unguarded one), the x staging loop (cp.async)
+    and the filter staging loop (LDG + STS)."""
+    per_v = {}
+    for v in range(1, R + 1):
+        c = [lp for lp in _loops(f) if lp["mix"].get("ffma", 0) == 3 * 4 * v * CC]
+        if c:
+            per_v[v] = min(c, key=lambda lp: lp["mix"].get("control", 0))
+    stage = max([lp for lp in _loops(f) if lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
+    filt = max([lp for lp in _loops(f) if lp["mix"].get("ldg") and lp["mix"].get("sts")],
+               key=lambda lp: lp["mix"]["total"], default=None)
+    return dict(per_v=per_v, stage=stage, filt=filt)
+
+
+def _model_fp32_rb(f: Dict, layer: Layer, cfg: str, m: Machine, sms: int) -> Dict:
+    """fp32_rb_kernel<R, CC, LC, LR, SUB, WY>: per CTA the staging (x: SUB planes x XR rows x XCOLS/ve cp.async
+    vectors over the CTA's threads, the measured-static cost per vector; the filter: KH x ceil(FP/32) per warp),
+    then per warp its uniform input-row range [s_lo, s_hi) and chunk count: a row with v valid output rows
+    (v = R in the steady state, 1..R-1 in the first / last R-1 rows) costs nfull x (its instantiation's 3-chunk
+    loop body / 3, measured-static) + ntail single taps (v CC FFMA + CC + v LDS) + FRB_ROW_INSTR.  Shared
+    memory: 1 wavefront per x LDS.32 (frb_pitch makes them conflict-free) and per broadcast LDS.128 of the
+    filter; staging bytes / 128."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    R, CC, LC, LR, SUB, WY = FRB_CONFIGS[cfg]
+    TW, TH, thr = LC * CC, WY * LR * R, 32 * WY
+    L = frb_layout(K, K, TH, TW, SUB, frb_pitch(LC, LR, SUB), H if LR == 1 and H < TH + K - 1 else TH + K - 1)
+    ve = cuda_vec_elems(H, 4)
+    lp = _frb_loops(f, R, CC)
+    c_v = {v: lp["per_v"][v]["mix"]["total"] / 3 if v in lp["per_v"] else 4 * v * CC + v + 4 + 3
+           for v in range(1, R + 1)}
+    c_vec = lp["stage"]["mix"]["total"] / _mem_ops(lp["stage"]) if lp["stage"] else 25.0
+    c_felem = lp["filt"]["mix"]["total"] / max(lp["filt"]["mix"].get("sts", 1), 1) if lp["filt"] else 12.0
+    vpr = L["xcols"] // ve
+    gy, gz = _ceil(H, TW), _ceil(H, TH)
+    tiles, ffma_cta = [], []
+    for z in range(gz):
+        for y in range(gy):
+            oh0, ow0 = z * TH, y * TW
+            issue = wave = ffma = 0.0
+            # staging: every warp runs ceil(vectors / threads) iterations per plane, the filter rows split by warp
+            issue += WY * SUB * _ceil(L["xr"] * vpr, thr) * c_vec
+            wave += SUB * L["xr"] * vpr * max(ve * 4 * 32 // 128, 1) / 32
+            issue += WY * _ceil(K, WY) * _ceil(L["fp"], 32) * c_felem
+            wave += K * _ceil(L["fp"], 32)
+            for w in range(WY):
+                wr0 = oh0 + w * LR * R
+                if wr0 >= H:
+                    continue
+                SR = R + K - 1
+                s_lo = min(max(P - (wr0 + (LR - 1) * R), 0), SR)
+                s_hi = min(max(H + P - wr0, 0), SR)
+                kw_lo = min(max(P - (ow0 + TW - 1), 0), K)
+                kw_hi = min(max(H + P - ow0, 0), K)
+                kwa = kw_lo & ~3
+                ntap = kw_hi - kwa
+                nfull = (ntap >> 2) + (1 if ntap & 3 == 3 else 0)
+                ntail = 0 if ntap & 3 == 3 else ntap & 3
+                issue += 200                                  # set-up: indices, ranges
+                if kw_lo < kw_hi:
+                    for s in range(s_lo, s_hi):
+                        v = sum(1 for i in range(R) if 0 <= s - i < K)
+                        issue += nfull * c_v[v] + ntail * (v * CC + CC + v) + FRB_ROW_INSTR
+                        wave += nfull * (4 + v) + ntail * (CC + v) + (CC - 1)
+                        ffma += (nfull * 4 + ntail) * v * CC * 32
+                issue += R * CC * 5                           # epilogue: one guarded scalar store per output
+            tiles.append((issue, 0.0, wave))
+            ffma_cta.append(ffma)
+    t = np.array(tiles)
+    groups = _ceil(N, SUB) * C
+    acc = _Acc(groups * gy * gz)
+    it_ = np.repeat(np.arange(gy * gz), groups)  # blockIdx.x = group * C + c (fastest), then y, z
+    acc.issue, acc.macs, acc.wave = t[it_, 0], t[it_, 1], t[it_, 2]
+    b = _busiest(acc, 0.0, m, sms)
+    useful = N * C * H * H * K * K
+    issued_ffma = sum(ffma_cta) * groups
+    return _finish(b, _hbm(layer, "fp32", m), dict(
+        tile=f"{TH}x{TW}x{SUB} R{R}xCC{CC}", threads=thr, dyn_smem=int(L["bytes"]), vec_x=ve,
+        per_unit=dict(instr_per_chunk=c_v[R], ffma_share_chunk=4 * R * CC / c_v[R], instr_per_row=FRB_ROW_INSTR,
+                      stage_per_vector=c_vec),
+        ffma_lanes_issued_per_nominal=issued_ffma / useful))

@@ -321,7 +321,8 @@ MODEL_NOTES = """\
 
 * **Routing** follows the launchers for the layer set (stride 1, K <= 64): CUDA fp16/bf16 forward and
   grad_input -> `toeplitz_mma_kernel` (`<4,8>` = 64x64 tile at 56², `<1,2>` = 16x16 below, the
-  `toeplitz_small_tile` rule); fp32 -> `fp32_blocked_kernel`; grad_weight -> `grad_weight_tc_kernel`
+  `toeplitz_small_tile` rule); fp32 -> `fp32_rb_kernel` (`<7,7,8,1,4,8>` = 56x56x4 planes at 56²,
+  `<7,7,4,2,4,2>` = 28x28x4 below, the `fp32_rb_small_tile` rule); grad_weight -> `grad_weight_tc_kernel`
   (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA has no TF32 path), split count of
   `grad_weight_splits`.  Triton (`ops.ALIGNED = True`): `dwconv_forward_aligned_kernel` (forward and
   stride-1 grad_input) and `dwconv_grad_weight_aligned_kernel`; the time is the best modelled config of
@@ -337,6 +338,12 @@ MODEL_NOTES = """\
   across an image), one 64-column window; per warp its rows i = wr (mod 4), per row nq 16-column
   chunks (tc: the `<MB,NB>` variant's unrolled body per chunk; ffma: the 256-FFMA body per 8 columns)
   plus the row loop; staging charged per vector; fp32 partials (write + read) in the HBM traffic.
+* **fp32_rb_kernel**: per CTA the x staging (cp.async vectors of `vec_x` floats: 4 at 56² / 28², only the
+  tile's image rows for the 56x56x4 tile) and the chunk-major filter; per warp its uniform input-row range
+  (the zero-border rows of the image are skipped per 7-row / 14-row warp) and 4-tap chunk count; per input
+  row with v valid output rows the measured-static 3-chunk loop body of that row-count instantiation / 3 per
+  chunk (v = 7: 628 SASS, 588 FFMA on sm_90) plus single taps and an estimated 40 instructions per row;
+  x LDS.32 conflict-free (layout), filter LDS.128 broadcast (1 wavefront).
 * **Aligned Triton**: per program the loop trip count of the kernel's own bounds, the hot loop body
   per iteration per warp, and **once per program the kernel's straight-line SASS** (an upper bound:
   both sides of every branch).  HBM: the kernel reads the bordered copy (`N*C*H*WP`) instead of x and,
