@@ -8,7 +8,8 @@
 //                            shared memory, each thread a strip of 8 outputs in one row.
 //   toeplitz_mma_kernel      fp16/bf16, stride 1, dilation 1, sm80+, KH, KW <= 64: the row-Toeplitz
 //                            implicit GEMM on tensor cores with raw ldmatrix + mma.sync.m16n8k16 (fp32
-//                            accumulate), Toeplitz B fragments formed per lane from the filter rows.
+//                            accumulate), 8 images at one output row as the mma's n dimension, Toeplitz A
+//                            fragments formed per lane from the filter rows.
 //   toeplitz_wmma_kernel     the same GEMM with nvcuda::wmma m16n16k16 and Toeplitz blocks rebuilt in shared
 //                            memory per kernel row: larger kernels.
 //
@@ -350,6 +351,27 @@ __host__ __device__ __forceinline__ TmLayout tm_layout(int KH, int KW, int H, in
   return L;
 }
 
+// two fp32 values as one 32-bit word of T (lo in the low half)
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T pr[2] = {Cvt<T>::from_f(lo), Cvt<T>::from_f(hi)};
+  uint32_t v;
+  memcpy(&v, pr, 4);
+  return v;
+}
+// movmatrix.m8n8.trans.b16: lane (r = lane/4, q = lane%4) gives row r, columns 2q, 2q+1 of an 8 x 8 matrix and
+// gets row r, columns 2q, 2q+1 of its transpose
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t a) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
+#else
+  __trap();
+  return a;
+#endif
+}
+
 template <typename T, int NB, int DG>
 __global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a, int vec_x, int bm) {
   constexpr int BN = 16 * NB, NCH = NB + DG - 1, THREADS = 32 * TM_WARPS;
@@ -422,6 +444,10 @@ __global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a,
   const uint32_t zaddr = xs_u32 + (uint32_t)((L.z_off + 8 * lkh) * 2);
   const float bias = a.bias != nullptr ? Cvt<T>::to_f(static_cast<const T*>(a.bias)[c]) : 0.f;
   T* __restrict__ yc = static_cast<T*>(a.y) + c * a.ys[1];
+  // two adjacent outputs as one 32-bit word: unit column stride, even row / image strides, 4-byte aligned plane
+  // (the lane's first column ow0 + 2 t4 + 16 ob + 8 hi is even)
+  const bool pair_store = a.ys[3] == 1 && (a.ys[2] & 1) == 0 && (a.ys[0] & 1) == 0 &&
+                          (reinterpret_cast<uintptr_t>(yc) & 3) == 0;
   const int rows_here = Ho - oh0 < bm ? Ho - oh0 : bm;
   const int npairs = (rows_here + 1) >> 1;
 
@@ -481,31 +507,34 @@ __global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a,
       }
     }
 
-    // epilogue: C fragment rows i = g4, g4 + 8 (output column ow0 + 16 ob + i), columns 2 t4, 2 t4 + 1 (image);
-    // one lane pointer per pair, constant offsets (16 ob + 8 hi) * ys[3] from it
-    const int wlim = Wo - ow0 - g4;  // column offsets below this are inside the output
-    T* ylane = yc + (int64_t)(n0 + 2 * t4) * a.ys[0] + (int64_t)oha * a.ys[2] + (int64_t)(ow0 + g4) * a.ys[3];
+    // epilogue: the C fragment of block (h, ob) holds, per 8-column half hi, the 8 x 8 matrix M[column g4][image
+    // 2 t4 + e]; packed to T pairs and transposed with movmatrix, lane (g4, t4) holds image n0 + g4, columns
+    // ow0 + 16 ob + 8 hi + 2 t4 + {0, 1}: adjacent outputs, one 32-bit store where the output allows it
+    const bool row_img_ok = n0 + g4 < N;
+    const int col0 = ow0 + 2 * t4;
+    T* ylane = yc + (int64_t)(n0 + g4) * a.ys[0] + (int64_t)oha * a.ys[2] + (int64_t)col0 * a.ys[3];
+    const int64_t step8 = 8 * a.ys[3];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (oha + h >= Ho) continue;
+      const bool row_ok = row_img_ok && oha + h < Ho;
+      T* yr = ylane + h * a.ys[2];
+      T* q = yr;  // this lane's first column of block (ob, hi), any column stride
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        if (n0 + 2 * t4 + e >= N) continue;
-        T* yr = ylane + h * a.ys[2] + e * a.ys[0];
-        if (a.ys[3] == 1) {  // unit column stride (NCHW): immediate offsets from one pointer
+      for (int ob = 0; ob < NB; ++ob)
 #pragma unroll
-          for (int ob = 0; ob < NB; ++ob)
-#pragma unroll
-            for (int hi = 0; hi < 2; ++hi)
-              if (16 * ob + 8 * hi < wlim) yr[16 * ob + 8 * hi] = Cvt<T>::from_f(acc[h][ob][2 * hi + e] + bias);
-        } else {
-#pragma unroll
-          for (int ob = 0; ob < NB; ++ob)
-#pragma unroll
-            for (int hi = 0; hi < 2; ++hi)
-              if (16 * ob + 8 * hi < wlim) yr[(16 * ob + 8 * hi) * a.ys[3]] = Cvt<T>::from_f(acc[h][ob][2 * hi + e] + bias);
+        for (int hi = 0; hi < 2; ++hi, q += step8) {
+          const uint32_t v = movmatrix_trans(pack2<T>(acc[h][ob][2 * hi] + bias, acc[h][ob][2 * hi + 1] + bias));
+          const int co = 16 * ob + 8 * hi, ow = col0 + co;
+          if (!row_ok || ow >= Wo) continue;
+          if (pair_store && ow + 1 < Wo) {
+            *reinterpret_cast<uint32_t*>(yr + co) = v;
+          } else {
+            T pr[2];
+            memcpy(pr, &v, 4);
+            q[0] = pr[0];
+            if (ow + 1 < Wo) q[a.ys[3]] = pr[1];
+          }
         }
-      }
     }
   }
 }

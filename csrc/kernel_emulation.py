@@ -433,7 +433,8 @@ def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1, bm=No
     """Transcription of toeplitz_mma_kernel: the launcher's (NB, DG) and rows per CTA (bm), per-image row
     staging (vectors with zero-filled tails), the zero row, Fe / Fo filter rows, per-warp output-row pairs and
     their kernel-row range, the per-lane ldmatrix addresses (zero row for images >= N and rows outside),
-    the per-lane A words q_j, the chunk mask, m16n8k16 fragments, the epilogue.  Shared memory is a flat
+    the per-lane A words q_j, the chunk mask, m16n8k16 fragments, the epilogue (movmatrix transpose of each
+    8 x 8 column-by-image block, then adjacent-column stores).  Shared memory is a flat
     NaN-initialised array per CTA; every read is bounds-checked (reading an unstaged element gives NaN)."""
     N, C, H, W = x.shape
     KH, KW = w.shape[2], w.shape[3]
@@ -535,19 +536,22 @@ def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1, bm=No
                                         for h in range(2):
                                             _mma_m16n8k16(acc[h][ob], af[dd], [bf[l][2 * h] for l in range(32)],
                                                           [bf[l][2 * h + 1] for l in range(32)])
-                        for h in range(2):  # epilogue
-                            oh = oha + h
-                            if oh >= Ho:
-                                continue
-                            for lane in range(32):
-                                g4, t4 = lane >> 2, lane & 3
-                                for e in range(2):
-                                    img = n0 + 2 * t4 + e
-                                    if img >= N:
-                                        continue
-                                    for ob in range(NB):
-                                        for hi in range(2):
-                                            ow = ow0 + 16 * ob + g4 + 8 * hi
-                                            if ow < Wo:
-                                                y[img, c, oh, ow] = acc[h][ob][lane][2 * hi + e] + b
+                        for h in range(2):  # epilogue: pack, movmatrix.trans, pair / scalar stores
+                            for ob in range(NB):
+                                for hi in range(2):
+                                    M = [[None] * 8 for _ in range(8)]  # M[column g4][image 2 t4 + e]
+                                    for lane in range(32):
+                                        g4, t4 = lane >> 2, lane & 3
+                                        for e in range(2):
+                                            M[g4][2 * t4 + e] = acc[h][ob][lane][2 * hi + e] + b
+                                    for lane in range(32):
+                                        g4, t4 = lane >> 2, lane & 3
+                                        v = (M[2 * t4][g4], M[2 * t4 + 1][g4])  # row g4 of the transpose
+                                        img, oh = n0 + g4, oha + h
+                                        ow = ow0 + 2 * t4 + 16 * ob + 8 * hi
+                                        if not (img < N and oh < Ho) or ow >= Wo:
+                                            continue
+                                        y[img, c, oh, ow] = v[0]
+                                        if ow + 1 < Wo:
+                                            y[img, c, oh, ow + 1] = v[1]
     return y
