@@ -303,12 +303,14 @@ __global__ void __launch_bounds__(32 * TC_WARPS) toeplitz_wmma_kernel(ConvArgs a
 // stride 1, dilation 1, KH, KW <= 64), "image-rows" tiling.  For one channel c, one kernel row kh and one
 // output row oh the 1-D convolution along W of TM_IMG = 8 images at once is the product
 //   Y[i, n] += sum_k A_d[i, k] * B_kc[k, n]      (m16 = 16 output columns, n8 = 8 images, k16 = 16 input columns)
-//   A_d[i, k]  = f[kh, 16 d + k - i - s0]  (0 outside [0, KW))   the Toeplitz block of offset d, from the filter row
-//   B_kc[k, n] = x[n0 + n, c, oh - pt + kh, c0 + 16 kc + k]        the staged input rows (zero outside the image)
-// with output column ow0 + 16 ob + i, chunk kc = ob + d, c0 = ow0 - pl - s0 (s0 = (ow0 - pl) mod 8, the same for
-// every CTA since ow0 is a multiple of 16) and d in [0, nd), nd = ceil((KW + 15 + s0) / 16).  The eight mma
-// columns are eight images at the SAME output row, so every column has the same valid kernel rows: no row of
-// the product is border padding (N * Ho need not be a multiple of anything; images >= N read a zero row).
+//   A_d[i, k]  = f[kh, 16 d + k - col(i) - s0]  (0 outside [0, KW))   the Toeplitz block of offset d
+//   B_kc[k, n] = x[n0 + n, c, oh - pt + kh, c0 + 16 kc + k]            the staged input rows (zero outside)
+// with output column ow0 + 16 ob + col(i), col(i) = 2 (i % 8) + i / 8 (interleaved mma rows: each lane's four A
+// registers are distinct filter words and its C registers adjacent output columns), chunk kc = ob + d,
+// c0 = ow0 - pl - s0 (s0 = (ow0 - pl) mod 8, the same for every CTA since ow0 is a multiple of 16) and d in
+// [0, nd), nd = ceil((KW + 15 + s0) / 16).  The eight mma columns are eight images at the SAME output row, so
+// every column has the same valid kernel rows: no row of the product is border padding (N * Ho need not be a
+// multiple of anything; images >= N read a zero row).
 //
 // CTA = TM_WARPS warps, tile = 8 images x BM output rows (bm, a runtime argument) x 16*NB output columns of one
 // channel.  Staged once (cp.async vectors of vec_x elements where aligned, zero-filled halo, then one barrier
@@ -316,13 +318,14 @@ __global__ void __launch_bounds__(32 * TC_WARPS) toeplitz_wmma_kernel(ConvArgs a
 // columns c0 + [0, 16 * nch); a zero row; the filter rows Fe[kh][u] = f[kh, u - TM_FO] and the one-element-shifted
 // copy Fo[kh][u] = Fe[kh][u + 1].  A warp takes output-row pairs (oh, oh + 1) (p = warp, warp + TM_WARPS, ...):
 // per kernel row kh of the pair's range and per group of DG Toeplitz offsets it
-//   - loads the NB + DG - 1 chunks of B with one ldmatrix.x4 each (matrices: rows oh / oh + 1 x k 0-7 / 8-15;
-//     lanes whose image or input row is outside point at the zero row),
-//   - reads 2 DG + 1 32-bit words q_j of the filter row (A_d = {q_2d, q_2d-1, q_2d+1, q_2d}: the Toeplitz
-//     fragments of all DG offsets, built in registers and reused by all NB x 2 products),
-//   - issues two HMMA per (ob, d) whose chunk meets the image columns and whose output block meets [0, Wo)
-//     (the `live` mask, computed per CTA and group: out-of-band and border blocks are not issued).
-// No barrier after the staging; the epilogue stores the fp32 accumulators (+ bias) as T.
+//   - reads the DG A fragments, 4 32-bit words each from Fe / Fo - 1 (built in registers from the filter row,
+//     reused by all chunks),
+//   - per chunk of the group that meets the image columns (CTA-uniform predicate; chunks in the zero border are
+//     not issued to the tensor pipe): one ldmatrix.x4 (matrices: rows oh / oh + 1 x k 0-7 / 8-15; lanes whose
+//     image or input row is outside point at the zero row), then two HMMA per block ob with d = kc - ob in the
+//     group.
+// No barrier after the staging; the epilogue stores the fp32 accumulators (+ bias) as T, two adjacent columns
+// per 32-bit store where the output allows it.
 // ------------------------------------------------------------------------------------------------
 constexpr int TM_FO = 22;       // filter-row offset: a q_j word reads kw in [-22, 16 * DG * ngrp - 1]
 constexpr int TM_MAX_K = 64;
@@ -359,19 +362,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   memcpy(&v, pr, 4);
   return v;
 }
-// movmatrix.m8n8.trans.b16: lane (r = lane/4, q = lane%4) gives row r, columns 2q, 2q+1 of an 8 x 8 matrix and
-// gets row r, columns 2q, 2q+1 of its transpose
-__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t a) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-  uint32_t d;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
-  return d;
-#else
-  __trap();
-  return a;
-#endif
-}
-
 template <typename T, int NB, int DG>
 __global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a, int vec_x, int bm) {
   constexpr int BN = 16 * NB, NCH = NB + DG - 1, THREADS = 32 * TM_WARPS;
@@ -435,8 +425,15 @@ __global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a,
   __syncthreads();
 
   const int g4 = lane >> 2, t4 = lane & 3;
-  // q_j of filter row kh (j >= -1): the pair f[kh, 8 j + 2 t4 - g4 - s0 + {0, 1}], at abase + kh * fp + 8 j
-  const T* abase = (((L.s0 + g4) & 1) ? Fo - 1 : Fe) + 2 * t4 - g4 - L.s0 + TM_FO;
+  // mma row i <-> output column 2 (i % 8) + i / 8 (interleaved), so the lane's A registers are four distinct words
+  // (no register copies) and its C registers hold adjacent output columns.  With x0 = 16 d + 2 t4 - 2 g4 - s0:
+  //   a0 = (f[x0], f[x0 + 1]), a1 = (f[x0 - 1], f[x0]), a2 = (f[x0 + 8], ..), a3 = (f[x0 + 7], ..);
+  // a pair starting at an even kw index is a word of Fe, at an odd one a word of Fo - 1 (Fo[u] = Fe[u + 1])
+  // (as 32-bit word indices into shared memory: pe_w -> (f[x0], ..) of d = 0, po_w -> (f[x0 - 1], ..))
+  const uint32_t* S32 = reinterpret_cast<const uint32_t*>(smem_tm);
+  const int xoff = 2 * t4 - 2 * g4 - L.s0 + TM_FO;
+  const int pe_w = (((L.s0 & 1) ? L.fo_off - 1 : L.fe_off) + xoff) >> 1;      // parity of s0
+  const int po_w = (((L.s0 & 1) ? L.fe_off : L.fo_off - 1) + xoff - 1) >> 1;  // the other parity
   // ldmatrix lane roles: matrix lane/8 = (row of the pair lane/16, k half (lane/8)&1), row lane&7 = image
   const int limg = lane & 7, lrow = lane >> 4, lkh = (lane >> 3) & 1;
   const bool limg_ok = n0 + limg < N;
@@ -445,7 +442,7 @@ __global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a,
   const float bias = a.bias != nullptr ? Cvt<T>::to_f(static_cast<const T*>(a.bias)[c]) : 0.f;
   T* __restrict__ yc = static_cast<T*>(a.y) + c * a.ys[1];
   // two adjacent outputs as one 32-bit word: unit column stride, even row / image strides, 4-byte aligned plane
-  // (the lane's first column ow0 + 2 t4 + 16 ob + 8 hi is even)
+  // (the lane's first column ow0 + 16 ob + 2 g4 is even)
   const bool pair_store = a.ys[3] == 1 && (a.ys[2] & 1) == 0 && (a.ys[0] & 1) == 0 &&
                           (reinterpret_cast<uintptr_t>(yc) & 3) == 0;
   const int rows_here = Ho - oh0 < bm ? Ho - oh0 : bm;
@@ -480,14 +477,15 @@ __global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a,
       for (int kh = kh_lo; kh < kh_hi; ++kh) {
         const bool ok = lok && (unsigned)(ih0 + kh) < (unsigned)H;
         const uint32_t xa = (ok ? rbase + (uint32_t)(kh * L.xc * 2) : zaddr) + (uint32_t)(32 * DG * g);
-        // the DG Toeplitz fragments A_d = {q_2d, q_2d-1, q_2d+1, q_2d} of this kernel row and group
-        const T* ar = abase + kh * L.fp + 16 * DG * g;
+        // the DG Toeplitz fragments A_d of this kernel row and group: 4 LDS.32 each, straight into place
+        const int aoff = (kh * L.fp + 16 * DG * g) >> 1;  // words (fp is a multiple of 8)
         uint32_t af[DG][4];
 #pragma unroll
         for (int dd = 0; dd < DG; ++dd) {
-          af[dd][0] = af[dd][3] = *reinterpret_cast<const uint32_t*>(ar + 16 * dd);
-          af[dd][1] = *reinterpret_cast<const uint32_t*>(ar + 16 * dd - 8);
-          af[dd][2] = *reinterpret_cast<const uint32_t*>(ar + 16 * dd + 8);
+          af[dd][0] = S32[pe_w + aoff + 8 * dd];
+          af[dd][1] = S32[po_w + aoff + 8 * dd];
+          af[dd][2] = S32[pe_w + aoff + 8 * dd + 4];
+          af[dd][3] = S32[po_w + aoff + 8 * dd + 4];
         }
         // per chunk (skipped as a whole, uniformly, when it lies in the zero border): one ldmatrix.x4, then the
         // two products of every (ob, dd = j - ob) of the band
@@ -507,35 +505,29 @@ __global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a,
       }
     }
 
-    // epilogue: the C fragment of block (h, ob) holds, per 8-column half hi, the 8 x 8 matrix M[column g4][image
-    // 2 t4 + e]; packed to T pairs and transposed with movmatrix, lane (g4, t4) holds image n0 + g4, columns
-    // ow0 + 16 ob + 8 hi + 2 t4 + {0, 1}: adjacent outputs, one 32-bit store where the output allows it
-    const bool row_img_ok = n0 + g4 < N;
-    const int col0 = ow0 + 2 * t4;
-    T* ylane = yc + (int64_t)(n0 + g4) * a.ys[0] + (int64_t)oha * a.ys[2] + (int64_t)col0 * a.ys[3];
-    const int64_t step8 = 8 * a.ys[3];
+    // epilogue: lane (g4, t4) holds, per block ob and image 2 t4 + e, the adjacent output columns ow0 + 16 ob + 2 g4
+    // and + 1 (C registers e and 2 + e): one 32-bit store where the output allows it, two scalars otherwise
+    const int col0 = ow0 + 2 * g4;  // even
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const bool row_ok = row_img_ok && oha + h < Ho;
-      T* yr = ylane + h * a.ys[2];
-      T* q = yr;  // this lane's first column of block (ob, hi), any column stride
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int ob = 0; ob < NB; ++ob)
+      for (int e = 0; e < 2; ++e) {
+        const int img = n0 + 2 * t4 + e;
+        if (img >= N || oha + h >= Ho) continue;
+        T* yr = yc + (int64_t)img * a.ys[0] + (int64_t)(oha + h) * a.ys[2] + (int64_t)col0 * a.ys[3];
 #pragma unroll
-        for (int hi = 0; hi < 2; ++hi, q += step8) {
-          const uint32_t v = movmatrix_trans(pack2<T>(acc[h][ob][2 * hi] + bias, acc[h][ob][2 * hi + 1] + bias));
-          const int co = 16 * ob + 8 * hi, ow = col0 + co;
-          if (!row_ok || ow >= Wo) continue;
+        for (int ob = 0; ob < NB; ++ob) {
+          const int ow = col0 + 16 * ob;
+          if (ow >= Wo) continue;
+          const float v0 = acc[h][ob][e] + bias, v1 = acc[h][ob][2 + e] + bias;
           if (pair_store && ow + 1 < Wo) {
-            *reinterpret_cast<uint32_t*>(yr + co) = v;
+            *reinterpret_cast<uint32_t*>(yr + 16 * ob) = pack2<T>(v0, v1);
           } else {
-            T pr[2];
-            memcpy(pr, &v, 4);
-            q[0] = pr[0];
-            if (ow + 1 < Wo) q[a.ys[3]] = pr[1];
+            yr[16 * ob * a.ys[3]] = Cvt<T>::from_f(v0);
+            if (ow + 1 < Wo) yr[(16 * ob + 1) * a.ys[3]] = Cvt<T>::from_f(v1);
           }
         }
-    }
+      }
   }
 }
 

@@ -433,8 +433,8 @@ def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1, bm=No
     """Transcription of toeplitz_mma_kernel: the launcher's (NB, DG) and rows per CTA (bm), per-image row
     staging (vectors with zero-filled tails), the zero row, Fe / Fo filter rows, per-warp output-row pairs and
     their kernel-row range, the per-lane ldmatrix addresses (zero row for images >= N and rows outside),
-    the per-lane A words q_j, the chunk mask, m16n8k16 fragments, the epilogue (movmatrix transpose of each
-    8 x 8 column-by-image block, then adjacent-column stores).  Shared memory is a flat
+    the per-lane A words (interleaved mma rows: output column 2 (i % 8) + i // 8), the chunk mask, m16n8k16
+    fragments, the epilogue (each lane's C registers e, 2 + e: two adjacent columns of one image).  Shared memory is a flat
     NaN-initialised array per CTA; every read is bounds-checked (reading an unstaged element gives NaN)."""
     N, C, H, W = x.shape
     KH, KW = w.shape[2], w.shape[3]
@@ -505,19 +505,21 @@ def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1, bm=No
                                     else:
                                         a0 = L["z_off"] + 8 * lkh
                                     addr0.append(a0 + 16 * DG * g)
-                                af = []
+                                af = []  # mma row i <-> output column 2 (i % 8) + i // 8: four distinct words
                                 for dd in range(DG):
                                     regs = []
                                     for lane in range(32):
                                         g4, t4 = lane >> 2, lane & 3
-                                        odd = (s0 + g4) & 1
-                                        rb = L["fo_off"] - 1 if odd else L["fe_off"]
-                                        base = rb + 2 * t4 - g4 - s0 + TM_FO + kh * fp + 16 * DG * g + 16 * dd
+                                        xoff = 2 * t4 - 2 * g4 - s0 + TM_FO
+                                        pe_w = ((L["fo_off"] - 1 if s0 & 1 else L["fe_off"]) + xoff) >> 1
+                                        po_w = ((L["fe_off"] if s0 & 1 else L["fo_off"] - 1) + xoff - 1) >> 1
+                                        aoff = (kh * fp + 16 * DG * g) >> 1
                                         q = []
-                                        for off in (0, -8, 8, 0):  # q_2d, q_2d-1, q_2d+1, q_2d
-                                            e = base + off
-                                            u = e - rb - kh * fp
-                                            assert e % 2 == 0 and 0 <= u - odd and u + 1 - odd < fp
+                                        for wi in (pe_w + aoff + 8 * dd, po_w + aoff + 8 * dd,
+                                                   pe_w + aoff + 8 * dd + 4, po_w + aoff + 8 * dd + 4):
+                                            e = 2 * wi
+                                            row = L["fe_off"] + kh * fp if e < L["fo_off"] - 1 else L["fo_off"] + kh * fp
+                                            assert row <= e and e + 1 < row + fp  # inside this kernel row of Fe / Fo
                                             q.append((smem[e], smem[e + 1]))
                                         regs.append(q)
                                     af.append(regs)
@@ -536,22 +538,18 @@ def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1, bm=No
                                         for h in range(2):
                                             _mma_m16n8k16(acc[h][ob], af[dd], [bf[l][2 * h] for l in range(32)],
                                                           [bf[l][2 * h + 1] for l in range(32)])
-                        for h in range(2):  # epilogue: pack, movmatrix.trans, pair / scalar stores
-                            for ob in range(NB):
-                                for hi in range(2):
-                                    M = [[None] * 8 for _ in range(8)]  # M[column g4][image 2 t4 + e]
-                                    for lane in range(32):
-                                        g4, t4 = lane >> 2, lane & 3
-                                        for e in range(2):
-                                            M[g4][2 * t4 + e] = acc[h][ob][lane][2 * hi + e] + b
-                                    for lane in range(32):
-                                        g4, t4 = lane >> 2, lane & 3
-                                        v = (M[2 * t4][g4], M[2 * t4 + 1][g4])  # row g4 of the transpose
-                                        img, oh = n0 + g4, oha + h
-                                        ow = ow0 + 2 * t4 + 16 * ob + 8 * hi
-                                        if not (img < N and oh < Ho) or ow >= Wo:
+                        for h in range(2):  # epilogue: C registers e, 2 + e = columns 2 g4, 2 g4 + 1 of image 2 t4 + e
+                            for lane in range(32):
+                                g4, t4 = lane >> 2, lane & 3
+                                for e in range(2):
+                                    img, oh = n0 + 2 * t4 + e, oha + h
+                                    if img >= N or oh >= Ho:
+                                        continue
+                                    for ob in range(NB):
+                                        ow = ow0 + 2 * g4 + 16 * ob
+                                        if ow >= Wo:
                                             continue
-                                        y[img, c, oh, ow] = v[0]
+                                        y[img, c, oh, ow] = acc[h][ob][lane][e] + b
                                         if ow + 1 < Wo:
-                                            y[img, c, oh, ow + 1] = v[1]
+                                            y[img, c, oh, ow + 1] = acc[h][ob][lane][2 + e] + b
     return y
