@@ -363,7 +363,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return v;
 }
 template <typename T, int NB, int DG>
-__global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a, int vec_x, int bm) {
+__global__ void __launch_bounds__(32 * TM_WARPS, 2) toeplitz_mma_kernel(ConvArgs a, int vec_x, int bm) {
   constexpr int BN = 16 * NB, NCH = NB + DG - 1, THREADS = 32 * TM_WARPS;
   extern __shared__ __align__(128) unsigned char smem_tm[];
   const int KH = (int)a.KH, KW = (int)a.KW, H = (int)a.H, W = (int)a.W, Ho = (int)a.Ho, Wo = (int)a.Wo;
@@ -523,8 +523,9 @@ __global__ void __launch_bounds__(32 * TM_WARPS) toeplitz_mma_kernel(ConvArgs a,
           if (pair_store && ow + 1 < Wo) {
             *reinterpret_cast<uint32_t*>(yr + 16 * ob) = pack2<T>(v0, v1);
           } else {
-            yr[16 * ob * a.ys[3]] = Cvt<T>::from_f(v0);
-            if (ow + 1 < Wo) yr[(16 * ob + 1) * a.ys[3]] = Cvt<T>::from_f(v1);
+            T* q = yr + 16 * ob * a.ys[3];
+            q[0] = Cvt<T>::from_f(v0);
+            if (ow + 1 < Wo) q[a.ys[3]] = Cvt<T>::from_f(v1);
           }
         }
       }
