@@ -76,7 +76,7 @@ def test_toeplitz_mma_config_and_rows():
     assert EMU.toeplitz_mma_config(100, 51, 25) == (4, 3)  # s0 = 7, nd = 5: two groups of 3
     h100, a100 = 227 * 1024, 163 * 1024
     assert EMU.toeplitz_mma_rows(31, 31, 56, 56, 15, 4, 3, h100) == 56   # whole plane, 2 CTAs / SM
-    assert EMU.toeplitz_mma_rows(31, 31, 56, 56, 15, 4, 3, a100) == 14   # halved until it fits 81 KB
+    assert EMU.toeplitz_mma_rows(31, 31, 56, 56, 15, 4, 3, a100) == 14   # halved until it fits 81 KB (75 KB)
     assert EMU.toeplitz_mma_rows(29, 29, 28, 28, 14, 2, 3, h100) == 28
     for KH, H, NB, DG, lim in ((31, 56, 4, 3, h100), (31, 56, 4, 3, a100), (29, 28, 2, 3, h100), (64, 200, 4, 3, h100)):
         bm = EMU.toeplitz_mma_rows(KH, KH, H, H, KH // 2, NB, DG, lim)
