@@ -8,7 +8,8 @@
 //                            shared memory, each thread a strip of 8 outputs in one row.
 //   toeplitz_mma_kernel      fp16/bf16, stride 1, dilation 1, sm80+, KH, KW <= 64: the row-Toeplitz
 //                            implicit GEMM on tensor cores with raw ldmatrix + mma.sync.m16n8k16 (fp32
-//                            accumulate), Toeplitz B fragments formed per lane from the filter rows.
+//                            accumulate), 8 images at one output row as the mma's n dimension, Toeplitz A
+//                            fragments formed per lane from the filter rows.
 //   toeplitz_wmma_kernel     the same GEMM with nvcuda::wmma m16n16k16 and Toeplitz blocks rebuilt in shared
 //                            memory per kernel row: larger kernels.
 //
@@ -299,72 +300,111 @@ __global__ void __launch_bounds__(32 * TC_WARPS) toeplitz_wmma_kernel(ConvArgs a
 
 // ------------------------------------------------------------------------------------------------
 // toeplitz_mma_kernel: the row-Toeplitz GEMM with raw ldmatrix + mma.sync.m16n8k16 (fp16/bf16, sm80+,
-// stride 1, dilation 1, KH, KW <= 64).  CTA = WARPS warps = (16*WARPS) x (8*NT) outputs of one (n, c).
-// Staged once: Xs[r][j] = x[n, c, oh0 - pt + r, c0 + j] (c0 = ow0 - pl rounded down to 8, s0 = ow0 - pl - c0;
-// zero outside the image; cp.async vectors where aligned), the filter rows Fe[kh][u] = f[kh, u - TM_FO]
-// (zero outside [0, KW)) and their one-element-shifted copy Fo[kh][u] = Fe[kh][u + 1].  Per kernel row kh
-// and 16-column chunk kc each warp loads its A tile (rows 16*warp + kh, columns 16*kc) once with
-// ldmatrix.x4 and multiplies it by every 8-column Toeplitz block nt of the band:
-//   B[k][n] = f[kh, 16*kc - 8*nt - s0 + k - n],
-// whose lane registers are 32-bit pairs read from Fe or Fo - 1 (by the parity of s0 + lane/4).  No Toeplitz
-// block is materialised and there is no barrier inside the kh loop.
+// stride 1, dilation 1, KH, KW <= 64), "image-rows" tiling.  For one channel c, one kernel row kh and one
+// output row oh the 1-D convolution along W of TM_IMG = 8 images at once is the product
+//   Y[i, n] += sum_k A_d[i, k] * B_kc[k, n]      (m16 = 16 output columns, n8 = 8 images, k16 = 16 input columns)
+//   A_d[i, k]  = f[kh, 16 d + k - col(i) - s0]  (0 outside [0, KW))   the Toeplitz block of offset d
+//   B_kc[k, n] = x[n0 + n, c, oh - pt + kh, c0 + 16 kc + k]            the staged input rows (zero outside)
+// with output column ow0 + 16 ob + col(i), col(i) = 2 (i % 8) + i / 8 (interleaved mma rows: each lane's four A
+// registers are distinct filter words and its C registers adjacent output columns), chunk kc = ob + d,
+// c0 = ow0 - pl - s0 (s0 = (ow0 - pl) mod 8, the same for every CTA since ow0 is a multiple of 16) and d in
+// [0, nd), nd = ceil((KW + 15 + s0) / 16).  The eight mma columns are eight images at the SAME output row, so
+// every column has the same valid kernel rows: no row of the product is border padding (N * Ho need not be a
+// multiple of anything; images >= N read a zero row).
+//
+// CTA = TM_WARPS warps, tile = 8 images x BM output rows (bm, a runtime argument) x 16*NB output columns of one
+// channel.  Staged once (cp.async vectors of vec_x elements where aligned, zero-filled halo, then one barrier
+// pair): the input rows the tile needs, [max(0, oh0 - pt), min(H, oh0 + bm - 1 - pt + KH)), of the 8 images,
+// columns c0 + [0, 16 * nch); a zero row; the filter rows Fe[kh][u] = f[kh, u - TM_FO] and the one-element-shifted
+// copy Fo[kh][u] = Fe[kh][u + 1].  A warp takes output-row pairs (oh, oh + 1) (p = warp, warp + TM_WARPS, ...):
+// per kernel row kh of the pair's range and per group of DG Toeplitz offsets it
+//   - reads the DG A fragments, 4 32-bit words each from Fe / Fo - 1 (built in registers from the filter row,
+//     reused by all chunks),
+//   - per chunk of the group that meets the image columns (CTA-uniform predicate; chunks in the zero border are
+//     not issued to the tensor pipe): one ldmatrix.x4 (matrices: rows oh / oh + 1 x k 0-7 / 8-15; lanes whose
+//     image or input row is outside point at the zero row), then two HMMA per block ob with d = kc - ob in the
+//     group.
+// No barrier after the staging; the epilogue stores the fp32 accumulators (+ bias) as T, two adjacent columns
+// per 32-bit store where the output allows it.
 // ------------------------------------------------------------------------------------------------
-constexpr int TM_FO = 22;       // filter-row offset: an in-band B pair reads kw in [-22, KW + 21]
+constexpr int TM_FO = 22;       // filter-row offset: a q_j word reads kw in [-22, 16 * DG * ngrp - 1]
 constexpr int TM_MAX_K = 64;
+constexpr int TM_WARPS = 4;
+constexpr int TM_IMG = 8;       // images per CTA: the mma n8 dimension
 
 struct TmLayout {
-  int rows, xc, xp, fp, fe_off, fo_off, bytes;  // offsets in elements (2-byte T)
+  int s0, nd, ngrp, nch, xc, rows, ip, fp, z_off, fe_off, fo_off, bytes;  // offsets in elements (2-byte T)
 };
-__host__ __device__ __forceinline__ TmLayout tm_layout(int KH, int KW, int BM, int BN) {
+__host__ __device__ __forceinline__ int tm_s0(int64_t pl) { return (int)(((-pl) % 8 + 8) % 8); }
+__host__ __device__ __forceinline__ TmLayout tm_layout(int KH, int KW, int H, int s0, int NB, int DG, int bm) {
   TmLayout L;
-  L.rows = BM + KH - 1;
-  L.xc = 16 * ((7 + BN - 1 + KW + 15) / 16);  // columns s0 + [0, BN - 1 + KW) with s0 < 8, whole chunks
-  L.xp = L.xc + 8;                            // 16-B units per row odd: ldmatrix rows on distinct bank groups
-  L.fp = round_up_i(KW + 2 * TM_FO, 8);
-  L.fe_off = round_up_i(L.rows * L.xp, 64);
+  L.s0 = s0;
+  L.nd = (KW + 15 + s0 + 15) / 16;         // Toeplitz offsets d that meet [0, KW)
+  L.ngrp = (L.nd + DG - 1) / DG;           // groups of DG offsets (offsets >= nd are all-zero blocks)
+  L.nch = NB + L.ngrp * DG - 1;            // 16-column chunks staged per row
+  L.xc = 16 * L.nch;
+  L.rows = H < bm + KH - 1 ? H : bm + KH - 1;
+  L.ip = L.rows * L.xc + 8;                // image pitch: an odd number of 16-B units, so the 8 rows (images)
+                                           // of one ldmatrix matrix fall on distinct bank groups
+  L.z_off = TM_IMG * L.ip;                 // the zero row (xc elements)
+  L.fp = round_up_i(16 * L.ngrp * DG + 24, 8);
+  L.fe_off = round_up_i(L.z_off + L.xc, 64);
   L.fo_off = L.fe_off + round_up_i(KH * L.fp, 64) + 32;  // Fo 16 banks from Fe
   L.bytes = (L.fo_off + KH * L.fp) * 2;
   return L;
 }
 
-template <typename T, int WARPS, int NT>
-__global__ void __launch_bounds__(32 * WARPS) toeplitz_mma_kernel(ConvArgs a, int vec_x) {
-  constexpr int BM = 16 * WARPS, BN = 8 * NT, THREADS = 32 * WARPS;
+// two fp32 values as one 32-bit word of T (lo in the low half)
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T pr[2] = {Cvt<T>::from_f(lo), Cvt<T>::from_f(hi)};
+  uint32_t v;
+  memcpy(&v, pr, 4);
+  return v;
+}
+template <typename T, int NB, int DG>
+__global__ void __launch_bounds__(32 * TM_WARPS, 2) toeplitz_mma_kernel(ConvArgs a, int vec_x, int bm) {
+  constexpr int BN = 16 * NB, NCH = NB + DG - 1, THREADS = 32 * TM_WARPS;
   extern __shared__ __align__(128) unsigned char smem_tm[];
-  const int KH = (int)a.KH, KW = (int)a.KW;
-  const TmLayout L = tm_layout(KH, KW, BM, BN);
+  const int KH = (int)a.KH, KW = (int)a.KW, H = (int)a.H, W = (int)a.W, Ho = (int)a.Ho, Wo = (int)a.Wo;
+  const int N = (int)a.N, C = (int)a.C, pt = (int)a.pt;
+  const TmLayout L = tm_layout(KH, KW, H, tm_s0(a.pl), NB, DG, bm);
   T* Xs = reinterpret_cast<T*>(smem_tm);
   T* Fe = Xs + L.fe_off;
   T* Fo = Xs + L.fo_off;
-  const int64_t nc = blockIdx.x;
-  const int64_t n = nc / a.C, c = nc - (nc / a.C) * a.C;
-  const int64_t ow0 = (int64_t)blockIdx.y * BN, oh0 = (int64_t)blockIdx.z * BM;
-  const int64_t c0 = floor_div(ow0 - a.pl, 8) * 8;
-  const int s0 = (int)(ow0 - a.pl - c0);
-  const T* __restrict__ xc = static_cast<const T*>(a.x) + n * a.xs[0] + c * a.xs[1];
+  const int c = (int)(blockIdx.x % (unsigned)C);
+  const int n0 = (int)(blockIdx.x / (unsigned)C) * TM_IMG;
+  const int ow0 = (int)blockIdx.y * BN, oh0 = (int)blockIdx.z * bm;
+  const int c0 = ow0 - (int)a.pl - L.s0;   // a multiple of 8
+  const int ih_lo = oh0 - pt > 0 ? oh0 - pt : 0;
+  const int ih_end = oh0 + bm - 1 - pt + KH;
+  const int ih_hi = ih_end < H ? ih_end : H;
+  const T* __restrict__ xch = static_cast<const T*>(a.x) + c * a.xs[1];
   const T* __restrict__ wc = static_cast<const T*>(a.w) + c * a.KH * a.KW;
   const T zero = Cvt<T>::from_f(0.f);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
-  {  // stage x: warp-strided rows, lane-strided vectors (no division); a vector never straddles column 0
+  {  // stage x: per image, warp-strided rows, lane-strided vectors (no division); a vector never straddles column 0
     const int ve = vec_x;
-    for (int r = warp; r < L.rows; r += WARPS) {
-      const int64_t ih = oh0 - a.pt + r;
-      const bool row_in = ih >= 0 && ih < a.H;
-      for (int j = lane * ve; j < L.xc; j += 32 * ve) {
-        const int64_t col = c0 + j;
-        int cnt = 0;
-        if (row_in && col >= 0 && col < a.W) cnt = (int)((a.W - col) < ve ? (a.W - col) : ve);
-        T* dst = Xs + r * L.xp + j;
-        if (ve == 1) {
-          *dst = cnt ? xc[ih * a.xs[2] + col * a.xs[3]] : zero;
-        } else {
-          cp_async_zfill(dst, cnt ? xc + ih * a.xs[2] + col : xc, ve * 2, cnt * 2);
+    for (int img = 0; img < TM_IMG && n0 + img < N; ++img) {
+      const T* xi = xch + (int64_t)(n0 + img) * a.xs[0];
+      for (int r = warp; r < ih_hi - ih_lo; r += TM_WARPS) {
+        const T* xr = xi + (int64_t)(ih_lo + r) * a.xs[2];
+        T* drow = Xs + img * L.ip + r * L.xc;
+        for (int j = lane * ve; j < L.xc; j += 32 * ve) {
+          const int col = c0 + j;
+          const int cnt = (col >= 0 && col < W) ? (W - col < ve ? W - col : ve) : 0;
+          if (ve == 1) {
+            drow[j] = cnt ? xr[(int64_t)col * a.xs[3]] : zero;
+          } else {
+            cp_async_zfill(drow + j, cnt ? xr + col : xr, ve * 2, cnt * 2);
+          }
         }
       }
     }
-    // filter rows, zero-padded by TM_FO on the left
-    for (int kh = warp; kh < KH; kh += WARPS)
+    for (int j = threadIdx.x; j < L.xc; j += THREADS) Xs[L.z_off + j] = zero;
+    // filter rows, zero-padded by TM_FO on the left and to fp on the right
+    for (int kh = warp; kh < KH; kh += TM_WARPS)
       for (int u = lane; u < L.fp; u += 32) {
         const int kw = u - TM_FO;
         Fe[kh * L.fp + u] = (kw >= 0 && kw < KW) ? wc[kh * KW + kw] : zero;
@@ -376,7 +416,7 @@ __global__ void __launch_bounds__(32 * WARPS) toeplitz_mma_kernel(ConvArgs a, in
     const uint32_t* fe32 = reinterpret_cast<const uint32_t*>(Fe);
     uint32_t* fo32 = reinterpret_cast<uint32_t*>(Fo);
     const int wpr = L.fp >> 1;
-    for (int kh = warp; kh < KH; kh += WARPS)
+    for (int kh = warp; kh < KH; kh += TM_WARPS)
       for (int k = lane; k < wpr; k += 32) {
         const int w = kh * wpr + k;
         fo32[w] = __byte_perm(fe32[w], k + 1 < wpr ? fe32[w + 1] : 0u, 0x5432);
@@ -384,63 +424,112 @@ __global__ void __launch_bounds__(32 * WARPS) toeplitz_mma_kernel(ConvArgs a, in
   }
   __syncthreads();
 
-  float acc[NT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f;
-
   const int g4 = lane >> 2, t4 = lane & 3;
-  const T* bbase = (((s0 + g4) & 1) ? Fo - 1 : Fe) + 2 * t4 - g4 - s0 + TM_FO;  // + kh*fp + 16kc - 8nt
-  const uint32_t a_base = smem_u32(Xs) + (uint32_t)((((warp * 16) + (lane & 15)) * L.xp + (lane >> 4) * 8) * 2);
-  const int nkc = (s0 + BN - 1 + KW + 15) / 16;
-  // kernel rows whose input rows for this warp meet [0, H)
-  int64_t kh_lo = a.pt - oh0 - 16 * warp - 15, kh_hi = a.H + a.pt - oh0 - 16 * warp;
-  kh_lo = kh_lo < 0 ? 0 : (kh_lo > KH ? KH : kh_lo);
-  kh_hi = kh_hi < 0 ? 0 : (kh_hi > KH ? KH : kh_hi);
-  // 16-column chunks inside the image
-  int64_t kc_lo = floor_div(-c0 - 15 + 15, 16), kc_hi = ceil_div(a.W - c0, 16);
-  kc_lo = kc_lo < 0 ? 0 : kc_lo;
-  kc_hi = kc_hi > nkc ? nkc : kc_hi;
-  const unsigned band = (unsigned)(KW + 21);
-  for (int kh = (int)kh_lo; kh < (int)kh_hi; ++kh) {
-    const T* brow = bbase + kh * L.fp;
-    for (int kc = (int)kc_lo; kc < (int)kc_hi; ++kc) {
-      uint32_t af[4];
-      ldmatrix_x4(af, a_base + (uint32_t)((kh * L.xp + 16 * kc) * 2));
-      const int kw_top = 16 * kc - s0 + 15;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        // band: the block meets [0, KW) iff its largest tap kw_hi = kw_top - 8 nt is in [0, KW + 21]
-        if ((unsigned)(kw_top - 8 * nt) > band) continue;
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(brow + 16 * kc - 8 * nt);
-        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(brow + 16 * kc - 8 * nt + 8);
-        MmaOp<T>::run(acc[nt], af, b0, b1);
-      }
-    }
-  }
+  // mma row i <-> output column 2 (i % 8) + i / 8 (interleaved), so the lane's A registers are four distinct words
+  // (no register copies) and its C registers hold adjacent output columns.  With x0 = 16 d + 2 t4 - 2 g4 - s0:
+  //   a0 = (f[x0], f[x0 + 1]), a1 = (f[x0 - 1], f[x0]), a2 = (f[x0 + 8], ..), a3 = (f[x0 + 7], ..);
+  // a pair starting at an even kw index is a word of Fe, at an odd one a word of Fo - 1 (Fo[u] = Fe[u + 1])
+  // (as 32-bit word indices into shared memory: pe_w -> (f[x0], ..) of d = 0, po_w -> (f[x0 - 1], ..))
+  const uint32_t* S32 = reinterpret_cast<const uint32_t*>(smem_tm);
+  const int xoff = 2 * t4 - 2 * g4 - L.s0 + TM_FO;
+  const int pe_w = (((L.s0 & 1) ? L.fo_off - 1 : L.fe_off) + xoff) >> 1;      // parity of s0
+  const int po_w = (((L.s0 & 1) ? L.fe_off : L.fo_off - 1) + xoff - 1) >> 1;  // the other parity
+  // ldmatrix lane roles: matrix lane/8 = (row of the pair lane/16, k half (lane/8)&1), row lane&7 = image
+  const int limg = lane & 7, lrow = lane >> 4, lkh = (lane >> 3) & 1;
+  const bool limg_ok = n0 + limg < N;
+  const uint32_t xs_u32 = smem_u32(Xs);
+  const uint32_t zaddr = xs_u32 + (uint32_t)((L.z_off + 8 * lkh) * 2);
+  const float bias = a.bias != nullptr ? Cvt<T>::to_f(static_cast<const T*>(a.bias)[c]) : 0.f;
+  T* __restrict__ yc = static_cast<T*>(a.y) + c * a.ys[1];
+  // two adjacent outputs as one 32-bit word: unit column stride, even row / image strides, 4-byte aligned plane
+  // (the lane's first column ow0 + 16 ob + 2 g4 is even)
+  const bool pair_store = a.ys[3] == 1 && (a.ys[2] & 1) == 0 && (a.ys[0] & 1) == 0 &&
+                          (reinterpret_cast<uintptr_t>(yc) & 3) == 0;
+  const int rows_here = Ho - oh0 < bm ? Ho - oh0 : bm;
+  const int npairs = (rows_here + 1) >> 1;
 
-  // epilogue: C fragment (row g4 [+8], columns 2*t4, 2*t4 + 1 of block nt); the two columns of a pair are
-  // stored as one 32-bit word where the output has unit column stride and even, aligned rows
-  const float b = a.bias != nullptr ? Cvt<T>::to_f(static_cast<const T*>(a.bias)[c]) : 0.f;
-  T* yc = static_cast<T*>(a.y) + n * a.ys[0] + c * a.ys[1];
-  const bool pairs = a.ys[3] == 1 && (a.ys[2] & 1) == 0 && (reinterpret_cast<uintptr_t>(yc) & 3) == 0;
+  for (int p = warp; p < npairs; p += TM_WARPS) {
+    const int oha = oh0 + 2 * p;
+    const bool lok = limg_ok && oha + lrow < Ho;
+    const int ih0 = oha + lrow - pt;  // this lane's input row at kh = 0
+    const uint32_t rbase = xs_u32 + (uint32_t)((limg * L.ip + (ih0 - ih_lo) * L.xc + 8 * lkh) * 2);
+    // kernel rows meeting [0, H) for oh = oha or oha + 1
+    const int kh_lo = pt - oha - 1 > 0 ? pt - oha - 1 : 0;
+    const int kh_end = H + pt - oha;
+    const int kh_hi = kh_end < KH ? kh_end : KH;
+    float acc[2][NB][4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t oh = oh0 + 16 * warp + g4 + 8 * h, ow = ow0 + 8 * nt + 2 * t4;  // ow even
-      if (oh >= a.Ho || ow >= a.Wo) continue;
-      T* dst = yc + oh * a.ys[2] + ow * a.ys[3];
-      const T v0 = Cvt<T>::from_f(acc[nt][2 * h] + b), v1 = Cvt<T>::from_f(acc[nt][2 * h + 1] + b);
-      if (pairs && ow + 1 < a.Wo) {
-        T pr[2] = {v0, v1};
-        *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(pr);
-      } else {
-        dst[0] = v0;
-        if (ow + 1 < a.Wo) dst[a.ys[3]] = v1;
+      for (int ob = 0; ob < NB; ++ob)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[h][ob][r] = 0.f;
+
+    for (int g = 0; g < L.ngrp; ++g) {
+      // chunks DG g + j (j < NCH) meeting the image columns [0, W): one bit each (CTA-uniform)
+      uint32_t live = 0;
+#pragma unroll
+      for (int j = 0; j < NCH; ++j) {
+        const int col = c0 + 16 * (DG * g + j);
+        if (col + 15 >= 0 && col < W) live |= 1u << j;
+      }
+      if (live == 0) continue;
+      for (int kh = kh_lo; kh < kh_hi; ++kh) {
+        const bool ok = lok && (unsigned)(ih0 + kh) < (unsigned)H;
+        const uint32_t xa = (ok ? rbase + (uint32_t)(kh * L.xc * 2) : zaddr) + (uint32_t)(32 * DG * g);
+        // the DG Toeplitz fragments A_d of this kernel row and group: 4 LDS.32 each, straight into place
+        const int aoff = (kh * L.fp + 16 * DG * g) >> 1;  // words (fp is a multiple of 8)
+        uint32_t af[DG][4];
+#pragma unroll
+        for (int dd = 0; dd < DG; ++dd) {
+          af[dd][0] = S32[pe_w + aoff + 8 * dd];
+          af[dd][1] = S32[po_w + aoff + 8 * dd];
+          af[dd][2] = S32[pe_w + aoff + 8 * dd + 4];
+          af[dd][3] = S32[po_w + aoff + 8 * dd + 4];
+        }
+        // per chunk (skipped as a whole, uniformly, when it lies in the zero border): one ldmatrix.x4, then the
+        // two products of every (ob, dd = j - ob) of the band
+#pragma unroll
+        for (int j = 0; j < NCH; ++j) {
+          if (!((live >> j) & 1u)) continue;
+          uint32_t bf[4];
+          ldmatrix_x4(bf, xa + 32 * j);
+#pragma unroll
+          for (int ob = 0; ob < NB; ++ob) {
+            const int dd = j - ob;
+            if (dd < 0 || dd >= DG) continue;  // static
+            MmaOp<T>::run(acc[0][ob], af[dd], bf[0], bf[1]);
+            MmaOp<T>::run(acc[1][ob], af[dd], bf[2], bf[3]);
+          }
+        }
       }
     }
+
+    // epilogue: lane (g4, t4) holds, per block ob and image 2 t4 + e, the adjacent output columns ow0 + 16 ob + 2 g4
+    // and + 1 (C registers e and 2 + e): one 32-bit store where the output allows it, two scalars otherwise
+    const int col0 = ow0 + 2 * g4;  // even
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int img = n0 + 2 * t4 + e;
+        if (img >= N || oha + h >= Ho) continue;
+        T* yr = yc + (int64_t)img * a.ys[0] + (int64_t)(oha + h) * a.ys[2] + (int64_t)col0 * a.ys[3];
+#pragma unroll
+        for (int ob = 0; ob < NB; ++ob) {
+          const int ow = col0 + 16 * ob;
+          if (ow >= Wo) continue;
+          const float v0 = acc[h][ob][e] + bias, v1 = acc[h][ob][2 + e] + bias;
+          if (pair_store && ow + 1 < Wo) {
+            *reinterpret_cast<uint32_t*>(yr + 16 * ob) = pack2<T>(v0, v1);
+          } else {
+            T* q = yr + 16 * ob * a.ys[3];
+            q[0] = Cvt<T>::from_f(v0);
+            if (ow + 1 < Wo) q[a.ys[3]] = Cvt<T>::from_f(v1);
+          }
+        }
+      }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -513,34 +602,60 @@ inline bool toeplitz_small_tile(int64_t Ho, int64_t Wo) {
   return 2 * small <= big;  // small must save at least half the area to be worth its lower reuse
 }
 
-template <typename T, int WARPS, int NT>
+// toeplitz_mma_kernel's configuration: NB = 16-column output blocks per CTA (2 for Wo <= 32, else 4, tiles of
+// 64 columns), DG = Toeplitz offsets per group (3 where nd is 3, 5 or 6, else 2: the fewest all-zero offsets)
+struct TmConfig {
+  int nb, dg;
+};
+inline TmConfig toeplitz_mma_config(int64_t Wo, int64_t KW, int64_t pl) {
+  const int nd = (int)((KW + 15 + tm_s0(pl) + 15) / 16);
+  return TmConfig{Wo <= 32 ? 2 : 4, (nd == 3 || nd >= 5) ? 3 : 2};
+}
+
+// output rows per CTA: all of them (rounded up to even) if the tile's shared memory is at most half the
+// device's per-block limit (two CTAs per SM), else halved until it is; 0 if not even 2 rows fit
+inline int toeplitz_mma_rows(const ConvArgs& a, int nb, int dg) {
+  const int s0 = tm_s0(a.pl);
+  auto bytes = [&](int bm) { return tm_layout((int)a.KH, (int)a.KW, (int)a.H, s0, nb, dg, bm).bytes; };
+  int bm = (int)round_up_i((int)a.Ho, 2);
+  while (bm > 2 && bytes(bm) > a.max_smem_optin / 2) bm = round_up_i(bm / 2, 2);
+  return bytes(bm) <= a.max_smem_optin ? bm : 0;
+}
+
+template <typename T, int NB, int DG>
 bool launch_toeplitz_mma_cfg(const ConvArgs& a, cudaStream_t stream) {
-  const TmLayout L = tm_layout((int)a.KH, (int)a.KW, 16 * WARPS, 8 * NT);
-  // K <= 32: at most 33 KB; larger kernels need the opt-in (64 x 64 tile, K = 64: 67 KB)
-  if (L.bytes > a.max_smem_optin) return false;
-  const int64_t gx = a.N * a.C, gy = ceil_div(a.Wo, 8 * NT), gz = ceil_div(a.Ho, 16 * WARPS);
+  const int bm = toeplitz_mma_rows(a, NB, DG);
+  if (bm == 0) return false;
+  const TmLayout L = tm_layout((int)a.KH, (int)a.KW, (int)a.H, tm_s0(a.pl), NB, DG, bm);
+  const int64_t gx = a.C * ceil_div(a.N, TM_IMG), gy = ceil_div(a.Wo, 16 * NB), gz = ceil_div(a.Ho, bm);
   if (!grid_ok(gx, gy, gz)) return false;
   const int vec_x = vec_elems(a.x, a.xs, 2, a.sm_major);  // c0 is a multiple of 8 >= any vector width
   if (L.bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(toeplitz_mma_kernel<T, WARPS, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(toeplitz_mma_kernel<T, NB, DG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         L.bytes));
   }
-  toeplitz_mma_kernel<T, WARPS, NT>
-      <<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), 32 * WARPS, (size_t)L.bytes, stream>>>(a, vec_x);
+  toeplitz_mma_kernel<T, NB, DG>
+      <<<dim3((unsigned)gx, (unsigned)gy, (unsigned)gz), 32 * TM_WARPS, (size_t)L.bytes, stream>>>(a, vec_x, bm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
+}
+
+// the image-rows kernel indexes with 32-bit ints: sizes and paddings below 2^30 (else the wmma/generic path)
+inline bool toeplitz_mma_fits(const ConvArgs& a) {
+  const int64_t lim = int64_t(1) << 30;
+  return a.N < lim && a.C < lim && a.H < lim && a.W < lim && a.Ho < lim && a.Wo < lim && a.pt < lim && a.pt > -lim &&
+         a.pl < lim && a.pl > -lim;
 }
 
 template <typename T>
 bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
   if (a.sm_major < 8) return false;  // kernel body is compiled for sm80+ only
   if (a.sh != 1 || a.sw != 1 || a.dil_h != 1 || a.dil_w != 1) return false;
-  if (a.KH <= TM_MAX_K && a.KW <= TM_MAX_K) {  // raw mma.sync kernel, same tile choice as the wmma one
-    // (the big tile's shared memory may exceed the device's limit where the small one still fits)
-    if (toeplitz_small_tile(a.Ho, a.Wo) ? launch_toeplitz_mma_cfg<T, 1, 2>(a, stream)
-                                        : (launch_toeplitz_mma_cfg<T, 4, 8>(a, stream) ||
-                                           launch_toeplitz_mma_cfg<T, 1, 2>(a, stream)))
-      return true;
+  if (a.KH <= TM_MAX_K && a.KW <= TM_MAX_K && toeplitz_mma_fits(a)) {  // raw mma.sync kernel, image-rows tiling
+    const TmConfig t = toeplitz_mma_config(a.Wo, a.KW, a.pl);
+    const bool ok = t.nb == 2 ? (t.dg == 3 ? launch_toeplitz_mma_cfg<T, 2, 3>(a, stream) : launch_toeplitz_mma_cfg<T, 2, 2>(a, stream))
+                              : (t.dg == 3 ? launch_toeplitz_mma_cfg<T, 4, 3>(a, stream) : launch_toeplitz_mma_cfg<T, 4, 2>(a, stream));
+    if (ok) return true;
   }
   if (a.KH > kMaxFastKernelSide || a.KW > kMaxFastKernelSide) return false;
   if (toeplitz_small_tile(a.Ho, a.Wo)) return launch_toeplitz_cfg<T, 1, 1>(a, stream);

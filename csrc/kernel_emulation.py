@@ -393,99 +393,168 @@ def emulate_grad_weight_fast(x, g, KH, KW, pt, pl, tc, vec_x=1, vec_g=1, splits=
 
 # ------------------------------------------------------------------------------------------------
 # toeplitz_mma_kernel (dwconv_forward.cu): raw ldmatrix + mma.sync row-Toeplitz forward, fp16/bf16,
-# stride 1, dilation 1, KH, KW <= 64; configs (WARPS, NT) = (4, 8) -> 64 x 64, (1, 2) -> 16 x 16
+# stride 1, dilation 1, KH, KW <= 64; "image-rows" tiling: the mma's n8 = 8 images at one output row,
+# m16 = 16 output columns, k16 = 16 input columns; configs (NB, DG) = (2 | 4 column blocks, 2 | 3 offsets)
 # ------------------------------------------------------------------------------------------------
-TM_FO, TM_MAX_K = 22, 64
+TM_FO, TM_MAX_K, TM_WARPS, TM_IMG = 22, 64, 4, 8
 
 
-def tm_layout(KH, KW, BM, BN):  # transcription of tm_layout()
-    rows = BM + KH - 1
-    xc = 16 * ((7 + BN - 1 + KW + 15) // 16)
-    xp = xc + 8
-    fp = round_up(KW + 2 * TM_FO, 8)
-    fe_off = round_up(rows * xp, 64)
+def tm_s0(pl):  # transcription of tm_s0()
+    return (-pl) % 8
+
+
+def tm_layout(KH, KW, H, s0, NB, DG, bm):  # transcription of tm_layout(): element offsets and bytes
+    nd = (KW + 15 + s0 + 15) // 16
+    ngrp = ceil_div(nd, DG)
+    nch = NB + ngrp * DG - 1
+    xc = 16 * nch
+    rows = min(H, bm + KH - 1)
+    ip = rows * xc + 8
+    z_off = TM_IMG * ip
+    fp = round_up(16 * ngrp * DG + 24, 8)
+    fe_off = round_up(z_off + xc, 64)
     fo_off = fe_off + round_up(KH * fp, 64) + 32
-    return dict(rows=rows, xc=xc, xp=xp, fp=fp, fe_off=fe_off, fo_off=fo_off, bytes=(fo_off + KH * fp) * 2)
+    return dict(s0=s0, nd=nd, ngrp=ngrp, nch=nch, xc=xc, rows=rows, ip=ip, z_off=z_off, fp=fp, fe_off=fe_off,
+                fo_off=fo_off, bytes=(fo_off + KH * fp) * 2)
 
 
-def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1):
-    """Transcription of toeplitz_mma_kernel: staging (vectors with zero-filled tails), Fe / Fo filter rows,
-    per-warp kh / chunk ranges, per-lane ldmatrix addresses and B pairs, the band test, m16n8k16 fragments,
-    the epilogue.  Shared memory is a flat NaN-initialised array per CTA; every read is bounds-asserted."""
-    if config is None:
-        config = (1, 2) if toeplitz_small_tile(Ho, Wo) else (4, 8)
-    WARPS, NT = config
-    BM, BN = 16 * WARPS, 8 * NT
+def toeplitz_mma_config(Wo, KW, pl):  # transcription of toeplitz_mma_config(): (NB, DG)
+    nd = (KW + 15 + tm_s0(pl) + 15) // 16
+    return (2 if Wo <= 32 else 4, 3 if (nd == 3 or nd >= 5) else 2)
+
+
+def toeplitz_mma_rows(KH, KW, H, Ho, pl, NB, DG, max_smem_optin):  # transcription of toeplitz_mma_rows()
+    def nbytes(bm):
+        return tm_layout(KH, KW, H, tm_s0(pl), NB, DG, bm)["bytes"]
+    bm = round_up(Ho, 2)
+    while bm > 2 and nbytes(bm) > max_smem_optin // 2:
+        bm = round_up(bm // 2, 2)
+    return bm if nbytes(bm) <= max_smem_optin else 0
+
+
+def emulate_toeplitz_mma(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1, bm=None, max_smem_optin=227 * 1024):
+    """Transcription of toeplitz_mma_kernel: the launcher's (NB, DG) and rows per CTA (bm), per-image row
+    staging (vectors with zero-filled tails), the zero row, Fe / Fo filter rows, per-warp output-row pairs and
+    their kernel-row range, the per-lane ldmatrix addresses (zero row for images >= N and rows outside),
+    the per-lane A words (interleaved mma rows: output column 2 (i % 8) + i // 8), the chunk mask, m16n8k16
+    fragments, the epilogue (each lane's C registers e, 2 + e: two adjacent columns of one image).  Shared memory is a flat
+    NaN-initialised array per CTA; every read is bounds-checked (reading an unstaged element gives NaN)."""
     N, C, H, W = x.shape
     KH, KW = w.shape[2], w.shape[3]
     assert KH <= TM_MAX_K and KW <= TM_MAX_K
-    L = tm_layout(KH, KW, BM, BN)
-    assert L["bytes"] <= 227 * 1024  # (> 48 KB: the launcher's opt-in)
+    NB, DG = config if config is not None else toeplitz_mma_config(Wo, KW, pl)
+    if bm is None:
+        bm = toeplitz_mma_rows(KH, KW, H, Ho, pl, NB, DG, max_smem_optin)
+    assert bm > 0 and bm % 2 == 0
+    BN, NCH = 16 * NB, NB + DG - 1
+    L = tm_layout(KH, KW, H, tm_s0(pl), NB, DG, bm)
+    assert L["bytes"] <= 227 * 1024
+    s0, xc, ip, fp = L["s0"], L["xc"], L["ip"], L["fp"]
     y = torch.full((N, C, Ho, Wo), float("nan"), dtype=torch.float64)
-    for n in range(N):
-        for c in range(C):
-            f = w[c, 0].double()
-            for by in range(ceil_div(Wo, BN)):
-                for bz in range(ceil_div(Ho, BM)):
-                    ow0, oh0 = by * BN, bz * BM
-                    c0 = ((ow0 - pl) // 8) * 8
-                    s0 = ow0 - pl - c0
-                    smem = [float("nan")] * (L["bytes"] // 2)
-                    for r in range(L["rows"]):  # warp-strided rows, lane-strided vectors
-                        ih = oh0 - pt + r
-                        for j in range(0, L["xc"], vec_x):
+    gx, gy, gz = C * ceil_div(N, TM_IMG), ceil_div(Wo, BN), ceil_div(Ho, bm)
+    for bx in range(gx):
+        c, n0 = bx % C, (bx // C) * TM_IMG
+        f = w[c, 0].double()
+        for by in range(gy):
+            for bz in range(gz):
+                ow0, oh0 = by * BN, bz * bm
+                c0 = ow0 - pl - s0
+                assert c0 % 8 == 0
+                ih_lo, ih_hi = max(oh0 - pt, 0), min(oh0 + bm - 1 - pt + KH, H)
+                assert ih_hi - ih_lo <= L["rows"]
+                smem = [float("nan")] * (L["bytes"] // 2)
+                for img in range(TM_IMG):  # staging
+                    if n0 + img >= N:
+                        break
+                    for r in range(ih_hi - ih_lo):
+                        for j in range(0, xc, vec_x):
                             col = c0 + j
-                            assert col >= 0 or col + vec_x <= 0
-                            cnt = min(W - col, vec_x) if (0 <= ih < H and 0 <= col < W) else 0
+                            assert col >= 0 or col + vec_x <= 0  # no vector straddles column 0
+                            cnt = min(W - col, vec_x) if 0 <= col < W else 0
                             for k in range(vec_x):
-                                smem[r * L["xp"] + j + k] = float(x[n, c, ih, col + k]) if k < cnt else 0.0
-                    for kh in range(KH):
-                        for u in range(L["fp"]):
-                            kw = u - TM_FO
-                            smem[L["fe_off"] + kh * L["fp"] + u] = float(f[kh, kw]) if 0 <= kw < KW else 0.0
-                    wpr = L["fp"] // 2
-                    for kh in range(KH):
-                        for k in range(wpr):
-                            wd = kh * wpr + k
-                            smem[L["fo_off"] + 2 * wd] = smem[L["fe_off"] + 2 * wd + 1]
-                            smem[L["fo_off"] + 2 * wd + 1] = smem[L["fe_off"] + 2 * wd + 2] if k + 1 < wpr else 0.0
-                    nkc = (s0 + BN - 1 + KW + 15) // 16
-                    kc_lo = max((-c0) // 16, 0)
-                    kc_hi = min(ceil_div(W - c0, 16), nkc)
-                    b = 0.0 if bias is None else float(bias[c])
-                    for warp in range(WARPS):
-                        acc = [[[0.0] * 4 for _ in range(32)] for _ in range(NT)]
-                        kh_lo = min(max(pt - oh0 - 16 * warp - 15, 0), KH)
-                        kh_hi = min(max(H + pt - oh0 - 16 * warp, 0), KH)
-                        for kh in range(kh_lo, kh_hi):
-                            for kc in range(kc_lo, kc_hi):
-                                addr = [(warp * 16 + (l & 15)) * L["xp"] + (l >> 4) * 8 + kh * L["xp"] + 16 * kc
-                                        for l in range(32)]
-                                assert max(addr) // L["xp"] < L["rows"] and max(addr) % L["xp"] + 8 <= L["xc"]
-                                af = _ldmatrix_x4(smem, addr)
-                                kw_top = 16 * kc - s0 + 15
-                                for nt in range(NT):
-                                    if not 0 <= kw_top - 8 * nt <= KW + 21:  # the unsigned band test
-                                        continue
-                                    b0, b1 = [], []
+                                smem[img * ip + r * xc + j + k] = float(x[n0 + img, c, ih_lo + r, col + k]) if k < cnt else 0.0
+                for j in range(xc):
+                    smem[L["z_off"] + j] = 0.0
+                for kh in range(KH):
+                    for u in range(fp):
+                        kw = u - TM_FO
+                        smem[L["fe_off"] + kh * fp + u] = float(f[kh, kw]) if 0 <= kw < KW else 0.0
+                wpr = fp // 2
+                for kh in range(KH):
+                    for k in range(wpr):
+                        wd = kh * wpr + k
+                        smem[L["fo_off"] + 2 * wd] = smem[L["fe_off"] + 2 * wd + 1]
+                        smem[L["fo_off"] + 2 * wd + 1] = smem[L["fe_off"] + 2 * wd + 2] if k + 1 < wpr else 0.0
+                b = 0.0 if bias is None else float(bias[c])
+                npairs = (min(Ho - oh0, bm) + 1) >> 1
+                for warp in range(TM_WARPS):
+                    for p in range(warp, npairs, TM_WARPS):
+                        oha = oh0 + 2 * p
+                        kh_lo, kh_hi = max(pt - oha - 1, 0), min(H + pt - oha, KH)
+                        acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(NB)] for _ in range(2)]
+                        for g in range(L["ngrp"]):
+                            live = [0 <= c0 + 16 * (DG * g + j) + 15 and c0 + 16 * (DG * g + j) < W for j in range(NCH)]
+                            if not any(live):
+                                continue
+                            for kh in range(kh_lo, kh_hi):
+                                addr0 = []  # per lane, element address of its ldmatrix row at chunk DG g
+                                for lane in range(32):
+                                    limg, lrow, lkh = lane & 7, lane >> 4, (lane >> 3) & 1
+                                    ih = oha + lrow - pt + kh
+                                    ok = n0 + limg < N and oha + lrow < Ho and 0 <= ih < H
+                                    if ok:
+                                        assert ih_lo <= ih < ih_hi
+                                        a0 = limg * ip + (ih - ih_lo) * xc + 8 * lkh
+                                    else:
+                                        a0 = L["z_off"] + 8 * lkh
+                                    addr0.append(a0 + 16 * DG * g)
+                                af = []  # mma row i <-> output column 2 (i % 8) + i // 8: four distinct words
+                                for dd in range(DG):
+                                    regs = []
                                     for lane in range(32):
                                         g4, t4 = lane >> 2, lane & 3
-                                        odd = (s0 + g4) & 1
-                                        base = (L["fo_off"] - 1 if odd else L["fe_off"]) + 2 * t4 - g4 - s0 + TM_FO
-                                        p = base + kh * L["fp"] + 16 * kc - 8 * nt
-                                        u = p - (L["fo_off"] - 1 if odd else L["fe_off"]) - kh * L["fp"]
-                                        assert p % 2 == 0 and u - odd >= 0 and u + 9 - odd < L["fp"]
-                                        b0.append((smem[p], smem[p + 1]))
-                                        b1.append((smem[p + 8], smem[p + 9]))
-                                    _mma_m16n8k16(acc[nt], af, b0, b1)
-                        for nt in range(NT):  # (the kernel stores the pairs r = 0, 1 / 2, 3 as one word when it can)
+                                        xoff = 2 * t4 - 2 * g4 - s0 + TM_FO
+                                        pe_w = ((L["fo_off"] - 1 if s0 & 1 else L["fe_off"]) + xoff) >> 1
+                                        po_w = ((L["fe_off"] if s0 & 1 else L["fo_off"] - 1) + xoff - 1) >> 1
+                                        aoff = (kh * fp + 16 * DG * g) >> 1
+                                        q = []
+                                        for wi in (pe_w + aoff + 8 * dd, po_w + aoff + 8 * dd,
+                                                   pe_w + aoff + 8 * dd + 4, po_w + aoff + 8 * dd + 4):
+                                            e = 2 * wi
+                                            row = L["fe_off"] + kh * fp if e < L["fo_off"] - 1 else L["fo_off"] + kh * fp
+                                            assert row <= e and e + 1 < row + fp  # inside this kernel row of Fe / Fo
+                                            q.append((smem[e], smem[e + 1]))
+                                        regs.append(q)
+                                    af.append(regs)
+                                for j in range(NCH):
+                                    if not live[j]:
+                                        continue
+                                    la = [a0 + 16 * j for a0 in addr0]
+                                    assert all(a0 % 8 == 0 for a0 in la)
+                                    assert all((a0 >= L["z_off"] and a0 + 8 <= L["z_off"] + xc) or
+                                               (a0 % ip) % xc + 8 <= xc for a0 in la)
+                                    bf = _ldmatrix_x4(smem, la)
+                                    for ob in range(NB):
+                                        dd = j - ob
+                                        if not 0 <= dd < DG:
+                                            continue
+                                        for h in range(2):
+                                            _mma_m16n8k16(acc[h][ob], af[dd], [bf[l][2 * h] for l in range(32)],
+                                                          [bf[l][2 * h + 1] for l in range(32)])
+                        for h in range(2):  # epilogue: C registers e, 2 + e = columns 2 g4, 2 g4 + 1 of image 2 t4 + e
                             for lane in range(32):
                                 g4, t4 = lane >> 2, lane & 3
-                                for r in range(4):
-                                    oh = oh0 + 16 * warp + g4 + 8 * (r >> 1)
-                                    ow = ow0 + 8 * nt + 2 * t4 + (r & 1)
-                                    if oh < Ho and ow < Wo:
-                                        y[n, c, oh, ow] = acc[nt][lane][r] + b
+                                for e in range(2):
+                                    img, oh = n0 + 2 * t4 + e, oha + h
+                                    if img >= N or oh >= Ho:
+                                        continue
+                                    for ob in range(NB):
+                                        ow = ow0 + 2 * g4 + 16 * ob
+                                        if ow >= Wo:
+                                            continue
+                                        y[img, c, oh, ow] = acc[h][ob][lane][e] + b
+                                        if ow + 1 < Wo:
+                                            y[img, c, oh, ow + 1] = acc[h][ob][lane][2 + e] + b
     return y
 
 

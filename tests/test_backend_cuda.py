@@ -393,9 +393,10 @@ EMU_KERNELS = {
     "toeplitz_16x16": lambda *a: EMU.emulate_toeplitz(*a, config=(1, 1)),
     "toeplitz_auto": EMU.emulate_toeplitz,
     "fp32_blocked": EMU.emulate_fp32_blocked,
-    # the raw ldmatrix + mma.sync kernel: each config with a staging vector width (16 B, 4 B, scalar)
-    "toeplitz_mma_64x64_v8": lambda *a: EMU.emulate_toeplitz_mma(*a, config=(4, 8), vec_x=8),
-    "toeplitz_mma_16x16_v2": lambda *a: EMU.emulate_toeplitz_mma(*a, config=(1, 2), vec_x=2),
+    # the raw ldmatrix + mma.sync kernel (image-rows tiling): configs (NB, DG) with a staging vector width
+    # (16 B, 4 B, scalar) and rows per CTA (more cases with N > 1: tests/test_toeplitz_mma.py)
+    "toeplitz_mma_nb4_dg3_v8": lambda *a: EMU.emulate_toeplitz_mma(*a, config=(4, 3), vec_x=8),
+    "toeplitz_mma_nb2_dg2_v2_bm2": lambda *a: EMU.emulate_toeplitz_mma(*a, config=(2, 2), vec_x=2, bm=2),
     "toeplitz_mma_auto": EMU.emulate_toeplitz_mma,
 }
 
@@ -588,13 +589,13 @@ def test_grad_weight_fast_nonfinite_inputs(dtype):
     assert not nonfinite_contract_violations(gw, ref, dt)
 
 
-# toeplitz_mma_kernel for 32 < K <= 64 (more than 48 KB of shared memory for the 64 x 64 tile: opt-in):
-# (C, H, W, KH, KW, (top, bottom, left, right), (WARPS, NT), vec_x)
+# toeplitz_mma_kernel for 32 < K <= 64 (several Toeplitz-offset groups; more than 48 KB of shared memory: opt-in):
+# (C, H, W, KH, KW, (top, bottom, left, right), (NB, DG), vec_x)
 TOEPLITZ_MMA_LARGE_K = {
-    "k5x51_16x16_v2": (1, 6, 20, 5, 51, (2, 2, 25, 25), (1, 2), 2),
-    "k5x51_64x64_v8": (1, 6, 20, 5, 51, (2, 2, 25, 25), (4, 8), 8),
-    "k40x36_small": (1, 5, 9, 40, 36, (20, 19, 18, 17), (1, 2), 1),
-    "k64_on_4x5": (1, 4, 5, 64, 64, (32, 31, 32, 31), (1, 2), 1),
+    "k5x51_nb2_dg3_v2": (1, 6, 20, 5, 51, (2, 2, 25, 25), (2, 3), 2),
+    "k5x51_nb4_dg2_v8": (1, 6, 20, 5, 51, (2, 2, 25, 25), (4, 2), 8),
+    "k40x36_nb2_dg2": (1, 5, 9, 40, 36, (20, 19, 18, 17), (2, 2), 1),
+    "k64_on_4x5": (1, 4, 5, 64, 64, (32, 31, 32, 31), (2, 3), 1),
 }
 
 

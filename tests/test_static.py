@@ -81,14 +81,15 @@ def test_cuda_shared_memory_fits(cuda_facts, arch):
 
 @needs_cuda_tools
 def test_cuda_default_routing_is_the_new_kernels(cuda_facts):
-    """The model follows the launchers: K <= 64 fp16/bf16 -> toeplitz_mma (64x64 tile at 56², 16x16
-    below), fp32 -> fp32_rb (56x56x4 tile at 56², 28x28x4 below), grad_weight -> grad_weight_tc /
-    grad_weight_ffma."""
+    """The model follows the launchers: K <= 64 fp16/bf16 -> toeplitz_mma (<NB, DG> = <4, 3> at 56², <2, 3> at
+    28² and 14², <2, 2> at 7²), fp32 -> fp32_rb (56x56x4 tile at 56², 28x28x4 below), grad_weight ->
+    grad_weight_tc / grad_weight_ffma."""
     kf = cuda_facts[90]
     names = {(l.H, p, dt): SM.model_cuda_v2(kf, l, p, dt)["kernel"] for l in SK.LAYERS
              for p in ("forward", "grad_weight") for dt in ("bf16", "fp32")}
-    assert "toeplitz_mma_kernel<__nv_bfloat16, 4, 8>" in names[(56, "forward", "bf16")]
-    assert all("toeplitz_mma_kernel<__nv_bfloat16, 1, 2>" in names[(h, "forward", "bf16")] for h in (28, 14, 7))
+    assert "toeplitz_mma_kernel<__nv_bfloat16, 4, 3>" in names[(56, "forward", "bf16")]
+    assert all("toeplitz_mma_kernel<__nv_bfloat16, 2, 3>" in names[(h, "forward", "bf16")] for h in (28, 14))
+    assert "toeplitz_mma_kernel<__nv_bfloat16, 2, 2>" in names[(7, "forward", "bf16")]
     assert all("grad_weight_tc_kernel<__nv_bfloat16>" in names[(l.H, "grad_weight", "bf16")] for l in SK.LAYERS)
     assert all("grad_weight_ffma_kernel" in names[(l.H, "grad_weight", "fp32")] for l in SK.LAYERS)
     assert "fp32_rb_kernel<7, 7, 8, 1, 4, 8>" in names[(56, "forward", "fp32")]
@@ -347,7 +348,7 @@ def test_new_kernel_symbols_map_to_roles():
     """KERNEL_TABLE: the v2 CUDA and the aligned Triton kernels have their own rows (first match wins:
     toeplitz_mma is not taken for toeplitz_wmma and vice versa) and a default/fallback status."""
     cases = {
-        "void lkconv::toeplitz_mma_kernel<__nv_bfloat16, 4, 8>(lkconv::ConvArgs, int)": ("tc_toeplitz_mma", "bf16", (4, 8)),
+        "void lkconv::toeplitz_mma_kernel<__nv_bfloat16, 4, 3>(lkconv::ConvArgs, int, int)": ("tc_toeplitz_mma", "bf16", (4, 3)),
         "void lkconv::toeplitz_wmma_kernel<__half, 1, 1>(lkconv::ConvArgs)": ("tc_toeplitz", "fp16", (1, 1)),
         "void lkconv::grad_weight_tc_kernel<__half>(lkconv::GradWeightArgs)": ("grad_weight_tc", "fp16", None),
         "lkconv::grad_weight_ffma_kernel(lkconv::GradWeightArgs)": ("grad_weight_ffma", "fp32", None),

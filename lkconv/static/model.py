@@ -532,15 +532,43 @@ def cuda_vec_elems(row_stride: int, esz: int) -> int:
     return 1
 
 
-def tm_layout(K: int, BM: int, BN: int) -> Dict[str, int]:
-    """csrc/dwconv_forward.cu tm_layout (square kernel), element offsets and bytes."""
-    rows = BM + K - 1
-    xc = 16 * ((7 + BN - 1 + K + 15) // 16)
-    xp = xc + 8
-    fp = _round_up(K + 2 * 22, 8)
-    fe_off = _round_up(rows * xp, 64)
-    fo_off = fe_off + _round_up(K * fp, 64) + 32
-    return dict(rows=rows, xc=xc, xp=xp, fp=fp, bytes=(fo_off + K * fp) * 2)
+TM_WARPS, TM_IMG, TM_MAX_SMEM_OPTIN = 4, 8, 227 * 1024  # H100: the per-block opt-in the launcher halves
+
+
+def tm_s0(pl: int) -> int:
+    return (-pl) % 8
+
+
+def tm_layout(KH: int, KW: int, H: int, s0: int, nb: int, dg: int, bm: int) -> Dict[str, int]:
+    """csrc/dwconv_forward.cu tm_layout (image-rows toeplitz_mma_kernel), element offsets and bytes."""
+    nd = (KW + 15 + s0 + 15) // 16
+    ngrp = _ceil(nd, dg)
+    nch = nb + ngrp * dg - 1
+    xc = 16 * nch
+    rows = min(H, bm + KH - 1)
+    ip = rows * xc + 8
+    z_off = TM_IMG * ip
+    fp = _round_up(16 * ngrp * dg + 24, 8)
+    fe_off = _round_up(z_off + xc, 64)
+    fo_off = fe_off + _round_up(KH * fp, 64) + 32
+    return dict(nd=nd, ngrp=ngrp, nch=nch, xc=xc, rows=rows, fp=fp, bytes=(fo_off + KH * fp) * 2)
+
+
+def toeplitz_mma_config(Wo: int, KW: int, pl: int) -> Tuple[int, int]:
+    """toeplitz_mma_config (csrc/dwconv_forward.cu): (NB, DG)."""
+    nd = (KW + 15 + tm_s0(pl) + 15) // 16
+    return (2 if Wo <= 32 else 4, 3 if (nd == 3 or nd >= 5) else 2)
+
+
+def toeplitz_mma_rows(KH: int, KW: int, H: int, Ho: int, pl: int, nb: int, dg: int,
+                      optin: int = TM_MAX_SMEM_OPTIN) -> int:
+    """toeplitz_mma_rows (csrc/dwconv_forward.cu): output rows per CTA (0: the launcher declines)."""
+    def nbytes(bm):
+        return tm_layout(KH, KW, H, tm_s0(pl), nb, dg, bm)["bytes"]
+    bm = _round_up(Ho, 2)
+    while bm > 2 and nbytes(bm) > optin // 2:
+        bm = _round_up(bm // 2, 2)
+    return bm if nbytes(bm) <= optin else 0
 
 
 def _mem_ops(lp: Optional[Dict]) -> int:
@@ -550,22 +578,32 @@ def _mem_ops(lp: Optional[Dict]) -> int:
     return max(mx.get("cp_async", 0) + mx.get("ldg", 0) + mx.get("ld_generic", 0), 1)
 
 
-def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, warps: int, nt_: int, m: Machine, sms: int) -> Dict:
-    """toeplitz_mma_kernel<T, WARPS, NT>: per CTA stage x rows (cp.async vectors of vec_x elements, or
-    scalar), the filter rows Fe and the shifted copy Fo, then per warp and (kh, 16-column chunk kc) one
-    ldmatrix.x4 and, per in-band 8-column block nt, two 32-bit LDS + one HMMA.16816 (2048 MACs).  The
-    band test is predicated (SASS: one branch per loop body), so every nt issues; only in-band ones
-    use the tensor pipe."""
+def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, nb: int, dg: int, m: Machine, sms: int) -> Dict:
+    """toeplitz_mma_kernel<T, NB, DG> (image-rows tiling): CTA = (channel, 8 images, bm output rows, 16*NB
+    columns).  Per CTA: the staging of the needed input rows of its images (cp.async vectors of vec_x
+    elements, or scalar), the zero row, filter rows Fe and the shifted copy Fo; per warp its output-row
+    pairs, each: per Toeplitz-offset group and kernel row of the pair's range one pass of the measured-static
+    hot-loop body (all NB + DG - 1 chunk blocks: a chunk in the zero border is predicated off, so its
+    instructions still issue but its HMMAs use no tensor time), the group loop's and the pair loop's own
+    instructions (the pair loop holds the epilogue: static count, both store paths = upper bound).  MACs: 2
+    HMMA.16816 (2048 MACs each) per live (chunk, block) site.  Shared-memory wavefronts: 4 per live
+    ldmatrix.x4, 1 per 32-bit A word, the staging stores."""
     N, C, H, K = layer.N, layer.C, layer.H, layer.K
     P = K // 2
-    BM, BN, thr = 16 * warps, 8 * nt_, 32 * warps
-    L = tm_layout(K, BM, BN)
+    s0 = tm_s0(P)
+    bm = toeplitz_mma_rows(K, K, H, H, P, nb, dg)
+    L = tm_layout(K, K, H, s0, nb, dg, bm)
+    BN, nch_g = 16 * nb, nb + dg - 1
     ve = cuda_vec_elems(H, 2)
     mma = f["hot"]
-    kh_loop = _parent(f, mma)
-    c_kc = mma["mix"]["total"] / max(mma["mix"].get("ldsm", 0), 1)       # per (kh, kc) of one warp
-    lds_kc = mma["mix"].get("lds", 0) / max(mma["mix"].get("ldsm", 0), 1)
-    c_kh = kh_loop["mix"]["total"] if kh_loop else 0
+    grp_loop = _parent(f, mma)
+    pair_loop = _parent(f, grp_loop) if grp_loop else None
+    sites_static = sum(1 for j in range(nch_g) for ob in range(nb) if 0 <= j - ob < dg)
+    unroll = max(mma["mix"].get("hmma", 0) / (2 * sites_static), 1)
+    c_kh = mma["mix"]["total"] / unroll                 # one kernel row of one group
+    lds_kh = mma["mix"].get("lds", 0) / unroll
+    c_grp = grp_loop["mix"]["total"] if grp_loop else 0
+    c_pair = pair_loop["mix"]["total"] if pair_loop else 0
     vec_loop = max([lp for lp in _loops(f) if lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"],
                    default=None)
     sc_loop = max([lp for lp in _loops(f) if lp["mix"].get("ldg") and lp["mix"].get("sts")
@@ -573,45 +611,50 @@ def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, warps: int, nt_: int,
     c_vec = vec_loop["mix"]["total"] / _mem_ops(vec_loop) if vec_loop else 25.0
     c_sc = sc_loop["mix"]["total"] / _mem_ops(sc_loop) if sc_loop else 8.0
     c_stage = c_vec if ve > 1 else c_sc
-    gy, gz = _ceil(H, BN), _ceil(H, BM)
+    gx_img, gy, gz = _ceil(N, TM_IMG), _ceil(H, BN), _ceil(H, bm)
     tiles = []
-    for z in range(gz):
-        for y in range(gy):
-            oh0, ow0 = z * BM, y * BN
-            c0 = ((ow0 - P) // 8) * 8
-            s0 = ow0 - P - c0
-            # staging: x rows (warp-strided rows, lane-strided vectors), filter rows (scalar), Fo words
-            issue = warps * _ceil(L["rows"], warps) * _ceil(L["xc"], 32 * ve) * c_stage
-            issue += warps * _ceil(K, warps) * _ceil(L["fp"], 32) * c_sc * 2
-            wave = warps * _ceil(L["rows"], warps) * _ceil(L["xc"], 32 * ve) * max(ve * 2 * 32 // 128, 1)
-            wave += 3 * warps * _ceil(K, warps) * _ceil(L["fp"], 32)
-            macs = 0.0
-            nkc = (s0 + BN - 1 + K + 15) // 16
-            kc_lo = max((-c0) // 16, 0)
-            kc_hi = min(_ceil(H - c0, 16), nkc)
-            for w in range(warps):
-                kh_lo = min(max(P - oh0 - 16 * w - 15, 0), K)
-                kh_hi = min(max(H + P - oh0 - 16 * w, 0), K)
-                nkh = max(kh_hi - kh_lo, 0)
-                live = sum(1 for kc in range(kc_lo, kc_hi) for nt in range(nt_)
-                           if 0 <= 16 * kc - s0 + 15 - 8 * nt <= K + 21)
-                nk = max(kc_hi - kc_lo, 0)
-                issue += nkh * (nk * c_kc + c_kh)
-                macs += nkh * live * 2048
-                wave += nkh * (4 * nk + live * lds_kc / max(nt_, 1) * 1.0)
-            issue += warps * nt_ * 2 * 12          # epilogue: 2 stores per block and lane, ~12 instructions each
-            wave += 0
-            tiles.append((issue, macs, wave))
-    t = np.array(tiles)
-    NC = N * C
-    acc = _Acc(NC * gy * gz)
-    it = np.repeat(np.arange(gy * gz), NC)       # blockIdx.x = plane (fastest), then y, then z
-    acc.issue, acc.macs, acc.wave = t[it, 0], t[it, 1], t[it, 2]
+    for gi in range(gx_img):
+        nimg = min(TM_IMG, N - TM_IMG * gi)
+        for z in range(gz):
+            oh0 = z * bm
+            ih_lo, ih_hi = max(oh0 - P, 0), min(oh0 + bm - 1 - P + K, H)
+            nrows = max(ih_hi - ih_lo, 0)
+            for y in range(gy):
+                ow0 = y * BN
+                c0 = ow0 - P - s0
+                # staging: per image, warp-strided rows, lane-strided vectors; the zero row; Fe; Fo
+                issue = nimg * nrows * _ceil(L["xc"], 32 * ve) * c_stage
+                issue += TM_WARPS * _ceil(L["xc"], 32 * TM_WARPS) * 4
+                issue += 2 * TM_WARPS * _ceil(K, TM_WARPS) * _ceil(L["fp"], 32) * c_sc
+                wave = nimg * nrows * _ceil(L["xc"], 32 * ve) * max(ve * 2 * 32 // 128, 1)
+                wave += 3 * TM_WARPS * _ceil(K, TM_WARPS) * _ceil(L["fp"], 32)
+                macs = 0.0
+                npairs = (min(H - oh0, bm) + 1) // 2
+                for p in range(npairs):
+                    oha = oh0 + 2 * p
+                    nkh = max(min(H + P - oha, K) - max(P - oha - 1, 0), 0)
+                    issue += c_pair
+                    for g in range(L["ngrp"]):
+                        live = [c0 + 16 * (dg * g + j) + 15 >= 0 and c0 + 16 * (dg * g + j) < H
+                                for j in range(nch_g)]
+                        if not any(live):
+                            continue
+                        sites = sum(1 for j in range(nch_g) if live[j] for ob in range(nb) if 0 <= j - ob < dg)
+                        issue += c_grp + nkh * c_kh
+                        macs += nkh * sites * 2 * 2048
+                        wave += nkh * (4 * sum(live) + lds_kh)
+                tiles.append((issue, macs, wave))
+    t = np.array(tiles).reshape(gx_img, gz, gy, 3)
+    # blockIdx.x = c + C * image group (fastest), then y, then z
+    acc = _Acc(C * gx_img * gy * gz)
+    order = np.repeat(t.transpose(1, 2, 0, 3).reshape(-1, 3), C, axis=0)
+    acc.issue, acc.macs, acc.wave = order[:, 0], order[:, 1], order[:, 2]
     b = _busiest(acc, _tc_rate(f, dtype, m), m, sms)
     useful = N * C * H * H * K * K
     return _finish(b, _hbm(layer, dtype, m), dict(
-        tile=f"{BM}x{BN}", threads=thr, dyn_smem=int(L["bytes"]), vec_x=ve,
-        per_unit=dict(instr_per_kc=c_kc, instr_per_kh=c_kh, stage_per_vector=c_stage),
+        tile=f"8img x {bm}x{BN}", threads=32 * TM_WARPS, dyn_smem=int(L["bytes"]), vec_x=ve, rows_per_cta=bm,
+        per_unit=dict(instr_per_kh=c_kh, instr_per_group=c_grp, instr_per_pair=c_pair, stage_per_vector=c_stage,
+                      instr_per_hmma=c_kh / (2 * sites_static)),
         mma_usefulness=useful / max(b["total_macs"], 1)))
 
 
@@ -732,8 +775,8 @@ def _model_grad_weight_fast(f: Dict, layer: Layer, dtype: str, m: Machine, sms: 
 def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str, m: Machine = H100,
                   sms: int = None) -> Optional[Dict]:
     """The kernel the CUDA launchers route (layer, pass, dtype) to by default: fp16/bf16 forward and
-    stride-1 grad_input -> toeplitz_mma_kernel (K <= 64; <1,2> = 16x16 tile when toeplitz_small_tile,
-    else <4,8> = 64x64), fp32 -> fp32_rb_kernel (K <= 64; 56x56 or 28x28x2 tile by fp32_rb_small_tile;
+    stride-1 grad_input -> toeplitz_mma_kernel (K <= 64; <NB, DG> of toeplitz_mma_config: NB = 2 16-column
+    blocks for Wo <= 32, else 4), fp32 -> fp32_rb_kernel (K <= 64; 56x56 or 28x28x2 tile by fp32_rb_small_tile;
     fp32_blocked_kernel above); grad_weight (stride 1, K <= 64, 48 KB smem) ->
     grad_weight_tc_kernel / grad_weight_ffma_kernel.  None when the default kernel is not compiled."""
     sms = sms or m.sms
@@ -759,12 +802,11 @@ def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str,
             return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)
         if layer.K > 64:
             return model_cuda(kfacts, layer, pass_, dtype, m, sms)
-        small = toeplitz_small_tile(layer.H, layer.H)
-        w, nt = (1, 2) if small else (4, 8)
-        f = find("tc_toeplitz_mma", (w, nt))
+        nb, dg = toeplitz_mma_config(layer.H, layer.K, layer.K // 2)
+        f = find("tc_toeplitz_mma", (nb, dg))
         if f is None:
             return None
-        r = _model_toeplitz_mma(f, layer, kd, w, nt, m, sms)
+        r = _model_toeplitz_mma(f, layer, kd, nb, dg, m, sms)
     else:
         tc = kd != "fp32"
         if layer.K > 64 or gwt_layout_bytes(layer.K, 2 if tc else 4, tc) > 48 * 1024:

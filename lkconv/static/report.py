@@ -94,7 +94,7 @@ def kernel_rows(data: Dict) -> List[Dict]:
     rows = []
     for a, kf in data["cuda"].items():
         for sym, f in sorted(kf.items(), key=lambda kv: kv[1]["name"]):
-            thr = {"tc_toeplitz": 32 * (f["template"] or (1, 1))[0], "tc_toeplitz_mma": 32 * (f["template"] or (1, 1))[0],
+            thr = {"tc_toeplitz": 32 * (f["template"] or (1, 1))[0], "tc_toeplitz_mma": 128,
                    "grad_weight_tc": 128, "grad_weight_ffma": 128}.get(f["role"], 256)
             occ = M.occupancy(f["regs"] or 0, thr, 0)
             rows.append(dict(backend="cuda", arch=f"sm_{a}", kernel=f["name"], config="", dtype=f["dtype"],
@@ -320,8 +320,8 @@ MODEL_NOTES = """\
 ## How the default kernels are modelled (all modelled; assumptions)
 
 * **Routing** follows the launchers for the layer set (stride 1, K <= 64): CUDA fp16/bf16 forward and
-  grad_input -> `toeplitz_mma_kernel` (`<4,8>` = 64x64 tile at 56², `<1,2>` = 16x16 below, the
-  `toeplitz_small_tile` rule); fp32 -> `fp32_rb_kernel` (`<7,7,8,1,4,8>` = 56x56x4 planes at 56²,
+  grad_input -> `toeplitz_mma_kernel` (`<NB,DG>` of `toeplitz_mma_config`: `<4,3>` at 56², `<2,3>` at
+  28²/14², `<2,2>` at 7²); fp32 -> `fp32_rb_kernel` (`<7,7,8,1,4,8>` = 56x56x4 planes at 56²,
   `<7,7,4,2,4,2>` = 28x28x4 below, the `fp32_rb_small_tile` rule); grad_weight -> `grad_weight_tc_kernel`
   (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA has no TF32 path), split count of
   `grad_weight_splits`.  Triton (`ops.ALIGNED = True`): `dwconv_forward_aligned_kernel` (forward and
@@ -329,11 +329,15 @@ MODEL_NOTES = """\
   the list the shipped prune keeps (the autotuner keeps the fastest measured one); `triton_default_*`
   in model.csv is the non-autotuned default config.  "fallback" columns: `toeplitz_wmma_kernel` (now
   only K > 64) and `grad_weight_partial_kernel`, and the unaligned Triton kernels (`ops.ALIGNED = False`).
-* **toeplitz_mma_kernel**: per CTA the x rows are staged (cp.async vectors of `vec_x` elements:
-  8 / 4 / 2 / 1 at 56² / 28² / 14² / 7², from the row stride) plus the filter rows and their shifted
-  copy; per warp and (kernel row, 16-column chunk) the SASS loop body per ldmatrix (measured-static),
-  HMMA.16816 = 2048 MACs for in-band 8-column blocks only (the band test is predicated: every block
-  issues), 4 wavefronts per ldmatrix.x4 and 1 per 32-bit B load (conflict-free assumed).
+* **toeplitz_mma_kernel** (image-rows tiling: the mma's n8 = 8 images at one output row, m16 = 16 output
+  columns, k16 = 16 input columns; CTA = 8 images x `bm` rows x 16*NB columns, `bm` of
+  `toeplitz_mma_rows` with the H100 opt-in limit): per CTA the needed input rows of its images are
+  staged (cp.async vectors of `vec_x` elements: 8 / 4 / 2 / 1 at 56² / 28² / 14² / 7²), the zero row,
+  the filter rows and their shifted copy; per warp and output-row pair the pair loop's own SASS (the
+  epilogue, both store paths: upper bound), per Toeplitz-offset group the group loop's, and per kernel row
+  of the pair's range the hot-loop body (measured-static; all chunk blocks issue, predicated), HMMA.16816 =
+  2048 MACs only for chunks that meet the image columns (ASSUMED: a predicated-off HMMA takes no tensor
+  time), 4 wavefronts per live ldmatrix.x4 and 1 per 32-bit A word (conflict-free: odd image pitch).
 * **grad_weight_tc / grad_weight_ffma**: per CTA (c, split) its staged batches of <= 16 rows (never
   across an image), one 64-column window; per warp its rows i = wr (mod 4), per row nq 16-column
   chunks (tc: the `<MB,NB>` variant's unrolled body per chunk; ffma: the 256-FFMA body per 8 columns)
