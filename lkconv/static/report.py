@@ -121,7 +121,8 @@ def kernel_rows(data: Dict) -> List[Dict]:
 
 
 def _short(name: str) -> str:
-    for junk in ("void lkconv::", "lkconv::", "(lkconv::ConvArgs, int)", "(lkconv::ConvArgs)",
+    for junk in ("void lkconv::", "lkconv::", "(lkconv::ConvArgs, lkconv::SpPlan, int)", "(lkconv::ConvArgs, lkconv::SpPlan)",
+                 "(lkconv::GradWeightArgs, lkconv::SpPlan, int, int)", "(lkconv::ConvArgs, int)", "(lkconv::ConvArgs)",
                  "(lkconv::GradWeightArgs)", "(lkconv::WgradArgs)"):
         name = name.replace(junk, "")
     return name
