@@ -227,7 +227,9 @@ __device__ __noinline__ T sp_gather(const T* src, int pix, int pw, int64_t s2, i
 // stage `rows` batch rows of a plane into S[m * pitch + j], j in [0, width): pixel pix0 + j for j < cnt and
 // m < rows_valid, zero elsewhere.  ve > 1: cp.async of ve elements (flat contiguous plane, aligned; the
 // host checked); else element loads (flat: offset = pixel; else (pixel / pw, pixel % pw) by strides s2, s3).
-template <typename T>
+// SPLIT: the flat element path in a loop of its own (the forward kernels keep one loop: a separate one makes
+// ptxas spill there, measured-static).
+template <typename T, bool SPLIT = false>
 __device__ __forceinline__ void sp_stage(T* S, int pitch, int width, const T* base, int64_t s_row, int rows,
                                          int rows_valid, int pix0, int cnt, bool flat, int pw, int64_t s2,
                                          int64_t s3, int ve) {
@@ -243,6 +245,10 @@ __device__ __forceinline__ void sp_stage(T* S, int pitch, int width, const T* ba
         n = n < 0 ? 0 : (n > ve ? ve : n);
         cp_async_zfill(dst + j, n ? src + pix0 + j : base, ve * (int)sizeof(T), n * (int)sizeof(T));
       }
+    } else if (SPLIT && flat) {  // the flat plane's own loop (grad_weight kernels: no call in it)
+      const T* sp = src + pix0;
+      const int c = rv ? cnt : 0;
+      for (int j = lane; j < width; j += 32) dst[j] = j < c ? sp[j] : zero;
     } else {
       for (int j = lane; j < width; j += 32) {
         T v = zero;
@@ -660,9 +666,9 @@ __global__ void __launch_bounds__(SP_THREADS) small_plane_gw_mma_kernel(GradWeig
   for (int64_t ch = ch0; ch < ch1; ++ch) {
     const int64_t n0 = ch * SP_MB_TC;
     const int rows_valid = a.N - n0 < SP_MB_TC ? (int)(a.N - n0) : SP_MB_TC;
-    sp_stage<T>(Xs, L.xp, L.grows, xg + n0 * a.xs[0] + c * a.xs[1], a.xs[0], SP_MB_TC, rows_valid, 0, pl.P, xflat, W,
+    sp_stage<T, true>(Xs, L.xp, L.grows, xg + n0 * a.xs[0] + c * a.xs[1], a.xs[0], SP_MB_TC, rows_valid, 0, pl.P, xflat, W,
                 a.xs[2], a.xs[3], vec_x);
-    sp_stage<T>(Ys, L.yp, round_up_i(pl.QB, 16), gg + n0 * a.gs[0] + c * a.gs[1], a.gs[0], SP_MB_TC, rows_valid, q0,
+    sp_stage<T, true>(Ys, L.yp, round_up_i(pl.QB, 16), gg + n0 * a.gs[0] + c * a.gs[1], a.gs[0], SP_MB_TC, rows_valid, q0,
                 qn, gflat, Wo, a.gs[2], a.gs[3], vec_g);
     cp_async_wait_all();
     __syncthreads();
@@ -708,9 +714,9 @@ __global__ void __launch_bounds__(SP_THREADS) small_plane_gw_ffma_kernel(GradWei
   for (int64_t ch = ch0; ch < ch1; ++ch) {
     const int64_t n0 = ch * SP_MB_F32;
     const int rows_valid = a.N - n0 < SP_MB_F32 ? (int)(a.N - n0) : SP_MB_F32;
-    sp_stage<float>(Xs, L.xp, L.grows, xg + n0 * a.xs[0] + c * a.xs[1], a.xs[0], SP_MB_F32, rows_valid, 0, pl.P,
+    sp_stage<float, true>(Xs, L.xp, L.grows, xg + n0 * a.xs[0] + c * a.xs[1], a.xs[0], SP_MB_F32, rows_valid, 0, pl.P,
                     xflat, W, a.xs[2], a.xs[3], vec_x);
-    sp_stage<float>(Ys, L.yp, L.yp, gg + n0 * a.gs[0] + c * a.gs[1], a.gs[0], SP_MB_F32, rows_valid, q0, qn, gflat,
+    sp_stage<float, true>(Ys, L.yp, L.yp, gg + n0 * a.gs[0] + c * a.gs[1], a.gs[0], SP_MB_F32, rows_valid, q0, qn, gflat,
                     Wo, a.gs[2], a.gs[3], vec_g);
     cp_async_wait_all();
     __syncthreads();

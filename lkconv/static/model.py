@@ -906,9 +906,10 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
         item = _parent(f, full)
         c_item = _own(item)
         vloop = _sp_loops(f, need=("cp_async",))
+        # element staging: the flat-plane loop (the leanest of the element loops; the strided gather has its own)
         sloop = [lp for lp in _sp_loops(f, need=("ldg", "sts"), forbid=("cp_async",)) if lp["depth"] >= 2]
         c_vec = vloop[0]["mix"]["total"] / vloop[0]["mix"]["cp_async"] if vloop else 25.0
-        c_sc = sloop[0]["mix"]["total"] / sloop[0]["mix"]["sts"] if sloop else 10.0
+        c_sc = min((lp["mix"]["total"] / lp["mix"]["sts"] for lp in sloop), default=10.0)
         ve = 1
         for nbytes in (16, 8, 4):                            # sp_vec: plane stride H*H and image stride C*H*H
             e = nbytes // 2
@@ -1000,7 +1001,7 @@ def _model_small_plane_gw(f: Dict, layer: Layer, dtype: str, m: Machine, sms: in
     vl = _sp_loops(f, need=("cp_async",))
     c_vec = float(np.mean([lp["mix"]["total"] / lp["mix"]["cp_async"] for lp in vl])) if vl else 25.0
     sl = [lp for lp in _sp_loops(f, need=("ldg", "sts"), forbid=("cp_async",)) if lp["depth"] >= 2]
-    c_sc = float(np.mean([lp["mix"]["total"] / lp["mix"]["sts"] for lp in sl])) if sl else 10.0
+    c_sc = min((lp["mix"]["total"] / lp["mix"]["sts"] for lp in sl), default=10.0)  # the flat-plane loop
     ve = 1
     for nbytes in (16, 8, 4):
         e = nbytes // esz

@@ -273,7 +273,16 @@ def build_report(data: Dict) -> Dict:
 MODEL_NOTES = """\
 ## How the default kernels are modelled (all modelled; assumptions)
 
-* **Routing** follows the launchers for the layer set (stride 1, K <= 64): CUDA fp16/bf16 forward and
+* **Small planes** (14², 7²: both planes <= 256 pixels, `sp_rule`): every CUDA pass runs the batch-as-rows
+  kernels (`small_plane_mma_kernel` / `small_plane_ffma_kernel`, `small_plane_gw_mma_kernel` /
+  `small_plane_gw_ffma_kernel`): per CTA (channel, pixel block, batch group) of the launcher's plan the filter
+  staging, the F_c zero-fill and scatter (per warp its slowest lane's kernel-row trips and word/element
+  copies; the dearer of the two build instantiations' loop bodies), per batch chunk the staging (per
+  vector or element), per warp item the K-loop body per 16-wide step (full items: the conditional-free
+  loop; partial items: the checked loop and twice the item body, for the out-of-line call), HMMA.16816 =
+  2048 MACs for live tiles, 4 wavefronts per ldmatrix.x4; grad_weight adds the tap sums (per warp and
+  round of 32 taps its slowest lane's rows and pairs) and the fp32 partials (write + read) to HBM.
+* **Routing** follows the launchers for the layer set (stride 1, K <= 64); above 256 pixels: CUDA fp16/bf16 forward and
   grad_input -> `toeplitz_mma_kernel` (`<4,8>` = 64x64 tile at 56², `<1,2>` = 16x16 below, the
   `toeplitz_small_tile` rule); fp32 -> `fp32_blocked_kernel`; grad_weight -> `grad_weight_tc_kernel`
   (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA has no TF32 path), split count of
