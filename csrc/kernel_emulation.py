@@ -5,7 +5,8 @@ toeplitz_wmma_kernel and fp32_blocked_kernel in dwconv_forward.cu (same tile con
 skip conditions, Toeplitz blocks, sliding window), grad_weight_partial_kernel +
 grad_weight_reduce_kernel in dwconv_grad_weight.cu (split/lane decomposition, incremental position
 walk) and the staged grad_weight kernels there (grad_weight_tc_kernel down to the per-lane ldmatrix
-addresses and mma.sync fragment layouts, grad_weight_ffma_kernel's register block and window).  tests/test_backend_cuda.py runs them on tiny shapes against F.conv2d: they check the index
+addresses and mma.sync fragment layouts, grad_weight_ffma_kernel's register block and window), and the small-plane kernels of dwconv_small_plane.cu
+(section "small planes"; tests/test_small_plane.py).  tests/test_backend_cuda.py runs them on tiny shapes against F.conv2d: they check the index
 math, not the CUDA code generation.  A change to a kernel's tiling is mirrored here.
 """
 import torch
