@@ -23,6 +23,7 @@
 #include "dwconv_launch.h"
 #include "dwconv_convert.cuh"
 #include "dwconv_mma.cuh"
+#include "dwconv_small_plane.h"
 
 namespace lkconv {
 
@@ -667,6 +668,8 @@ bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
 
 void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream) {
   if (a.N * a.C * a.Ho * a.Wo == 0) return;
+  // both planes <= 256 pixels: the batch-as-rows GEMM (dwconv_small_plane.cu), every dtype and geometry
+  if (!force_generic && try_small_plane_forward(a, false, stream)) return;
   switch (a.dtype) {
     case DType::kFloat32:
       // register-blocked fp32_rb_kernel (dwconv_forward_fp32.cu); fp32_blocked_kernel where it does not apply
@@ -685,7 +688,10 @@ void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream) 
   TORCH_CHECK(false, "lkconv_cuda: unsupported dtype code ", (int)a.dtype, " (float32, float16, bfloat16 only)");
 }
 
-void launch_grad_input_strided(const ConvArgs& a, cudaStream_t stream) {
+void launch_grad_input_strided(const ConvArgs& a, bool force_generic, cudaStream_t stream) {
+  if (a.N * a.C * a.H * a.W == 0) return;
+  // small planes: dX = dY . F_c^T (dwconv_small_plane.cu)
+  if (!force_generic && try_small_plane_forward(a, true, stream)) return;
   switch (a.dtype) {
     case DType::kFloat32: launch_grad_input_strided_t<float>(a, stream); return;
     case DType::kFloat16: launch_grad_input_strided_t<__half>(a, stream); return;

@@ -37,6 +37,7 @@
 #include "dwconv_launch.h"
 #include "dwconv_convert.cuh"
 #include "dwconv_mma.cuh"
+#include "dwconv_small_plane.h"
 
 namespace lkconv {
 
@@ -444,6 +445,10 @@ bool grad_weight_fast(const GradWeightArgs& a) {
 }
 
 int64_t grad_weight_splits(const GradWeightArgs& a, bool force_generic) {
+  if (!force_generic) {  // small planes: the batch-as-rows kernel's pixel blocks x batch groups
+    const int64_t s = small_plane_grad_weight_splits(a);
+    if (s > 0) return s;
+  }
   if (!force_generic && grad_weight_fast(a)) {
     // rows of (n, oh) per split >= 64 (4 staged batches), at most ~1024 CTAs in all, at most 1024 splits
     int64_t s = ceil_div(a.N * a.Ho, 64);
@@ -474,7 +479,9 @@ void launch_grad_weight_t(const GradWeightArgs& a, bool force_generic, cudaStrea
               "lkconv_cuda: grad_weight workspace split count does not match grad_weight_splits");
   if (a.N * a.Ho * a.Wo > 0) {
     const dim3 grid((unsigned)a.C, (unsigned)a.splits);
-    if (!force_generic && grad_weight_fast(a)) {
+    if (!force_generic && small_plane_grad_weight_splits(a) > 0) {
+      launch_small_plane_grad_weight(a, stream);
+    } else if (!force_generic && grad_weight_fast(a)) {
       const bool tc = a.dtype != DType::kFloat32;
       const size_t smem = (size_t)gwt_layout((int)a.KH, (int)a.KW, (int)sizeof(T), tc).bytes;  // <= 48 KB
       if constexpr (std::is_same<T, float>::value) {

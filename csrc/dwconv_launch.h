@@ -14,10 +14,11 @@ void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream);
 // (dwconv_forward_fp32.cu); false when it does not apply (the caller falls back)
 bool try_fp32_rb(const ConvArgs& a, cudaStream_t stream);
 
-// grad_input for stride > 1 (any dilation): direct gather kernel.
+// grad_input for stride > 1 (any dilation): the small-plane GEMM where it applies, else a direct gather kernel
+// (force_generic: the gather kernel only).
 //   a.x = grad_out (N, C, Ho, Wo) with strides a.xs, a.y = grad_input (N, C, H, W) with a.ys,
 //   a.Ho/a.Wo = grad_out spatial size, a.H/a.W = grad_input spatial size; pt/pl/sh/sw/dil_h/dil_w as in forward.
-void launch_grad_input_strided(const ConvArgs& a, cudaStream_t stream);
+void launch_grad_input_strided(const ConvArgs& a, bool force_generic, cudaStream_t stream);
 
 // grad_weight: split reduction into a.partial, then a deterministic ordered reduction into a.grad_w.
 // force_generic: grad_weight_partial_kernel only (else the staged fast kernels where they apply).

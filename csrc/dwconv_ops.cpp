@@ -199,7 +199,7 @@ at::Tensor dwconv_grad_input(const at::Tensor& grad_out, const at::Tensor& weigh
     a.w = w.data_ptr();
     a.H = H; a.W = W; a.Ho = Ho; a.Wo = Wo;
     a.sh = g.sh; a.sw = g.sw; a.pt = g.pt; a.pl = g.pl;
-    launch_grad_input_strided(a, stream);
+    launch_grad_input_strided(a, algo == 1, stream);
   }
   return gx;
 }
@@ -241,6 +241,7 @@ at::Tensor dwconv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, a
   set_strides(a.gs, grad_out);
   a.dtype = dt;
   a.sm_major = at::cuda::getDeviceProperties(x.device().index())->major;
+  a.max_smem_optin = (int)at::cuda::getDeviceProperties(x.device().index())->sharedMemPerBlockOptin;
   fill_grad_weight_vectors(a);
   const int64_t splits = N > 0 ? grad_weight_splits(a, algo == 1) : 1;
   at::Tensor partial = poisoned(at::empty({splits, C, KH * KW}, x.options().dtype(at::kFloat)));

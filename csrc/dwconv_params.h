@@ -52,6 +52,7 @@ struct GradWeightArgs {
   DType dtype = DType::kFloat32;
   int sm_major = 0;          // compute capability major of the device
   int vec_x = 1, vec_g = 1;  // cp.async vector widths in elements for x / g staging (1 = scalar loads)
+  int max_smem_optin = 0;    // cudaDevAttrMaxSharedMemoryPerBlockOptin (the small-plane kernels' budget)
 };
 
 }  // namespace lkconv

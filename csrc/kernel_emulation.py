@@ -5,7 +5,8 @@ toeplitz_wmma_kernel and fp32_blocked_kernel in dwconv_forward.cu (same tile con
 skip conditions, Toeplitz blocks, sliding window), grad_weight_partial_kernel +
 grad_weight_reduce_kernel in dwconv_grad_weight.cu (split/lane decomposition, incremental position
 walk) and the staged grad_weight kernels there (grad_weight_tc_kernel down to the per-lane ldmatrix
-addresses and mma.sync fragment layouts, grad_weight_ffma_kernel's register block and window).  tests/test_backend_cuda.py runs them on tiny shapes against F.conv2d: they check the index
+addresses and mma.sync fragment layouts, grad_weight_ffma_kernel's register block and window), and the small-plane kernels of dwconv_small_plane.cu
+(section "small planes"; tests/test_small_plane.py).  tests/test_backend_cuda.py runs them on tiny shapes against F.conv2d: they check the index
 math, not the CUDA code generation.  A change to a kernel's tiling is mirrored here.
 """
 import torch
@@ -794,3 +795,422 @@ def emulate_fp32_rb(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1):
                                         assert np.isnan(y[n, c, oh, ow])  # each output written once
                                         y[n, c, oh, ow] = acc[lane, i, jj] + b
     return torch.from_numpy(y)
+
+
+# ------------------------------------------------------------------------------------------------
+# small planes (dwconv_small_plane.cu): the batch-as-rows GEMM per channel.  small_plane_mma_kernel /
+# small_plane_ffma_kernel (forward; TRANS = grad_input as dY . F_c^T), small_plane_gw_mma_kernel /
+# small_plane_gw_ffma_kernel (grad_weight: G = X^T dY, tap sums per split) + grad_weight_reduce_kernel.
+# ------------------------------------------------------------------------------------------------
+SP_THREADS, SP_WARPS, SP_MB_TC, SP_MB_F32 = 256, 8, 64, 32
+SP_XP_F32 = SP_MB_F32 + 4
+SP_MAX_PIX, SP_MAX_TAPS, SP_SMEM_BUDGET = 256, 4096, 112 * 1024
+SP_MAX_GEOM, SP_MAX_PAD = 1024, 65536
+
+
+def sp_rule(tc, sm_major, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl):  # transcription of sp_rule()
+    if tc and sm_major < 8:
+        return False
+    if N < 1 or C < 1 or C > 2147483647:
+        return False
+    if H * W > SP_MAX_PIX or Ho * Wo > SP_MAX_PIX or min(H, W, Ho, Wo) < 1:
+        return False
+    if KH * KW > SP_MAX_TAPS or max(sh, sw, dh, dw) > SP_MAX_GEOM or max(abs(pt), abs(pl)) > SP_MAX_PAD:
+        return False
+    return min(KH, H) * min(KW, W) * 8 >= H * W
+
+
+def sp_layout_tc(P, QB, taps):  # sp_layout_tc(): element pitches, byte offsets
+    kp = round_up(P, 16)
+    pitch = kp + 8
+    qr = round_up(QB, 16)
+    bs_off = SP_MB_TC * pitch * 2
+    fs_off = bs_off + qr * pitch * 2
+    return dict(kp=kp, pitch=pitch, qr=qr, bs_off=bs_off, fs_off=fs_off, bytes=fs_off + 2 * round_up(taps * 2, 16))
+
+
+def sp_layout_f32(P, QB, taps):  # sp_layout_f32()
+    qr = round_up(QB, 8)
+    bs_off = P * SP_XP_F32 * 4
+    fs_off = bs_off + P * qr * 4
+    return dict(kp=P, pitch=SP_XP_F32, qr=qr, bs_off=bs_off, fs_off=fs_off, bytes=fs_off + round_up(taps * 4, 16))
+
+
+def sp_gw_layout(P, QB, tc):  # sp_gw_layout()
+    if tc:
+        grows = round_up(P, 16)
+        xp, yp, gp = grows + 8, round_up(QB, 16) + 8, round_up(QB, 16) + 8
+        ys_off = SP_MB_TC * xp * 2
+        gs_off = round_up(ys_off + SP_MB_TC * yp * 2, 16)
+    else:
+        grows = round_up(P, 4)
+        xp, yp = grows, round_up(QB, 8)
+        gp = yp
+        ys_off = SP_MB_F32 * xp * 4
+        gs_off = ys_off + SP_MB_F32 * yp * 4
+    return dict(grows=grows, xp=xp, yp=yp, gp=gp, ys_off=ys_off, gs_off=gs_off, bytes=gs_off + grows * gp * 4)
+
+
+def sp_bytes(kind, P, QB, taps):
+    return [lambda: sp_layout_tc(P, QB, taps), lambda: sp_layout_f32(P, QB, taps),
+            lambda: sp_gw_layout(P, QB, True), lambda: sp_gw_layout(P, QB, False)][kind]()["bytes"]
+
+
+def sp_make_plan(kind, P, Q, taps, N, C, max_smem_optin, target_ctas=512):
+    """sp_make_plan(): kind 0/1 = 16-bit/fp32 forward, 2/3 = 16-bit/fp32 grad_weight; None if nothing fits."""
+    budget = min(max_smem_optin, SP_SMEM_BUDGET)
+    mb = SP_MB_TC if kind in (0, 2) else SP_MB_F32
+    for s in range(1, 33):
+        QB = round_up(ceil_div(Q, s), 8)
+        nbytes = sp_bytes(kind, P, QB, taps)
+        if nbytes > budget:
+            continue
+        qsplits = ceil_div(Q, QB)
+        nchunks = ceil_div(N, mb)
+        bg = ceil_div(target_ctas, C * qsplits)
+        bg = max(min(bg, nchunks, 1024 // qsplits), 1)
+        cpg = ceil_div(nchunks, bg)
+        return dict(P=P, Q=Q, QB=QB, qsplits=qsplits, bgroups=ceil_div(nchunks, cpg), cpg=cpg, nchunks=nchunks,
+                    bytes=nbytes)
+    return None
+
+
+def _sp_build_fc(B, b_off, sn, sk, f, geo, trans, q0, qn, pairs=False):
+    """sp_build_fc(): thread t -> (pixel qi = t mod nq, kernel-row group t / nq of ceil(KH / kg) rows), the
+    kw range per pixel, the kh range per group (clipped to the image when dil_h == 1), one run of taps per
+    kernel row; pairs: the 32-bit word copy (an odd leading element alone, words from Fs or the shifted Fo, an
+    odd trailing element alone).  Writes B[b_off + nidx * sn + kidx * sk] = f[kh, kw] (B zero-filled before)."""
+    H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl = geo
+    nq = Ho * Wo if trans else qn
+    qs = 0 if trans else q0
+    assert nq <= SP_THREADS
+    kg = SP_THREADS // nq
+    khper = ceil_div(KH, kg)
+    fl = f.reshape(-1)
+    fl_list = [float(v) for v in fl]
+    fo = fl_list[1:] + [0.0]  # Fo[i] = Fs[i + 1], 0 at the end
+    for t in range(nq * kg):  # threads beyond nq * kg return at once
+        g, qi = divmod(t, nq)
+        q = qs + qi
+        oh, ow = divmod(q, Wo)
+        iw0 = ow * sw - pl
+        if dw == 1:
+            kw_lo, kw_hi = max(-iw0, 0), W - iw0
+        else:  # sp_kw_range_dilated()
+            kw_lo = ceil_div(-iw0, dw) if iw0 < 0 else 0
+            kw_hi = 0 if W - 1 - iw0 < 0 else (W - 1 - iw0) // dw + 1
+        kw_hi = min(kw_hi, KW)
+        if kw_lo >= kw_hi:
+            continue
+        kh_lo, kh_hi = g * khper, min(g * khper + khper, KH)
+        ih0 = oh * sh - pt
+        if dh == 1:
+            kh_lo, kh_hi = max(-ih0, kh_lo), min(H - ih0, kh_hi)
+        for kh in range(kh_lo, kh_hi):
+            ih = ih0 + kh * dh
+            if dh != 1 and not 0 <= ih < H:
+                continue
+            assert 0 <= ih < H
+            pbase = ih * W + iw0
+            if not trans:
+                assert sk == 1 or not pairs
+                if pairs:
+                    d = b_off + qi * sn + pbase + kw_lo
+                    n = kw_hi - kw_lo
+                    i = 0
+                    if d % 2:  # (B's base is 16-byte aligned: the element index's parity is the address's)
+                        B[d] = float(fl[kh * KW + kw_lo])
+                        i = 1
+                    s0 = kh * KW + kw_lo + i
+                    src, base = (fo, s0 - 1) if s0 % 2 else (fl_list, s0)  # an even (word-aligned) index either way
+                    assert base % 2 == 0
+                    for k in range((n - i) // 2):
+                        assert (d + i + 2 * k) % 2 == 0
+                        B[d + i + 2 * k] = src[base + 2 * k]
+                        B[d + i + 2 * k + 1] = src[base + 2 * k + 1]
+                    if (n - i) % 2:
+                        B[d + n - 1] = float(fl[kh * KW + kw_hi - 1])
+                    for kw in range(kw_lo, kw_hi):
+                        assert 0 <= iw0 + kw < W
+                else:
+                    for kw in range(kw_lo, kw_hi):
+                        p = pbase + kw * dw
+                        assert 0 <= iw0 + kw * dw < W and 0 <= p < H * W
+                        B[b_off + qi * sn + p * sk] = float(f[kh, kw])
+            else:
+                if dw == 1:
+                    lo, hi = max(q0 - pbase, kw_lo), min(q0 + qn - pbase, kw_hi)
+                else:  # sp_kw_clip_dilated()
+                    lo = max((q0 - pbase + dw - 1) // dw, kw_lo)
+                    hi = min((q0 + qn - 1 - pbase) // dw + 1, kw_hi)
+                for kw in range(lo, hi):
+                    p = pbase + kw * dw
+                    assert q0 <= p < q0 + qn and 0 <= iw0 + kw * dw < W
+                    B[b_off + q * sk + (p - q0) * sn] = float(f[kh, kw])
+
+
+def _sp_stage(S, s_off, pitch, width, plane, rows, rows_valid, pix0, cnt, ve):
+    """sp_stage(): rows of a flattened plane tensor plane[m, pixel] (m = batch row of the chunk)."""
+    for m in range(rows):
+        rv = m < rows_valid
+        if ve > 1:
+            for j in range(0, width, ve):
+                n = min(max(cnt - j, 0), ve) if rv else 0
+                for k in range(ve):
+                    S[s_off + m * pitch + j + k] = float(plane[m, pix0 + j + k]) if k < n else 0.0
+        else:
+            for j in range(width):
+                S[s_off + m * pitch + j] = float(plane[m, pix0 + j]) if (rv and j < cnt) else 0.0
+
+
+def _ldmatrix_x4_trans(smem, lane_addr):
+    """ldmatrix.m8n8.x4.trans.b16: lane l gives the address of row l % 8 of matrix l // 8; lane T receives,
+    from each matrix, the elements (row 2 (T % 4), column T / 4) and (row 2 (T % 4) + 1, column T / 4)."""
+    return [[(smem[lane_addr[8 * mi + 2 * (T % 4)] + T // 4], smem[lane_addr[8 * mi + 2 * (T % 4) + 1] + T // 4])
+             for mi in range(4)] for T in range(32)]
+
+
+def _sp_mma_item(smem, abase, a_step, a_m1, bbase, b_step, b_n1, ksteps, mt1, ntv, ldt):
+    """sp_mma_item(): per-lane element addresses in abase / bbase (lists of 32); returns acc[mt][nt][lane][r]."""
+    ld = _ldmatrix_x4_trans if ldt else _ldmatrix_x4
+    acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(4)] for _ in range(2)]
+    for ks in range(ksteps):
+        af = [ld(smem, [a + ks * a_step for a in abase])]
+        af.append(ld(smem, [a + ks * a_step + a_m1 for a in abase]) if mt1 else None)
+        r4 = ld(smem, [b + ks * b_step for b in bbase])
+        bf = [([r[0] for r in r4], [r[1] for r in r4]), ([r[2] for r in r4], [r[3] for r in r4])]
+        if ntv > 2:
+            r4 = ld(smem, [b + ks * b_step + b_n1 for b in bbase])
+            bf += [([r[0] for r in r4], [r[1] for r in r4]), ([r[2] for r in r4], [r[3] for r in r4])]
+        for nt in range(ntv):
+            _mma_m16n8k16(acc[0][nt], af[0], bf[nt][0], bf[nt][1])
+            if mt1:
+                _mma_m16n8k16(acc[1][nt], af[1], bf[nt][0], bf[nt][1])
+    return acc
+
+
+def _sp_planes(xin, trans, geo):
+    """(read plane (kH, kW), written plane (nH, nW)) of the pass, as the kernels name them."""
+    H, W, Ho, Wo = geo[:4]
+    return ((Ho, Wo), (H, W)) if trans else ((H, W), (Ho, Wo))
+
+
+def emulate_small_plane_forward(xin, w, bias, geo, trans, tc, max_smem_optin=227 * 1024, vec_x=1, target_ctas=512):
+    """Transcription of small_plane_mma_kernel (tc) / small_plane_ffma_kernel for every CTA of the launch.
+    geo = (H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl) of the forward convolution; xin = x (N, C, H, W), or
+    for trans (grad_input) grad_out (N, C, Ho, Wo); returns y (N, C, Ho, Wo) or grad_input (N, C, H, W).
+    Shared memory is a flat NaN-initialised array per CTA (a read of anything unwritten shows)."""
+    H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl = geo
+    N, C = xin.shape[:2]
+    (kH, kW), (nH, nW) = _sp_planes(xin, trans, geo)
+    assert tuple(xin.shape[2:]) == (kH, kW)
+    assert sp_rule(tc, 9, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl)
+    P, Q, taps = kH * kW, nH * nW, KH * KW
+    plan = sp_make_plan(0 if tc else 1, P, Q, taps, N, C, max_smem_optin, target_ctas)
+    assert plan is not None
+    QB = plan["QB"]
+    L = sp_layout_tc(P, QB, taps) if tc else sp_layout_f32(P, QB, taps)
+    esz = 2 if tc else 4
+    MB = SP_MB_TC if tc else SP_MB_F32
+    xf = xin.reshape(N, C, P).double()
+    y = torch.full((N, C, Q), float("nan"), dtype=torch.float64)
+    for c in range(C):
+        f = w[c, 0].double()
+        b = 0.0 if bias is None else float(bias[c])
+        for by in range(plan["qsplits"]):
+            q0 = by * QB
+            qn = min(QB, Q - q0)
+            for bz in range(plan["bgroups"]):
+                smem = [float("nan")] * (L["bytes"] // esz)
+                bs = L["bs_off"] // esz
+                nB = L["qr"] * L["pitch"] if tc else P * L["qr"]
+                for e in range(nB):
+                    smem[bs + e] = 0.0
+                if tc:
+                    _sp_build_fc(smem, bs, L["pitch"], 1, f, geo, trans, q0, qn, pairs=not trans and dw == 1)
+                else:
+                    _sp_build_fc(smem, bs, 1, L["qr"], f, geo, trans, q0, qn)
+                ch0 = bz * plan["cpg"]
+                for ch in range(ch0, min(ch0 + plan["cpg"], plan["nchunks"])):
+                    n0 = ch * MB
+                    rv = min(N - n0, MB)
+                    plane = torch.zeros(MB, round_up(max(P, 1), 16) + 16, dtype=torch.float64)
+                    plane[:rv, :P] = xf[n0:n0 + rv, c]
+                    if tc:
+                        _sp_stage(smem, 0, L["pitch"], L["kp"], plane, MB, rv, 0, P, vec_x)
+                        _sp_gemm_tc_forward(smem, L, y, c, n0, rv, q0, qn, b)
+                    else:
+                        for k in range(P):  # Xs[k][m], lanes = rows
+                            for lane in range(32):
+                                smem[k * SP_XP_F32 + lane] = float(plane[lane, k]) if lane < rv else 0.0
+                        _sp_gemm_ffma_forward(smem, L, P, y, c, n0, rv, q0, qn, b)
+    return y.reshape(N, C, nH, nW)
+
+
+def _sp_gemm_tc_forward(smem, L, y, c, n0, rows_valid, q0, qn, bias):
+    pitch = L["pitch"]
+    bs = L["bs_off"] // 2
+    ksteps = L["kp"] // 16
+    nnb = ceil_div(qn, 32)
+    a_lane = [(l & 15) * pitch + (l >> 4) * 8 for l in range(32)]
+    b_lane = [bs + (((l >> 4) << 3) + (l & 7)) * pitch + ((l >> 3) & 1) * 8 for l in range(32)]
+    for warp in range(SP_WARPS):
+        for item in range(warp, 2 * nnb, SP_WARPS):
+            mb, nb = item & 1, item >> 1
+            if mb * 32 >= rows_valid:
+                continue
+            mt1 = mb * 32 + 16 < rows_valid
+            ntv = min(ceil_div(qn - nb * 32, 8), 4)
+            assert all(a % pitch + 16 <= L["kp"] + 8 for a in a_lane)
+            assert (nb * 32 + (32 if ntv > 2 else 16)) <= L["qr"]
+            # sp_fwd_item<T, true> (no bounds checks) when every row and pixel is live (and the pairs aligned)
+            full = rows_valid - mb * 32 >= 32 and qn - nb * 32 >= 32
+            acc = _sp_mma_item(smem, [a + mb * 32 * pitch for a in a_lane], 16, 16 * pitch,
+                               [b_ + nb * 32 * pitch for b_ in b_lane], 16, 16 * pitch, ksteps, mt1, ntv, False)
+            for mt in range(2):
+                for h in range(2):
+                    for lane in range(32):
+                        g4, t4 = lane >> 2, lane & 3
+                        m = mb * 32 + mt * 16 + g4 + 8 * h
+                        if m >= rows_valid:
+                            continue
+                        for nt in range(4):
+                            for e in range(2):
+                                qq = nb * 32 + nt * 8 + 2 * t4 + e
+                                assert not full or (qq < qn and m < rows_valid)
+                                if qq < qn:
+                                    assert nt < ntv and (mt == 0 or mt1)
+                                    y[n0 + m, c, q0 + qq] = acc[mt][nt][lane][2 * h + e] + bias
+
+
+def _sp_gemm_ffma_forward(smem, L, P, y, c, n0, rows_valid, q0, qn, bias):
+    qr = L["qr"]
+    bs = L["bs_off"] // 4
+    for it in range(8 * ceil_div(qn, 8)):  # it = thread (+ 256 * round)
+        mg, qg = it & 7, it >> 3
+        acc = [[0.0] * 8 for _ in range(4)]
+        for k in range(P):
+            xa = [smem[k * SP_XP_F32 + 4 * mg + i] for i in range(4)]
+            ba = [smem[bs + k * qr + 8 * qg + j] for j in range(8)]
+            for i in range(4):
+                for j in range(8):
+                    acc[i][j] += xa[i] * ba[j]
+        for i in range(4):
+            m = 4 * mg + i
+            if m >= rows_valid:
+                continue
+            for j in range(8):
+                if 8 * qg + j < qn:
+                    y[n0 + m, c, q0 + 8 * qg + j] = acc[i][j] + bias
+
+
+def _sp_tap_sums(G, g_off, gp, geo, q0, qn):
+    """sp_tap_sums(): thread = tap; G[p][q - q0] over its pairs in (oh, ow) order (the block's output rows,
+    each row's columns clipped to the block and to the image)."""
+    H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl = geo
+    out = [0.0] * (KH * KW)
+    oh_a, oh_b = q0 // Wo, (q0 + qn - 1) // Wo
+    for t in range(KH * KW):
+        kh, kw = divmod(t, KW)
+        iw0 = kw * dw - pl
+        ow_lo = ceil_div(-iw0, sw) if iw0 < 0 else 0
+        ow_hi = 0 if W - 1 - iw0 < 0 else (W - 1 - iw0) // sw + 1
+        s = 0.0
+        for oh in range(oh_a, oh_b + 1):
+            ih = oh * sh - pt + kh * dh
+            if ih < 0 or ih >= H:
+                continue
+            lo = max(q0 - oh * Wo, ow_lo)
+            hi = min(q0 + qn - oh * Wo, ow_hi, Wo)
+            for ow in range(lo, hi):
+                p, qq = ih * W + iw0 + ow * sw, oh * Wo + ow - q0
+                assert 0 <= p < H * W and 0 <= qq < qn
+                v = G[g_off + p * gp + qq]
+                assert v == v, "G element not computed"
+                s += v
+        out[t] = s
+    return out
+
+
+def emulate_small_plane_grad_weight(x, g, geo, tc, max_smem_optin=227 * 1024, vec_x=1, vec_g=1, target_ctas=512):
+    """Transcription of small_plane_gw_mma_kernel (tc: ldmatrix.trans fragments of X^T and dY, fp32 G in
+    shared memory accumulated over the batch chunks of the group) / small_plane_gw_ffma_kernel (4 x 8 register
+    block), the tap sums per split, then grad_weight_reduce_kernel (splits in order).  Returns (C, 1, KH, KW)."""
+    H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl = geo
+    N, C = x.shape[:2]
+    assert sp_rule(tc, 9, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl)
+    P, Q, taps = H * W, Ho * Wo, KH * KW
+    plan = sp_make_plan(2 if tc else 3, P, Q, taps, N, C, max_smem_optin, target_ctas)
+    assert plan is not None
+    QB, qsplits = plan["QB"], plan["qsplits"]
+    splits = qsplits * plan["bgroups"]
+    L = sp_gw_layout(P, QB, tc)
+    esz = 2 if tc else 4
+    MB = SP_MB_TC if tc else SP_MB_F32
+    xf, gf = x.reshape(N, C, P).double(), g.reshape(N, C, Q).double()
+    partial = torch.full((splits, C, taps), float("nan"), dtype=torch.float64)
+    for c in range(C):
+        for split in range(splits):
+            qs, bg = split % qsplits, split // qsplits
+            q0 = qs * QB
+            qn = min(QB, Q - q0)
+            smem = [float("nan")] * (L["gs_off"] // esz)   # Xs, Ys (elements of T)
+            G = [float("nan")] * (L["grows"] * L["gp"])    # Gs (fp32)
+            ch0 = bg * plan["cpg"]
+            for ch in range(ch0, min(ch0 + plan["cpg"], plan["nchunks"])):
+                n0 = ch * MB
+                rv = min(N - n0, MB)
+                xp_ = torch.zeros(MB, L["grows"] + 16, dtype=torch.float64)
+                xp_[:rv, :P] = xf[n0:n0 + rv, c]
+                gp_ = torch.zeros(MB, Q + 32, dtype=torch.float64)
+                gp_[:rv, :Q] = gf[n0:n0 + rv, c]
+                ys = L["ys_off"] // esz
+                first = ch == ch0
+                if tc:
+                    _sp_stage(smem, 0, L["xp"], L["grows"], xp_, MB, rv, 0, P, vec_x)
+                    _sp_stage(smem, ys, L["yp"], round_up(QB, 16), gp_, MB, rv, q0, qn, vec_g)
+                    ksteps = ceil_div(rv, 16)
+                    nmg, nnb = ceil_div(L["grows"], 32), ceil_div(qn, 32)
+                    a_lane = [((((l >> 4) & 1) * 8 + (l & 7)) * L["xp"] + ((l >> 3) & 1) * 8) for l in range(32)]
+                    b_lane = [ys + ((((l >> 3) & 1) * 8 + (l & 7)) * L["yp"] + ((l >> 4) & 1) * 8) for l in range(32)]
+                    for warp in range(SP_WARPS):
+                        for item in range(warp, nmg * nnb, SP_WARPS):
+                            mb, nb = item % nmg, item // nmg
+                            mt1 = mb * 32 + 16 < P
+                            ntv = min(ceil_div(qn - nb * 32, 8), 4)
+                            acc = _sp_mma_item(smem, [a + mb * 32 for a in a_lane], 16 * L["xp"], 16,
+                                               [b_ + nb * 32 for b_ in b_lane], 16 * L["yp"], 16, ksteps, mt1, ntv,
+                                               True)
+                            for mt in range(2 if mt1 else 1):
+                                for nt in range(ntv):
+                                    for lane in range(32):
+                                        g4, t4 = lane >> 2, lane & 3
+                                        for h in range(2):
+                                            row = mb * 32 + mt * 16 + g4 + 8 * h
+                                            col = nb * 32 + nt * 8 + 2 * t4
+                                            assert row < L["grows"] and col + 1 < L["gp"]
+                                            for e in range(2):
+                                                v = acc[mt][nt][lane][2 * h + e]
+                                                G[row * L["gp"] + col + e] = v if first else G[row * L["gp"] + col + e] + v
+                else:
+                    _sp_stage(smem, 0, L["xp"], L["grows"], xp_, MB, rv, 0, P, vec_x)
+                    _sp_stage(smem, ys, L["yp"], L["yp"], gp_, MB, rv, q0, qn, vec_g)
+                    npg, nqg = L["grows"] // 4, ceil_div(qn, 8)
+                    for it in range(npg * nqg):
+                        pg, qg = it % npg, it // npg
+                        acc = [[0.0] * 8 for _ in range(4)]
+                        for n in range(rv):
+                            xa = [smem[n * L["xp"] + 4 * pg + i] for i in range(4)]
+                            ya = [smem[ys + n * L["yp"] + 8 * qg + j] for j in range(8)]
+                            for i in range(4):
+                                for j in range(8):
+                                    acc[i][j] += xa[i] * ya[j]
+                        for i in range(4):
+                            for j in range(8):
+                                k = (4 * pg + i) * L["gp"] + 8 * qg + j
+                                G[k] = acc[i][j] if first else G[k] + acc[i][j]
+            partial[split, c] = torch.tensor(_sp_tap_sums(G, 0, L["gp"], geo, q0, qn), dtype=torch.float64)
+    out = partial[0].clone()
+    for s in range(1, splits):  # grad_weight_reduce_kernel: the splits in split order
+        out += partial[s]
+    return out.reshape(C, 1, KH, KW)

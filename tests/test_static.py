@@ -48,7 +48,8 @@ def test_cuda_kernels_found_and_no_spills(cuda_facts, arch):
     roles = {f["role"] for f in kf.values()}
     # every kernel of the table is present (a rename without a table update fails here)
     assert {"tc_toeplitz_mma", "tc_toeplitz", "fp32_rb", "fp32_direct", "fallback", "fallback_strided", "grad_weight_tc",
-            "grad_weight_ffma", "grad_weight_partial", "grad_weight_reduce"} <= roles
+            "grad_weight_ffma", "grad_weight_partial", "grad_weight_reduce", "sp_mma", "sp_ffma", "sp_gw_mma",
+            "sp_gw_ffma"} <= roles
     assert all(f["dtype"] is not None for f in kf.values() if f["role"] != "fp32_direct")
     assert all(f["role"] is not None for f in kf.values()), [f["name"] for f in kf.values() if f["role"] is None]
     problems = [p for f in kf.values() for p in checks.spill_problems(f)]
@@ -72,8 +73,10 @@ def test_cuda_shared_memory_fits(cuda_facts, arch):
                 assert r is not None, (layer, p, dt)
                 problems += checks.smem_problems(0, r["dyn_smem"], arch, f"{r['kernel']} at {layer.label}")
                 assert r["dyn_smem"] > 0
-                if p == "grad_weight":  # the fast path's launcher keeps it under the default 48 KB
+                if p == "grad_weight" and "small_plane" not in r["kernel"]:  # the fast path keeps under 48 KB
                     assert r["dyn_smem"] <= 48 * 1024
+                if "small_plane" in r["kernel"]:  # the small-plane launcher's own budget
+                    assert r["dyn_smem"] <= SM.SP_SMEM_BUDGET
             r = SM.model_cuda(kf, layer, "forward", dt)
             problems += checks.smem_problems(0, r["dyn_smem"], arch, f"{r['kernel']} at {layer.label}")
     assert problems == []
@@ -81,22 +84,26 @@ def test_cuda_shared_memory_fits(cuda_facts, arch):
 
 @needs_cuda_tools
 def test_cuda_default_routing_is_the_new_kernels(cuda_facts):
-    """The model follows the launchers: K <= 64 fp16/bf16 -> toeplitz_mma (<NB, DG> = <4, 3> at 56², <2, 3> at
-    28² and 14², <2, 2> at 7²), fp32 -> fp32_rb (56x56x4 tile at 56², 28x28x4 below), grad_weight ->
-    grad_weight_tc / grad_weight_ffma."""
+    """The model follows the launchers: planes <= 256 pixels (14², 7²) -> the small-plane kernels; else
+    K <= 64 fp16/bf16 -> toeplitz_mma (<NB, DG> = <4, 3> at 56², <2, 3> at 28²), fp32 -> fp32_rb (56x56x4 tile
+    at 56², 28x28x4 at 28²), grad_weight -> grad_weight_tc / grad_weight_ffma."""
     kf = cuda_facts[90]
     names = {(l.H, p, dt): SM.model_cuda_v2(kf, l, p, dt)["kernel"] for l in SK.LAYERS
              for p in ("forward", "grad_weight") for dt in ("bf16", "fp32")}
     assert "toeplitz_mma_kernel<__nv_bfloat16, 4, 3>" in names[(56, "forward", "bf16")]
-    assert all("toeplitz_mma_kernel<__nv_bfloat16, 2, 3>" in names[(h, "forward", "bf16")] for h in (28, 14))
-    assert "toeplitz_mma_kernel<__nv_bfloat16, 2, 2>" in names[(7, "forward", "bf16")]
-    assert all("grad_weight_tc_kernel<__nv_bfloat16>" in names[(l.H, "grad_weight", "bf16")] for l in SK.LAYERS)
-    assert all("grad_weight_ffma_kernel" in names[(l.H, "grad_weight", "fp32")] for l in SK.LAYERS)
+    assert "toeplitz_mma_kernel<__nv_bfloat16, 2, 3>" in names[(28, "forward", "bf16")]
+    assert all("grad_weight_tc_kernel<__nv_bfloat16>" in names[(h, "grad_weight", "bf16")] for h in (56, 28))
+    assert all("grad_weight_ffma_kernel" in names[(h, "grad_weight", "fp32")] for h in (56, 28))
     assert "fp32_rb_kernel<7, 7, 8, 1, 4, 8>" in names[(56, "forward", "fp32")]
-    assert all("fp32_rb_kernel<7, 7, 4, 2, 4, 2>" in names[(h, "forward", "fp32")] for h in (28, 14, 7))
+    assert "fp32_rb_kernel<7, 7, 4, 2, 4, 2>" in names[(28, "forward", "fp32")]
+    for h in (14, 7):
+        assert "small_plane_mma_kernel<__nv_bfloat16, false>" in names[(h, "forward", "bf16")]
+        assert "small_plane_ffma_kernel<false>" in names[(h, "forward", "fp32")]
+        assert "small_plane_gw_mma_kernel<__nv_bfloat16>" in names[(h, "grad_weight", "bf16")]
+        assert "small_plane_gw_ffma_kernel" in names[(h, "grad_weight", "fp32")]
 
 
-def _tc_kernels(kf, dtype, roles=("tc_toeplitz_mma", "grad_weight_tc")):
+def _tc_kernels(kf, dtype, roles=("tc_toeplitz_mma", "grad_weight_tc", "sp_mma", "sp_gw_mma")):
     fs = [f for f in kf.values() if f["role"] in roles and f["dtype"] == dtype]
     assert {f["role"] for f in fs} == set(roles), f"missing tensor-core kernels for {dtype}"
     return fs

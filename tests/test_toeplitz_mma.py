@@ -97,7 +97,8 @@ def test_toeplitz_mma_layout_conflict_free():
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU: each launcher configuration (NB, DG) and boundary; the comment names what the H100 launch picks
+# GPU: each launcher configuration (NB, DG) and boundary; the comment names what the H100 launch picks.
+# Every plane has > 256 pixels: smaller ones go to the small-plane kernels (tests/test_small_plane.py).
 # ------------------------------------------------------------------------------------------------
 GPU_CASES = _table(
     Case('nb4_dg3_56_k31_n10', (10, 2, 56, 56), (31, 31), padding=15, bias=True),   # (4, 3), 2 image groups, N % 8 = 2
@@ -106,10 +107,21 @@ GPU_CASES = _table(
     Case('nb4_dg2_40x50_k13_n3', (3, 2, 40, 50), (13, 13), padding=6, bias=True),   # (4, 2), Wo not a multiple of 16
     Case('rows_cols_tiles_k31', (2, 1, 100, 90), (31, 31), padding=15, bias=True),  # bm < Ho, two column tiles
     Case('two_groups_5x51', (3, 2, 28, 30), (5, 51), padding=(2, 25), bias=True),   # nd = 5: two groups of 3
-    Case('asym_odd_k7', (5, 2, 15, 17), (7, 9), padding=(1, 5, 6, 0), bias=True),   # odd Ho, asymmetric padding
-    Case('k31_on_6x40', (9, 1, 6, 40), (31, 31), padding=15, bias=True),            # K > H, zero rows per lane
+    Case('asym_odd_k7', (5, 2, 25, 17), (7, 9), padding=(1, 5, 6, 0), bias=True),   # odd Ho, asymmetric padding
+    Case('k31_on_6x50', (9, 1, 6, 50), (31, 31), padding=15, bias=True),            # K > H, zero rows per lane
 )
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("case", list(GPU_CASES.values()), ids=list(GPU_CASES))
+def test_gpu_cases_reach_toeplitz_mma(case):
+    """The launcher sends planes the small-plane rule accepts to the batch-as-rows kernels first; these GPU
+    cases must not be among them, or they would not test this kernel."""
+    N, C, H, W = case.shape
+    KH, KW = case.k
+    p = normalize_params(case.stride, case.padding, case.dilation, (KH, KW))
+    Ho, Wo = p.out_size(H, W, KH, KW)
+    assert not EMU.sp_rule(True, 9, N, C, H, W, Ho, Wo, KH, KW, *p.stride, *p.dilation, p.padding[0], p.padding[2])
 
 
 def _cuda_skip():

@@ -15,6 +15,10 @@ __all__ = ["KERNEL_TABLE", "ROLE_STATUS", "describe_symbol", "demangle", "Layer"
 
 # (regex on the demangled symbol, backend, passes, role); the first matching row wins
 KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
+    (r"small_plane_mma_kernel", "cuda", "forward,grad_input", "sp_mma"),
+    (r"small_plane_ffma_kernel", "cuda", "forward,grad_input", "sp_ffma"),
+    (r"small_plane_gw_mma_kernel", "cuda", "grad_weight", "sp_gw_mma"),
+    (r"small_plane_gw_ffma_kernel", "cuda", "grad_weight", "sp_gw_ffma"),
     (r"toeplitz_mma_kernel", "cuda", "forward,grad_input", "tc_toeplitz_mma"),
     (r"toeplitz_wmma_kernel", "cuda", "forward,grad_input", "tc_toeplitz"),
     (r"fp32_rb_kernel", "cuda", "forward,grad_input", "fp32_rb"),
@@ -43,6 +47,8 @@ ROLE_STATUS: Dict[str, str] = {
     "tr_grad_weight_aligned": "default", "tr_grad_input_strided": "default (stride > 1)",
     "tc_toeplitz": "fallback", "fallback": "fallback", "fallback_strided": "fallback",
     "grad_weight_partial": "fallback", "tr_conv": "fallback", "tr_grad_weight": "fallback",
+    "sp_mma": "default (planes <= 256 px)", "sp_ffma": "default (planes <= 256 px)",
+    "sp_gw_mma": "default (planes <= 256 px)", "sp_gw_ffma": "default (planes <= 256 px)",
 }
 
 ARCHS = (80, 90)
@@ -79,7 +85,7 @@ def describe_symbol(sym: str) -> Dict:
         dtype = "fp16"
     elif re.search(r"<float\b|\(float|Ifloat|kernelIf", name + sym):
         dtype = "fp32"
-    if dtype is None and role in ("grad_weight_ffma", "fp32_rb"):  # fp32 by construction (no type parameter)
+    if dtype is None and role in ("grad_weight_ffma", "fp32_rb", "sp_ffma", "sp_gw_ffma"):  # fp32 by construction
         dtype = "fp32"
     m = re.search(r"<[^<>]*?,\s*(\d+),\s*(\d+)>", name)
     tmpl = (int(m.group(1)), int(m.group(2))) if m else None

@@ -335,6 +335,9 @@ def model_cuda(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str, m:
     """Model the CUDA backend's kernel for (layer, pass, dtype); kfacts = {symbol: facts} of one arch."""
     sms = sms or m.sms
     kd = "fp32" if dtype in ("fp32", "tf32") else dtype
+    sp = model_small_plane(kfacts, layer, pass_, dtype, m, sms, {v: k for k, v in SM_COUNT.items()}.get(sms, 90))
+    if sp is not None:  # both planes <= 256 pixels: the batch-as-rows kernels (csrc/dwconv_small_plane.cu)
+        return sp
 
     def find(role, tmpl=None):
         for f in kfacts.values():
@@ -781,6 +784,9 @@ def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str,
     grad_weight_tc_kernel / grad_weight_ffma_kernel.  None when the default kernel is not compiled."""
     sms = sms or m.sms
     kd = "fp32" if dtype in ("fp32", "tf32") else dtype
+    sp = model_small_plane(kfacts, layer, pass_, dtype, m, sms, {v: k for k, v in SM_COUNT.items()}.get(sms, 90))
+    if sp is not None:  # both planes <= 256 pixels: the batch-as-rows kernels (csrc/dwconv_small_plane.cu)
+        return sp
 
     def find(role, tmpl=None):
         for f in kfacts.values():
@@ -943,3 +949,349 @@ def _model_fp32_rb(f: Dict, layer: Layer, cfg: str, m: Machine, sms: int) -> Dic
         per_unit=dict(instr_per_chunk=c_v[R], ffma_share_chunk=4 * R * CC / c_v[R], instr_per_row=FRB_ROW_INSTR,
                       stage_per_vector=c_vec),
         ffma_lanes_issued_per_nominal=issued_ffma / useful))
+
+
+# ------------------------------------------------------------------------------------------------
+# small planes (csrc/dwconv_small_plane.cu): the batch-as-rows GEMM per channel
+# ------------------------------------------------------------------------------------------------
+SP_THREADS, SP_WARPS, SP_MB_TC, SP_MB_F32, SP_XP_F32 = 256, 8, 64, 32, 36
+SP_MAX_PIX, SP_MAX_TAPS, SP_SMEM_BUDGET = 256, 4096, 112 * 1024
+#: the opt-in shared memory per block the launcher reads from the device (A100 / H100)
+SMEM_OPTIN = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def sp_applies(layer: Layer, dtype: str) -> bool:
+    """sp_rule() of the launcher for a layer of the set (stride 1, padding K // 2: planes H x H both)."""
+    H, K = layer.H, layer.K
+    return H * H <= SP_MAX_PIX and K * K <= SP_MAX_TAPS and min(K, H) ** 2 * 8 >= H * H
+
+
+def sp_bytes(kind: int, P: int, QB: int, taps: int) -> int:
+    """dynamic shared memory of sp_layout_tc / sp_layout_f32 / sp_gw_layout (kind 0..3 as sp_make_plan)."""
+    if kind == 0:
+        pitch = _round_up(P, 16) + 8
+        return SP_MB_TC * pitch * 2 + _round_up(QB, 16) * pitch * 2 + 2 * _round_up(taps * 2, 16)
+    if kind == 1:
+        return P * SP_XP_F32 * 4 + P * _round_up(QB, 8) * 4 + _round_up(taps * 4, 16)
+    if kind == 2:
+        grows = _round_up(P, 16)
+        ys_off = SP_MB_TC * (grows + 8) * 2
+        gs_off = _round_up(ys_off + SP_MB_TC * (_round_up(QB, 16) + 8) * 2, 16)
+        return gs_off + grows * (_round_up(QB, 16) + 8) * 4
+    grows = _round_up(P, 4)
+    return SP_MB_F32 * grows * 4 + SP_MB_F32 * _round_up(QB, 8) * 4 + grows * _round_up(QB, 8) * 4
+
+
+def sp_plan(kind: int, P: int, Q: int, taps: int, N: int, C: int, optin: int) -> Optional[Dict]:
+    """sp_make_plan(): pixel block QB (fewest blocks that fit min(optin, budget)) and batch groups."""
+    budget = min(optin, SP_SMEM_BUDGET)
+    mb = SP_MB_TC if kind in (0, 2) else SP_MB_F32
+    for s in range(1, 33):
+        QB = _round_up(_ceil(Q, s), 8)
+        nbytes = sp_bytes(kind, P, QB, taps)
+        if nbytes > budget:
+            continue
+        qsplits = _ceil(Q, QB)
+        nchunks = _ceil(N, mb)
+        bg = max(min(_ceil(512, C * qsplits), nchunks, 1024 // qsplits), 1)
+        cpg = _ceil(nchunks, bg)
+        return dict(QB=QB, qsplits=qsplits, bgroups=_ceil(nchunks, cpg), cpg=cpg, nchunks=nchunks, bytes=nbytes)
+    return None
+
+
+def _sp_loops(f: Dict, need=(), forbid=(), depth=None) -> List[Dict]:
+    return [lp for lp in _loops(f) if all(lp["mix"].get(n, 0) for n in need)
+            and not any(lp["mix"].get(n, 0) for n in forbid) and (depth is None or lp["depth"] == depth)]
+
+
+def _own(lp: Optional[Dict]) -> float:
+    return float(lp["mix"]["total"]) if lp else 0.0
+
+
+def _sp_children(f: Dict, lp: Dict) -> List[Dict]:
+    kids = {tuple(c) for c in lp.get("children", [])}
+    return [c for c in _loops(f) if (c["lo"], c["hi"]) in kids]
+
+
+#: straight-line instructions of one sp_build_fc thread before its kernel-row loop (pixel, kw range, kh range):
+#: not a loop, so not in the SASS loop table; an estimate (about 60 SASS instructions in the sm_90 listing)
+SP_BUILD_PROLOGUE = 60.0
+
+
+def _sp_build_cost(f: Dict, H: int, K: int, blocks: List[Tuple[int, int]], pairs: bool) -> List[Tuple[float, float]]:
+    """issue and smem wavefronts of sp_build_fc (forward form, stride 1, dilation 1, padding K // 2) per pixel
+    block [q0, q0 + qn): thread t -> (pixel t mod qn, kernel-row group t / qn); per warp the prologue, then per
+    kernel-row trip of its slowest lane the kh loop's own body and per store the copy loop's body per store.
+    Both instantiations of the build (word copies for dil_w == 1, element copies otherwise) are in the kernel;
+    the dearer body of each loop level is charged."""
+    khl = [lp for lp in _loops(f) if lp["depth"] == 0 and not any(lp["mix"].get(k) for k in ("ldg", "hmma", "cp_async", "ffma", "barrier"))
+           and any(c["mix"].get("lds") and c["mix"].get("sts") for c in _sp_children(f, lp))]
+    c_kh = max((_own(lp) for lp in khl), default=60.0)
+    c_st = max((c["mix"]["total"] / c["mix"]["sts"] for lp in khl for c in _sp_children(f, lp)
+                if c["mix"].get("sts")), default=4.0)
+    p = K // 2
+    out = []
+    for q0, qn in blocks:
+        kg = SP_THREADS // qn
+        khper = _ceil(K, kg)
+        issue = wave = 0.0
+        for w in range(SP_WARPS):
+            tr_max = st_max = 0
+            live = False
+            for t in range(32 * w, 32 * w + 32):
+                if t >= qn * kg:
+                    continue
+                live = True
+                g, qi = divmod(t, qn)
+                oh, ow = divmod(q0 + qi, H)
+                iw0 = ow - p
+                n = max(min(K, H - iw0) - max(-iw0, 0), 0)
+                lo, hi = max(g * khper, p - oh), min(g * khper + khper, K, H + p - oh)
+                trips = max(hi - lo, 0) if n else 0
+                stores = ((n + 1) // 2 + 1) if pairs else n
+                tr_max, st_max = max(tr_max, trips), max(st_max, trips * stores)
+            if live:
+                issue += SP_BUILD_PROLOGUE + tr_max * c_kh + st_max * c_st
+                wave += st_max * 4 + tr_max * 2   # scattered STS (~4-way across the lanes' rows); filter LDS
+        out.append((issue, wave))
+    return out
+
+
+def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, arch: int) -> Dict:
+    """small_plane_mma_kernel<T, false> (fp16/bf16) / small_plane_ffma_kernel<false> (fp32): grid (C, pixel
+    blocks, batch groups), 8 warps.  Per CTA: filter -> smem, zero-fill of the F_c block (16-B STS), the F_c
+    scatter (_sp_build_cost), then per batch chunk the staging (cp.async vectors of the plane or scalar loads),
+    the warp items (32 rows x 32 pixels: the K loop body of the full item per 16-wide step, the item's own
+    body once: zero-init, epilogue) or the FFMA thread items (4 x 8 block, the unrolled k loop)."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    tc = dtype not in ("fp32", "tf32")
+    P = Q = H * H
+    taps = K * K
+    kind = 0 if tc else 1
+    pl = sp_plan(kind, P, Q, taps, N, C, SMEM_OPTIN.get(arch, 227 * 1024))
+    QB, qs, bgroups, cpg = pl["QB"], pl["qsplits"], pl["bgroups"], pl["cpg"]
+    mb = SP_MB_TC if tc else SP_MB_F32
+    blocks = [(b * QB, min(QB, Q - b * QB)) for b in range(qs)]
+    build = _sp_build_cost(f, H, K, blocks, pairs=tc)
+    fil = max(_sp_loops(f, need=("ldg", "sts"), forbid=("cp_async",), depth=0), key=lambda lp: lp["mix"]["sts"])
+    c_fil = fil["mix"]["total"] / fil["mix"]["sts"]
+    zero = max(_sp_loops(f, need=("sts",), forbid=("ldg", "lds", "cp_async"), depth=0), key=lambda lp: lp["mix"]["sts"])
+    c_zero = zero["mix"]["total"] / zero["mix"]["sts"]
+    chunk = max(_sp_loops(f, need=("barrier",), depth=0), key=lambda lp: lp["mix"]["total"])
+    esz = 2 if tc else 4
+    if tc:
+        kl = sorted(_sp_loops(f, need=("hmma", "ldsm")), key=lambda lp: lp["mix"]["total"] / lp["mix"]["hmma"])
+        full, part = kl[0], kl[-1]
+        unroll = full["mix"]["hmma"] / 8                    # 8 HMMA per 16-wide K step of a full item
+        c_k_full = full["mix"]["total"] / unroll
+        c_k_part = part["mix"]["total"] / unroll
+        item = _parent(f, full)
+        c_item = _own(item)
+        vloop = _sp_loops(f, need=("cp_async",))
+        # element staging: the flat-plane loop (the leanest of the element loops; the strided gather has its own)
+        sloop = [lp for lp in _sp_loops(f, need=("ldg", "sts"), forbid=("cp_async",)) if lp["depth"] >= 2]
+        c_vec = vloop[0]["mix"]["total"] / vloop[0]["mix"]["cp_async"] if vloop else 25.0
+        c_sc = min((lp["mix"]["total"] / lp["mix"]["sts"] for lp in sloop), default=10.0)
+        ve = 1
+        for nbytes in (16, 8, 4):                            # sp_vec: plane stride H*H and image stride C*H*H
+            e = nbytes // 2
+            if (H * H) % e == 0:
+                ve = e
+                break
+        kp = _round_up(P, 16)
+        ksteps = kp // 16
+    else:
+        hot = f["hot"]
+        c_k = hot["mix"]["total"] / (hot["mix"]["ffma"] / 32)  # per k of a 4 x 8 thread block
+        item = _parent(f, hot)
+        c_item = _own(item)
+        xl = [lp for lp in _sp_loops(f, need=("ldg", "sts"), forbid=("cp_async",)) if lp["depth"] >= 1]
+        c_x = xl[0]["mix"]["total"] / xl[0]["mix"]["sts"] if xl else 10.0
+    costs = []
+    for bi, (q0, qn) in enumerate(blocks):
+        issue = _ceil(taps, 32) * c_fil
+        nwords = (_round_up(QB, 16) * (_round_up(P, 16) + 8) * 2 // 16) if tc else P * _round_up(QB, 8) // 4
+        issue += _ceil(nwords, 32) * c_zero
+        wave = _ceil(nwords, 32) * 4 + _ceil(taps, 32)
+        issue += build[bi][0]
+        wave += build[bi][1]
+        costs_b = []
+        for bz in range(bgroups):
+            iss, mac, wv = issue, 0.0, wave
+            for ch in range(bz * cpg, min(bz * cpg + cpg, pl["nchunks"])):
+                rv = min(N - ch * mb, mb)
+                iss += SP_WARPS * _own(chunk)                      # chunk loop body, once per warp
+                if tc:
+                    per_row = _ceil(kp, 32 * ve)
+                    iss += mb * per_row * (c_vec if ve > 1 else c_sc * ve)
+                    wv += mb * per_row * max(ve * 2 * 32 // 128, 1)
+                    nnb = _ceil(qn, 32)
+                    for it in range(2 * nnb):
+                        mbk, nb = it & 1, it >> 1
+                        if mbk * 32 >= rv:
+                            iss += 10
+                            continue
+                        mt1 = mbk * 32 + 16 < rv
+                        ntv = min(_ceil(qn - nb * 32, 8), 4)
+                        fullit = rv - mbk * 32 >= 32 and qn - nb * 32 >= 32
+                        # a partial item runs out of line (sp_fwd_item_partial): charged twice the inline item body
+                        iss += (c_item if fullit else 2 * c_item) + ksteps * (c_k_full if fullit else c_k_part)
+                        mac += ksteps * (2 if mt1 else 1) * ntv * 2048
+                        nldsm = (2 if mt1 else 1) + (2 if ntv > 2 else 1)
+                        wv += ksteps * nldsm * 4
+                else:
+                    iss += SP_WARPS * _ceil(P, SP_WARPS) * c_x
+                    wv += SP_WARPS * _ceil(P, SP_WARPS) * 2
+                    nit = 8 * _ceil(qn, 8)
+                    rounds = _ceil(nit, SP_THREADS)
+                    warps_busy = min(SP_WARPS, _ceil(nit, 32))
+                    iss += warps_busy * rounds * (c_item + P * c_k)
+                    wv += warps_busy * rounds * P * 3            # 3 x LDS.128 per k (broadcast within a warp)
+            costs_b.append((iss, mac, wv))
+        costs.append(costs_b)
+    # blockIdx.x = c (fastest), y = pixel block, z = batch group
+    n = C * qs * bgroups
+    acc = _Acc(n)
+    lin = np.arange(n)
+    yb, zb = (lin // C) % qs, lin // (C * qs)
+    arr = np.array([[costs[y][z] for z in range(bgroups)] for y in range(qs)])  # [qs, bgroups, 3]
+    acc.issue, acc.macs, acc.wave = arr[yb, zb, 0], arr[yb, zb, 1], arr[yb, zb, 2]
+    b = _busiest(acc, _tc_rate(f, dtype, m) if tc else 0.0, m, sms)
+    useful = N * C * P * Q
+    return _finish(b, _hbm(layer, dtype, m), dict(
+        tile=f"{mb}xQB{QB} x{qs} blocks" + (" mma 32x32/warp" if tc else " ffma 4x8/thread"), threads=SP_THREADS,
+        dyn_smem=pl["bytes"], vec_x=(ve if tc else 1), plan=pl,
+        per_unit=(dict(instr_per_kstep_full=c_k_full, instr_per_kstep_partial=c_k_part, instr_per_item=c_item)
+                  if tc else dict(instr_per_k=c_k, instr_per_item=c_item)),
+        mma_usefulness=(useful / max(b["total_macs"], 1)) if tc else None))
+
+
+def _model_small_plane_gw(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, arch: int) -> Dict:
+    """small_plane_gw_mma_kernel<T> / small_plane_gw_ffma_kernel: grid (C, pixel blocks x batch groups), 8
+    warps.  Per batch chunk: stage x (the whole plane) and grad_out (the block's pixels), then the warp items
+    (32 x-pixels x 32 grad_out pixels, K = the chunk's batch rows, G accumulated in fp32 smem) or the FFMA
+    thread items (4 x 8); at the end each tap sums its pairs (the tap loop's innermost body per pair)."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    tc = dtype not in ("fp32", "tf32")
+    P = Q = H * H
+    taps = K * K
+    pl = sp_plan(2 if tc else 3, P, Q, taps, N, C, SMEM_OPTIN.get(arch, 227 * 1024))
+    QB, qs, bgroups, cpg = pl["QB"], pl["qsplits"], pl["bgroups"], pl["cpg"]
+    mb = SP_MB_TC if tc else SP_MB_F32
+    esz = 2 if tc else 4
+    chunk = max(_sp_loops(f, need=("barrier",), depth=0), key=lambda lp: lp["mix"]["total"])
+    vl = _sp_loops(f, need=("cp_async",))
+    c_vec = float(np.mean([lp["mix"]["total"] / lp["mix"]["cp_async"] for lp in vl])) if vl else 25.0
+    sl = [lp for lp in _sp_loops(f, need=("ldg", "sts"), forbid=("cp_async",)) if lp["depth"] >= 2]
+    c_sc = min((lp["mix"]["total"] / lp["mix"]["sts"] for lp in sl), default=10.0)  # the flat-plane loop
+    ve = 1
+    for nbytes in (16, 8, 4):
+        e = nbytes // esz
+        if e >= 2 and (H * H) % e == 0:
+            ve = e
+            break
+    tap_inner = min(_sp_loops(f, need=("lds",), forbid=("sts", "ldsm", "ffma", "hmma", "cp_async", "ldg"), depth=2),
+                    key=lambda lp: lp["mix"]["total"], default=None)
+    tap_mid = _parent(f, tap_inner) if tap_inner else None
+    tap_out = _parent(f, tap_mid) if tap_mid else None
+    c_pair = tap_inner["mix"]["total"] / max(tap_inner["mix"]["lds"], 1) if tap_inner else 4.0
+    if tc:
+        kl = sorted(_sp_loops(f, need=("hmma", "ldsm")), key=lambda lp: lp["mix"]["total"] / lp["mix"]["hmma"])
+        full, part = kl[0], kl[-1]
+        unroll = full["mix"]["hmma"] / 8
+        c_k_full, c_k_part = full["mix"]["total"] / unroll, part["mix"]["total"] / unroll
+        c_item = _own(_parent(f, full))
+        grows = _round_up(P, 16)
+    else:
+        hot = f["hot"]
+        c_k = hot["mix"]["total"] / (hot["mix"]["ffma"] / 32)
+        c_item = _own(_parent(f, hot))
+        grows = _round_up(P, 4)
+    p = K // 2
+    costs = {}
+    for qsi in range(qs):
+        q0, qn = qsi * QB, min(QB, Q - qsi * QB)
+        # tap sums: thread = tap (t = tid + 256 r); per warp and round the outer body, per output row of the
+        # block its slowest lane's row body, per pair of the slowest lane the column loop (unrolled: total / lds)
+        tap_issue = 0.0
+        oh_a, oh_b = q0 // H, (q0 + qn - 1) // H
+        for w in range(SP_WARPS):
+            for r in range(_ceil(taps, SP_THREADS)):
+                rows_max = pairs_max = 0
+                for t in range(32 * w + SP_THREADS * r, 32 * w + SP_THREADS * r + 32):
+                    if t >= taps:
+                        continue
+                    kh, kw = divmod(t, K)
+                    rows = pairs = 0
+                    for oh in range(oh_a, oh_b + 1):
+                        if not 0 <= oh - p + kh < H:
+                            continue
+                        rows += 1
+                        iw0 = kw - p
+                        lo = max(q0 - oh * H, max(-iw0, 0))
+                        hi = min(q0 + qn - oh * H, H - iw0, H)
+                        pairs += max(hi - lo, 0)
+                    rows_max, pairs_max = max(rows_max, rows), max(pairs_max, pairs)
+                if 32 * w + SP_THREADS * r < taps:
+                    tap_issue += _own(tap_out) + rows_max * _own(tap_mid) + pairs_max * c_pair
+        for bg in range(bgroups):
+            iss = tap_issue
+            mac = wv = 0.0
+            for ch in range(bg * cpg, min(bg * cpg + cpg, pl["nchunks"])):
+                rv = min(N - ch * mb, mb)
+                iss += SP_WARPS * _own(chunk)
+                wx, wy = grows, (_round_up(QB, 16) if tc else _round_up(QB, 8))
+                per = _ceil(wx, 32 * ve) + _ceil(wy, 32 * ve)
+                iss += mb * per * (c_vec if ve > 1 else c_sc * ve)
+                wv += mb * per * max(ve * esz * 32 // 128, 1)
+                if tc:
+                    ksteps = _ceil(rv, 16)
+                    nmg, nnb = _ceil(grows, 32), _ceil(qn, 32)
+                    for it in range(nmg * nnb):
+                        mbk, nb = it % nmg, it // nmg
+                        mt1 = mbk * 32 + 16 < P
+                        ntv = min(_ceil(qn - nb * 32, 8), 4)
+                        fullit = mt1 and ntv == 4 and ch == bg * cpg
+                        iss += (c_item if fullit else 2 * c_item) + ksteps * (c_k_full if fullit else c_k_part)
+                        mac += ksteps * (2 if mt1 else 1) * ntv * 2048
+                        wv += ksteps * ((2 if mt1 else 1) + (2 if ntv > 2 else 1)) * 4
+                        wv += (2 if mt1 else 1) * ntv * 2 * 2 * 2     # float2 G read-modify-write per fragment row pair
+                else:
+                    nit = (grows // 4) * _ceil(qn, 8)
+                    rounds = _ceil(nit, SP_THREADS)
+                    warps_busy = min(SP_WARPS, _ceil(nit, 32))
+                    iss += warps_busy * rounds * (c_item + rv * c_k)
+                    wv += warps_busy * rounds * rv * (4 + 2)       # LDS.128 of x (4 wavefronts), grad_out (broadcast)
+            costs[(qsi, bg)] = (iss, mac, wv)
+    splits = qs * bgroups
+    n = C * splits
+    acc = _Acc(n)
+    arr = np.array([costs[(s % qs, s // qs)] for s in range(splits)])
+    sidx = np.arange(n) // C                                   # blockIdx.x = c, y = split (pixel block fastest)
+    acc.issue, acc.macs, acc.wave = arr[sidx, 0], arr[sidx, 1], arr[sidx, 2]
+    b = _busiest(acc, _tc_rate(f, dtype, m) if tc else 0.0, m, sms)
+    ws = splits * C * taps * 4 * 2
+    return _finish(b, _hbm(layer, dtype, m, ws), dict(
+        tile=f"G {grows}xQB{QB} x{qs} blocks, batch {mb}" + (" mma" if tc else " ffma"), threads=SP_THREADS,
+        dyn_smem=pl["bytes"], splits=splits, vec=ve, plan=pl,
+        per_unit=dict(instr_per_item=c_item, instr_per_pair=c_pair),
+        mma_usefulness=(N * C * P * Q / max(b["total_macs"], 1)) if tc else None))
+
+
+def model_small_plane(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str, m: Machine, sms: int,
+                      arch: int) -> Optional[Dict]:
+    """The small-plane kernel of (layer, pass, dtype) when the launcher routes there (sp_applies), else None.
+    forward and the stride-1 grad_input run the non-transposed forward kernel (grad_input: with the flipped
+    filter, same planes), grad_weight the G kernel."""
+    if not sp_applies(layer, dtype):
+        return None
+    kd = "fp32" if dtype in ("fp32", "tf32") else dtype
+    role = ("sp_mma" if kd != "fp32" else "sp_ffma") if pass_ != "grad_weight" else \
+        ("sp_gw_mma" if kd != "fp32" else "sp_gw_ffma")
+    f = next((f for f in kfacts.values() if f.get("role") == role and f.get("dtype") == kd
+              and ("true>" not in f["name"])), None)
+    if f is None:
+        return None
+    r = (_model_small_plane_gw if pass_ == "grad_weight" else _model_small_plane)(f, layer, kd, m, sms, arch)
+    occ = occupancy(f["regs"], r["threads"], r["dyn_smem"], m)
+    return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)

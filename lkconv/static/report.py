@@ -121,7 +121,8 @@ def kernel_rows(data: Dict) -> List[Dict]:
 
 
 def _short(name: str) -> str:
-    for junk in ("void lkconv::", "lkconv::", "(lkconv::ConvArgs, int)", "(lkconv::ConvArgs)",
+    for junk in ("void lkconv::", "lkconv::", "(lkconv::ConvArgs, lkconv::SpPlan, int)", "(lkconv::ConvArgs, lkconv::SpPlan)",
+                 "(lkconv::GradWeightArgs, lkconv::SpPlan, int, int)", "(lkconv::ConvArgs, int)", "(lkconv::ConvArgs)",
                  "(lkconv::GradWeightArgs)", "(lkconv::WgradArgs)"):
         name = name.replace(junk, "")
     return name
@@ -319,9 +320,18 @@ def build_report(data: Dict) -> Dict:
 MODEL_NOTES = """\
 ## How the default kernels are modelled (all modelled; assumptions)
 
-* **Routing** follows the launchers for the layer set (stride 1, K <= 64): CUDA fp16/bf16 forward and
+* **Small planes** (14², 7²: both planes <= 256 pixels, `sp_rule`): every CUDA pass runs the batch-as-rows
+  kernels (`small_plane_mma_kernel` / `small_plane_ffma_kernel`, `small_plane_gw_mma_kernel` /
+  `small_plane_gw_ffma_kernel`): per CTA (channel, pixel block, batch group) of the launcher's plan the filter
+  staging, the F_c zero-fill and scatter (per warp its slowest lane's kernel-row trips and word/element
+  copies; the dearer of the two build instantiations' loop bodies), per batch chunk the staging (per
+  vector or element), per warp item the K-loop body per 16-wide step (full items: the conditional-free
+  loop; partial items: the checked loop and twice the item body, for the out-of-line call), HMMA.16816 =
+  2048 MACs for live tiles, 4 wavefronts per ldmatrix.x4; grad_weight adds the tap sums (per warp and
+  round of 32 taps its slowest lane's rows and pairs) and the fp32 partials (write + read) to HBM.
+* **Routing** follows the launchers for the layer set (stride 1, K <= 64); above 256 pixels: CUDA fp16/bf16 forward and
   grad_input -> `toeplitz_mma_kernel` (`<NB,DG>` of `toeplitz_mma_config`: `<4,3>` at 56², `<2,3>` at
-  28²/14², `<2,2>` at 7²); fp32 -> `fp32_rb_kernel` (`<7,7,8,1,4,8>` = 56x56x4 planes at 56²,
+  28²); fp32 -> `fp32_rb_kernel` (`<7,7,8,1,4,8>` = 56x56x4 planes at 56²,
   `<7,7,4,2,4,2>` = 28x28x4 below, the `fp32_rb_small_tile` rule); grad_weight -> `grad_weight_tc_kernel`
   (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA has no TF32 path), split count of
   `grad_weight_splits`.  Triton (`ops.ALIGNED = True`): `dwconv_forward_aligned_kernel` (forward and
