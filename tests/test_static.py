@@ -398,8 +398,8 @@ def test_non_autotuned_defaults_are_not_known_to_spill():
             gw = ops._default_aligned_grad_weight(prec, major)
             assert gw in ops._ALIGNED_GRAD_WEIGHT_CONFIGS and not ops._spills("aligned_grad_weight", prec, gw, major)
             for wq, dh in ((16, 1), (32, 1), (64, 1), (128, 1), (16, 2), (64, 3)):
-                cfg = ops._rows_default(wq, dh)
+                cfg = ops._rows_default(wq, dh, prec, major)
                 assert cfg in ops._ROWS_CONFIGS and not ops._spills("rows_conv", prec, cfg, major)
             for bm, bn in ((64, 16), (64, 32), (64, 64), (128, 128)):
-                cfg = ops._diag_default(bm, bn)
+                cfg = ops._diag_default(bm, bn, prec, major)
                 assert cfg in ops._DIAG_GRAD_WEIGHT_CONFIGS and not ops._spills("diag_grad_weight", prec, cfg, major)

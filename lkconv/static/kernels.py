@@ -251,7 +251,7 @@ def diag_grad_weight_specs(layer: Layer, dtype: str, arch: int) -> List[Dict]:
                            cfg[2], cfg[3])
         sp["splits"] = splits
         sp["g_copy"] = wog != H
-        sp["default_config"] = cfg == tuple(ops._diag_default(bm, bn))
+        sp["default_config"] = cfg == tuple(ops._diag_default(bm, bn, _prec(dtype), arch // 10))
         specs.append(sp)
     return specs
 
@@ -273,7 +273,7 @@ def rows_conv_specs(layer: Layer, pass_: str, dtype: str, arch: int) -> List[Dic
     for c in kept:
         bk, w, st = ops._rows_cfg(c)
         sp = _runtime_spec("dwconv_forward_rows_kernel", vals, dict(cons, BK=bk), dtype, w, st)
-        sp["default_config"] = (bk, w, st) == tuple(ops._rows_default(wq, 1))
+        sp["default_config"] = (bk, w, st) == tuple(ops._rows_default(wq, 1, _prec(dtype), arch // 10))
         specs.append(sp)
     return specs
 
@@ -390,12 +390,12 @@ def shipped_triton_specs(arch: int) -> List[Dict]:
     for dt in DTYPES:
         for sp in triton_specs(LAYERS[0], "grad_input", dt, arch, stride=2):
             seen.setdefault(spec_key(sp), sp)
-    # the Toeplitz aligned kernels (the fallbacks for planes wider than ops.DIAG_MAX_W / ops.ROWS_MAX_W),
-    # compiled for the layer set's geometry so that CI checks their configs too
-    for layer in LAYERS:
-        for dt in DTYPES:
-            for p in ("forward", "grad_weight"):
-                for sp in _aligned_specs(layer, p, dt, arch, toeplitz=True):
-                    seen.setdefault(spec_key(sp), sp)
+    # the Toeplitz aligned kernels as the fallbacks for planes wider than ops.ROWS_MAX_W / ops.DIAG_MAX_W
+    # (the aligned forward is the default below 256 pixels anyway), compiled once at 56²/K31 geometry in
+    # every dtype so that CI checks their configs too
+    for dt in DTYPES:
+        for p in ("forward", "grad_weight"):
+            for sp in _aligned_specs(LAYERS[0], p, dt, arch, toeplitz=True):
+                seen.setdefault(spec_key(sp), sp)
     return list(seen.values())
 

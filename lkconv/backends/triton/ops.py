@@ -89,7 +89,26 @@ _STATIC_SPILLS = {
     ("grad_weight", "tf32", (64, 4, 3)): {8},                  # sm_80 32x32 blocks: 16 B
     ("aligned_conv_packed", "tf32", (128, 16, 8, 8, 3)): {8},  # sm_80: 8 B
     ("aligned_grad_weight", "ieee", (32, 2, 4, 3)): {9},       # sm_90: 4 B
+    # rows forward (BK, warps, stages) and diag grad_weight (BKR, IMG, warps, stages), triton 3.8, at the
+    # 56² (64x64 tiles) and 28² (64x32) geometry; pruned for every tile width
+    ("rows_conv", None, (128, 4, 3)): {8},                     # fp16/bf16 sm_80 64x64: 4 B
+    ("rows_conv", "ieee", (64, 4, 3)): {8, 9},                 # sm_80 64x64: 868 B, 64x32: 172 B; sm_90: 16 B
+    ("rows_conv", "ieee", (64, 8, 3)): {8},                    # sm_80: 4 B
+    ("rows_conv", "ieee", (128, 4, 3)): {8, 9},                # sm_80: 2476 B; sm_90: 4 B
+    ("diag_grad_weight", None, (32, 1, 4, 3)): {8},            # fp16/bf16 sm_80 64x64: 16 B
+    ("diag_grad_weight", "ieee", (64, 1, 4, 3)): {8},          # sm_80: 9144 B (64x64), 3372 B (64x32)
+    ("diag_grad_weight", "ieee", (32, 2, 4, 3)): {8},          # sm_80: 9168 B / 3528 B
+    ("diag_grad_weight", "ieee", (16, 4, 4, 3)): {8},          # sm_80: 9152 B / 3520 B
 }
+
+
+def _first_safe(kind: str, prec, sm_major: int, preferred: tuple, configs) -> tuple:
+    """``preferred`` unless the static report found it spilling for this precision on this SM major,
+    else the first config of ``configs`` that does not spill (``preferred`` if none)."""
+    for cfg in [tuple(preferred)] + [tuple(c) for c in configs]:
+        if not _spills(kind, prec, cfg, sm_major):
+            return cfg
+    return tuple(preferred)
 
 
 def _current_sm_major() -> int:
@@ -736,13 +755,15 @@ def _diag_ok(x: torch.Tensor, grad_out: torch.Tensor, KH: int) -> bool:
     return True
 
 
-def _diag_default(bm: int, bn: int):
+def _diag_default(bm: int, bn: int, prec=None, sm_major: int = 9):
     """The non-autotuned default (BKR, IMG, warps, stages), the config the static model ranks best
     (docs/triton_backend.md): 16 rows of four images per dot for 64-column outputs, 32 rows of two
-    images for narrower ones; 8 warps for the 128-wide tiles."""
+    images for narrower ones; 8 warps for the 128-wide tiles; a known-spilling choice is replaced by
+    the first safe config."""
     if bm * bn > 64 * 64:
         return (32, 1, 8, 3)
-    return (16, 4, 4, 3) if bn >= 64 else (32, 2, 4, 3)
+    cfg = (16, 4, 4, 3) if bn >= 64 else (32, 2, 4, 3)
+    return _first_safe("diag_grad_weight", prec, sm_major, cfg, _DIAG_GRAD_WEIGHT_CONFIGS)
 
 
 def _grad_weight_diag(grad_out, x, C, KH, KW, p):
@@ -792,7 +813,7 @@ def _grad_weight_diag(grad_out, x, C, KH, KW, p):
         elif AUTOTUNE:
             _grad_weight_diag_tuned[grid](*args, **kwargs)
         else:
-            bkr, img, warps, stages = _diag_default(bm, bn)
+            bkr, img, warps, stages = _diag_default(bm, bn, kwargs["PREC"], _current_sm_major())
             base[grid](*args, **kwargs, BKR=bkr, IMG=img, num_warps=warps, num_stages=stages)
     # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
     return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
@@ -893,13 +914,17 @@ def _rows_fit(bk: int, wq: int, dh: int) -> int:
     return min(bk, wq * ROWS_MAX_KHB if dh == 1 else wq)
 
 
-def _rows_default(wq: int, dh: int):
+def _rows_default(wq: int, dh: int, prec=None, sm_major: int = 9):
     """The non-autotuned default (BK, warps, stages), the config the static model ranks best
     (docs/triton_backend.md): chunks of two whole kernel rows (dilation 1; 128 columns at most),
-    else of one kernel row up to 64 columns."""
+    else of one kernel row up to 64 columns; a known-spilling choice is replaced by the first safe
+    config that fits."""
     if dh == 1:
-        return (min(2 * wq, 128), 4, 3)
-    return (64, 4, 3) if wq >= 64 else ((32, 4, 3) if wq == 32 else (16, 4, 4))
+        cfg = (min(2 * wq, 128), 4, 3)
+    else:
+        cfg = (64, 4, 3) if wq >= 64 else ((32, 4, 3) if wq == 32 else (16, 4, 4))
+    fits = [c for c in _ROWS_CONFIGS if c[0] <= _rows_fit(128, wq, dh)]
+    return _first_safe("rows_conv", prec, sm_major, cfg, fits)
 
 
 def _conv_rows(x, weight, flip, bias, out, stride, dilation, pt, pl):
@@ -934,6 +959,6 @@ def _conv_rows(x, weight, flip, bias, out, stride, dilation, pt, pl):
         elif AUTOTUNE:
             _forward_rows_tuned[grid](*args, **kwargs)
         else:
-            bk, warps, stages = _rows_default(wq, dh)
+            bk, warps, stages = _rows_default(wq, dh, kwargs["PREC"], _current_sm_major())
             base[grid](*args, **kwargs, BK=bk, num_warps=warps, num_stages=stages)
     return out
