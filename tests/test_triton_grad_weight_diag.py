@@ -136,6 +136,14 @@ def test_geometry_and_default_config():
     assert tops.diag_geometry(64, 28, 28, 28, 28, 29, 1, 1) == (32, 64, 32, 30)
     assert tops.diag_geometry(64, 7, 7, 7, 7, 13, 1, 2) == (16, 64, 16, 7 + 2 * 3 * 2)
     assert tops.diag_geometry(1, 100, 100, 100, 100, 7, 1, 1)[:3] == (128, 128, 128)
+    # int32 operand offsets: planes of a huge channel count fall back to the Toeplitz kernel
+    from lkconv.params import normalize_params
+
+    p = normalize_params(1, 15, 1, (31, 31))
+    big = torch.empty(2, 2**20, 56, 56, device="meta")
+    ok = torch.empty(2, 128, 56, 56, device="meta")
+    assert tops._diag_ok(ok, ok, 31, p) and not tops._diag_ok(big, big, 31, p)
+    assert tops._rows_offsets_fit(64, 128, 87, 64, 1) and not tops._rows_offsets_fit(64, 2**20, 87, 64, 1)
     for bm, bn in ((64, 64), (64, 32), (128, 128)):
         cfg = tops._diag_default(bm, bn)
         assert cfg in tops._DIAG_GRAD_WEIGHT_CONFIGS

@@ -572,7 +572,7 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     if rows == 0 or WO == 0:
         return torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
     if ALIGNED:
-        if _diag_ok(x, grad_out, KH):
+        if _diag_ok(x, grad_out, KH, p):
             return _grad_weight_diag(grad_out, x, C, KH, KW, p)
         return _grad_weight_aligned(grad_out, x, C, KH, KW, p)
     x, grad_out = _read_layout(x), _read_layout(grad_out)
@@ -747,12 +747,15 @@ def _diag_g_vec(g: torch.Tensor) -> int:
     return 0
 
 
-def _diag_ok(x: torch.Tensor, grad_out: torch.Tensor, KH: int) -> bool:
+def _diag_ok(x: torch.Tensor, grad_out: torch.Tensor, KH: int, p: ConvParams) -> bool:
     N, _, H, W = x.shape
     HO, WO = grad_out.shape[2], grad_out.shape[3]
     if max(W, WO) > DIAG_MAX_W:
         return False
-    return True
+    # int32 operand offsets: up to 4 images (IMG) of one channel's planes of the copies
+    C = x.shape[1]
+    wq, _, _, hg = diag_geometry(N, H, W, HO, WO, KH, p.stride[0], p.dilation[0])
+    return 4 * C * max(hg * wq, HO * (WO + 8)) < _I32
 
 
 def _diag_default(bm: int, bn: int, prec=None, sm_major: int = 9):
@@ -888,6 +891,11 @@ def _rows_ok(H: int, W: int, HO: int, WO: int, KH: int, sh: int, dh: int) -> boo
     return hq * max(16, triton.next_power_of_2(W)) * 4 < _I32
 
 
+def _rows_offsets_fit(N: int, C: int, hq: int, wq: int, pack: int) -> bool:
+    """The rows kernel's in-tile row offsets (``pack`` planes of one channel, ``C`` planes apart) are int32."""
+    return pack * C * hq * wq < _I32
+
+
 def _row_band(weight: torch.Tensor, flip: bool, sw: int, dw: int, pl: int, W: int, WO: int, wq: int, bn: int,
               khp: int):
     """The whole-row Toeplitz band ``[C, khp, wq, bn]`` of the rows kernel (kernel rows ``>= KH`` zero): ``band[c, kh, u, j] =
@@ -936,6 +944,8 @@ def _conv_rows(x, weight, flip, bias, out, stride, dilation, pt, pl):
     sh, sw = stride
     dh, dw = dilation
     wq, bn, hq, pack, khp = rows_geometry(N, H, W, HO, WO, KH, sh, dh)
+    if not _rows_offsets_fit(N, C, hq, wq, pack):
+        return _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl)
     xq = _bordered_rows(x, pt, hq, wq)
     band = _row_band(weight, flip, sw, dw, pl, W, WO, wq, bn, khp)
     if pack > 1:
