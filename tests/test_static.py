@@ -237,10 +237,20 @@ def test_triton_aligned_forward_16bit_loads_are_vectorised(triton_results, arch)
 
 @needs_triton
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.xfail(strict=True, reason="dwconv_grad_weight_aligned_kernel: the A operand (aligned input rows) is "
-                   "cp.async, but the B operand (the 16-column Toeplitz gather of grad_out) is masked scalar "
-                   "LDG.E.U16 (+STS); cleared by a vectorised/staged grad_out load")
-def test_triton_aligned_grad_weight_16bit_loads_are_vectorised(triton_results, arch):
+def test_triton_default_grad_weight_16bit_loads_are_vectorised(triton_results, arch):
+    """The default grad_weight kernel (the diagonal kernel, planes up to ops.DIAG_MAX_W wide) reads both
+    operands -- input rows and grad_out rows -- with cp.async and no scalar 16-bit LDG in its hot loop,
+    for every shipped config."""
+    assert any(r["spec"]["kernel"] == "dwconv_grad_weight_diag_kernel" for r in triton_results[arch])
+    assert _vector_problems(triton_results[arch], "dwconv_grad_weight_diag_kernel") == []
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.xfail(strict=True, reason="dwconv_grad_weight_aligned_kernel (now only the fallback for planes wider "
+                   "than ops.DIAG_MAX_W): the A operand (aligned input rows) is cp.async, but the B operand (the "
+                   "16-column Toeplitz gather of grad_out) is masked scalar LDG.E.U16 (+STS)")
+def test_triton_toeplitz_grad_weight_16bit_loads_are_vectorised(triton_results, arch):
     assert _vector_problems(triton_results[arch], "dwconv_grad_weight_aligned_kernel") == []
 
 
@@ -364,6 +374,7 @@ def test_new_kernel_symbols_map_to_roles():
         "lkconv::fp32_blocked_kernel(lkconv::ConvArgs)": ("fp32_direct", None, None),
         "dwconv_forward_aligned_kernel": ("tr_conv_aligned", None, None),
         "dwconv_grad_weight_aligned_kernel": ("tr_grad_weight_aligned", None, None),
+        "dwconv_grad_weight_diag_kernel": ("tr_grad_weight_diag", None, None),
         "dwconv_forward_kernel": ("tr_conv", None, None),
     }
     for name, (role, dtype, tmpl) in cases.items():
@@ -383,3 +394,25 @@ def test_routing_rows_take_the_slow_end():
     rows = routing_rows(model)
     assert [(r["backend"], r["modelled_us"], r["fallback_modelled_us"], r["kind"]) for r in rows] == \
         [("cuda", 142.9, 900.0, "modelled"), ("triton", 71.4, None, "modelled")]
+
+
+def test_non_autotuned_defaults_are_not_known_to_spill():
+    """AUTOTUNE=False (the GPU correctness tests) launches one default config per shape class: none of
+    them may be a config the static report found spilling, for any precision and SM major."""
+    from lkconv.backends.triton import ops
+
+    for major in (8, 9):
+        for prec in (None, "tf32", "ieee"):
+            for ho in (1, 5, 7, 8, 9, 14, 16, 17, 28, 32, 33, 56, 200):
+                for packed in (False, True) if ho <= ops.PACK_MAX_ROWS else (False,):
+                    cfg = ops._default_aligned_conv(ho, packed, prec, major)
+                    kind = "aligned_conv_packed" if packed else "aligned_conv"
+                    assert cfg in ops._ALIGNED_CONV_CONFIGS and not ops._spills(kind, prec, cfg, major), (ho, cfg)
+            gw = ops._default_aligned_grad_weight(prec, major)
+            assert gw in ops._ALIGNED_GRAD_WEIGHT_CONFIGS and not ops._spills("aligned_grad_weight", prec, gw, major)
+            for wq, dh in ((16, 1), (32, 1), (64, 1), (128, 1), (16, 2), (64, 3)):
+                cfg = ops._rows_default(wq, dh, prec, major)
+                assert cfg in ops._ROWS_CONFIGS and not ops._spills("rows_conv", prec, cfg, major)
+            for bm, bn in ((64, 16), (64, 32), (64, 64), (128, 128)):
+                cfg = ops._diag_default(bm, bn, prec, major)
+                assert cfg in ops._DIAG_GRAD_WEIGHT_CONFIGS and not ops._spills("diag_grad_weight", prec, cfg, major)

@@ -30,6 +30,8 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
     (r"grad_weight_partial_kernel", "cuda", "grad_weight", "grad_weight_partial"),
     (r"grad_weight_reduce_kernel", "cuda", "grad_weight", "grad_weight_reduce"),
     (r"dwconv_forward_aligned_kernel", "triton", "forward,grad_input", "tr_conv_aligned"),
+    (r"dwconv_forward_rows_kernel", "triton", "forward,grad_input", "tr_conv_rows"),
+    (r"dwconv_grad_weight_diag_kernel", "triton", "grad_weight", "tr_grad_weight_diag"),
     (r"dwconv_grad_weight_aligned_kernel", "triton", "grad_weight", "tr_grad_weight_aligned"),
     (r"dwconv_forward_kernel|forward_kernel", "triton", "forward,grad_input", "tr_conv"),
     (r"dwconv_grad_input_kernel|grad_input_kernel", "triton", "grad_input", "tr_grad_input_strided"),
@@ -38,13 +40,15 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
 
 #: what the launchers route the RepLKNet layer set to by default ("default") and what they keep for other
 #: shapes or behind a switch ("fallback": CUDA toeplitz_wmma_kernel only for K > 64, fp32_blocked_kernel
-#: only for fp32 K > 64 (or where fp32_rb_kernel's shared memory does not fit),
+#: only for fp32 K > 64 (or where fp32_rb_kernel's shared memory does not fit), Triton's Toeplitz
+#: aligned grad_weight only for planes wider than ops.DIAG_MAX_W,
 #: grad_weight_partial_kernel outside the fast path's stride 1 / dilation 1 / K <= 64; Triton's
 #: unaligned kernels behind ``ops.ALIGNED = False`` and for grad_input at stride > 1)
 ROLE_STATUS: Dict[str, str] = {
     "tc_toeplitz_mma": "default", "fp32_rb": "default", "fp32_direct": "fallback", "grad_weight_tc": "default",
     "grad_weight_ffma": "default", "grad_weight_reduce": "default", "tr_conv_aligned": "default",
-    "tr_grad_weight_aligned": "default", "tr_grad_input_strided": "default (stride > 1)",
+    "tr_grad_weight_diag": "default", "tr_conv_rows": "default", "tr_grad_weight_aligned": "fallback",
+    "tr_grad_input_strided": "default (stride > 1)",
     "tc_toeplitz": "fallback", "fallback": "fallback", "fallback_strided": "fallback",
     "grad_weight_partial": "fallback", "tr_conv": "fallback", "tr_grad_weight": "fallback",
     "sp_mma": "default (planes <= 256 px)", "sp_ffma": "default (planes <= 256 px)",
@@ -122,6 +126,11 @@ def tile_of(spec: Dict) -> str:
                 f"w{spec['num_warps']} s{spec['num_stages']}")
     if spec["kernel"] == "dwconv_grad_weight_kernel":
         return f"{c['BKH']}x{c['BKW']}/BK{c['BK']} w{spec['num_warps']} s{spec['num_stages']}"
+    if spec["kernel"] == "dwconv_forward_rows_kernel":
+        return (f"rows {c['BM']}x{c['BN']}/BK{c['BK']}{' pack' + str(c['PACK']) if c['PACK'] > 1 else ''} "
+                f"w{spec['num_warps']} s{spec['num_stages']}")
+    if spec["kernel"] == "dwconv_grad_weight_diag_kernel":
+        return f"diag {c['BM']}x{c['BN']}/{c['IMG']}x{c['BKR']} w{spec['num_warps']} s{spec['num_stages']}"
     return f"{c['BM']}/{c['BN']}/{c['BK']} w{spec['num_warps']} s{spec['num_stages']}"
 
 
@@ -217,15 +226,79 @@ def aligned_grad_weight_splits(layer: Layer, arch: int, bkh: int, na: int, rs: i
     return -(-sgroups // sps), sgroups, sps
 
 
-def _aligned_specs(layer: Layer, pass_: str, dtype: str, arch: int) -> List[Dict]:
+def diag_grad_weight_splits(layer: Layer, arch: int, per_split: int) -> Tuple[int, int]:
+    """(splits, images per split) exactly as ops._grad_weight_diag computes them."""
+    splits = max(1, min(layer.N, -(-4 * SM_COUNT[arch] // per_split)))
+    nps = -(-layer.N // splits)
+    return -(-layer.N // nps), nps
+
+
+def diag_grad_weight_specs(layer: Layer, dtype: str, arch: int) -> List[Dict]:
+    """The diagonal grad_weight kernel (the default grad_weight for planes up to ops.DIAG_MAX_W wide) at
+    stride 1 / dilation 1, one spec per config the shipped prune keeps; grad_out (W*esz a multiple of
+    16 bytes) is read in place, else from the launcher's padded copy."""
+    ops = _ops()
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    wq, bm, bn, hg = ops.diag_geometry(N, H, H, H, H, K, 1, 1)
+    esz = 2 if dtype in ("fp16", "bf16") else 4
+    vecs = [nb // esz for nb in (16, 8) if H % (nb // esz) == 0]  # ops._diag_g_vec on a fresh NCHW grad_out
+    vec = vecs[0] if vecs else 16 // esz
+    wog = -(-H // vec) * vec
+    per_split = C * -(-K // (bm // wq))
+    splits, nps = diag_grad_weight_splits(layer, arch, per_split)
+    vals = dict(xg_ptr=0, g_ptr=0, z_ptr=0, ws_ptr=0, N=N, C=C, H=H, W=H, HO=H, WO=H, N_PER_SPLIT=nps, HG=hg,
+                GPV=H * wog // vec, GRV=wog // vec, WOV=wog // vec, PT=P, PL=P, KH=K, KW=K)
+    cons = dict(SH=1, SW=1, DH=1, DW=1, PREC=_prec(dtype), UPCAST=False, WQ=wq, VEC=vec, BM=bm, BN=bn,
+                KWB=max(16, 1 << (K - 1).bit_length()))
+    kept = ops._prune_diag_grad_weight_for(arch // 10)(ops._diag_configs(), {}, PREC=_prec(dtype), BM=bm, BN=bn)
+    specs = []
+    for c in kept:
+        cfg = ops._diag_cfg(c)
+        sp = _runtime_spec("dwconv_grad_weight_diag_kernel", vals, dict(cons, BKR=cfg[0], IMG=cfg[1]), dtype,
+                           cfg[2], cfg[3])
+        sp["splits"] = splits
+        sp["g_copy"] = wog != H
+        sp["default_config"] = cfg == tuple(ops._diag_default(bm, bn, _prec(dtype), arch // 10))
+        specs.append(sp)
+    return specs
+
+
+def rows_conv_specs(layer: Layer, pass_: str, dtype: str, arch: int) -> List[Dict]:
+    """The rows kernel (the default forward / stride-1 grad_input for planes of more than
+    ops.ROWS_MIN_PIXELS pixels and at most ops.ROWS_MAX_W columns), one spec per config the shipped
+    prune keeps; grad_input is the same kernel on grad_out (flipped band, offsets K-1-K//2)."""
+    ops = _ops()
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    pt = K // 2 if pass_ == "forward" else K - 1 - K // 2
+    wq, bn, hq, pack, khp = ops.rows_geometry(N, H, H, H, H, K, 1, 1)
+    vals = dict(xq_ptr=0, t_ptr=0, b_ptr=0, y_ptr=0, N=N, C=C, H=H, HO=H, WO=H, HQ=hq, PT=pt,
+                syn=C * H * H, syc=H * H, syh=H, syw=1, KH=K, KHP=khp)
+    cons = dict(SH=1, DH=1, HAS_BIAS=False, PREC=_prec(dtype), UPCAST=False, WQ=wq, BN=bn, BM=ops.ROWS_BM,
+                PACK=pack)
+    kept = ops._prune_rows_for(arch // 10)(ops._rows_configs(), {}, PREC=_prec(dtype), WQ=wq, DH=1)
+    specs = []
+    for c in kept:
+        bk, w, st = ops._rows_cfg(c)
+        sp = _runtime_spec("dwconv_forward_rows_kernel", vals, dict(cons, BK=bk), dtype, w, st)
+        sp["default_config"] = (bk, w, st) == tuple(ops._rows_default(wq, 1, _prec(dtype), arch // 10))
+        specs.append(sp)
+    return specs
+
+
+def _aligned_specs(layer: Layer, pass_: str, dtype: str, arch: int, toeplitz: bool = False) -> List[Dict]:
     """The aligned kernels (the default path, ``ops.ALIGNED``) at stride 1: forward, grad_input
-    (the same kernel on grad_out with the flipped band) and grad_weight."""
+    (the same kernel on grad_out with the flipped band) and grad_weight (the diagonal kernel for planes
+    up to ``ops.DIAG_MAX_W`` wide; ``toeplitz``: the Toeplitz aligned grad_weight kernel, its fallback
+    for wider planes)."""
     ops = _ops()
     N, C, H, K = layer.N, layer.C, layer.H, layer.K
     P = K // 2
     common = dict(SH=1, SW=1, DH=1, BIG=False, PREC=_prec(dtype), UPCAST=False)
     specs = []
-    if pass_ in ("forward", "grad_input"):
+    if pass_ in ("forward", "grad_input") and not toeplitz and ops._rows_ok(H, H, H, H, K, 1, 1):
+        specs = rows_conv_specs(layer, pass_, dtype, arch)
+    elif pass_ in ("forward", "grad_input"):
         pl = P if pass_ == "forward" else K - 1 - P
         g = aligned_geometry(layer, pl)
         bm_max = max(c[0] for c in ops._ALIGNED_CONV_CONFIGS)
@@ -236,8 +309,11 @@ def _aligned_specs(layer: Layer, pass_: str, dtype: str, arch: int) -> List[Dict
         for bm, bk, khb, w, s in aligned_conv_configs(H, packed, _prec(dtype), arch):
             cons = dict(common, HAS_BIAS=False, PACKED=packed, BN=ops.BAND_BN, BM=bm, BK=bk, KHB=khb)
             sp = _runtime_spec("dwconv_forward_aligned_kernel", vals, cons, dtype, w, s)
-            sp["default_config"] = (bm, bk, khb, w, s) == tuple(ops._default_aligned_conv(H, packed))
+            sp["default_config"] = (bm, bk, khb, w, s) == tuple(ops._default_aligned_conv(H, packed, _prec(dtype),
+                                                                                           arch // 10))
             specs.append(sp)
+    elif pass_ == "grad_weight" and not toeplitz and H <= ops.DIAG_MAX_W:
+        specs = diag_grad_weight_specs(layer, dtype, arch)
     elif pass_ == "grad_weight":
         g = aligned_geometry(layer, P)
         bkh, na = ops._grad_weight_blocks(K, K)
@@ -252,7 +328,7 @@ def _aligned_specs(layer: Layer, pass_: str, dtype: str, arch: int) -> List[Dict
             cons = dict(common, DW=1, SW=1, BKH=bkh, NA=na, RS=rs, BKC=bkc, R=r)
             sp = _runtime_spec("dwconv_grad_weight_aligned_kernel", vals, cons, dtype, w, s)
             sp["splits"] = splits
-            sp["default_config"] = (bkc, r, w, s) == (32, 4, 4, 3)
+            sp["default_config"] = (bkc, r, w, s) == ops._default_aligned_grad_weight(_prec(dtype), arch // 10)
             specs.append(sp)
     return specs
 
@@ -305,7 +381,7 @@ def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 
 
 def spec_key(spec: Dict) -> str:
     import json
-    s = {k: v for k, v in spec.items() if k not in ("values", "splits", "default_config")}
+    s = {k: v for k, v in spec.items() if k not in ("values", "splits", "default_config", "g_copy")}
     return json.dumps(s, sort_keys=True, default=str)
 
 
@@ -322,5 +398,12 @@ def shipped_triton_specs(arch: int) -> List[Dict]:
     for dt in DTYPES:
         for sp in triton_specs(LAYERS[0], "grad_input", dt, arch, stride=2):
             seen.setdefault(spec_key(sp), sp)
+    # the Toeplitz aligned kernels as the fallbacks for planes wider than ops.ROWS_MAX_W / ops.DIAG_MAX_W
+    # (the aligned forward is the default below 256 pixels anyway), compiled once at 56²/K31 geometry in
+    # every dtype so that CI checks their configs too
+    for dt in DTYPES:
+        for p in ("forward", "grad_weight"):
+            for sp in _aligned_specs(LAYERS[0], p, dt, arch, toeplitz=True):
+                seen.setdefault(spec_key(sp), sp)
     return list(seen.values())
 

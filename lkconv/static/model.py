@@ -443,6 +443,49 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
         opnd_bytes = (BKH * NA * R * BKC + R * BKC * 16) * eb
         useful = layer.N * layer.C * HO * WO * KH * KW
         extra_hbm, prep_bytes = aligned_extra_bytes(layer, dtype, v["WP"], 0, "grad_weight", splits)
+    elif spec["kernel"] == "dwconv_forward_rows_kernel":
+        BM, BN, BK, WQ, PACK = c["BM"], c["BN"], c["BK"], c["WQ"], c["PACK"]
+        N, C, H, HO, KH, PT = v["N"], v["C"], v["H"], v["HO"], v["KH"], v["PT"]
+        if PACK > 1:
+            row_tiles = [(0, HO)]
+            n_prog = C * _ceil(N, PACK)
+        else:
+            row_tiles = [(i0, min(i0 + BM, HO)) for i0 in range(0, HO, BM)]
+            n_prog = C * N * len(row_tiles)
+        iters = []
+        for i0, i_end in row_tiles:                 # stride 1, dilation 1 (the layer set)
+            kh_lo = max(PT - (i_end - 1), 0)
+            kh_hi = min(max(H - 1 + PT - i0, -1) + 1, KH)
+            khb, nuc = _ceil(BK, WQ), _ceil(WQ, BK)
+            kh_lo = (kh_lo // khb) * khb
+            iters.append(_ceil(max(kh_hi - kh_lo, 0), khb) * nuc)
+        it = np.array(iters, dtype=float)           # pid: row tile fastest
+        prog_it = np.tile(it, n_prog // it.size)
+        macs_it = BM * BN * BK
+        opnd_bytes = (BM * BK + BK * BN) * eb
+        useful = layer.N * layer.C * HO * v["WO"] * KH * KH
+        extra_hbm, prep_bytes = rows_extra_bytes(layer, dtype, v["HQ"], WQ, BN, v["KHP"])
+    elif spec["kernel"] == "dwconv_grad_weight_diag_kernel":
+        BM, BN, BKR, WQ, IMG = c["BM"], c["BN"], c["BKR"], c["WQ"], c["IMG"]
+        N, C, H, HO, WO, KH, KW, PT = v["N"], v["C"], v["H"], v["HO"], v["WO"], v["KH"], v["KW"], v["PT"]
+        KHT = BM // WQ
+        n_mt = _ceil(KH, KHT)
+        splits, nps = spec["splits"], v["N_PER_SPLIT"]
+        n_prog = n_mt * C * splits
+        pid = np.arange(n_prog)
+        kh0 = (pid % n_mt) * KHT
+        s = pid // n_mt // C
+        kh_last = np.minimum(kh0 + KHT, KH) - 1
+        i_lo = np.maximum(PT - kh_last, 0)                       # stride 1, dilation 1 (the layer set)
+        i_hi = np.minimum(np.maximum(H - 1 + PT - kh0, -1) + 1, HO)
+        n_ch = -(-np.maximum(i_hi - i_lo, 0) // BKR)
+        n_img = np.maximum(np.minimum(s * nps + nps, N) - s * nps, 0)
+        prog_it = (-(-n_img // IMG) * n_ch).astype(float)
+        macs_it = BM * BN * BKR * IMG
+        opnd_bytes = (BKR * BM + BKR * BN) * IMG * eb
+        useful = layer.N * layer.C * HO * WO * KH * KW
+        extra_hbm, prep_bytes = diag_extra_bytes(layer, dtype, v["HG"], WQ, v["GRV"] * c["VEC"], n_prog * BM * BN,
+                                                 splits)
     else:  # dwconv_grad_weight_kernel
         BKH, BKW, BK = c["BKH"], c["BKW"], c["BK"]
         C, HO, WO, W, KH, KW, PL = v["C"], v["HO"], v["WO"], v["W"], v["KH"], v["KW"], v["PL"]
@@ -509,6 +552,33 @@ def aligned_extra_bytes(layer: Layer, dtype: str, WP: int, LB: int, kind: str, s
         prep += band
     else:
         kern += splits * C * K * K * 4 * 2
+    return float(kern), float(prep)
+
+
+def rows_extra_bytes(layer: Layer, dtype: str, HQ: int, WQ: int, BN: int, KHP: int):
+    """(kernel, preparation) HBM bytes the rows kernel adds: it reads the row-bordered copy
+    (N*C*HQ*WQ elements) instead of x and the whole-row band (C*KHP*WQ*BN, once per channel: L2 reuse
+    across the programs of a channel assumed); preparation: the copy (read x, write the copy) and the
+    band write."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    eb = _bytes(dtype)
+    x_el, xq_el, band = N * C * H * H, N * C * HQ * WQ, C * KHP * WQ * BN
+    return float((xq_el - x_el + band) * eb), float((x_el + xq_el + band) * eb)
+
+
+def diag_extra_bytes(layer: Layer, dtype: str, HG: int, WQ: int, WOG: int, z_elems: int, splits: int):
+    """(kernel, preparation) HBM bytes the diagonal grad_weight path adds: the kernel reads the bordered
+    copy (N*C*HG*WQ elements) instead of x, grad_out as it is or its padded copy (rows of WOG), writes
+    and reads back its fp32 scratch Z (z_elems; counted both ways although the read-back normally hits
+    L2) and the fp32 partials; preparation: the bordered copy (read x, write the copy) and, where the
+    grad_out rows are not 16-byte aligned, the padded copy of grad_out (read, write)."""
+    N, C, H = layer.N, layer.C, layer.H
+    eb = _bytes(dtype)
+    x_el = N * C * H * H
+    xg_el = N * C * HG * WQ
+    g_el = N * C * H * WOG
+    kern = (xg_el - x_el + g_el - x_el) * eb + z_elems * 4 * 2 + splits * C * layer.K * layer.K * 4 * 2
+    prep = (x_el + xg_el) * eb + ((x_el + g_el) * eb if WOG != H else 0)
     return float(kern), float(prep)
 
 

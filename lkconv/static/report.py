@@ -334,11 +334,14 @@ MODEL_NOTES = """\
   28²); fp32 -> `fp32_rb_kernel` (`<7,7,8,1,4,8>` = 56x56x4 planes at 56²,
   `<7,7,4,2,4,2>` = 28x28x4 below, the `fp32_rb_small_tile` rule); grad_weight -> `grad_weight_tc_kernel`
   (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA has no TF32 path), split count of
-  `grad_weight_splits`.  Triton (`ops.ALIGNED = True`): `dwconv_forward_aligned_kernel` (forward and
-  stride-1 grad_input) and `dwconv_grad_weight_aligned_kernel`; the time is the best modelled config of
-  the list the shipped prune keeps (the autotuner keeps the fastest measured one); `triton_default_*`
-  in model.csv is the non-autotuned default config.  "fallback" columns: `toeplitz_wmma_kernel` (now
-  only K > 64) and `grad_weight_partial_kernel`, and the unaligned Triton kernels (`ops.ALIGNED = False`).
+  `grad_weight_splits`.  Triton (`ops.ALIGNED = True`): forward and stride-1 grad_input ->
+  `dwconv_forward_rows_kernel` for planes of more than 256 pixels and at most 128 columns (56², 28²),
+  else `dwconv_forward_aligned_kernel` (14², 7²); grad_weight -> `dwconv_grad_weight_diag_kernel` for
+  planes up to 128 columns (the whole layer set; `dwconv_grad_weight_aligned_kernel` is its fallback
+  for wider planes); the time is the best modelled config of the list the shipped prune keeps (the
+  autotuner keeps the fastest measured one); `triton_default_*` in model.csv is the non-autotuned
+  default config.  "fallback" columns: `toeplitz_wmma_kernel` (now only K > 64) and
+  `grad_weight_partial_kernel`, and the unaligned Triton kernels (`ops.ALIGNED = False`).
 * **toeplitz_mma_kernel** (image-rows tiling: the mma's n8 = 8 images at one output row, m16 = 16 output
   columns, k16 = 16 input columns; CTA = 8 images x `bm` rows x 16*NB columns, `bm` of
   `toeplitz_mma_rows` with the H100 opt-in limit): per CTA the needed input rows of its images are
@@ -363,7 +366,16 @@ MODEL_NOTES = """\
   both sides of every branch).  HBM: the kernel reads the bordered copy (`N*C*H*WP`) instead of x and,
   forward, the band `C*KH*LB*16` once; the copy (read x + write the copy) and the band write are
   separate torch kernels, charged as **additive** prep time at HBM bandwidth (`parts.prep`).
-  HGMMA at the wgmma peak irrespective of N (these kernels issue 64x16x16: optimistic).
+  HGMMA at the wgmma peak irrespective of N (the Toeplitz aligned kernels issue 64x16x16: optimistic;
+  the rows and diag kernels issue 64x64x16 at 56², 64x32x16 at 28²).
+* **Triton rows forward**: per program (64 output rows -- or whole packed planes -- by the whole output
+  row) (rounded kernel-row range) x (WQ / BK) chunks; HBM: the row-bordered copy `N*C*HQ*WQ` instead
+  of x and the whole-row band `C*KHP*WQ*BN` once per channel; copy and band are additive prep.
+* **Triton diag grad_weight**: per program (channel, kernel-row block, image split) (images / IMG) x
+  (clipped output rows / BKR) iterations, plus the straight-line diagonal epilogue; HBM: the bordered
+  copy instead of x, grad_out (in place, or its padded copy at prep when its rows are not 8-byte
+  aligned), the fp32 scratch Z written **and** read back (pessimistic: the read normally hits L2), the
+  fp32 partials; the copy is additive prep.
 * Unchanged from the earlier report: mma.sync at half the wgmma rate (unmeasured), 0.7 issue
   efficiency for the slow end, H100 SXM constants (docs/performance_model.md).
 * `routing.json` / `routing.csv`: per (backend, layer, pass, dtype) the slow end of the range of the

@@ -556,3 +556,188 @@ def dwconv_grad_weight_aligned_kernel(
     kw = kw0 + 16 * am[:, None] + offs_b[None, :]
     ws = ws_ptr + (s.to(tl.int64) * C + c) * (KH * KW)
     tl.store(ws + kh[:, None] * KW + kw, acc, mask=(kh < KH)[:, None] & (kw < KW))
+
+
+# ------------------------------------------------------------------------------------------------
+# grad_weight by row outer products and a diagonal sum (the default grad_weight for WO <= 128)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def dwconv_grad_weight_diag_kernel(
+    xg_ptr, g_ptr, z_ptr, ws_ptr,
+    N, C, H, W, HO, WO, N_PER_SPLIT, HG,
+    GPV, GRV, WOV,
+    PT, PL,
+    KH, KW,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    WQ: tl.constexpr, VEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BKR: tl.constexpr,
+    IMG: tl.constexpr, KWB: tl.constexpr,
+):
+    """fp32 partial grad_weight of one (channel, block of ``KHT = BM // WQ`` kernel rows, split of the
+    images) as one GEMM whose reduction runs over output rows, and a diagonal sum.
+
+    ``xg`` is the input as planes ``[N*C, HG, WQ]``, ``xg[p, r, u] = x[p, r - TB, u]`` with ``TB =
+    (KHT - 1) * DH`` zero rows on top, zero outside x (``WQ`` a power of two >= W, ``HG = H + 2*TB``);
+    ``g`` is grad_out with rows of ``GRV * VEC`` elements and planes of ``GPV * VEC`` (strides passed
+    in units of ``VEC`` = one 16-byte vector, so that the compiler can prove every row start aligned;
+    ``WOV * VEC`` columns of a row may be read).  For output row ``q = (n, i)`` and ``m = (kh - kh0)
+    * WQ + u``::
+
+        Z[m, v] = sum_q A[q, m] * B[q, v],   A[q, m] = x[n, c, i*SH + kh*DH - PT, u],   B[q, v] = g[n, c, i, v]
+
+    -- both operands are plain contiguous, aligned row segments (16-byte vector loads, cp.async when
+    pipelined; GEMM-M = ``BM`` = 64 for wgmma, GEMM-N = ``BN`` >= WO, GEMM-K = ``BKR`` output rows
+    of ``IMG`` images per dot; the operand offsets are loop-invariant, each iteration adds one scalar
+    per operand).
+    The reduction runs over the output rows that meet a real input row for some kernel row of the
+    block (so every row read lies in ``xg``: at most ``TB`` rows outside x on either side).  Then
+    ``dW[kh, kw] = sum_v Z[(kh - kh0)*WQ + v*SW + kw*DW - PL, v]`` over ``v < WO`` and real input
+    columns: the program stores Z to its own scratch slot, synchronises its threads and sums the
+    ``KW`` diagonals.  Deterministic: each program writes its own ``ws[split, c, kh, :]``."""
+    KHT: tl.constexpr = BM // WQ
+    TB: tl.constexpr = (KHT - 1) * DH
+    pid = tl.program_id(0)
+    n_mt = tl.cdiv(KH, KHT)
+    mt = pid % n_mt
+    r = pid // n_mt
+    c = r % C
+    s = r // C
+    kh0 = mt * KHT
+
+    offs_m = tl.arange(0, BM)
+    offs_k = tl.arange(0, IMG * BKR)
+    kr = offs_k % BKR  # output row within the chunk
+    ki = offs_k // BKR  # image within the chunk
+    offs_v = tl.arange(0, BN)
+    # loop-invariant operand offsets (rows of the chunk x columns)
+    a_off = (ki * (C * HG * WQ) + kr * (SH * WQ))[:, None] + ((kh0 + offs_m // WQ) * (DH * WQ) + offs_m % WQ)[None, :]
+    b_off = (ki * (C * GPV * VEC) + kr * (GRV * VEC))[:, None] + offs_v[None, :]
+    vmask = (offs_v < WOV * VEC)[None, :]
+
+    # output rows i that meet a real input row for some kernel row of the block
+    kh_last = tl.minimum(kh0 + KHT, KH) - 1
+    i_lo = (tl.maximum(PT - kh_last * DH, 0) + SH - 1) // SH
+    i_hi = tl.minimum((tl.maximum(H - 1 + PT - kh0 * DH, -1) + SH) // SH, HO)
+    n_ch = (tl.maximum(i_hi - i_lo, 0) + BKR - 1) // BKR
+    n_lo = s * N_PER_SPLIT
+    n_hi = tl.minimum(n_lo + N_PER_SPLIT, N)
+    n_iter = ((tl.maximum(n_hi - n_lo, 0) + IMG - 1) // IMG) * n_ch
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    n = n_lo
+    plane = (n_lo * C + c).to(tl.int64)
+    i0 = i_lo
+    for it in range(0, n_iter):
+        kmask = ((kr < i_hi - i0) & (ki < n_hi - n))[:, None]
+        xrow = xg_ptr + plane * HG * WQ + (i0 * SH + TB - PT) * WQ
+        grow = g_ptr + plane * GPV * VEC + i0 * GRV * VEC
+        a = tl.load(xrow + a_off, mask=kmask, other=0.0)
+        b = tl.load(grow + b_off, mask=kmask & vmask, other=0.0)
+        acc = _mma(tl.trans(a), b, acc, PREC, UPCAST)
+        i0 += BKR
+        wrap = i0 >= i_hi
+        i0 = tl.where(wrap, i_lo, i0)
+        n = tl.where(wrap, n + IMG, n)
+        plane = tl.where(wrap, plane + IMG * C, plane)
+
+    # diagonal sums through this program's scratch slot
+    zb = z_ptr + pid.to(tl.int64) * (BM * BN)
+    tl.store(zb + offs_m[:, None] * BN + offs_v[None, :], acc)
+    tl.debug_barrier()
+    kw = tl.arange(0, KWB)
+    col = offs_v[None, :] * SW + kw[:, None] * DW - PL  # input column of (kw, v)
+    valid = (col >= 0) & (col < W) & (offs_v < WO)[None, :] & (kw < KW)[:, None]
+    ws = ws_ptr + ((s.to(tl.int64) * C + c) * KH) * KW
+    for t in tl.static_range(KHT):
+        zv = tl.load(zb + (t * WQ + col) * BN + offs_v[None, :], mask=valid, other=0.0)
+        kh = kh0 + t
+        tl.store(ws + kh * KW + kw, tl.sum(zv, axis=1), mask=(kw < KW) & (kh < KH))
+
+
+# ------------------------------------------------------------------------------------------------
+# forward by whole-row Toeplitz bands (the default forward / stride-1 grad_input for planes of more than
+# 256 pixels and at most 128 columns)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def dwconv_forward_rows_kernel(
+    xq_ptr, t_ptr, b_ptr, y_ptr,
+    N, C, H, HO, WO, HQ, PT,
+    syn, syc, syh, syw,
+    KH, KHP,
+    SH: tl.constexpr, DH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    WQ: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PACK: tl.constexpr,
+):
+    """Forward (and grad_input at stride 1) of tiles of ``BM`` output rows by the whole output width.
+
+    ``xq`` is the input as planes ``[N*C, HQ, WQ]``, ``xq[p, r, u] = x[p, r - PT, u]`` (zero outside
+    x; ``WQ`` a power of two >= W, ``HQ = (HO-1)*SH + (KHP-1)*DH + 1``: every row any output row and
+    kernel row meet); ``t`` is the whole-row Toeplitz band ``[C, KHP, WQ, BN]``, ``t[c, kh, u, j] =
+    f[c, kh, (u - j*SW + PL) / DW]`` (zero where not integral, outside ``[0, KW)``, for ``j >= WO``
+    and for the zero kernel rows ``KH <= kh < KHP``).
+    Then, with ``k = (kh, u)``::
+
+        Y[m, j] = sum_{kh, u} A[m, (kh, u)] * T[(kh, u), j],   A[m, (kh, u)] = xq[p(m), i(m)*SH + kh*DH, u]
+
+    GEMM-N is the whole output row (``BN`` >= WO), GEMM-K runs over chunks of ``BK`` consecutive
+    ``k``: a part of one kernel row (``BK <= WQ``) or, at dilation 1 (where ``(kh, u)`` is contiguous
+    in ``xq``), ``KHB = BK // WQ`` whole kernel rows; the kernel-row range is rounded out to a
+    multiple of ``KHB`` (the extra rows meet the zero border or the band's zero rows); ``A`` rows are contiguous, 16-aligned row segments and ``T`` chunks contiguous
+    rows of the band, so both are 16-byte vector loads (cp.async when pipelined) at loop-invariant
+    offsets plus one scalar per iteration, with no mask but the loop-invariant row mask.  ``PACK`` >
+    1: a tile holds ``PACK`` whole output planes of one channel (consecutive images, ``BM // PACK >=
+    HO`` rows each).  Kernel rows that meet only padding for every row of the tile are skipped."""
+    NUC: tl.constexpr = (WQ + BK - 1) // BK  # chunks per kernel row (BK <= WQ), else 1
+    KHB: tl.constexpr = (BK + WQ - 1) // WQ  # kernel rows per chunk (BK >= WQ), else 1
+    tl.static_assert(KHB == 1 or DH == 1)
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BM)
+    if PACK > 1:
+        n_grp = tl.cdiv(N, PACK)
+        g = pid % n_grp
+        c = pid // n_grp
+        pm = offs_m // (BM // PACK)
+        im = offs_m % (BM // PACK)
+        nm = g * PACK + pm
+        mvalid = (im < HO) & (nm < N) & (pm < PACK)
+        n0 = g * PACK
+        i0 = 0
+        i_last = HO - 1
+        row_off = (pm * (C * HQ) + im * SH) * WQ
+    else:
+        n_rt = tl.cdiv(HO, BM)
+        rt = pid % n_rt
+        r = pid // n_rt
+        n0 = r % N
+        c = r // N
+        i0 = rt * BM
+        im = i0 + offs_m
+        nm = n0 + offs_m * 0
+        mvalid = im < HO
+        i_last = tl.minimum(i0 + BM, HO) - 1
+        row_off = im * (SH * WQ)
+    kh_lo = (tl.maximum(PT - i_last * SH, 0) + DH - 1) // DH
+    kh_hi = tl.minimum((tl.maximum(H - 1 + PT - i0 * SH, -1) + DH) // DH, KH)
+    kh_lo = (kh_lo // KHB) * KHB
+    n_iter = ((tl.maximum(kh_hi - kh_lo, 0) + KHB - 1) // KHB) * NUC
+
+    offs_k = tl.arange(0, BK)
+    offs_n = tl.arange(0, BN)
+    x_base = xq_ptr + (n0 * C + c).to(tl.int64) * HQ * WQ
+    t_base = t_ptr + c.to(tl.int64) * KHP * WQ * BN
+    a_off = row_off[:, None] + offs_k[None, :]
+    t_off = offs_k[:, None] * BN + offs_n[None, :]
+    amask = mvalid[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for it in range(0, n_iter):
+        kh = kh_lo + (it // NUC) * KHB
+        u0 = (it % NUC) * BK
+        a = tl.load(x_base + (kh * (DH * WQ) + u0) + a_off, mask=amask, other=0.0)
+        t = tl.load(t_base + (kh * WQ + u0) * BN + t_off)
+        acc = _mma(a, t, acc, PREC, UPCAST)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    y_row = nm.to(tl.int64) * syn + c.to(tl.int64) * syc + im.to(tl.int64) * syh
+    tl.store(y_ptr + y_row[:, None] + offs_n.to(tl.int64)[None, :] * syw, acc.to(y_ptr.dtype.element_ty),
+             mask=mvalid[:, None] & (offs_n < WO)[None, :])

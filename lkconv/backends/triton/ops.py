@@ -89,7 +89,26 @@ _STATIC_SPILLS = {
     ("grad_weight", "tf32", (64, 4, 3)): {8},                  # sm_80 32x32 blocks: 16 B
     ("aligned_conv_packed", "tf32", (128, 16, 8, 8, 3)): {8},  # sm_80: 8 B
     ("aligned_grad_weight", "ieee", (32, 2, 4, 3)): {9},       # sm_90: 4 B
+    # rows forward (BK, warps, stages) and diag grad_weight (BKR, IMG, warps, stages), triton 3.8, at the
+    # 56² (64x64 tiles) and 28² (64x32) geometry; pruned for every tile width
+    ("rows_conv", None, (128, 4, 3)): {8},                     # fp16/bf16 sm_80 64x64: 4 B
+    ("rows_conv", "ieee", (64, 4, 3)): {8, 9},                 # sm_80 64x64: 868 B, 64x32: 172 B; sm_90: 16 B
+    ("rows_conv", "ieee", (64, 8, 3)): {8},                    # sm_80: 4 B
+    ("rows_conv", "ieee", (128, 4, 3)): {8, 9},                # sm_80: 2476 B; sm_90: 4 B
+    ("diag_grad_weight", None, (32, 1, 4, 3)): {8},            # fp16/bf16 sm_80 64x64: 16 B
+    ("diag_grad_weight", "ieee", (64, 1, 4, 3)): {8},          # sm_80: 9144 B (64x64), 3372 B (64x32)
+    ("diag_grad_weight", "ieee", (32, 2, 4, 3)): {8},          # sm_80: 9168 B / 3528 B
+    ("diag_grad_weight", "ieee", (16, 4, 4, 3)): {8},          # sm_80: 9152 B / 3520 B
 }
+
+
+def _first_safe(kind: str, prec, sm_major: int, preferred: tuple, configs) -> tuple:
+    """``preferred`` unless the static report found it spilling for this precision on this SM major,
+    else the first config of ``configs`` that does not spill (``preferred`` if none)."""
+    for cfg in [tuple(preferred)] + [tuple(c) for c in configs]:
+        if not _spills(kind, prec, cfg, sm_major):
+            return cfg
+    return tuple(preferred)
 
 
 def _current_sm_major() -> int:
@@ -407,15 +426,24 @@ def _conv(x, wflat, bias, out, KH, KW, stride, dilation, pt, pl):
     return out
 
 
-def _default_aligned_conv(ho: int, packed: bool):
+def _default_aligned_conv(ho: int, packed: bool, prec=None, sm_major: int = 9):
     """The non-autotuned config per shape class, the one the static model ranks best
     (docs/triton_backend.md, modelled table): packed planes of <= 8 rows: 128-row tiles; other packed
     planes: 64 rows, 8 kernel rows per dot; large planes: 64 rows, 16 kernel rows per dot; planes of
-    one image with <= 32 rows: a tile sized to the plane."""
+    one image with <= 32 rows: a tile sized to the plane.  A choice the static report found spilling
+    for this input precision on this SM major (``_STATIC_SPILLS``) is replaced by the first config of
+    the same BM that does not spill (the autotuner's prune applies the same rule)."""
     if packed:
-        return (128, 16, 8, 8, 3) if ho <= 8 else (64, 16, 8, 4, 3)
-    bm = min(64, max(16, triton.next_power_of_2(max(ho, 1))))
-    return {16: (16, 16, 4, 2, 2), 32: (32, 16, 4, 4, 3)}.get(bm, (64, 16, 16, 4, 2))
+        cfg = (128, 16, 8, 8, 3) if ho <= 8 else (64, 16, 8, 4, 3)
+    else:
+        bm = min(64, max(16, triton.next_power_of_2(max(ho, 1))))
+        cfg = {16: (16, 16, 4, 2, 2), 32: (32, 16, 4, 4, 3)}.get(bm, (64, 16, 16, 4, 2))
+    kind = "aligned_conv_packed" if packed else "aligned_conv"
+    if _spills(kind, prec, cfg, sm_major):
+        same = [c for c in _ALIGNED_CONV_CONFIGS if c[0] == cfg[0] and not _spills(kind, prec, c, sm_major)]
+        small = [c for c in _ALIGNED_CONV_CONFIGS if not _spills(kind, prec, c, sm_major)]
+        cfg = (same or small or [cfg])[0]
+    return cfg
 
 
 def _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl):
@@ -459,7 +487,7 @@ def _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl):
         elif AUTOTUNE:
             _forward_aligned_tuned[grid](*args, **kwargs)
         else:
-            bm, bk, khb, warps, stages = _default_aligned_conv(HO, packed)
+            bm, bk, khb, warps, stages = _default_aligned_conv(HO, packed, kwargs["PREC"], _current_sm_major())
             base[grid](*args, **kwargs, BM=bm, BK=bk, KHB=khb, num_warps=warps, num_stages=stages)
     return out
 
@@ -472,6 +500,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias, p: ConvParams) -> torch
     b = None if bias is None else bias.contiguous()
     t, _, l, _ = p.padding
     if ALIGNED:
+        if out.numel() and _rows_ok(H, W, HO, WO, KH, p.stride[0], p.dilation[0]):
+            return _conv_rows(x, weight, False, b, out, p.stride, p.dilation, t, l)
         return _conv_aligned(x, weight, False, b, out, p.stride, p.dilation, t, l)
     x = _read_layout(x)
     return _conv(x, _flat_weight(weight), b, out, KH, KW, p.stride, p.dilation, t, l)
@@ -490,7 +520,8 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
         # gx[h] = sum_k f[K-1-k] g[h + k*D - ((K-1)*D - P)]: the forward on grad_out with the flipped
         # filter and (signed) offsets (K-1)*D - P; only the top/left offsets matter, the output size is H x W
         if ALIGNED:
-            return _conv_aligned(
+            conv = _conv_rows if _rows_ok(*grad_out.shape[2:], H, W, KH, 1, dil_h) else _conv_aligned
+            return conv(
                 grad_out, weight, True, None, gx, (1, 1), p.dilation,
                 (KH - 1) * dil_h - t, (KW - 1) * dil_w - l,
             )
@@ -541,6 +572,8 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     if rows == 0 or WO == 0:
         return torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
     if ALIGNED:
+        if _diag_ok(x, grad_out, KH, p):
+            return _grad_weight_diag(grad_out, x, C, KH, KW, p)
         return _grad_weight_aligned(grad_out, x, C, KH, KW, p)
     x, grad_out = _read_layout(x), _read_layout(grad_out)
     BKH, BKW = _kblock(KH), _kblock(KW)
@@ -565,6 +598,15 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
         _launch_grad_weight((per_split * splits,), args, kwargs)
     # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
     return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
+
+
+def _default_aligned_grad_weight(prec=None, sm_major: int = 9):
+    """The Toeplitz aligned grad_weight's non-autotuned config: BKC 32 x R 4 (the model's best), or the
+    first config that does not spill for this precision on this SM major (``_STATIC_SPILLS``)."""
+    for cfg in [(32, 4, 4, 3)] + _ALIGNED_GRAD_WEIGHT_CONFIGS:
+        if not _spills("aligned_grad_weight", prec, cfg, sm_major):
+            return cfg
+    return (32, 4, 4, 3)
 
 
 def _grad_weight_blocks(KH: int, KW: int):
@@ -612,6 +654,321 @@ def _grad_weight_aligned(grad_out, x, C, KH, KW, p):
         elif AUTOTUNE:
             _grad_weight_aligned_tuned[grid](*args, **kwargs)
         else:
-            base[grid](*args, **kwargs, BKC=32, R=4, num_warps=4, num_stages=3)
+            bkc, r, warps, stages = _default_aligned_grad_weight(kwargs["PREC"], _current_sm_major())
+            base[grid](*args, **kwargs, BKC=bkc, R=r, num_warps=warps, num_stages=stages)
     # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
     return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
+
+
+# ------------------------------------------------------------------------------------------------
+# grad_weight by row outer products and a diagonal sum (kernels.dwconv_grad_weight_diag_kernel)
+# ------------------------------------------------------------------------------------------------
+#: the diagonal grad_weight kernel serves input and output rows up to this many columns (its GEMM-N is
+#: the output width rounded up to a power of two, GEMM-M the input width; wider planes run the
+#: Toeplitz kernel ``dwconv_grad_weight_aligned_kernel``, whose work grows with K instead of W)
+DIAG_MAX_W = 128
+#: (BKR output rows per image, IMG images per dot, warps, stages)
+_DIAG_GRAD_WEIGHT_CONFIGS = [(32, 1, 4, 3), (64, 1, 4, 3), (32, 2, 4, 3), (16, 4, 4, 3), (32, 1, 8, 3)]
+_DIAG_GRAD_WEIGHT_KEY = ["KH", "KW", "H", "W", "HO", "WO", "SH", "SW", "DH", "DW", "PT", "PL", "WQ", "BM", "BN"]
+_INTERP_DIAG_GRAD_WEIGHT = dict(BKR=16, IMG=1)
+
+
+def _diag_configs():
+    return [triton.Config(dict(BKR=bkr, IMG=img), num_warps=w, num_stages=s)
+            for bkr, img, w, s in _DIAG_GRAD_WEIGHT_CONFIGS]
+
+
+def _diag_cfg(c) -> tuple:
+    return (c.kwargs["BKR"], c.kwargs["IMG"], c.num_warps, c.num_stages)
+
+
+def _prune_diag_grad_weight_for(sm_major=None):
+    """Diagonal grad_weight: drop 4-warp configs of 128-row tiles (the accumulator alone would take 128
+    registers a thread) and configs known to spill on this GPU (keep the first if none is left)."""
+
+    def prune(configs, named_args, **kwargs):
+        major = sm_major if sm_major is not None else _current_sm_major()
+        bm = int(kwargs.get("BM", named_args.get("BM", 64)))
+        bn = int(kwargs.get("BN", named_args.get("BN", 64)))
+        kept = [c for c in configs if not (bm * bn > 64 * 64 and c.num_warps < 8)
+                and not _spills("diag_grad_weight", kwargs.get("PREC"), _diag_cfg(c), major)]
+        return kept or configs[-1:]
+
+    return prune
+
+
+if INTERPRETED:
+    _grad_weight_diag_tuned = None
+else:  # pragma: no cover - needs a GPU
+    _grad_weight_diag_tuned = triton.autotune(
+        configs=_diag_configs(), key=_DIAG_GRAD_WEIGHT_KEY,
+        prune_configs_by={"early_config_prune": _prune_diag_grad_weight_for()},
+    )(K.dwconv_grad_weight_diag_kernel)
+
+
+def diag_geometry(N: int, H: int, W: int, HO: int, WO: int, KH: int, sh: int, dh: int):
+    """(WQ, BM, BN, HG) of the diagonal grad_weight kernel: the input row width rounded up to a power
+    of two (>= 16), GEMM-M = max(64, WQ) (whole input rows of BM // WQ kernel rows), GEMM-N = the
+    output width rounded up to a power of two (>= 16), and the rows of the bordered input copy (x
+    with ``(BM // WQ - 1) * dh`` zero rows above and below)."""
+    wq = max(16, triton.next_power_of_2(W))
+    bm = max(64, wq)
+    bn = max(16, triton.next_power_of_2(WO))
+    tb = (bm // wq - 1) * dh
+    return wq, bm, bn, H + 2 * tb
+
+
+def _bordered_rows(x: torch.Tensor, t: int, hg: int, wq: int) -> torch.Tensor:
+    """Contiguous planes ``[N, C, hg, wq]`` with ``out[..., r, u] = x[..., r - t, u]``, zero outside x
+    (only the border is zero-filled: one read of x, one write of the copy)."""
+    N, C, H, W = x.shape
+    xg = torch.empty((N, C, hg, wq), dtype=x.dtype, device=x.device)
+    r0, r1 = min(max(t, 0), hg), max(min(hg, t + H), 0)
+    r1 = max(r1, r0)
+    xg[:, :, :r0].zero_()
+    xg[:, :, r1:].zero_()
+    if r1 > r0:
+        if W < wq:
+            xg[:, :, r0:r1, W:].zero_()
+        xg[:, :, r0:r1, :W].copy_(x[:, :, r0 - t:r1 - t, :])
+    return xg
+
+
+def _diag_g_vec(g: torch.Tensor) -> int:
+    """Elements per vector with which the diagonal kernel can read grad_out in place: the widest of 16
+    and 8 bytes that divides its row length and start (contiguous NCHW only); 0: it needs a copy."""
+    esz = g.element_size()
+    if not g.is_contiguous():
+        return 0
+    for nbytes in (16, 8):
+        vec = nbytes // esz
+        if g.shape[3] % vec == 0 and g.data_ptr() % nbytes == 0:
+            return vec
+    return 0
+
+
+def _diag_ok(x: torch.Tensor, grad_out: torch.Tensor, KH: int, p: ConvParams) -> bool:
+    N, _, H, W = x.shape
+    HO, WO = grad_out.shape[2], grad_out.shape[3]
+    if max(W, WO) > DIAG_MAX_W:
+        return False
+    # int32 operand offsets: up to 4 images (IMG) of one channel's planes of the copies
+    C = x.shape[1]
+    wq, _, _, hg = diag_geometry(N, H, W, HO, WO, KH, p.stride[0], p.dilation[0])
+    return 4 * C * max(hg * wq, HO * (WO + 8)) < _I32
+
+
+def _diag_default(bm: int, bn: int, prec=None, sm_major: int = 9):
+    """The non-autotuned default (BKR, IMG, warps, stages), the config the static model ranks best
+    (docs/triton_backend.md): 16 rows of four images per dot for 64-column outputs, 32 rows of two
+    images for narrower ones; 8 warps for the 128-wide tiles; a known-spilling choice is replaced by
+    the first safe config."""
+    if bm * bn > 64 * 64:
+        return (32, 1, 8, 3)
+    cfg = (16, 4, 4, 3) if bn >= 64 else (32, 2, 4, 3)
+    return _first_safe("diag_grad_weight", prec, sm_major, cfg, _DIAG_GRAD_WEIGHT_CONFIGS)
+
+
+def _grad_weight_diag(grad_out, x, C, KH, KW, p):
+    N, _, H, W = x.shape
+    HO, WO = grad_out.shape[2], grad_out.shape[3]
+    sh, sw = p.stride
+    dh, dw = p.dilation
+    t, _, l, _ = p.padding
+    wq, bm, bn, hg = diag_geometry(N, H, W, HO, WO, KH, sh, dh)
+    # the bordered copy: xg[n, c, r, u] = x[n, c, r - tb, u], zero outside x
+    xg = _bordered_rows(x, (hg - H) // 2, hg, wq)
+    vec = _diag_g_vec(grad_out)
+    if vec:  # read in place, vectors of vec elements (16 or 8 bytes)
+        g, wog = grad_out, WO
+    else:  # rows that are not 8-byte aligned (or not contiguous): a zero-padded contiguous copy
+        vec = 16 // x.element_size()
+        wog = triton.cdiv(WO, vec) * vec
+        g = torch.zeros((N, C, HO, wog), dtype=grad_out.dtype, device=grad_out.device)
+        g[..., :WO].copy_(grad_out)
+    n_mt = triton.cdiv(KH, bm // wq)
+    per_split = C * n_mt
+    if INTERPRETED:
+        splits = min(N, 2)  # two splits: exercises the ordered reduction of partials
+    else:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = max(1, min(N, triton.cdiv(4 * sms, per_split)))
+    nps = triton.cdiv(N, splits)
+    splits = triton.cdiv(N, nps)
+    grid = (splits * per_split,)
+    z = torch.empty((grid[0], bm, bn), dtype=torch.float32, device=x.device)
+    ws = new_output((splits, C, KH, KW), x, torch.float32)
+    args = (
+        xg, g, z, ws,
+        N, C, H, W, HO, WO, nps, hg,
+        HO * wog // vec, wog // vec, wog // vec,
+        t, l,
+        KH, KW,
+    )
+    kwargs = dict(
+        SH=sh, SW=sw, DH=dh, DW=dw, PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+        WQ=wq, VEC=vec, BM=bm, BN=bn, KWB=max(16, triton.next_power_of_2(KW)),
+    )
+    base = K.dwconv_grad_weight_diag_kernel
+    with _device_guard(x):
+        if INTERPRETED:
+            base[grid](*args, **kwargs, **_INTERP_DIAG_GRAD_WEIGHT)
+        elif AUTOTUNE:
+            _grad_weight_diag_tuned[grid](*args, **kwargs)
+        else:
+            bkr, img, warps, stages = _diag_default(bm, bn, kwargs["PREC"], _current_sm_major())
+            base[grid](*args, **kwargs, BKR=bkr, IMG=img, num_warps=warps, num_stages=stages)
+    # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
+    return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
+
+
+# ------------------------------------------------------------------------------------------------
+# forward / stride-1 grad_input by whole-row Toeplitz bands (kernels.dwconv_forward_rows_kernel)
+# ------------------------------------------------------------------------------------------------
+#: the rows kernel serves planes of more than this many pixels (smaller planes: the packed aligned
+#: kernel) and at most ROWS_MAX_W input and output columns (its GEMM-N is the whole output row)
+ROWS_MIN_PIXELS = 256
+ROWS_MAX_W = 128
+ROWS_BM = 64
+#: the most kernel rows one chunk may span (BK = KHB * WQ, dilation 1)
+ROWS_MAX_KHB = 2
+#: (BK input columns per dot, warps, stages)
+_ROWS_CONFIGS = [(32, 4, 3), (64, 4, 3), (16, 4, 4), (64, 8, 3), (128, 4, 3)]
+_ROWS_KEY = ["KH", "H", "HO", "WO", "HQ", "SH", "DH", "WQ", "BN", "PACK"]
+_INTERP_ROWS = dict(BK=16)
+
+
+def _rows_configs():
+    return [triton.Config(dict(BK=bk), num_warps=w, num_stages=s) for bk, w, s in _ROWS_CONFIGS]
+
+
+def _rows_cfg(c) -> tuple:
+    return (c.kwargs["BK"], c.num_warps, c.num_stages)
+
+
+def _prune_rows_for(sm_major=None):
+    """Rows kernel: chunks wider than the input row only at dilation 1 and up to ROWS_MAX_KHB kernel rows
+    (the copy and the band are padded for that), then drop configs known to spill on this GPU (keep the
+    narrowest chunk if none is left)."""
+
+    def prune(configs, named_args, **kwargs):
+        wq = int(kwargs.get("WQ", named_args.get("WQ", 64)))
+        dh = int(kwargs.get("DH", named_args.get("DH", 1)))
+        major = sm_major if sm_major is not None else _current_sm_major()
+        fit = [c for c in configs if c.kwargs["BK"] <= (wq * ROWS_MAX_KHB if dh == 1 else wq)]
+        fit = fit or [min(configs, key=lambda c: c.kwargs["BK"])]
+        kept = [c for c in fit if not _spills("rows_conv", kwargs.get("PREC"), _rows_cfg(c), major)]
+        return kept or fit[:1]
+
+    return prune
+
+
+if INTERPRETED:
+    _forward_rows_tuned = None
+else:  # pragma: no cover - needs a GPU
+    _forward_rows_tuned = triton.autotune(
+        configs=_rows_configs(), key=_ROWS_KEY, prune_configs_by={"early_config_prune": _prune_rows_for()},
+    )(K.dwconv_forward_rows_kernel)
+
+
+def rows_geometry(N: int, H: int, W: int, HO: int, WO: int, KH: int, sh: int, dh: int):
+    """(WQ, BN, HQ, PACK, KHP) of the rows kernel: the input row width rounded up to a power of two
+    (>= 16), GEMM-N = the output width rounded up likewise, the rows of the bordered copy, the planes
+    per 64-row tile (several images of one channel when at least two fit) and the kernel rows of the
+    band (KH rounded up to a multiple of ROWS_MAX_KHB at dilation 1, for chunks of whole kernel rows)."""
+    wq = max(16, triton.next_power_of_2(W))
+    bn = max(16, triton.next_power_of_2(WO))
+    khp = triton.cdiv(KH, ROWS_MAX_KHB) * ROWS_MAX_KHB if dh == 1 else KH
+    hq = (HO - 1) * sh + (khp - 1) * dh + 1
+    pack = ROWS_BM // HO if (N >= 2 and 2 * HO <= ROWS_BM) else 1
+    return wq, bn, hq, max(1, min(pack, N)), khp
+
+
+def _rows_ok(H: int, W: int, HO: int, WO: int, KH: int, sh: int, dh: int) -> bool:
+    if H * W <= ROWS_MIN_PIXELS or max(W, WO) > ROWS_MAX_W or HO <= 0 or WO <= 0:
+        return False
+    hq = (HO - 1) * sh + (KH + ROWS_MAX_KHB - 1) * dh + 1
+    return hq * max(16, triton.next_power_of_2(W)) * 4 < _I32
+
+
+def _rows_offsets_fit(N: int, C: int, hq: int, wq: int, pack: int) -> bool:
+    """The rows kernel's in-tile row offsets (``pack`` planes of one channel, ``C`` planes apart) are int32."""
+    return pack * C * hq * wq < _I32
+
+
+def _row_band(weight: torch.Tensor, flip: bool, sw: int, dw: int, pl: int, W: int, WO: int, wq: int, bn: int,
+              khp: int):
+    """The whole-row Toeplitz band ``[C, khp, wq, bn]`` of the rows kernel (kernel rows ``>= KH`` zero): ``band[c, kh, u, j] =
+    f[c, kh, (u - j*sw + pl) / dw]``, zero where ``u - j*sw + pl`` is not a multiple of ``dw`` in
+    ``[0, KW*dw)``, for ``u >= W`` and for ``j >= WO`` (``torch.where``: an Inf in the filter stays
+    out of the zeros)."""
+    C, _, KH, KW = weight.shape
+    w = weight.flip(2, 3) if flip else weight
+    u = torch.arange(wq, device=weight.device)[:, None]
+    j = torch.arange(bn, device=weight.device)[None, :]
+    d = u - j * sw + pl
+    valid = (d >= 0) & (d % dw == 0) & (d < KW * dw) & (u < W) & (j < WO)
+    idx = torch.where(valid, d // dw, torch.zeros_like(d))
+    band = w.reshape(C, KH, KW)[:, :, idx]
+    band = torch.where(valid, band, torch.zeros((), dtype=w.dtype, device=w.device))
+    if khp > KH:
+        band = torch.cat([band, band.new_zeros((C, khp - KH, wq, bn))], dim=1)
+    return band.contiguous()
+
+
+def _rows_fit(bk: int, wq: int, dh: int) -> int:
+    """The widest chunk <= bk the rows kernel accepts: at most ROWS_MAX_KHB whole kernel rows at
+    dilation 1, at most one row otherwise (the prune's rule, for the fixed interpreter config)."""
+    return min(bk, wq * ROWS_MAX_KHB if dh == 1 else wq)
+
+
+def _rows_default(wq: int, dh: int, prec=None, sm_major: int = 9):
+    """The non-autotuned default (BK, warps, stages), the config the static model ranks best
+    (docs/triton_backend.md): chunks of two whole kernel rows (dilation 1; 128 columns at most),
+    else of one kernel row up to 64 columns; a known-spilling choice is replaced by the first safe
+    config that fits."""
+    if dh == 1:
+        cfg = (min(2 * wq, 128), 4, 3)
+    else:
+        cfg = (64, 4, 3) if wq >= 64 else ((32, 4, 3) if wq == 32 else (16, 4, 4))
+    fits = [c for c in _ROWS_CONFIGS if c[0] <= _rows_fit(128, wq, dh)]
+    return _first_safe("rows_conv", prec, sm_major, cfg, fits)
+
+
+def _conv_rows(x, weight, flip, bias, out, stride, dilation, pt, pl):
+    """out = the Toeplitz convolution of x with (flipped) weight and signed offsets (pt, pl), by the rows
+    kernel (a row-bordered copy of x, a whole-row band)."""
+    N, C, H, W = x.shape
+    HO, WO = out.shape[2], out.shape[3]
+    KH = weight.shape[2]
+    sh, sw = stride
+    dh, dw = dilation
+    wq, bn, hq, pack, khp = rows_geometry(N, H, W, HO, WO, KH, sh, dh)
+    if not _rows_offsets_fit(N, C, hq, wq, pack):
+        return _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl)
+    xq = _bordered_rows(x, pt, hq, wq)
+    band = _row_band(weight, flip, sw, dw, pl, W, WO, wq, bn, khp)
+    if pack > 1:
+        grid = (C * triton.cdiv(N, pack),)
+    else:
+        grid = (C * N * triton.cdiv(HO, ROWS_BM),)
+    args = (
+        xq, band, bias if bias is not None else band, out,
+        N, C, H, HO, WO, hq, pt,
+        *out.stride(),
+        KH, khp,
+    )
+    kwargs = dict(
+        SH=sh, DH=dh, HAS_BIAS=bias is not None, PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
+        WQ=wq, BN=bn, BM=ROWS_BM, PACK=pack,
+    )
+    base = K.dwconv_forward_rows_kernel
+    with _device_guard(x):
+        if INTERPRETED:
+            base[grid](*args, **kwargs, BK=_rows_fit(_INTERP_ROWS["BK"], wq, dh))
+        elif AUTOTUNE:
+            _forward_rows_tuned[grid](*args, **kwargs)
+        else:
+            bk, warps, stages = _rows_default(wq, dh, kwargs["PREC"], _current_sm_major())
+            base[grid](*args, **kwargs, BK=bk, num_warps=warps, num_stages=stages)
+    return out
