@@ -26,6 +26,7 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
     (r"grad_weight_reduce_kernel", "cuda", "grad_weight", "grad_weight_reduce"),
     (r"dwconv_forward_aligned_kernel", "triton", "forward,grad_input", "tr_conv_aligned"),
     (r"dwconv_grad_weight_aligned_kernel", "triton", "grad_weight", "tr_grad_weight_aligned"),
+    (r"dwconv_batchrows_kernel", "triton", "forward,grad_input", "tr_batchrows"),
     (r"dwconv_forward_kernel|forward_kernel", "triton", "forward,grad_input", "tr_conv"),
     (r"dwconv_grad_input_kernel|grad_input_kernel", "triton", "grad_input", "tr_grad_input_strided"),
     (r"dwconv_grad_weight_kernel|grad_weight_kernel", "triton", "grad_weight", "tr_grad_weight"),
@@ -38,7 +39,7 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
 ROLE_STATUS: Dict[str, str] = {
     "tc_toeplitz_mma": "default", "fp32_direct": "default", "grad_weight_tc": "default",
     "grad_weight_ffma": "default", "grad_weight_reduce": "default", "tr_conv_aligned": "default",
-    "tr_grad_weight_aligned": "default", "tr_grad_input_strided": "default (stride > 1)",
+    "tr_grad_weight_aligned": "default", "tr_batchrows": "default (H*W <= 256)", "tr_grad_input_strided": "default (stride > 1)",
     "tc_toeplitz": "fallback", "fallback": "fallback", "fallback_strided": "fallback",
     "grad_weight_partial": "fallback", "tr_conv": "fallback", "tr_grad_weight": "fallback",
 }
@@ -112,6 +113,8 @@ def tile_of(spec: Dict) -> str:
     if spec["kernel"] == "dwconv_grad_weight_aligned_kernel":
         return (f"{c['BKH']}x{16 * c['NA']}/BKC{c['BKC']}xR{c['R']} "
                 f"w{spec['num_warps']} s{spec['num_stages']}")
+    if spec["kernel"] == "dwconv_batchrows_kernel":
+        return f"rows{c['BM']}/{c['BN']}/K{c['KP']} w{spec['num_warps']} s{spec['num_stages']}"
     if spec["kernel"] == "dwconv_grad_weight_kernel":
         return f"{c['BKH']}x{c['BKW']}/BK{c['BK']} w{spec['num_warps']} s{spec['num_stages']}"
     return f"{c['BM']}/{c['BN']}/{c['BK']} w{spec['num_warps']} s{spec['num_stages']}"
@@ -257,6 +260,10 @@ def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 
     offsets K-1-K//2); bias is off (RepLKNet's large convolutions are followed by BatchNorm)."""
     if aligned is None:
         aligned = bool(_ops().ALIGNED)
+    if aligned and pass_ in ("forward", "grad_input"):
+        br = batchrows_specs(layer, pass_, dtype, arch, stride)
+        if br:  # small planes: what ops.forward / ops.grad_input route to first
+            return br
     if aligned and stride == 1:
         return _aligned_specs(layer, pass_, dtype, arch)
     N, C, H, K = layer.N, layer.C, layer.H, layer.K
@@ -295,6 +302,32 @@ def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 
     return specs
 
 
+def batchrows_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 1) -> List[Dict]:
+    """The batch-as-rows kernel (``ops.batchrows_applicable``) for forward / grad_input of a small plane,
+    one spec per config that survives the shipped prune on sm_<arch>; [] where the rule declines."""
+    ops = _ops()
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    HO = (H + 2 * P - K) // stride + 1
+    trans = pass_ == "grad_input"
+    ha, hb = (HO, H) if trans else (H, HO)
+    if not ops.batchrows_applicable(ha, ha, hb, hb, K, K):
+        return []
+    kp = ops._batchrows_kp(ha * ha)
+    wbp = ops._batchrows_pitch(hb)
+    vals = dict(a_ptr=0, t_ptr=0, b_ptr=0, y_ptr=0, N=N, C=C, M_PER=-(-N // 64), PT=P, KH=K)
+    kept = ops._prune_batchrows_for(arch // 10)(ops._batchrows_configs(), {}, HB=hb, WBP=wbp, PREC=_prec(dtype))
+    specs = []
+    for c in kept:
+        bm, bn, w, s = c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
+        cons = dict(HA=ha, WA=ha, HB=hb, WB=hb, WBP=wbp, SH=stride, DH=1, TRANS=trans, OUT_CL=False,
+                    HAS_BIAS=False, PREC=_prec(dtype), UPCAST=False, BM=bm, BN=bn, KP=kp)
+        sp = _runtime_spec("dwconv_batchrows_kernel", vals, cons, dtype, w, s)
+        sp["default_config"] = (bm, bn, w, s) == tuple(ops._default_batchrows(hb * wbp))
+        specs.append(sp)
+    return specs
+
+
 def spec_key(spec: Dict) -> str:
     import json
     s = {k: v for k, v in spec.items() if k not in ("values", "splits", "default_config")}
@@ -314,5 +347,8 @@ def shipped_triton_specs(arch: int) -> List[Dict]:
     for dt in DTYPES:
         for sp in triton_specs(LAYERS[0], "grad_input", dt, arch, stride=2):
             seen.setdefault(spec_key(sp), sp)
+        for layer in LAYERS:  # the batch-as-rows grad_input (transposed operator) is its own compile
+            for sp in batchrows_specs(layer, "grad_input", dt, arch):
+                seen.setdefault(spec_key(sp), sp)
     return list(seen.values())
 

@@ -471,6 +471,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias, p: ConvParams) -> torch
     out = _empty_like_format((N, C, HO, WO), x, x.dtype)
     b = None if bias is None else bias.contiguous()
     t, _, l, _ = p.padding
+    if ALIGNED and batchrows_applicable(H, W, HO, WO, KH, KW):
+        return _batchrows(x, weight, b, out, p.stride, p.dilation, t, l, trans=False)
     if ALIGNED:
         return _conv_aligned(x, weight, False, b, out, p.stride, p.dilation, t, l)
     x = _read_layout(x)
@@ -486,6 +488,9 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
     grad_out = _read_layout(grad_out)
     if gx.numel() == 0:
         return gx
+    HO, WO = grad_out.shape[2], grad_out.shape[3]
+    if ALIGNED and batchrows_applicable(HO, WO, H, W, KH, KW):  # the transposed operator: any stride / dilation
+        return _batchrows(grad_out, weight, None, gx, p.stride, p.dilation, t, l, trans=True)
     if p.stride == (1, 1):
         # gx[h] = sum_k f[K-1-k] g[h + k*D - ((K-1)*D - P)]: the forward on grad_out with the flipped
         # filter and (signed) offsets (K-1)*D - P; only the top/left offsets matter, the output size is H x W
@@ -615,3 +620,175 @@ def _grad_weight_aligned(grad_out, x, C, KH, KW, p):
             base[grid](*args, **kwargs, BKC=32, R=4, num_warps=4, num_stages=3)
     # deterministic: a fixed-order reduction over the splits (no atomics), one cast at the end
     return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
+
+
+# ------------------------------------------------------------------------------------------------
+# batch-as-rows kernels for small planes (batchrows.py): the N images are the GEMM rows, the whole
+# plane one GEMM dimension; forward and grad_input (transposed operator), any stride / dilation
+# ------------------------------------------------------------------------------------------------
+from . import batchrows as KB  # noqa: E402
+
+#: True (default): forward and grad_input of small planes (batchrows_applicable) run the batch-as-rows
+#: kernel; False: the aligned / strided kernels as for every other plane.  ``ALIGNED = False`` (the
+#: original strided kernels for everything) turns it off as well
+BATCHROWS = True
+#: the largest plane (elements, input and output) the batch-as-rows kernels take: GEMM-K is the padded
+#: plane, one operand tile [BM, KP] and the formed operator [KP, BN] must fit registers / shared memory
+BATCHROWS_MAX_PLANE = 256
+
+# (BM images, BN result positions, warps, stages); BM = 64 so sm_90 issues wgmma
+_BATCHROWS_CONFIGS = [
+    (64, 32, 4, 2),
+    (64, 64, 4, 2),
+    (64, 64, 8, 2),
+    (64, 128, 8, 2),
+]
+_INTERP_BATCHROWS = dict(BM=16, BN=16)
+# autotune key: batch (the M dimension), kernel size, both planes, geometry, pass, output layout
+# (Triton's autotuner adds the dtypes)
+# (KW, the column stride/dilation and PL are in the band; HA..WBP, SH, DH, TRANS, OUT_CL are constexprs
+# and part of Triton's own key as well)
+_BATCHROWS_KEY = ["N", "C", "KH", "HA", "WA", "HB", "WB", "WBP", "SH", "DH", "TRANS", "OUT_CL"]
+
+
+def batchrows_applicable(ha: int, wa: int, hb: int, wb: int, kh: int, kw: int) -> bool:
+    """The one applicability rule of the batch-as-rows kernels: both planes (the reduced one ``ha x wa``,
+    the result ``hb x wb``) have 1..256 elements, and the padded GEMM-K ``next_pow2(ha*wa)`` is at most
+    twice the taps per output ``kh*kw`` (the dense operator then costs at most 2x the MACs of the direct
+    sum; RepLKNet's 14x14/K27 and 7x7/K13: 256 <= 1458, 64 <= 338).  Any stride, dilation, padding."""
+    pa, pb = ha * wa, hb * wb
+    if not BATCHROWS or not (1 <= pa <= BATCHROWS_MAX_PLANE and 1 <= pb <= BATCHROWS_MAX_PLANE):
+        return False
+    return _batchrows_kp(pa) <= 2 * kh * kw
+
+
+def _batchrows_kp(pa: int) -> int:
+    return max(16, triton.next_power_of_2(pa))
+
+
+def _batchrows_pitch(wb: int) -> int:
+    """Row pitch of plane B in GEMM-N: a power of two >= 8, so every band gather is 16-B aligned."""
+    return max(8, triton.next_power_of_2(wb))
+
+
+def _batchrows_band(weight, wa: int, wb: int, wbp: int, sw: int, dw: int, pl: int, trans: bool):
+    """The width-Toeplitz band ``[C, KH, wa, wbp]`` of the batch-as-rows kernel: ``band[c, kh, k, n] =
+    f[c, kh, d / dw]`` with ``d = k - n*sw + pl`` (forward) or ``n - k*sw + pl`` (transposed operator),
+    zero where ``d`` is not a multiple of ``dw`` in ``[0, KW*dw)`` or ``n >= wb`` (``torch.where``, not a
+    product: an Inf in the filter stays out of the zeros).  ``wa/KW * wbp`` times the filter."""
+    C, _, KH, KW = weight.shape
+    k = torch.arange(wa, device=weight.device)[:, None]
+    n = torch.arange(wbp, device=weight.device)[None, :]
+    d = (n - k * sw + pl) if trans else (k - n * sw + pl)
+    valid = (d >= 0) & (d % dw == 0) & (d < KW * dw) & (n < wb)
+    idx = torch.where(valid, d // dw, torch.zeros_like(d))
+    band = weight.reshape(C, KH, KW)[:, :, idx]
+    band = torch.where(valid, band, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    return band.contiguous()
+
+
+def _batchrows_cfg(c) -> tuple:
+    return (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages)
+
+
+def _batchrows_configs():
+    return [triton.Config(dict(BM=bm, BN=bn), num_warps=w, num_stages=s) for bm, bn, w, s in _BATCHROWS_CONFIGS]
+
+
+def _prune_batchrows_for(sm_major=None):
+    """Drop configs whose BN exceeds the result plane rounded up to a power of two (keep the smallest),
+    then those the static report found spilling on this GPU (keep the smallest surviving one)."""
+
+    def prune(configs, named_args, **kwargs):
+        pb = int(kwargs.get("HB", named_args.get("HB"))) * int(kwargs.get("WBP", named_args.get("WBP")))
+        cap = max(16, triton.next_power_of_2(pb))
+        kept = [c for c in configs if c.kwargs["BN"] <= cap] or [min(configs, key=lambda c: c.kwargs["BN"])]
+        major = sm_major if sm_major is not None else _current_sm_major()
+        safe = [c for c in kept if not _spills("batchrows", kwargs.get("PREC"), _batchrows_cfg(c), major)]
+        return safe or kept[:1]
+
+    return prune
+
+
+def _default_batchrows(pb: int) -> tuple:
+    """The non-autotuned config the static model ranks best (docs/triton_backend.md): GEMM-N (the pitched
+    result plane ``HB*WBP``) above 64: BN = 128 with 8 warps (14x14: 224); otherwise BN = 64 (32 when
+    GEMM-N is at most 32) with 4 warps (7x7: 56)."""
+    if pb > 64:
+        return (64, 128, 8, 2)
+    return (64, 32 if pb <= 32 else 64, 4, 2)
+
+
+if INTERPRETED:
+    _batchrows_tuned = None
+else:  # pragma: no cover - needs a GPU
+    _batchrows_tuned = triton.autotune(
+        configs=_batchrows_configs(), key=_BATCHROWS_KEY,
+        prune_configs_by={"early_config_prune": _prune_batchrows_for()},
+    )(KB.dwconv_batchrows_kernel)
+
+
+def _batchrows_m_per(n_mt: int, programs_per_group: int, device) -> int:
+    """M tiles per program: all of them (the operator formed once per channel tile) unless the grid
+    would then have fewer than ~4 programs per SM."""
+    if INTERPRETED:
+        return max(1, n_mt)  # one group: every program loops over all its M tiles
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs_per_group >= 4 * sms:
+        return max(1, n_mt)
+    groups = min(n_mt, triton.cdiv(4 * sms, programs_per_group))
+    return max(1, triton.cdiv(n_mt, groups))
+
+
+def _batchrows(a, weight, bias, out, stride, dilation, pt, pl, trans: bool, m_per=None):
+    """out = the batch-as-rows product of a's planes with the operator of ``weight`` (forward) or its
+    transpose (grad_input, ``trans``); see :mod:`.batchrows`."""
+    N, C, HA, WA = a.shape
+    HB, WB = out.shape[2], out.shape[3]
+    if out.numel() == 0:
+        return out
+    KH, KW = weight.shape[2], weight.shape[3]
+    a = a.contiguous()  # contiguous NCHW planes (one copy for channels_last or sliced operands)
+    wbp = _batchrows_pitch(WB)
+    band = _batchrows_band(weight, WA, WB, wbp, stride[1], dilation[1], pl, trans)
+    if out.is_contiguous():
+        dst, out_cl = out, False
+    elif out.is_contiguous(memory_format=torch.channels_last):
+        dst, out_cl = out, True
+    else:  # pragma: no cover - the launchers allocate one of the two formats
+        dst, out_cl = torch.empty(out.shape, dtype=out.dtype, device=out.device), False
+    kp = _batchrows_kp(HA * WA)
+    pb = HB * wbp  # GEMM-N: plane B with row pitch wbp
+    if INTERPRETED:
+        cfg = dict(_INTERP_BATCHROWS)
+    elif AUTOTUNE:
+        cfg = None
+    else:
+        bm, bn, warps, stages = _default_batchrows(pb)
+        cfg = dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+    # M_PER is a kernel argument, so it must not depend on the tuned config: every config has the same
+    # BM, and the programs-per-SM estimate uses the smallest BN of the list
+    bms = {c[0] for c in _BATCHROWS_CONFIGS}
+    assert len(bms) == 1, "the batch-as-rows configs share one BM (M_PER is a kernel argument)"
+    bm = cfg["BM"] if cfg else next(iter(bms))
+    bn_est = cfg["BN"] if cfg else min(c[1] for c in _BATCHROWS_CONFIGS)
+    n_mt = triton.cdiv(N, bm)
+    mp = m_per if m_per is not None else _batchrows_m_per(n_mt, C * triton.cdiv(pb, bn_est), a.device)
+    args = (a, band, bias if bias is not None else band, dst, N, C, mp, pt, KH)
+    kwargs = dict(
+        HA=HA, WA=WA, HB=HB, WB=WB, WBP=wbp, SH=stride[0], DH=dilation[0],
+        TRANS=trans, OUT_CL=out_cl, HAS_BIAS=bias is not None,
+        PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype), KP=kp,
+    )
+
+    def grid(meta):
+        return (C * triton.cdiv(triton.cdiv(N, meta["BM"]), mp) * triton.cdiv(pb, meta["BN"]),)
+
+    with _device_guard(a):
+        if cfg is None:
+            _batchrows_tuned[grid](*args, **kwargs)
+        else:
+            KB.dwconv_batchrows_kernel[grid](*args, **kwargs, **cfg)
+    if dst is not out:  # pragma: no cover
+        out.copy_(dst)
+    return out
