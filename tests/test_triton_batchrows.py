@@ -39,14 +39,19 @@ def _ops():
 def spy(monkeypatch):
     """Counts the batch-as-rows launches per pass (trans=False: forward, True: grad_input)."""
     ops = _ops()
-    calls = {False: 0, True: 0}
-    real = ops._batchrows
+    calls = {False: 0, True: 0, "grad_weight": 0}
+    real, real_gw = ops._batchrows, ops._batchrows_grad_weight
 
     def counted(*a, **k):
         calls[k["trans"]] += 1
         return real(*a, **k)
 
+    def counted_gw(*a, **k):
+        calls["grad_weight"] += 1
+        return real_gw(*a, **k)
+
     monkeypatch.setattr(ops, "_batchrows", counted)
+    monkeypatch.setattr(ops, "_batchrows_grad_weight", counted_gw)
     return calls
 
 
@@ -66,32 +71,73 @@ CASES = {c.id: c for c in [
     Case("br-cl", (3, 2, 7, 7), (13, 13), padding=6, layout="channels_last", bias=True),
     Case("br-sliced", (2, 2, 7, 6), (13, 11), padding=(6, 5), layout="sliced"),
 ]}
-PARAMS = [(c, "fp32") for c in CASES] + [(c, d) for d in ("fp16", "bf16") for c in
-                                          ("br-7x7-k13", "br-2mtiles", "br-asym-pad", "br-stride2", "br-dil2",
-                                           "br-cl", "br-sliced")]
-
-
-def _expect_batchrows(c: Case):
-    """Whether forward / grad_input of case c satisfy the applicability rule (the test asserts they ran)."""
+# fp32 runs with IEEE products under the interpreter, which the rule takes only up to GEMM-K 64; the
+# bigger fp32 cases run as "fp32-tf32" (input_precision "tf32" forced: the TF32 code path, bf16 hi/lo
+# one-hot products in grad_weight)
+def _fp32_id(c: Case) -> str:
+    N, C, H, W = c.shape
+    p = normalize_params(c.stride, c.padding, c.dilation, c.k)
+    HO, WO = p.out_size(H, W, *c.k)
     ops = _ops()
+    small = ops._batchrows_kp(H * W) <= 64 and ops._batchrows_kp(HO * WO) <= 64
+    small = small and ops._batchrows_gw_geometry(H, W, WO, *c.k)[0] * ops._batchrows_gw_geometry(H, W, WO, *c.k)[1] <= 64
+    return "fp32" if small else "fp32-tf32"
+
+
+PARAMS = [(c, _fp32_id(CASES[c])) for c in CASES] + [(c, d) for d in ("fp16", "bf16") for c in CASES]
+
+
+def _expect_batchrows(c: Case, dtype=torch.float16):
+    """Whether forward / grad_input / grad_weight of case c satisfy the applicability rules (the tests
+    assert they ran)."""
+    ops = _ops()
+    esz, prec = torch.empty((), dtype=dtype).element_size(), ops._precision(dtype)
     N, C, H, W = c.shape
     KH, KW = c.k
     p = normalize_params(c.stride, c.padding, c.dilation, c.k)
     HO, WO = p.out_size(H, W, KH, KW)
-    return ops.batchrows_applicable(H, W, HO, WO, KH, KW), ops.batchrows_applicable(HO, WO, H, W, KH, KW)
+    return (ops.batchrows_applicable(H, W, HO, WO, KH, KW, esz, prec=prec),
+            ops.batchrows_applicable(HO, WO, H, W, KH, KW, esz, prec=prec),
+            ops.batchrows_grad_weight_applicable(H, W, HO, WO, KH, KW, esz, prec))
 
 
 @needs_interpreter
 @pytest.mark.parametrize("case,dtype", PARAMS, ids=[f"{c}-{d}" for c, d in PARAMS])
-def test_cpu_interpreter_batchrows_all_passes(case, dtype, spy):
+def test_cpu_interpreter_batchrows_all_passes(case, dtype, spy, monkeypatch):
     c = CASES[case]
-    fwd, gi = _expect_batchrows(c)
-    assert fwd and gi, "every case here is meant for the batch-as-rows kernel"
-    x, w, b = make_inputs(c, DTYPES[dtype], "cpu")
-    results = compare_all_passes("triton", x, w, b, *c.conv_args)
-    assert len(results) >= 3
-    assert all(r.ok for r in results), "\n".join(str(r) for r in results)
-    assert spy[False] >= 1 and spy[True] >= 1, spy
+    ops = _ops()
+    if dtype == "fp32-tf32":
+        monkeypatch.setattr(ops, "_precision", lambda dt: "tf32" if dt == torch.float32 else None)
+    dt = DTYPES[dtype[:4]]
+    fwd, gi, gw = _expect_batchrows(c, dt)
+    assert fwd and gi and gw, "every case here is meant for the batch-as-rows kernels"
+    if dtype == "fp32-tf32":
+        _check_tf32_rule(c, "cpu")
+    else:
+        x, w, b = make_inputs(c, dt, "cpu")
+        results = compare_all_passes("triton", x, w, b, *c.conv_args)
+        assert len(results) >= 3
+        assert all(r.ok for r in results), "\n".join(str(r) for r in results)
+    assert spy[False] >= 1 and spy[True] >= 1 and spy["grad_weight"] >= 1, spy
+
+
+def _check_tf32_rule(c: Case, device: str):
+    """fp32 with TF32 products: every pass against the fp64 reference under the fp16 rule (TF32 keeps
+    a 10-bit mantissa like fp16 and accumulates in fp32), PyTorch's fp16 result as the dtype term."""
+    from lkconv.backends import get_backend
+    from lkconv.testing import _torch_d_all_passes, reference_all_passes, tolerance
+
+    x, w, b = make_inputs(c, torch.float32, device, weight_scale=True)
+    p = normalize_params(c.stride, c.padding, c.dilation, c.k)
+    be = get_backend("triton")
+    HO, WO = p.out_size(x.shape[2], x.shape[3], *c.k)
+    g = torch.randn(x.shape[0], x.shape[1], HO, WO, device=device)
+    refs = reference_all_passes(x, w, b, p, g)[:3]
+    t16 = _torch_d_all_passes(x.half(), w.half(), None if b is None else b.half(), p, g.half())
+    ours = (be.forward(x, w, b, p), be.grad_input(g, w, x.shape, p), be.grad_weight(g, x, w.shape, p))
+    for name, o, r, d in zip(("forward", "grad_input", "grad_weight"), ours, refs, t16):
+        err = (o.double().cpu() - r).abs().max().item()
+        assert err <= tolerance(r, d, torch.float16), (name, err)
 
 
 @needs_interpreter
@@ -145,18 +191,20 @@ def test_cpu_interpreter_batchrows_m_tile_groups(monkeypatch, spy):
 
 
 @needs_interpreter
-def test_cpu_interpreter_batchrows_tf32_precision(monkeypatch, spy):
+def test_cpu_interpreter_batchrows_tf32_and_ieee(monkeypatch, spy):
     """fp32 takes input_precision "tf32" when PyTorch allows TF32 (on the GPU: ops._precision), "ieee"
-    otherwise; the interpreter always computes in fp32, so here both must meet the fp32 rule and the
-    kernel must accept both constexprs."""
+    otherwise: the same small case both ways (IEEE under the fp32 rule, TF32 under the fp16 rule)."""
     ops = _ops()
-    c = CASES["br-stride2"]
+    c = CASES["br-7x7-k13"]
     x, w, b = make_inputs(c, torch.float32, "cpu")
-    for prec in ("tf32", "ieee"):
-        monkeypatch.setattr(ops, "_precision", lambda dt, prec=prec: prec if dt == torch.float32 else None)
-        results = compare_all_passes("triton", x, w, b, *c.conv_args)
-        assert all(r.ok for r in results), (prec, "\n".join(str(r) for r in results))
-    assert spy[False] >= 2 and spy[True] >= 2
+    assert ops._precision(torch.float32) == "ieee"
+    results = compare_all_passes("triton", x, w, b, *c.conv_args)
+    assert all(r.ok for r in results), "\n".join(str(r) for r in results)
+    n = dict(spy)
+    assert n[False] >= 1 and n[True] >= 1 and n["grad_weight"] >= 1
+    monkeypatch.setattr(ops, "_precision", lambda dt: "tf32" if dt == torch.float32 else None)
+    _check_tf32_rule(c, "cpu")
+    assert spy[False] > n[False] and spy[True] > n[True] and spy["grad_weight"] > n["grad_weight"]
 
 
 @needs_interpreter
@@ -278,18 +326,11 @@ def test_cuda_batchrows_fp32_tf32_and_ieee(case, monkeypatch, spy):
     x, w, b = make_inputs(c, torch.float32, "cuda", weight_scale=True)
     results = compare_all_passes("triton", x, w, b, *c.conv_args)  # TF32 off: IEEE
     assert all(r.ok for r in results), "\n".join(str(r) for r in results)
-    p = normalize_params(c.stride, c.padding, c.dilation, c.k)
-    be = get_backend("triton")
-    HO, WO = p.out_size(x.shape[2], x.shape[3], *c.k)
-    g = torch.randn(x.shape[0], x.shape[1], HO, WO, device="cuda")
-    refs = reference_all_passes(x, w, b, p, g)[:2]
-    t16 = _torch_d_all_passes(x.half(), w.half(), None if b is None else b.half(), p, g.half())
+    from lkconv.testing import tf32
+
     with tf32(True):
         assert ops._precision(torch.float32) == "tf32"
-        ours = (be.forward(x, w, b, p), be.grad_input(g, w, x.shape, p))
-    for name, o, r, d in zip(("forward", "grad_input"), ours, refs, t16):
-        err = (o.double().cpu() - r).abs().max().item()
-        assert err <= tolerance(r, d, torch.float16), (name, err)
+        _check_tf32_rule(c, "cuda")
 
 
 @pytest.mark.gpu

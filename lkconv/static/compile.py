@@ -204,7 +204,8 @@ def compile_triton(spec: Dict, arch: int) -> Dict:
         if n in spec["constexprs"]:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = "*" + (spec["ws_dtype"] if n == "ws_ptr" else spec["dtype"])
+            sig[n] = "*" + (spec.get("ptr_dtypes", {}).get(n)
+                            or (spec["ws_dtype"] if n == "ws_ptr" else spec["dtype"]))
         else:
             sig[n] = spec["int_types"].get(n, "i32")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec["divisible"]}

@@ -26,6 +26,7 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
     (r"grad_weight_reduce_kernel", "cuda", "grad_weight", "grad_weight_reduce"),
     (r"dwconv_forward_aligned_kernel", "triton", "forward,grad_input", "tr_conv_aligned"),
     (r"dwconv_grad_weight_aligned_kernel", "triton", "grad_weight", "tr_grad_weight_aligned"),
+    (r"dwconv_batchrows_grad_weight_kernel", "triton", "grad_weight", "tr_batchrows_grad_weight"),
     (r"dwconv_batchrows_kernel", "triton", "forward,grad_input", "tr_batchrows"),
     (r"dwconv_forward_kernel|forward_kernel", "triton", "forward,grad_input", "tr_conv"),
     (r"dwconv_grad_input_kernel|grad_input_kernel", "triton", "grad_input", "tr_grad_input_strided"),
@@ -39,7 +40,8 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
 ROLE_STATUS: Dict[str, str] = {
     "tc_toeplitz_mma": "default", "fp32_direct": "default", "grad_weight_tc": "default",
     "grad_weight_ffma": "default", "grad_weight_reduce": "default", "tr_conv_aligned": "default",
-    "tr_grad_weight_aligned": "default", "tr_batchrows": "default (H*W <= 256)", "tr_grad_input_strided": "default (stride > 1)",
+    "tr_grad_weight_aligned": "default", "tr_batchrows": "default (H*W <= 256)",
+    "tr_batchrows_grad_weight": "default (H*W <= 256)", "tr_grad_input_strided": "default (stride > 1)",
     "tc_toeplitz": "fallback", "fallback": "fallback", "fallback_strided": "fallback",
     "grad_weight_partial": "fallback", "tr_conv": "fallback", "tr_grad_weight": "fallback",
 }
@@ -113,6 +115,9 @@ def tile_of(spec: Dict) -> str:
     if spec["kernel"] == "dwconv_grad_weight_aligned_kernel":
         return (f"{c['BKH']}x{16 * c['NA']}/BKC{c['BKC']}xR{c['R']} "
                 f"w{spec['num_warps']} s{spec['num_stages']}")
+    if spec["kernel"] == "dwconv_batchrows_grad_weight_kernel":
+        return (f"G{c['HP'] * c['WP']}x{c['BHB'] * c['WOP']}/BKN{c['BKN']} w{spec['num_warps']} "
+                f"s{spec['num_stages']}")
     if spec["kernel"] == "dwconv_batchrows_kernel":
         return f"rows{c['BM']}/{c['BN']}/K{c['KP']} w{spec['num_warps']} s{spec['num_stages']}"
     if spec["kernel"] == "dwconv_grad_weight_kernel":
@@ -264,6 +269,10 @@ def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 
         br = batchrows_specs(layer, pass_, dtype, arch, stride)
         if br:  # small planes: what ops.forward / ops.grad_input route to first
             return br
+    if aligned and pass_ == "grad_weight":
+        br = batchrows_grad_weight_specs(layer, dtype, arch, stride)
+        if br:
+            return br
     if aligned and stride == 1:
         return _aligned_specs(layer, pass_, dtype, arch)
     N, C, H, K = layer.N, layer.C, layer.H, layer.K
@@ -311,12 +320,14 @@ def batchrows_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int
     HO = (H + 2 * P - K) // stride + 1
     trans = pass_ == "grad_input"
     ha, hb = (HO, H) if trans else (H, HO)
-    if not ops.batchrows_applicable(ha, ha, hb, hb, K, K):
+    esz = 2 if dtype in ("fp16", "bf16") else 4
+    if not ops.batchrows_applicable(ha, ha, hb, hb, K, K, esz, sm_major=arch // 10, prec=_prec(dtype)):
         return []
     kp = ops._batchrows_kp(ha * ha)
     wbp = ops._batchrows_pitch(hb)
     vals = dict(a_ptr=0, t_ptr=0, b_ptr=0, y_ptr=0, N=N, C=C, M_PER=-(-N // 64), PT=P, KH=K)
-    kept = ops._prune_batchrows_for(arch // 10)(ops._batchrows_configs(), {}, HB=hb, WBP=wbp, PREC=_prec(dtype))
+    kept = ops._prune_batchrows_for(arch // 10)(ops._batchrows_configs(), {}, HB=hb, WBP=wbp, PREC=_prec(dtype),
+                                                KP=kp, ESZ=esz)
     specs = []
     for c in kept:
         bm, bn, w, s = c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
@@ -324,6 +335,35 @@ def batchrows_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int
                     HAS_BIAS=False, PREC=_prec(dtype), UPCAST=False, BM=bm, BN=bn, KP=kp)
         sp = _runtime_spec("dwconv_batchrows_kernel", vals, cons, dtype, w, s)
         sp["default_config"] = (bm, bn, w, s) == tuple(ops._default_batchrows(hb * wbp))
+        specs.append(sp)
+    return specs
+
+
+def batchrows_grad_weight_specs(layer: Layer, dtype: str, arch: int, stride: int = 1) -> List[Dict]:
+    """The batch-as-rows grad_weight (``ops.batchrows_grad_weight_applicable``), one spec per config that
+    survives the shipped prune on sm_<arch>; [] where the rule declines."""
+    ops = _ops()
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    HO = (H + 2 * P - K) // stride + 1
+    esz = 2 if dtype in ("fp16", "bf16") else 4
+    if not ops.batchrows_grad_weight_applicable(H, H, HO, HO, K, K, esz, _prec(dtype), sm_major=arch // 10):
+        return []
+    hp, wp, wop, khp, kwp = ops._batchrows_gw_geometry(H, H, HO, K, K)
+    bhb = ops._batchrows_gw_bhb(HO, wop)
+    vals = dict(x_ptr=0, g_ptr=0, bw_ptr=0, ws_ptr=0, N=N, C=C, PT=P, PL=P, KH=K, KW=K)
+    kept = ops._prune_batchrows_gw_for(arch // 10)(
+        [ops.triton.Config(dict(BKN=k), num_warps=w, num_stages=s) for k, w, s in ops._BATCHROWS_GW_CONFIGS],
+        {}, PREC=_prec(dtype))
+    specs = []
+    for c in kept:
+        bkn, w, s = c.kwargs["BKN"], c.num_warps, c.num_stages
+        cons = dict(H=H, W=H, HO=HO, WO=HO, HP=hp, WP=wp, WOP=wop, SH=stride, SW=stride, DH=1, DW=1,
+                    PREC=_prec(dtype), UPCAST=False, BHB=bhb, BKN=bkn, KHP=khp, KWP=kwp)
+        sp = _runtime_spec("dwconv_batchrows_grad_weight_kernel", vals, cons, dtype, w, s)
+        sp["ptr_dtypes"] = {"bw_ptr": "fp32" if _prec(dtype) == "ieee" else "bf16"}
+        sp["default_config"] = (bkn, w, s) == tuple(ops._default_batchrows_gw())
+        sp["splits"] = -(-HO // bhb)
         specs.append(sp)
     return specs
 

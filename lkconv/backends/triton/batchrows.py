@@ -113,3 +113,114 @@ def dwconv_batchrows_kernel(
         else:
             y_off = (rows.to(tl.int64) * C + c)[:, None] * (HB * WB) + p_out[None, :]
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _split_bf16(a):
+    """fp32 ``a`` as bf16 ``hi + lo``: ``hi`` is ``a`` truncated to bf16 (a bit mask: exact), ``a - hi`` is
+    exact in fp32 and rounded to bf16 once, so the pair carries ~15 mantissa bits."""
+    hi_f = (a.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return hi_f.to(tl.bfloat16), (a - hi_f).to(tl.bfloat16)
+
+
+@triton.jit
+def _onehot_mma(a, onehot, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc += a @ onehot`` for an fp32 ``a`` and a 0/1 matrix (bf16, or fp32 with ``PREC == "ieee"``):
+    IEEE: one exact fp32 dot; otherwise two tensor-core dots of the bf16 split of ``a``
+    (:func:`_split_bf16`; the one-hot operand is exact in bf16), ~2**-15 relative per term."""
+    if PREC == "ieee":
+        acc = tl.dot(a, onehot, acc, input_precision="ieee")
+    else:
+        hi, lo = _split_bf16(a)
+        acc = _mma(hi, onehot, acc, None, UPCAST)
+        acc = _mma(lo, onehot, acc, None, UPCAST)
+    return acc
+
+
+@triton.jit
+def _onehot_mma_left(onehot, a, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc += onehot @ a`` for a boolean ``onehot`` (see :func:`_onehot_mma`)."""
+    if PREC == "ieee":
+        acc = tl.dot(tl.where(onehot, 1.0, 0.0), a, acc, input_precision="ieee")
+    else:
+        hi, lo = _split_bf16(a)
+        oh = tl.where(onehot, 1.0, 0.0).to(tl.bfloat16)  # via fp32 (exact); 0/1 as bf16
+        acc = _mma(oh, hi, acc, None, UPCAST)
+        acc = _mma(oh, lo, acc, None, UPCAST)
+    return acc
+
+
+@triton.jit
+def dwconv_batchrows_grad_weight_kernel(
+    x_ptr, g_ptr, bw_ptr, ws_ptr,
+    N, C,
+    PT, PL, KH, KW,
+    H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr,
+    HP: tl.constexpr, WP: tl.constexpr, WOP: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BHB: tl.constexpr, BKN: tl.constexpr, KHP: tl.constexpr, KWP: tl.constexpr,
+):
+    """grad_weight of small planes: per channel ``G = X^T @ dY`` on tensor cores (GEMM-M = the input plane
+    with row pitch ``WP``, ``HP*WP`` positions; GEMM-N = ``BHB`` grad_out rows with pitch ``WOP``; GEMM-K =
+    the batch, in chunks of ``BKN``), then the diagonal sums into ``dW[c, kh, kw]`` as two one-hot
+    products, all in registers:
+
+    * ``G[(ih, iw), (oh, ow)]`` is viewed as ``[HP, WP, BHB, WOP]`` and permuted to rows ``(ih, oh)``,
+      columns ``(iw, ow)``; ``D = G' @ Bw`` with ``Bw[(iw, ow), kw] = [iw - ow*SW + PL == kw*DW]`` sums
+      every width diagonal into its kernel column (``bw``: ``[WP*WOP, KWP]``, built once per call by
+      ``ops._batchrows_onehot_w``; bf16, fp32 for ``PREC == "ieee"``);
+    * ``dW_tile = Bh @ D`` with ``Bh[kh, (ih, oh)] = [ih - oh*SH + PT == kh*DH]`` sums the rows into
+      their kernel row.
+
+    Each program writes its tile's partial ``ws[tile, c, :, :]`` (fp32); the launcher sums the tiles
+    in a fixed order: deterministic.  The one-hot products are exact in bf16; the fp32 operand is
+    split hi + lo (:func:`_onehot_mma`), or one IEEE dot when ``PREC == "ieee"``."""
+    BN: tl.constexpr = BHB * WOP
+    KP: tl.constexpr = HP * WP
+    pid = tl.program_id(0)
+    n_rt = tl.cdiv(HO, BHB)
+    rt = pid % n_rt
+    c = pid // n_rt
+    oh0 = rt * BHB
+
+    offs_k = tl.arange(0, KP)
+    k_h = offs_k // WP
+    k_w = offs_k % WP
+    kmask = (k_h < H) & (k_w < W)
+    offs_n = tl.arange(0, BN)
+    n_h = oh0 + offs_n // WOP
+    n_w = offs_n % WOP
+    nmask = (n_h < HO) & (n_w < WO)
+    x_c = x_ptr + c.to(tl.int64) * (H * W) + k_h * W + k_w
+    g_c = g_ptr + c.to(tl.int64) * (HO * WO) + n_h * WO + n_w
+    offs_b = tl.arange(0, BKN)
+    acc = tl.zeros((KP, BN), dtype=tl.float32)
+    for n0 in range(0, N, BKN):
+        rows = n0 + offs_b
+        rmask = rows < N
+        xa = tl.load(x_c[None, :] + (rows.to(tl.int64) * (C * H * W))[:, None],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)             # [BKN, KP]
+        gb = tl.load(g_c[None, :] + (rows.to(tl.int64) * (C * HO * WO))[:, None],
+                     mask=rmask[:, None] & nmask[None, :], other=0.0)             # [BKN, BN]
+        acc = _mma(tl.trans(xa), gb, acc, PREC, UPCAST)
+
+    # width diagonals: rows (ih, oh), columns (iw, ow)
+    g4 = tl.reshape(acc, (HP, WP, BHB, WOP))
+    g2 = tl.reshape(tl.permute(g4, (0, 2, 1, 3)), (HP * BHB, WP * WOP))
+    q = tl.arange(0, WP * WOP)
+    kws = tl.arange(0, KWP)
+    bw = tl.load(bw_ptr + q[:, None] * KWP + kws[None, :])
+    d = _onehot_mma(g2, bw, tl.zeros((HP * BHB, KWP), dtype=tl.float32), PREC, UPCAST)
+
+    # height: rows (ih, oh) -> kernel row
+    rr = tl.arange(0, HP * BHB)
+    r_h = rr // BHB
+    r_o = oh0 + rr % BHB
+    dhv = r_h - r_o * SH + PT
+    khs = tl.arange(0, KHP)
+    bh = (dhv[None, :] == khs[:, None] * DH) & (khs[:, None] < KH) & (r_o < HO)[None, :]
+    dwt = _onehot_mma_left(bh, d, tl.zeros((KHP, KWP), dtype=tl.float32), PREC, UPCAST)
+
+    ws = ws_ptr + (rt.to(tl.int64) * C + c) * (KH * KW)
+    tl.store(ws + khs[:, None] * KW + kws[None, :], dwt, mask=(khs < KH)[:, None] & (kws < KW)[None, :])

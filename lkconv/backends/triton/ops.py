@@ -471,7 +471,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias, p: ConvParams) -> torch
     out = _empty_like_format((N, C, HO, WO), x, x.dtype)
     b = None if bias is None else bias.contiguous()
     t, _, l, _ = p.padding
-    if ALIGNED and batchrows_applicable(H, W, HO, WO, KH, KW):
+    if ALIGNED and batchrows_applicable(H, W, HO, WO, KH, KW, x.element_size(), prec=_precision(x.dtype)):
         return _batchrows(x, weight, b, out, p.stride, p.dilation, t, l, trans=False)
     if ALIGNED:
         return _conv_aligned(x, weight, False, b, out, p.stride, p.dilation, t, l)
@@ -489,7 +489,8 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
     if gx.numel() == 0:
         return gx
     HO, WO = grad_out.shape[2], grad_out.shape[3]
-    if ALIGNED and batchrows_applicable(HO, WO, H, W, KH, KW):  # the transposed operator: any stride / dilation
+    if ALIGNED and batchrows_applicable(HO, WO, H, W, KH, KW, grad_out.element_size(),
+                                        prec=_precision(grad_out.dtype)):  # the transposed operator
         return _batchrows(grad_out, weight, None, gx, p.stride, p.dilation, t, l, trans=True)
     if p.stride == (1, 1):
         # gx[h] = sum_k f[K-1-k] g[h + k*D - ((K-1)*D - P)]: the forward on grad_out with the flipped
@@ -545,6 +546,8 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     rows = N * HO
     if rows == 0 or WO == 0:
         return torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
+    if ALIGNED and batchrows_grad_weight_applicable(H, W, HO, WO, KH, KW, x.element_size(), _precision(x.dtype)):
+        return _batchrows_grad_weight(grad_out, x, C, KH, KW, p)
     if ALIGNED:
         return _grad_weight_aligned(grad_out, x, C, KH, KW, p)
     x, grad_out = _read_layout(x), _read_layout(grad_out)
@@ -651,15 +654,37 @@ _INTERP_BATCHROWS = dict(BM=16, BN=16)
 _BATCHROWS_KEY = ["N", "C", "KH", "HA", "WA", "HB", "WB", "WBP", "SH", "DH", "TRANS", "OUT_CL"]
 
 
-def batchrows_applicable(ha: int, wa: int, hb: int, wb: int, kh: int, kw: int) -> bool:
+def batchrows_applicable(ha: int, wa: int, hb: int, wb: int, kh: int, kw: int, esz: int = 2,
+                         sm_major=None, prec=None) -> bool:
     """The one applicability rule of the batch-as-rows kernels: both planes (the reduced one ``ha x wa``,
-    the result ``hb x wb``) have 1..256 elements, and the padded GEMM-K ``next_pow2(ha*wa)`` is at most
+    the result ``hb x wb``) have 1..256 elements, the padded GEMM-K ``next_pow2(ha*wa)`` is at most
     twice the taps per output ``kh*kw`` (the dense operator then costs at most 2x the MACs of the direct
-    sum; RepLKNet's 14x14/K27 and 7x7/K13: 256 <= 1458, 64 <= 338).  Any stride, dilation, padding."""
+    sum; RepLKNet's 14x14/K27 and 7x7/K13: 256 <= 1458, 64 <= 338), and at least one config fits the
+    GPU's shared memory for elements of ``esz`` bytes (on the GPU; fp32 at GEMM-K 256 on sm_80 does
+    not); fp32 with IEEE products (``prec == "ieee"``: CUDA-core FMA, no tensor cores) only up to
+    GEMM-K 64 (7x7: its compile and its FMA count stay small).  Any stride, dilation, padding."""
     pa, pb = ha * wa, hb * wb
     if not BATCHROWS or not (1 <= pa <= BATCHROWS_MAX_PLANE and 1 <= pb <= BATCHROWS_MAX_PLANE):
         return False
-    return _batchrows_kp(pa) <= 2 * kh * kw
+    kp = _batchrows_kp(pa)
+    if kp > 2 * kh * kw or (esz == 4 and prec == "ieee" and kp > 64):
+        return False
+    if INTERPRETED and sm_major is None:
+        return True
+    major = sm_major if sm_major is not None else _current_sm_major()
+    return any(_batchrows_fits(cfg, kp, esz, major) for cfg in _BATCHROWS_CONFIGS)
+
+
+#: shared memory per CTA (opt-in) by SM major: A100 163 KiB, H100/H200 227 KiB
+_SMEM_OPTIN = {8: 163 * 1024, 9: 227 * 1024}
+
+
+def _batchrows_fits(cfg: tuple, kp: int, esz: int, sm_major: int) -> bool:
+    """Shared memory of a config, as the static report measures it (``stages`` A tiles [BM, KP], the
+    operator [KP, BN], ~8 KiB for the epilogue's layout conversion): within the opt-in limit."""
+    bm, bn, _, stages = cfg
+    need = (stages * bm * kp + kp * bn) * esz + 8192
+    return need <= _SMEM_OPTIN.get(sm_major, _SMEM_OPTIN[8])
 
 
 def _batchrows_kp(pa: int) -> int:
@@ -704,6 +729,10 @@ def _prune_batchrows_for(sm_major=None):
         cap = max(16, triton.next_power_of_2(pb))
         kept = [c for c in configs if c.kwargs["BN"] <= cap] or [min(configs, key=lambda c: c.kwargs["BN"])]
         major = sm_major if sm_major is not None else _current_sm_major()
+        a = named_args.get("a_ptr")
+        esz = a.element_size() if hasattr(a, "element_size") else int(kwargs.get("ESZ", 2))
+        kp = int(kwargs.get("KP", named_args.get("KP", 16)))
+        kept = [c for c in kept if _batchrows_fits(_batchrows_cfg(c), kp, esz, major)] or kept[:1]
         safe = [c for c in kept if not _spills("batchrows", kwargs.get("PREC"), _batchrows_cfg(c), major)]
         return safe or kept[:1]
 
@@ -764,7 +793,10 @@ def _batchrows(a, weight, bias, out, stride, dilation, pt, pl, trans: bool, m_pe
     elif AUTOTUNE:
         cfg = None
     else:
-        bm, bn, warps, stages = _default_batchrows(pb)
+        d = _default_batchrows(pb)
+        if not _batchrows_fits(d, kp, a.element_size(), _current_sm_major()):  # fp32 at GEMM-K 256
+            d = min(_BATCHROWS_CONFIGS, key=lambda c: c[1])
+        bm, bn, warps, stages = d
         cfg = dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
     # M_PER is a kernel argument, so it must not depend on the tuned config: every config has the same
     # BM, and the programs-per-SM estimate uses the smallest BN of the list
@@ -792,3 +824,122 @@ def _batchrows(a, weight, bias, out, stride, dilation, pt, pl, trans: bool, m_pe
     if dst is not out:  # pragma: no cover
         out.copy_(dst)
     return out
+
+
+# grad_weight: G = X^T @ dY per channel, then the diagonal sums as two one-hot products (batchrows.py).
+# (BKN images per dot, warps, stages); the grad_out rows per program (BHB) follow from the plane
+# (_batchrows_gw_bhb), since the partials' shape depends on them
+_BATCHROWS_GW_CONFIGS = [
+    (32, 4, 2),
+    (64, 4, 2),
+    (64, 8, 2),
+]
+_INTERP_BATCHROWS_GW = dict(BKN=16)
+_BATCHROWS_GW_KEY = ["N", "C", "KH", "KW", "H", "W", "HO", "WO", "SH", "SW", "DH", "DW", "BHB"]
+#: GEMM-N columns per grad_weight program (BHB grad_out rows of pitch WOP)
+BATCHROWS_GW_BN = 64
+
+
+def _batchrows_gw_geometry(h: int, w: int, wo: int, kh: int, kw: int):
+    """(HP, WP, WOP, KHP, KWP): the input plane with power-of-two rows and pitch (GEMM-M = HP*WP), the
+    grad_out row pitch, and the one-hot widths (>= 16 for tl.dot)."""
+    hp, wp = triton.next_power_of_2(h), triton.next_power_of_2(w)
+    if hp * wp < 16:
+        wp = 16 // hp
+    wop = triton.next_power_of_2(wo)
+    return hp, wp, wop, max(16, triton.next_power_of_2(kh)), max(16, triton.next_power_of_2(kw))
+
+
+def _batchrows_gw_bhb(ho: int, wop: int, bn: int = None) -> int:
+    """grad_out rows per program: ``bn // WOP`` (at least one), no more than the plane's rows rounded up."""
+    bn = BATCHROWS_GW_BN if bn is None else bn
+    return max(1, min(triton.next_power_of_2(ho), bn // wop))
+
+
+def batchrows_grad_weight_applicable(h: int, w: int, ho: int, wo: int, kh: int, kw: int, esz: int = 2,
+                                     prec=None, sm_major=None) -> bool:
+    """The rule of the batch-as-rows grad_weight: the forward's rule (batchrows_applicable: planes of at
+    most 256 elements, dense GEMM-K at most twice the taps) with the input plane padded to power-of-two
+    rows and pitch, ``HP*WP <= 256`` (14x14: 256, 7x7: 64), kernels of at most 64 x 64 (the one-hot
+    operands), and a tile of at least 16 GEMM-N columns (``BHB*WOP >= 16``); fp32 IEEE only up to
+    ``HP*WP = 64``, as the forward."""
+    if not BATCHROWS or not batchrows_applicable(h, w, ho, wo, kh, kw, esz, sm_major, prec):
+        return False
+    hp, wp, wop, khp, kwp = _batchrows_gw_geometry(h, w, wo, kh, kw)
+    if esz == 4 and prec == "ieee" and hp * wp > 64:
+        return False
+    bn = _INTERP_BATCHROWS_GW_BN if INTERPRETED else BATCHROWS_GW_BN
+    return hp * wp <= BATCHROWS_MAX_PLANE and khp <= 64 and kwp <= 64 and _batchrows_gw_bhb(ho, wop, bn) * wop >= 16
+
+
+_INTERP_BATCHROWS_GW_BN = 32
+
+
+def _gw_cfg(c) -> tuple:
+    return (c.kwargs["BKN"], c.num_warps, c.num_stages)
+
+
+def _prune_batchrows_gw_for(sm_major=None):
+    """Drop the grad_weight configs the static report found spilling on this GPU (keep the first)."""
+
+    def prune(configs, named_args, **kwargs):
+        major = sm_major if sm_major is not None else _current_sm_major()
+        kept = [c for c in configs if not _spills("batchrows_gw", kwargs.get("PREC"), _gw_cfg(c), major)]
+        return kept or configs[:1]
+
+    return prune
+
+
+def _default_batchrows_gw() -> tuple:
+    """The non-autotuned grad_weight config the static model ranks best (docs/triton_backend.md)."""
+    return _BATCHROWS_GW_CONFIGS[0]
+
+
+if INTERPRETED:
+    _batchrows_gw_tuned = None
+else:  # pragma: no cover - needs a GPU
+    _batchrows_gw_tuned = triton.autotune(
+        configs=[triton.Config(dict(BKN=k), num_warps=w, num_stages=s) for k, w, s in _BATCHROWS_GW_CONFIGS],
+        key=_BATCHROWS_GW_KEY, prune_configs_by={"early_config_prune": _prune_batchrows_gw_for()},
+    )(KB.dwconv_batchrows_grad_weight_kernel)
+
+
+def _batchrows_onehot_w(wp: int, wop: int, kwp: int, kw: int, sw: int, dw: int, pl: int, dtype, device):
+    """The width one-hot of the batch-as-rows grad_weight, ``[wp*wop, kwp]``: row ``q = iw*wop + ow``,
+    ``1`` in column ``kw`` where ``iw - ow*sw + pl == kw*dw`` (``kw < KW``), else 0."""
+    q = torch.arange(wp * wop, device=device)
+    d = (q // wop) - (q % wop) * sw + pl
+    k = torch.arange(kwp, device=device)
+    return ((d[:, None] == k[None, :] * dw) & (k[None, :] < kw)).to(dtype).contiguous()
+
+
+def _batchrows_grad_weight(grad_out, x, C, KH, KW, p):
+    N, _, H, W = x.shape
+    HO, WO = grad_out.shape[2], grad_out.shape[3]
+    x = x.contiguous()          # contiguous NCHW planes (one copy for channels_last or sliced tensors)
+    grad_out = grad_out.contiguous()
+    hp, wp, wop, khp, kwp = _batchrows_gw_geometry(H, W, WO, KH, KW)
+    bhb = _batchrows_gw_bhb(HO, wop, _INTERP_BATCHROWS_GW_BN if INTERPRETED else None)
+    n_rt = triton.cdiv(HO, bhb)
+    ws = torch.empty((n_rt, C, KH, KW), dtype=torch.float32, device=x.device)  # every element written
+    t, _, l, _ = p.padding
+    prec = _precision(x.dtype)
+    bw = _batchrows_onehot_w(wp, wop, kwp, KW, p.stride[1], p.dilation[1], l,
+                             torch.float32 if prec == "ieee" else torch.bfloat16, x.device)
+    args = (x, grad_out, bw, ws, N, C, t, l, KH, KW)
+    kwargs = dict(H=H, W=W, HO=HO, WO=WO, HP=hp, WP=wp, WOP=wop, SH=p.stride[0], SW=p.stride[1],
+                  DH=p.dilation[0], DW=p.dilation[1], PREC=prec,
+                  # the one-hot dots are bf16 for every dtype: upcast them under the interpreter always
+                  UPCAST=bool(INTERPRETED), BHB=bhb, KHP=khp, KWP=kwp)
+    grid = (C * n_rt,)
+    base = KB.dwconv_batchrows_grad_weight_kernel
+    with _device_guard(x):
+        if INTERPRETED:
+            base[grid](*args, **kwargs, **_INTERP_BATCHROWS_GW)
+        elif AUTOTUNE:
+            _batchrows_gw_tuned[grid](*args, **kwargs)
+        else:
+            bkn, warps, stages = _default_batchrows_gw()
+            base[grid](*args, **kwargs, BKN=bkn, num_warps=warps, num_stages=stages)
+    # deterministic: a fixed-order reduction over the row tiles (no atomics), one cast at the end
+    return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
