@@ -234,8 +234,16 @@ def test_batchrows_applicability_rule(monkeypatch):
     assert not ops.batchrows_applicable(14, 14, 18, 18, 27, 27)   # output plane 324 > 256
     assert not ops.batchrows_applicable(16, 16, 16, 16, 3, 3)     # K = 3: 256 > 2 * 9 (dense costs 14x more)
     assert not ops.batchrows_applicable(14, 14, 14, 14, 7, 7)     # 256 > 98
+    assert ops.batchrows_applicable(7, 7, 7, 7, 13, 13, channels=2**31 // 49)
+    assert not ops.batchrows_applicable(7, 7, 7, 7, 13, 13, channels=2**31 // 49 + 1)  # int32 image stride
+    assert not ops.batchrows_grad_weight_applicable(7, 7, 7, 7, 13, 13, channels=2**31 // 49 + 1)
+    assert ops.batchrows_applicable(7, 7, 7, 7, 13, 13, 4, prec="ieee", sm_major=9)  # fp32 IEEE at GEMM-K 64
+    assert not ops.batchrows_applicable(14, 14, 14, 14, 27, 27, 4, prec="ieee", sm_major=9)  # fp32 IEEE: K <= 64
+    assert ops.batchrows_applicable(14, 14, 14, 14, 27, 27, 4, prec="tf32", sm_major=9)
+    assert not ops.batchrows_applicable(14, 14, 14, 14, 27, 27, 4, prec="tf32", sm_major=8)  # smem on sm_80
     monkeypatch.setattr(ops, "BATCHROWS", False)
     assert not ops.batchrows_applicable(7, 7, 7, 7, 13, 13)
+    assert not ops.batchrows_grad_weight_applicable(7, 7, 7, 7, 13, 13)
 
 
 @pytest.mark.parametrize("sw,dw,trans", [(1, 1, False), (2, 1, False), (1, 2, True), (2, 3, True)])

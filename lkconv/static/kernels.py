@@ -352,9 +352,7 @@ def batchrows_grad_weight_specs(layer: Layer, dtype: str, arch: int, stride: int
     hp, wp, wop, khp, kwp = ops._batchrows_gw_geometry(H, H, HO, K, K)
     bhb = ops._batchrows_gw_bhb(HO, wop)
     vals = dict(x_ptr=0, g_ptr=0, bw_ptr=0, ws_ptr=0, N=N, C=C, PT=P, PL=P, KH=K, KW=K)
-    kept = ops._prune_batchrows_gw_for(arch // 10)(
-        [ops.triton.Config(dict(BKN=k), num_warps=w, num_stages=s) for k, w, s in ops._BATCHROWS_GW_CONFIGS],
-        {}, PREC=_prec(dtype))
+    kept = ops._prune_batchrows_gw_for(arch // 10)(ops._batchrows_gw_configs(), {}, PREC=_prec(dtype))
     specs = []
     for c in kept:
         bkn, w, s = c.kwargs["BKN"], c.num_warps, c.num_stages

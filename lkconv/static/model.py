@@ -533,7 +533,7 @@ def _model_batchrows(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machi
     acc.macs = tiles * macs_tile if tc_rate else np.zeros(n_prog)
     waves = whole.get("sts", 0) + whole.get("lds", 0) + whole.get("ldsm", 0)
     opnd = (BM * KP + KP * BN) * _bytes(dtype)
-    acc.wave = warps * waves + (tiles * opnd / 128 if whole.get("hgmma") else 0)
+    acc.wave = warps * waves + (tiles * opnd / 128 if whole.get("hgmma") else np.zeros(n_prog))
     b = _busiest(acc, tc_rate, m, sms)
     band = batchrows_band_bytes(C, KH, c["WA"], c["WBP"], dtype)
     occ = occupancy(facts["regs"], 32 * warps, facts.get("dynamic_smem") or 0, m)

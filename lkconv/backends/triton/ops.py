@@ -89,6 +89,11 @@ _STATIC_SPILLS = {
     ("grad_weight", "tf32", (64, 4, 3)): {8},                  # sm_80 32x32 blocks: 16 B
     ("aligned_conv_packed", "tf32", (128, 16, 8, 8, 3)): {8},  # sm_80: 8 B
     ("aligned_grad_weight", "ieee", (32, 2, 4, 3)): {9},       # sm_90: 4 B
+    # batch-as-rows kernels, (BM, BN, warps, stages) / grad_weight (BKN, warps, stages)
+    ("batchrows", "ieee", (64, 64, 4, 2)): {8, 9},             # 7x7 fp32: 460 B sm_80, 448 B sm_90
+    ("batchrows_gw", None, (32, 4, 2)): {8},                   # 14x14 fp16/bf16 sm_80: 32 B
+    ("batchrows_gw", "ieee", (64, 4, 2)): {8},                 # 7x7 fp32 sm_80: 13,280 B
+    ("batchrows_gw", "tf32", (64, 4, 2)): {9},                 # 14x14 tf32 sm_90: 8 B
 }
 
 
@@ -471,7 +476,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias, p: ConvParams) -> torch
     out = _empty_like_format((N, C, HO, WO), x, x.dtype)
     b = None if bias is None else bias.contiguous()
     t, _, l, _ = p.padding
-    if ALIGNED and batchrows_applicable(H, W, HO, WO, KH, KW, x.element_size(), prec=_precision(x.dtype)):
+    if ALIGNED and batchrows_applicable(H, W, HO, WO, KH, KW, x.element_size(), prec=_precision(x.dtype),
+                                        channels=C):
         return _batchrows(x, weight, b, out, p.stride, p.dilation, t, l, trans=False)
     if ALIGNED:
         return _conv_aligned(x, weight, False, b, out, p.stride, p.dilation, t, l)
@@ -490,7 +496,7 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
         return gx
     HO, WO = grad_out.shape[2], grad_out.shape[3]
     if ALIGNED and batchrows_applicable(HO, WO, H, W, KH, KW, grad_out.element_size(),
-                                        prec=_precision(grad_out.dtype)):  # the transposed operator
+                                        prec=_precision(grad_out.dtype), channels=C):  # transposed operator
         return _batchrows(grad_out, weight, None, gx, p.stride, p.dilation, t, l, trans=True)
     if p.stride == (1, 1):
         # gx[h] = sum_k f[K-1-k] g[h + k*D - ((K-1)*D - P)]: the forward on grad_out with the flipped
@@ -546,7 +552,8 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     rows = N * HO
     if rows == 0 or WO == 0:
         return torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
-    if ALIGNED and batchrows_grad_weight_applicable(H, W, HO, WO, KH, KW, x.element_size(), _precision(x.dtype)):
+    if ALIGNED and batchrows_grad_weight_applicable(H, W, HO, WO, KH, KW, x.element_size(), _precision(x.dtype),
+                                                    channels=C):
         return _batchrows_grad_weight(grad_out, x, C, KH, KW, p)
     if ALIGNED:
         return _grad_weight_aligned(grad_out, x, C, KH, KW, p)
@@ -655,16 +662,19 @@ _BATCHROWS_KEY = ["N", "C", "KH", "HA", "WA", "HB", "WB", "WBP", "SH", "DH", "TR
 
 
 def batchrows_applicable(ha: int, wa: int, hb: int, wb: int, kh: int, kw: int, esz: int = 2,
-                         sm_major=None, prec=None) -> bool:
+                         sm_major=None, prec=None, channels: int = 1) -> bool:
     """The one applicability rule of the batch-as-rows kernels: both planes (the reduced one ``ha x wa``,
     the result ``hb x wb``) have 1..256 elements, the padded GEMM-K ``next_pow2(ha*wa)`` is at most
     twice the taps per output ``kh*kw`` (the dense operator then costs at most 2x the MACs of the direct
     sum; RepLKNet's 14x14/K27 and 7x7/K13: 256 <= 1458, 64 <= 338), and at least one config fits the
     GPU's shared memory for elements of ``esz`` bytes (on the GPU; fp32 at GEMM-K 256 on sm_80 does
     not); fp32 with IEEE products (``prec == "ieee"``: CUDA-core FMA, no tensor cores) only up to
-    GEMM-K 64 (7x7: its compile and its FMA count stay small).  Any stride, dilation, padding."""
+    GEMM-K 64 (7x7: its compile and its FMA count stay small); ``channels * plane < 2**31`` (the
+    kernels' image strides ``C*H*W`` are int32 products).  Any stride, dilation, padding."""
     pa, pb = ha * wa, hb * wb
     if not BATCHROWS or not (1 <= pa <= BATCHROWS_MAX_PLANE and 1 <= pb <= BATCHROWS_MAX_PLANE):
+        return False
+    if channels * max(pa, pb) > _I32:
         return False
     kp = _batchrows_kp(pa)
     if kp > 2 * kh * kw or (esz == 4 and prec == "ieee" and kp > 64):
@@ -794,8 +804,10 @@ def _batchrows(a, weight, bias, out, stride, dilation, pt, pl, trans: bool, m_pe
         cfg = None
     else:
         d = _default_batchrows(pb)
-        if not _batchrows_fits(d, kp, a.element_size(), _current_sm_major()):  # fp32 at GEMM-K 256
-            d = min(_BATCHROWS_CONFIGS, key=lambda c: c[1])
+        major = _current_sm_major()
+        if not _batchrows_fits(d, kp, a.element_size(), major) or _spills("batchrows", _precision(a.dtype), d, major):
+            d = _batchrows_cfg(_prune_batchrows_for(major)(_batchrows_configs(), {"a_ptr": a}, HB=HB, WBP=wbp,
+                                                           KP=kp, PREC=_precision(a.dtype))[0])
         bm, bn, warps, stages = d
         cfg = dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
     # M_PER is a kernel argument, so it must not depend on the tuned config: every config has the same
@@ -857,13 +869,13 @@ def _batchrows_gw_bhb(ho: int, wop: int, bn: int = None) -> int:
 
 
 def batchrows_grad_weight_applicable(h: int, w: int, ho: int, wo: int, kh: int, kw: int, esz: int = 2,
-                                     prec=None, sm_major=None) -> bool:
+                                     prec=None, sm_major=None, channels: int = 1) -> bool:
     """The rule of the batch-as-rows grad_weight: the forward's rule (batchrows_applicable: planes of at
     most 256 elements, dense GEMM-K at most twice the taps) with the input plane padded to power-of-two
     rows and pitch, ``HP*WP <= 256`` (14x14: 256, 7x7: 64), kernels of at most 64 x 64 (the one-hot
     operands), and a tile of at least 16 GEMM-N columns (``BHB*WOP >= 16``); fp32 IEEE only up to
     ``HP*WP = 64``, as the forward."""
-    if not BATCHROWS or not batchrows_applicable(h, w, ho, wo, kh, kw, esz, sm_major, prec):
+    if not BATCHROWS or not batchrows_applicable(h, w, ho, wo, kh, kw, esz, sm_major, prec, channels):
         return False
     hp, wp, wop, khp, kwp = _batchrows_gw_geometry(h, w, wo, kh, kw)
     if esz == 4 and prec == "ieee" and hp * wp > 64:
@@ -890,6 +902,10 @@ def _prune_batchrows_gw_for(sm_major=None):
     return prune
 
 
+def _batchrows_gw_configs():
+    return [triton.Config(dict(BKN=k), num_warps=w, num_stages=s) for k, w, s in _BATCHROWS_GW_CONFIGS]
+
+
 def _default_batchrows_gw() -> tuple:
     """The non-autotuned grad_weight config the static model ranks best (docs/triton_backend.md)."""
     return _BATCHROWS_GW_CONFIGS[0]
@@ -899,7 +915,7 @@ if INTERPRETED:
     _batchrows_gw_tuned = None
 else:  # pragma: no cover - needs a GPU
     _batchrows_gw_tuned = triton.autotune(
-        configs=[triton.Config(dict(BKN=k), num_warps=w, num_stages=s) for k, w, s in _BATCHROWS_GW_CONFIGS],
+        configs=_batchrows_gw_configs(),
         key=_BATCHROWS_GW_KEY, prune_configs_by={"early_config_prune": _prune_batchrows_gw_for()},
     )(KB.dwconv_batchrows_grad_weight_kernel)
 
@@ -939,7 +955,11 @@ def _batchrows_grad_weight(grad_out, x, C, KH, KW, p):
         elif AUTOTUNE:
             _batchrows_gw_tuned[grid](*args, **kwargs)
         else:
-            bkn, warps, stages = _default_batchrows_gw()
+            d = _default_batchrows_gw()
+            if _spills("batchrows_gw", prec, d, _current_sm_major()):
+                kept = _prune_batchrows_gw_for()(_batchrows_gw_configs(), {}, PREC=prec)
+                d = _gw_cfg(kept[0])
+            bkn, warps, stages = d
             base[grid](*args, **kwargs, BKN=bkn, num_warps=warps, num_stages=stages)
     # deterministic: a fixed-order reduction over the row tiles (no atomics), one cast at the end
     return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
