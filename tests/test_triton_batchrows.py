@@ -87,11 +87,13 @@ def _fp32_id(c: Case) -> str:
 PARAMS = [(c, _fp32_id(CASES[c])) for c in CASES] + [(c, d) for d in ("fp16", "bf16") for c in CASES]
 
 
-def _expect_batchrows(c: Case, dtype=torch.float16):
+def _expect_batchrows(c: Case, dtype=torch.float16, prec="auto"):
     """Whether forward / grad_input / grad_weight of case c satisfy the applicability rules (the tests
-    assert they ran)."""
+    assert they ran).  ``prec``: the fp32 input precision the passes will run with (default: what
+    ops._precision says now)."""
     ops = _ops()
-    esz, prec = torch.empty((), dtype=dtype).element_size(), ops._precision(dtype)
+    esz = torch.empty((), dtype=dtype).element_size()
+    prec = ops._precision(dtype) if prec == "auto" else prec
     N, C, H, W = c.shape
     KH, KW = c.k
     p = normalize_params(c.stride, c.padding, c.dilation, c.k)
@@ -303,10 +305,15 @@ def test_cuda_batchrows_all_passes(case, dtype, monkeypatch, spy):
     ops = _ops()
     monkeypatch.setattr(ops, "AUTOTUNE", False)
     c = GPU_CASES[case]
-    x, w, b = make_inputs(c, DTYPES[dtype], "cuda", weight_scale=True)
+    dt = DTYPES[dtype]
+    # compare_all_passes runs fp32 with TF32 off (IEEE): the rule keeps fp32 IEEE to GEMM-K <= 64
+    expect = _expect_batchrows(c, dt, "ieee" if dt == torch.float32 else None)
+    assert any(expect), "every GPU case is meant for the batch-as-rows kernels in some pass"
+    x, w, b = make_inputs(c, dt, "cuda", weight_scale=True)
     results = compare_all_passes("triton", x, w, b, *c.conv_args)
     assert all(r.ok for r in results), "\n".join(str(r) for r in results)
-    assert spy[False] >= 1 and spy[True] >= 1
+    for ran, want in zip((spy[False], spy[True], spy["grad_weight"]), expect):
+        assert (ran >= 1) == want, (spy, expect)
 
 
 @pytest.mark.gpu
@@ -317,16 +324,16 @@ def test_cuda_batchrows_autotuned(case, spy):
     x, w, b = make_inputs(c, torch.float16, "cuda", weight_scale=True)
     results = compare_all_passes("triton", x, w, b, *c.conv_args)
     assert all(r.ok for r in results), "\n".join(str(r) for r in results)
-    assert spy[False] >= 1
+    assert spy[False] >= 1 and spy[True] >= 1 and spy["grad_weight"] >= 1
 
 
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("case", ["c32-14-k27-n70", "c16-10-k9-s2"])
 def test_cuda_batchrows_fp32_tf32_and_ieee(case, monkeypatch, spy):
-    """fp32 with TF32 allowed (fp16 rule) and with TF32 off (compare_all_passes: the fp32 rule)."""
-    from lkconv.backends import get_backend
-    from lkconv.testing import _torch_d_all_passes, reference_all_passes, tf32, tolerance
+    """fp32 with TF32 allowed (fp16 rule) and with TF32 off (compare_all_passes: the fp32 rule); with
+    TF32 every pass the rule takes runs the batch-as-rows kernels."""
+    from lkconv.testing import tf32
 
     ops = _ops()
     monkeypatch.setattr(ops, "AUTOTUNE", False)
@@ -334,11 +341,14 @@ def test_cuda_batchrows_fp32_tf32_and_ieee(case, monkeypatch, spy):
     x, w, b = make_inputs(c, torch.float32, "cuda", weight_scale=True)
     results = compare_all_passes("triton", x, w, b, *c.conv_args)  # TF32 off: IEEE
     assert all(r.ok for r in results), "\n".join(str(r) for r in results)
-    from lkconv.testing import tf32
-
+    before = dict(spy)
+    expect = _expect_batchrows(c, torch.float32, "tf32")
+    assert all(expect)
     with tf32(True):
         assert ops._precision(torch.float32) == "tf32"
         _check_tf32_rule(c, "cuda")
+    for k in (False, True, "grad_weight"):
+        assert spy[k] > before[k], (k, spy, before)
 
 
 @pytest.mark.gpu
