@@ -300,6 +300,7 @@ def test_cpu_interpreter_aligned_autotune_configs(idx, monkeypatch):
     monkeypatch.setattr(tops, "_INTERP_ALIGNED_CONV", dict(BM=bm, BK=bk, KHB=khb))
     monkeypatch.setattr(tops, "_INTERP_ALIGNED_GRAD_WEIGHT", dict(BKC=bkc, R=r))
     monkeypatch.setattr(tops, "DIAG_MAX_W", 0)  # grad_weight: the Toeplitz aligned kernel (wide planes' path)
+    monkeypatch.setattr(tops, "BATCHROWS", False)  # small planes would run the batch-as-rows kernel
     case = ["k31-partial", "stride2-partial", "dil-2x3-same", "even-rect-6x8-same", "channels_last-k31"][idx]
     dtype = ["fp16", "fp32", "bf16", "fp32", "fp16"][idx]
     run_case(CPU_CASES[case], DTYPES[dtype], "cpu")
@@ -314,6 +315,7 @@ def test_cpu_interpreter_aligned_autotune_configs_packed(idx, monkeypatch):
 
     bm, bk, khb, _, _ = tops._ALIGNED_CONV_CONFIGS[idx]
     monkeypatch.setattr(tops, "_INTERP_ALIGNED_CONV", dict(BM=bm, BK=bk, KHB=khb))
+    monkeypatch.setattr(tops, "BATCHROWS", False)  # 7x7/K13 would run the batch-as-rows kernel
     assert tops._packed(3, 7, bm)
     run_case(CPU_CASES["packed-7x7-k13"], DTYPES[["fp32", "fp16", "bf16", "fp32", "fp16"][idx]], "cpu")
 

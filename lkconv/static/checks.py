@@ -32,6 +32,10 @@ def tensor_core_problems(f: Dict) -> List[str]:
     descriptors (HGMMA reads shared memory itself) -- not generic LD."""
     name = f.get("name", f.get("symbol"))
     mix = (f.get("hot") or {}).get("mix", {})
+    loops = (f.get("sass") or {}).get("loops", [])
+    if not any(lp["mix"].get("tensor") for lp in loops) and (f.get("sass") or {}).get("mix", {}).get("tensor"):
+        # straight-line MMAs (the batch-as-rows kernel at one M tile per program): the whole function
+        mix = f["sass"]["mix"]
     out = []
     if not (mix.get("hmma") or mix.get("hgmma")):
         out.append(f"{name}: hot loop has no HMMA/HGMMA")

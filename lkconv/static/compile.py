@@ -184,8 +184,11 @@ def compile_triton(spec: Dict, arch: int) -> Dict:
 
     from lkconv.backends.triton import kernels as K
 
-    fn = getattr(K, spec["kernel"])
-    ksrc = open(K.__file__, "rb").read()
+    from lkconv.backends.triton import batchrows as KB
+
+    mod = K if hasattr(K, spec["kernel"]) else KB  # the batch-as-rows kernels live in their own module
+    fn = getattr(mod, spec["kernel"])
+    ksrc = open(K.__file__, "rb").read() + (open(KB.__file__, "rb").read() if mod is KB else b"")
     key = digest("triton", ksrc, spec, arch, tool_versions().get("triton"))
     def refresh(h, fr):
         keep = {k: h["facts"][k] for k in ("dynamic_smem", "num_warps", "num_stages", "ptx_vector_loads")}
@@ -201,7 +204,8 @@ def compile_triton(spec: Dict, arch: int) -> Dict:
         if n in spec["constexprs"]:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = "*" + (spec["ws_dtype"] if n == "ws_ptr" else spec["dtype"])
+            sig[n] = "*" + (spec.get("ptr_dtypes", {}).get(n)
+                            or (spec["ws_dtype"] if n == "ws_ptr" else spec["dtype"]))
         else:
             sig[n] = spec["int_types"].get(n, "i32")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec["divisible"]}

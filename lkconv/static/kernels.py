@@ -33,6 +33,8 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
     (r"dwconv_forward_rows_kernel", "triton", "forward,grad_input", "tr_conv_rows"),
     (r"dwconv_grad_weight_diag_kernel", "triton", "grad_weight", "tr_grad_weight_diag"),
     (r"dwconv_grad_weight_aligned_kernel", "triton", "grad_weight", "tr_grad_weight_aligned"),
+    (r"dwconv_batchrows_grad_weight_kernel", "triton", "grad_weight", "tr_batchrows_grad_weight"),
+    (r"dwconv_batchrows_kernel", "triton", "forward,grad_input", "tr_batchrows"),
     (r"dwconv_forward_kernel|forward_kernel", "triton", "forward,grad_input", "tr_conv"),
     (r"dwconv_grad_input_kernel|grad_input_kernel", "triton", "grad_input", "tr_grad_input_strided"),
     (r"dwconv_grad_weight_kernel|grad_weight_kernel", "triton", "grad_weight", "tr_grad_weight"),
@@ -48,6 +50,7 @@ ROLE_STATUS: Dict[str, str] = {
     "tc_toeplitz_mma": "default", "fp32_rb": "default", "fp32_direct": "fallback", "grad_weight_tc": "default",
     "grad_weight_ffma": "default", "grad_weight_reduce": "default", "tr_conv_aligned": "default",
     "tr_grad_weight_diag": "default", "tr_conv_rows": "default", "tr_grad_weight_aligned": "fallback",
+    "tr_batchrows": "default (H*W <= 256)", "tr_batchrows_grad_weight": "default (H*W <= 256)",
     "tr_grad_input_strided": "default (stride > 1)",
     "tc_toeplitz": "fallback", "fallback": "fallback", "fallback_strided": "fallback",
     "grad_weight_partial": "fallback", "tr_conv": "fallback", "tr_grad_weight": "fallback",
@@ -124,6 +127,11 @@ def tile_of(spec: Dict) -> str:
     if spec["kernel"] == "dwconv_grad_weight_aligned_kernel":
         return (f"{c['BKH']}x{16 * c['NA']}/BKC{c['BKC']}xR{c['R']} "
                 f"w{spec['num_warps']} s{spec['num_stages']}")
+    if spec["kernel"] == "dwconv_batchrows_grad_weight_kernel":
+        return (f"G{c['HP'] * c['WP']}x{c['BHB'] * c['WOP']}/BKN{c['BKN']} w{spec['num_warps']} "
+                f"s{spec['num_stages']}")
+    if spec["kernel"] == "dwconv_batchrows_kernel":
+        return f"rows{c['BM']}/{c['BN']}/K{c['KP']} w{spec['num_warps']} s{spec['num_stages']}"
     if spec["kernel"] == "dwconv_grad_weight_kernel":
         return f"{c['BKH']}x{c['BKW']}/BK{c['BK']} w{spec['num_warps']} s{spec['num_stages']}"
     if spec["kernel"] == "dwconv_forward_rows_kernel":
@@ -341,6 +349,14 @@ def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 
     offsets K-1-K//2); bias is off (RepLKNet's large convolutions are followed by BatchNorm)."""
     if aligned is None:
         aligned = bool(_ops().ALIGNED)
+    if aligned and pass_ in ("forward", "grad_input"):
+        br = batchrows_specs(layer, pass_, dtype, arch, stride)
+        if br:  # small planes: what ops.forward / ops.grad_input route to first
+            return br
+    if aligned and pass_ == "grad_weight":
+        br = batchrows_grad_weight_specs(layer, dtype, arch, stride)
+        if br:
+            return br
     if aligned and stride == 1:
         return _aligned_specs(layer, pass_, dtype, arch)
     N, C, H, K = layer.N, layer.C, layer.H, layer.K
@@ -379,6 +395,61 @@ def triton_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 
     return specs
 
 
+def batchrows_specs(layer: Layer, pass_: str, dtype: str, arch: int, stride: int = 1) -> List[Dict]:
+    """The batch-as-rows kernel (``ops.batchrows_applicable``) for forward / grad_input of a small plane,
+    one spec per config that survives the shipped prune on sm_<arch>; [] where the rule declines."""
+    ops = _ops()
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    HO = (H + 2 * P - K) // stride + 1
+    trans = pass_ == "grad_input"
+    ha, hb = (HO, H) if trans else (H, HO)
+    esz = 2 if dtype in ("fp16", "bf16") else 4
+    if not ops.batchrows_applicable(ha, ha, hb, hb, K, K, esz, sm_major=arch // 10, prec=_prec(dtype)):
+        return []
+    kp = ops._batchrows_kp(ha * ha)
+    wbp = ops._batchrows_pitch(hb)
+    vals = dict(a_ptr=0, t_ptr=0, b_ptr=0, y_ptr=0, N=N, C=C, M_PER=-(-N // 64), PT=P, KH=K)
+    kept = ops._prune_batchrows_for(arch // 10)(ops._batchrows_configs(), {}, HB=hb, WBP=wbp, PREC=_prec(dtype),
+                                                KP=kp, ESZ=esz)
+    specs = []
+    for c in kept:
+        bm, bn, w, s = c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
+        cons = dict(HA=ha, WA=ha, HB=hb, WB=hb, WBP=wbp, SH=stride, DH=1, TRANS=trans, OUT_CL=False,
+                    HAS_BIAS=False, PREC=_prec(dtype), UPCAST=False, BM=bm, BN=bn, KP=kp)
+        sp = _runtime_spec("dwconv_batchrows_kernel", vals, cons, dtype, w, s)
+        sp["default_config"] = (bm, bn, w, s) == tuple(ops._default_batchrows(hb * wbp))
+        specs.append(sp)
+    return specs
+
+
+def batchrows_grad_weight_specs(layer: Layer, dtype: str, arch: int, stride: int = 1) -> List[Dict]:
+    """The batch-as-rows grad_weight (``ops.batchrows_grad_weight_applicable``), one spec per config that
+    survives the shipped prune on sm_<arch>; [] where the rule declines."""
+    ops = _ops()
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    HO = (H + 2 * P - K) // stride + 1
+    esz = 2 if dtype in ("fp16", "bf16") else 4
+    if not ops.batchrows_grad_weight_applicable(H, H, HO, HO, K, K, esz, _prec(dtype), sm_major=arch // 10):
+        return []
+    hp, wp, wop, khp, kwp = ops._batchrows_gw_geometry(H, H, HO, K, K)
+    bhb = ops._batchrows_gw_bhb(HO, wop)
+    vals = dict(x_ptr=0, g_ptr=0, bw_ptr=0, ws_ptr=0, N=N, C=C, PT=P, PL=P, KH=K, KW=K)
+    kept = ops._prune_batchrows_gw_for(arch // 10)(ops._batchrows_gw_configs(), {}, PREC=_prec(dtype))
+    specs = []
+    for c in kept:
+        bkn, w, s = c.kwargs["BKN"], c.num_warps, c.num_stages
+        cons = dict(H=H, W=H, HO=HO, WO=HO, HP=hp, WP=wp, WOP=wop, SH=stride, SW=stride, DH=1, DW=1,
+                    PREC=_prec(dtype), UPCAST=False, BHB=bhb, BKN=bkn, KHP=khp, KWP=kwp)
+        sp = _runtime_spec("dwconv_batchrows_grad_weight_kernel", vals, cons, dtype, w, s)
+        sp["ptr_dtypes"] = {"bw_ptr": "fp32" if _prec(dtype) == "ieee" else "bf16"}
+        sp["default_config"] = (bkn, w, s) == tuple(ops._default_batchrows_gw())
+        sp["splits"] = -(-HO // bhb)
+        specs.append(sp)
+    return specs
+
+
 def spec_key(spec: Dict) -> str:
     import json
     s = {k: v for k, v in spec.items() if k not in ("values", "splits", "default_config", "g_copy")}
@@ -398,6 +469,9 @@ def shipped_triton_specs(arch: int) -> List[Dict]:
     for dt in DTYPES:
         for sp in triton_specs(LAYERS[0], "grad_input", dt, arch, stride=2):
             seen.setdefault(spec_key(sp), sp)
+        for layer in LAYERS:  # the batch-as-rows grad_input (transposed operator) is its own compile
+            for sp in batchrows_specs(layer, "grad_input", dt, arch):
+                seen.setdefault(spec_key(sp), sp)
     # the Toeplitz aligned kernels as the fallbacks for planes wider than ops.ROWS_MAX_W / ops.DIAG_MAX_W
     # (the aligned forward is the default below 256 pixels anyway), compiled once at 56²/K31 geometry in
     # every dtype so that CI checks their configs too

@@ -367,6 +367,10 @@ def model_cuda(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str, m:
 # ------------------------------------------------------------------------------------------------
 def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine = H100, sms: int = None) -> Dict:
     sms = sms or m.sms
+    if spec["kernel"] == "dwconv_batchrows_kernel":
+        return _model_batchrows(facts, spec, layer, dtype, m, sms)
+    if spec["kernel"] == "dwconv_batchrows_grad_weight_kernel":
+        return _model_batchrows_grad_weight(facts, spec, layer, dtype, m, sms)
     v, c = spec["values"], spec["constexprs"]
     hot = facts["hot"]
     body = hot["mix"]["total"] if hot else 0
@@ -531,6 +535,110 @@ def model_triton(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine =
         r["t_lo"] += prep
         r["t_hi"] += prep
     return r
+
+
+def batchrows_band_bytes(C: int, KH: int, WA: int, WBP: int, dtype: str) -> int:
+    """Bytes of the batch-as-rows width-Toeplitz band ``[C, KH, WA, WBP]`` (ops._batchrows_band)."""
+    return C * KH * WA * WBP * _bytes(dtype)
+
+
+def _model_batchrows(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine, sms: int) -> Dict:
+    """The batch-as-rows kernel (forward / grad_input of small planes).  Per program: the straight-line
+    SASS once (forming F_c[:, tile] from the band, the prologue, the epilogue; both sides of every
+    branch counted) plus the M-tile loop body per further M tile when the SASS has that loop (at N = 64
+    and BM = 64 there is one M tile and the compiler leaves no loop); tensor MACs ``BM * KP * BN`` per
+    M tile, padding included; HBM: x + y + w, plus the band (written by its torch kernel before the
+    launch: additive, and read once by the kernel: L2 reuse across a channel's column tiles assumed)."""
+    v, c = spec["values"], spec["constexprs"]
+    warps = spec["num_warps"]
+    BM, BN, KP = c["BM"], c["BN"], c["KP"]
+    N, C, KH = v["N"], v["C"], v["KH"]
+    np_ = c["HB"] * c["WBP"]
+    n_nt, n_mt = _ceil(np_, BN), _ceil(N, BM)
+    mper = v["M_PER"]
+    n_grp = _ceil(n_mt, mper)
+    n_prog = C * n_grp * n_nt
+    g = (np.arange(n_prog) // n_nt) % n_grp
+    tiles = np.minimum(mper, n_mt - g * mper).astype(float)
+    whole = facts["sass"]["mix"]
+    hot = facts.get("hot")
+    mloop = hot if hot and hot["mix"].get("tensor", 0) + hot["mix"].get("ffma", 0) > 0 else None
+    body = mloop["mix"]["total"] if mloop else 0
+    straight = max(facts["sass"].get("n_instr", 0) - sum(lp["mix"]["total"] for lp in _loops(facts)), 0)
+    if whole.get("hgmma"):
+        tc_rate = m.wgmma_mac_per_clk
+    elif whole.get("hmma"):
+        tc_rate = m.mma_sync_mac_per_clk
+    else:
+        tc_rate = 0.0
+    if dtype in ("tf32", "fp32"):
+        tc_rate /= 2
+    macs_tile = BM * KP * BN
+    acc = _Acc(n_prog)
+    acc.issue = warps * (straight + body * np.maximum(tiles - 1, 0))
+    acc.macs = tiles * macs_tile if tc_rate else np.zeros(n_prog)
+    waves = whole.get("sts", 0) + whole.get("lds", 0) + whole.get("ldsm", 0)
+    opnd = (BM * KP + KP * BN) * _bytes(dtype)
+    acc.wave = warps * waves + (tiles * opnd / 128 if whole.get("hgmma") else np.zeros(n_prog))
+    b = _busiest(acc, tc_rate, m, sms)
+    band = batchrows_band_bytes(C, KH, c["WA"], c["WBP"], dtype)
+    occ = occupancy(facts["regs"], 32 * warps, facts.get("dynamic_smem") or 0, m)
+    useful = layer.N * layer.C * c["HA"] * c["WA"] * c["HB"] * c["WB"]
+    r = _finish(b, _hbm(layer, dtype, m, band), dict(
+        prep_us=band / m.hbm_Bps * 1e6, threads=32 * warps, dyn_smem=facts.get("dynamic_smem"), occupancy=occ,
+        regs=facts["regs"], straight_line_instr=straight,
+        per_unit=dict(instr_per_iter=straight + body, macs_per_iter=macs_tile,
+                      instr_per_kmac=(straight + body) * warps / macs_tile * 1000),
+        mma_usefulness=useful / max(float(tiles.sum()) * macs_tile, 1)))
+    prep = band / m.hbm_Bps  # the band's torch kernel runs before the launch: additive
+    r["parts"]["prep"] = prep
+    r["t_lo"] += prep
+    r["t_hi"] += prep
+    return r
+
+
+def _model_batchrows_grad_weight(facts: Dict, spec: Dict, layer: Layer, dtype: str, m: Machine,
+                                 sms: int) -> Dict:
+    """The batch-as-rows grad_weight: per program (channel, tile of BHB grad_out rows) the batch loop
+    (``ceil(N / BKN)`` trips of the hot loop: the operand loads and the G dot) plus the straight-line
+    SASS once (the permute, the hi/lo split, both one-hot products, the partial store; both sides of
+    every branch counted).  Tensor MACs: G (``KP x BN x N``) plus the one-hot products
+    (``HP*BHB x WP*WOP x KWP`` and ``KHP x HP*BHB x KWP``, twice each for the hi/lo split).  HBM: x + dy +
+    w, plus the fp32 partials (written, then read by the launcher's ordered sum)."""
+    v, c = spec["values"], spec["constexprs"]
+    warps = spec["num_warps"]
+    N, C = v["N"], v["C"]
+    HP, WP, WOP, BHB, BKN, KHP, KWP = c["HP"], c["WP"], c["WOP"], c["BHB"], c["BKN"], c["KHP"], c["KWP"]
+    n_rt = _ceil(c["HO"], BHB)
+    n_prog = C * n_rt
+    trips = _ceil(N, BKN)
+    hot = facts.get("hot")
+    body = hot["mix"]["total"] if hot else 0
+    straight = max(facts["sass"].get("n_instr", 0) - sum(lp["mix"]["total"] for lp in _loops(facts)), 0)
+    whole = facts["sass"]["mix"]
+    rate = m.wgmma_mac_per_clk if whole.get("hgmma") else (m.mma_sync_mac_per_clk if whole.get("hmma") else 0.0)
+    if dtype in ("tf32", "fp32"):
+        rate /= 2
+    kp, bn = HP * WP, BHB * WOP
+    split = 1 if c["PREC"] == "ieee" else 2
+    macs_g = kp * bn * BKN * trips
+    macs_1h = split * (HP * BHB * WP * WOP * KWP + KHP * HP * BHB * KWP)
+    acc = _Acc(n_prog)
+    acc.issue = np.full(n_prog, float(warps * (straight + body * trips)))
+    acc.macs = np.full(n_prog, float(macs_g + macs_1h)) if rate else np.zeros(n_prog)
+    waves = whole.get("sts", 0) + whole.get("lds", 0) + whole.get("ldsm", 0)
+    acc.wave = np.full(n_prog, float(warps * waves + (trips * (kp + bn) * BKN * _bytes(dtype) / 128
+                                                      if whole.get("hgmma") else 0)))
+    b = _busiest(acc, rate, m, sms)
+    partial = n_rt * C * layer.K * layer.K * 4 * 2
+    occ = occupancy(facts["regs"], 32 * warps, facts.get("dynamic_smem") or 0, m)
+    useful = layer.N * layer.C * c["H"] * c["W"] * c["HO"] * c["WO"]
+    return _finish(b, _hbm(layer, dtype, m, partial), dict(
+        prep_us=0.0, threads=32 * warps, dyn_smem=facts.get("dynamic_smem"), occupancy=occ, regs=facts["regs"],
+        straight_line_instr=straight,
+        per_unit=dict(instr_per_iter=body, macs_per_iter=kp * bn * BKN,
+                      instr_per_kmac=(straight + body * trips) * warps / (macs_g + macs_1h) * 1000),
+        mma_usefulness=useful / max(n_prog * float(macs_g + macs_1h), 1)))
 
 
 def aligned_extra_bytes(layer: Layer, dtype: str, WP: int, LB: int, kind: str, splits: int = 0):

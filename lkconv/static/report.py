@@ -106,7 +106,8 @@ def kernel_rows(data: Dict) -> List[Dict]:
             sp = r["spec"]
             base = dict(backend="triton", arch=f"sm_{a}", kernel=sp["kernel"], dtype=sp["dtype"],
                         prec=sp["constexprs"].get("PREC"), config=tile_of(sp),
-                        shape=f"H{sp['values']['H']}/K{sp['values']['KH']}/S{sp['constexprs']['SH']}")
+                        shape=f"H{sp['values'].get('H') or sp['constexprs'].get('H') or sp['constexprs'].get('HA')}"
+                              f"/K{sp['values']['KH']}/S{sp['constexprs']['SH']}")
             if "error" in r:
                 rows.append(dict(base, error=r["error"]))
                 continue
@@ -116,8 +117,18 @@ def kernel_rows(data: Dict) -> List[Dict]:
             rows.append(dict(base, role=role, status=ROLE_STATUS.get(role), regs=f["regs"], spill_stores=f["spill_stores"],
                              spill_loads=f["spill_loads"], static_smem=f["static_smem"], dynamic_smem=f["dynamic_smem"],
                              ctas_per_sm=occ["ctas_per_sm"], occ_limiter=occ["limiter"],
-                             ptx_vector_loads=f.get("ptx_vector_loads"), **_mix_summary(f.get("hot"))))
+                             ptx_vector_loads=f.get("ptx_vector_loads"), **_mix_summary(_hot_or_whole(f))))
     return rows
+
+
+def _hot_or_whole(f: Dict) -> Optional[Dict]:
+    """The hot loop, or the whole function for a kernel whose MMAs are straight-line code (no loop has
+    tensor ops: the batch-as-rows forward at one M tile per program)."""
+    loops = f.get("sass", {}).get("loops", [])
+    whole = f.get("sass", {}).get("mix", {})
+    if whole.get("tensor") and not any(lp["mix"].get("tensor") for lp in loops):
+        return dict(mix=whole)
+    return f.get("hot")
 
 
 def _short(name: str) -> str:

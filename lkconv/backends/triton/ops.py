@@ -99,6 +99,11 @@ _STATIC_SPILLS = {
     ("diag_grad_weight", "ieee", (64, 1, 4, 3)): {8},          # sm_80: 9144 B (64x64), 3372 B (64x32)
     ("diag_grad_weight", "ieee", (32, 2, 4, 3)): {8},          # sm_80: 9168 B / 3528 B
     ("diag_grad_weight", "ieee", (16, 4, 4, 3)): {8},          # sm_80: 9152 B / 3520 B
+    # batch-as-rows kernels, (BM, BN, warps, stages) / grad_weight (BKN, warps, stages)
+    ("batchrows", "ieee", (64, 64, 4, 2)): {8, 9},             # 7x7 fp32: 460 B sm_80, 448 B sm_90
+    ("batchrows_gw", None, (32, 4, 2)): {8},                   # 14x14 fp16/bf16 sm_80: 32 B
+    ("batchrows_gw", "ieee", (64, 4, 2)): {8},                 # 7x7 fp32 sm_80: 13,280 B
+    ("batchrows_gw", "tf32", (64, 4, 2)): {9},                 # 14x14 tf32 sm_90: 8 B
 }
 
 
@@ -499,6 +504,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias, p: ConvParams) -> torch
     out = _empty_like_format((N, C, HO, WO), x, x.dtype)
     b = None if bias is None else bias.contiguous()
     t, _, l, _ = p.padding
+    if ALIGNED and batchrows_applicable(H, W, HO, WO, KH, KW, x.element_size(), prec=_precision(x.dtype),
+                                        channels=C):
+        return _batchrows(x, weight, b, out, p.stride, p.dilation, t, l, trans=False)
     if ALIGNED:
         if out.numel() and _rows_ok(H, W, HO, WO, KH, p.stride[0], p.dilation[0]):
             return _conv_rows(x, weight, False, b, out, p.stride, p.dilation, t, l)
@@ -516,6 +524,10 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, input_shape: Sequen
     grad_out = _read_layout(grad_out)
     if gx.numel() == 0:
         return gx
+    HO, WO = grad_out.shape[2], grad_out.shape[3]
+    if ALIGNED and batchrows_applicable(HO, WO, H, W, KH, KW, grad_out.element_size(),
+                                        prec=_precision(grad_out.dtype), channels=C):  # transposed operator
+        return _batchrows(grad_out, weight, None, gx, p.stride, p.dilation, t, l, trans=True)
     if p.stride == (1, 1):
         # gx[h] = sum_k f[K-1-k] g[h + k*D - ((K-1)*D - P)]: the forward on grad_out with the flipped
         # filter and (signed) offsets (K-1)*D - P; only the top/left offsets matter, the output size is H x W
@@ -571,6 +583,9 @@ def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[
     rows = N * HO
     if rows == 0 or WO == 0:
         return torch.zeros((C, 1, KH, KW), dtype=x.dtype, device=x.device)
+    if ALIGNED and batchrows_grad_weight_applicable(H, W, HO, WO, KH, KW, x.element_size(), _precision(x.dtype),
+                                                    channels=C):
+        return _batchrows_grad_weight(grad_out, x, C, KH, KW, p)
     if ALIGNED:
         if _diag_ok(x, grad_out, KH, p):
             return _grad_weight_diag(grad_out, x, C, KH, KW, p)
@@ -972,3 +987,336 @@ def _conv_rows(x, weight, flip, bias, out, stride, dilation, pt, pl):
             bk, warps, stages = _rows_default(wq, dh, kwargs["PREC"], _current_sm_major())
             base[grid](*args, **kwargs, BK=bk, num_warps=warps, num_stages=stages)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# batch-as-rows kernels for small planes (batchrows.py): the N images are the GEMM rows, the whole
+# plane one GEMM dimension; forward and grad_input (transposed operator), any stride / dilation
+# ------------------------------------------------------------------------------------------------
+from . import batchrows as KB  # noqa: E402
+
+#: True (default): forward and grad_input of small planes (batchrows_applicable) run the batch-as-rows
+#: kernel; False: the aligned / strided kernels as for every other plane.  ``ALIGNED = False`` (the
+#: original strided kernels for everything) turns it off as well
+BATCHROWS = True
+#: the largest plane (elements, input and output) the batch-as-rows kernels take: GEMM-K is the padded
+#: plane, one operand tile [BM, KP] and the formed operator [KP, BN] must fit registers / shared memory
+BATCHROWS_MAX_PLANE = 256
+
+# (BM images, BN result positions, warps, stages); BM = 64 so sm_90 issues wgmma
+_BATCHROWS_CONFIGS = [
+    (64, 32, 4, 2),
+    (64, 64, 4, 2),
+    (64, 64, 8, 2),
+    (64, 128, 8, 2),
+]
+_INTERP_BATCHROWS = dict(BM=16, BN=16)
+# autotune key: batch (the M dimension), kernel size, both planes, geometry, pass, output layout
+# (Triton's autotuner adds the dtypes)
+# (KW, the column stride/dilation and PL are in the band; HA..WBP, SH, DH, TRANS, OUT_CL are constexprs
+# and part of Triton's own key as well)
+_BATCHROWS_KEY = ["N", "C", "KH", "HA", "WA", "HB", "WB", "WBP", "SH", "DH", "TRANS", "OUT_CL"]
+
+
+def batchrows_applicable(ha: int, wa: int, hb: int, wb: int, kh: int, kw: int, esz: int = 2,
+                         sm_major=None, prec=None, channels: int = 1) -> bool:
+    """The one applicability rule of the batch-as-rows kernels: both planes (the reduced one ``ha x wa``,
+    the result ``hb x wb``) have 1..256 elements, the padded GEMM-K ``next_pow2(ha*wa)`` is at most
+    twice the taps per output ``kh*kw`` (the dense operator then costs at most 2x the MACs of the direct
+    sum; RepLKNet's 14x14/K27 and 7x7/K13: 256 <= 1458, 64 <= 338), and at least one config fits the
+    GPU's shared memory for elements of ``esz`` bytes (on the GPU; fp32 at GEMM-K 256 on sm_80 does
+    not); fp32 with IEEE products (``prec == "ieee"``: CUDA-core FMA, no tensor cores) only up to
+    GEMM-K 64 (7x7: its compile and its FMA count stay small); ``channels * plane < 2**31`` (the
+    kernels' image strides ``C*H*W`` are int32 products).  Any stride, dilation, padding."""
+    pa, pb = ha * wa, hb * wb
+    if not BATCHROWS or not (1 <= pa <= BATCHROWS_MAX_PLANE and 1 <= pb <= BATCHROWS_MAX_PLANE):
+        return False
+    if channels * max(pa, pb) > _I32:
+        return False
+    kp = _batchrows_kp(pa)
+    if kp > 2 * kh * kw or (esz == 4 and prec == "ieee" and kp > 64):
+        return False
+    if INTERPRETED and sm_major is None:
+        return True
+    major = sm_major if sm_major is not None else _current_sm_major()
+    return any(_batchrows_fits(cfg, kp, esz, major) for cfg in _BATCHROWS_CONFIGS)
+
+
+#: shared memory per CTA (opt-in) by SM major: A100 163 KiB, H100/H200 227 KiB
+_SMEM_OPTIN = {8: 163 * 1024, 9: 227 * 1024}
+
+
+def _batchrows_fits(cfg: tuple, kp: int, esz: int, sm_major: int) -> bool:
+    """Shared memory of a config, as the static report measures it (``stages`` A tiles [BM, KP], the
+    operator [KP, BN], ~8 KiB for the epilogue's layout conversion): within the opt-in limit."""
+    bm, bn, _, stages = cfg
+    need = (stages * bm * kp + kp * bn) * esz + 8192
+    return need <= _SMEM_OPTIN.get(sm_major, _SMEM_OPTIN[8])
+
+
+def _batchrows_kp(pa: int) -> int:
+    return max(16, triton.next_power_of_2(pa))
+
+
+def _batchrows_pitch(wb: int) -> int:
+    """Row pitch of plane B in GEMM-N: a power of two >= 8, so every band gather is 16-B aligned."""
+    return max(8, triton.next_power_of_2(wb))
+
+
+def _batchrows_band(weight, wa: int, wb: int, wbp: int, sw: int, dw: int, pl: int, trans: bool):
+    """The width-Toeplitz band ``[C, KH, wa, wbp]`` of the batch-as-rows kernel: ``band[c, kh, k, n] =
+    f[c, kh, d / dw]`` with ``d = k - n*sw + pl`` (forward) or ``n - k*sw + pl`` (transposed operator),
+    zero where ``d`` is not a multiple of ``dw`` in ``[0, KW*dw)`` or ``n >= wb`` (``torch.where``, not a
+    product: an Inf in the filter stays out of the zeros).  ``wa/KW * wbp`` times the filter."""
+    C, _, KH, KW = weight.shape
+    k = torch.arange(wa, device=weight.device)[:, None]
+    n = torch.arange(wbp, device=weight.device)[None, :]
+    d = (n - k * sw + pl) if trans else (k - n * sw + pl)
+    valid = (d >= 0) & (d % dw == 0) & (d < KW * dw) & (n < wb)
+    idx = torch.where(valid, d // dw, torch.zeros_like(d))
+    band = weight.reshape(C, KH, KW)[:, :, idx]
+    band = torch.where(valid, band, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    return band.contiguous()
+
+
+def _batchrows_cfg(c) -> tuple:
+    return (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages)
+
+
+def _batchrows_configs():
+    return [triton.Config(dict(BM=bm, BN=bn), num_warps=w, num_stages=s) for bm, bn, w, s in _BATCHROWS_CONFIGS]
+
+
+def _prune_batchrows_for(sm_major=None):
+    """Drop configs whose BN exceeds the result plane rounded up to a power of two (keep the smallest),
+    then those the static report found spilling on this GPU (keep the smallest surviving one)."""
+
+    def prune(configs, named_args, **kwargs):
+        pb = int(kwargs.get("HB", named_args.get("HB"))) * int(kwargs.get("WBP", named_args.get("WBP")))
+        cap = max(16, triton.next_power_of_2(pb))
+        kept = [c for c in configs if c.kwargs["BN"] <= cap] or [min(configs, key=lambda c: c.kwargs["BN"])]
+        major = sm_major if sm_major is not None else _current_sm_major()
+        a = named_args.get("a_ptr")
+        esz = a.element_size() if hasattr(a, "element_size") else int(kwargs.get("ESZ", 2))
+        kp = int(kwargs.get("KP", named_args.get("KP", 16)))
+        kept = [c for c in kept if _batchrows_fits(_batchrows_cfg(c), kp, esz, major)] or kept[:1]
+        safe = [c for c in kept if not _spills("batchrows", kwargs.get("PREC"), _batchrows_cfg(c), major)]
+        return safe or kept[:1]
+
+    return prune
+
+
+def _default_batchrows(pb: int) -> tuple:
+    """The non-autotuned config the static model ranks best (docs/triton_backend.md): GEMM-N (the pitched
+    result plane ``HB*WBP``) above 64: BN = 128 with 8 warps (14x14: 224); otherwise BN = 64 (32 when
+    GEMM-N is at most 32) with 4 warps (7x7: 56)."""
+    if pb > 64:
+        return (64, 128, 8, 2)
+    return (64, 32 if pb <= 32 else 64, 4, 2)
+
+
+if INTERPRETED:
+    _batchrows_tuned = None
+else:  # pragma: no cover - needs a GPU
+    _batchrows_tuned = triton.autotune(
+        configs=_batchrows_configs(), key=_BATCHROWS_KEY,
+        prune_configs_by={"early_config_prune": _prune_batchrows_for()},
+    )(KB.dwconv_batchrows_kernel)
+
+
+def _batchrows_m_per(n_mt: int, programs_per_group: int, device) -> int:
+    """M tiles per program: all of them (the operator formed once per channel tile) unless the grid
+    would then have fewer than ~4 programs per SM."""
+    if INTERPRETED:
+        return max(1, n_mt)  # one group: every program loops over all its M tiles
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs_per_group >= 4 * sms:
+        return max(1, n_mt)
+    groups = min(n_mt, triton.cdiv(4 * sms, programs_per_group))
+    return max(1, triton.cdiv(n_mt, groups))
+
+
+def _batchrows(a, weight, bias, out, stride, dilation, pt, pl, trans: bool, m_per=None):
+    """out = the batch-as-rows product of a's planes with the operator of ``weight`` (forward) or its
+    transpose (grad_input, ``trans``); see :mod:`.batchrows`."""
+    N, C, HA, WA = a.shape
+    HB, WB = out.shape[2], out.shape[3]
+    if out.numel() == 0:
+        return out
+    KH, KW = weight.shape[2], weight.shape[3]
+    a = a.contiguous()  # contiguous NCHW planes (one copy for channels_last or sliced operands)
+    wbp = _batchrows_pitch(WB)
+    band = _batchrows_band(weight, WA, WB, wbp, stride[1], dilation[1], pl, trans)
+    if out.is_contiguous():
+        dst, out_cl = out, False
+    elif out.is_contiguous(memory_format=torch.channels_last):
+        dst, out_cl = out, True
+    else:  # pragma: no cover - the launchers allocate one of the two formats
+        dst, out_cl = torch.empty(out.shape, dtype=out.dtype, device=out.device), False
+    kp = _batchrows_kp(HA * WA)
+    pb = HB * wbp  # GEMM-N: plane B with row pitch wbp
+    if INTERPRETED:
+        cfg = dict(_INTERP_BATCHROWS)
+    elif AUTOTUNE:
+        cfg = None
+    else:
+        d = _default_batchrows(pb)
+        major = _current_sm_major()
+        if not _batchrows_fits(d, kp, a.element_size(), major) or _spills("batchrows", _precision(a.dtype), d, major):
+            d = _batchrows_cfg(_prune_batchrows_for(major)(_batchrows_configs(), {"a_ptr": a}, HB=HB, WBP=wbp,
+                                                           KP=kp, PREC=_precision(a.dtype))[0])
+        bm, bn, warps, stages = d
+        cfg = dict(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+    # M_PER is a kernel argument, so it must not depend on the tuned config: every config has the same
+    # BM, and the programs-per-SM estimate uses the smallest BN of the list
+    bms = {c[0] for c in _BATCHROWS_CONFIGS}
+    assert len(bms) == 1, "the batch-as-rows configs share one BM (M_PER is a kernel argument)"
+    bm = cfg["BM"] if cfg else next(iter(bms))
+    bn_est = cfg["BN"] if cfg else min(c[1] for c in _BATCHROWS_CONFIGS)
+    n_mt = triton.cdiv(N, bm)
+    mp = m_per if m_per is not None else _batchrows_m_per(n_mt, C * triton.cdiv(pb, bn_est), a.device)
+    args = (a, band, bias if bias is not None else band, dst, N, C, mp, pt, KH)
+    kwargs = dict(
+        HA=HA, WA=WA, HB=HB, WB=WB, WBP=wbp, SH=stride[0], DH=dilation[0],
+        TRANS=trans, OUT_CL=out_cl, HAS_BIAS=bias is not None,
+        PREC=_precision(a.dtype), UPCAST=_upcast(a.dtype), KP=kp,
+    )
+
+    def grid(meta):
+        return (C * triton.cdiv(triton.cdiv(N, meta["BM"]), mp) * triton.cdiv(pb, meta["BN"]),)
+
+    with _device_guard(a):
+        if cfg is None:
+            _batchrows_tuned[grid](*args, **kwargs)
+        else:
+            KB.dwconv_batchrows_kernel[grid](*args, **kwargs, **cfg)
+    if dst is not out:  # pragma: no cover
+        out.copy_(dst)
+    return out
+
+
+# grad_weight: G = X^T @ dY per channel, then the diagonal sums as two one-hot products (batchrows.py).
+# (BKN images per dot, warps, stages); the grad_out rows per program (BHB) follow from the plane
+# (_batchrows_gw_bhb), since the partials' shape depends on them
+_BATCHROWS_GW_CONFIGS = [
+    (32, 4, 2),
+    (64, 4, 2),
+    (64, 8, 2),
+]
+_INTERP_BATCHROWS_GW = dict(BKN=16)
+_BATCHROWS_GW_KEY = ["N", "C", "KH", "KW", "H", "W", "HO", "WO", "SH", "SW", "DH", "DW", "BHB"]
+#: GEMM-N columns per grad_weight program (BHB grad_out rows of pitch WOP)
+BATCHROWS_GW_BN = 64
+
+
+def _batchrows_gw_geometry(h: int, w: int, wo: int, kh: int, kw: int):
+    """(HP, WP, WOP, KHP, KWP): the input plane with power-of-two rows and pitch (GEMM-M = HP*WP), the
+    grad_out row pitch, and the one-hot widths (>= 16 for tl.dot)."""
+    hp, wp = triton.next_power_of_2(h), triton.next_power_of_2(w)
+    if hp * wp < 16:
+        wp = 16 // hp
+    wop = triton.next_power_of_2(wo)
+    return hp, wp, wop, max(16, triton.next_power_of_2(kh)), max(16, triton.next_power_of_2(kw))
+
+
+def _batchrows_gw_bhb(ho: int, wop: int, bn: int = None) -> int:
+    """grad_out rows per program: ``bn // WOP`` (at least one), no more than the plane's rows rounded up."""
+    bn = BATCHROWS_GW_BN if bn is None else bn
+    return max(1, min(triton.next_power_of_2(ho), bn // wop))
+
+
+def batchrows_grad_weight_applicable(h: int, w: int, ho: int, wo: int, kh: int, kw: int, esz: int = 2,
+                                     prec=None, sm_major=None, channels: int = 1) -> bool:
+    """The rule of the batch-as-rows grad_weight: the forward's rule (batchrows_applicable: planes of at
+    most 256 elements, dense GEMM-K at most twice the taps) with the input plane padded to power-of-two
+    rows and pitch, ``HP*WP <= 256`` (14x14: 256, 7x7: 64), kernels of at most 64 x 64 (the one-hot
+    operands), and a tile of at least 16 GEMM-N columns (``BHB*WOP >= 16``); fp32 IEEE only up to
+    ``HP*WP = 64``, as the forward."""
+    if not BATCHROWS or not batchrows_applicable(h, w, ho, wo, kh, kw, esz, sm_major, prec, channels):
+        return False
+    hp, wp, wop, khp, kwp = _batchrows_gw_geometry(h, w, wo, kh, kw)
+    if esz == 4 and prec == "ieee" and hp * wp > 64:
+        return False
+    bn = _INTERP_BATCHROWS_GW_BN if INTERPRETED else BATCHROWS_GW_BN
+    return hp * wp <= BATCHROWS_MAX_PLANE and khp <= 64 and kwp <= 64 and _batchrows_gw_bhb(ho, wop, bn) * wop >= 16
+
+
+_INTERP_BATCHROWS_GW_BN = 32
+
+
+def _gw_cfg(c) -> tuple:
+    return (c.kwargs["BKN"], c.num_warps, c.num_stages)
+
+
+def _prune_batchrows_gw_for(sm_major=None):
+    """Drop the grad_weight configs the static report found spilling on this GPU (keep the first)."""
+
+    def prune(configs, named_args, **kwargs):
+        major = sm_major if sm_major is not None else _current_sm_major()
+        kept = [c for c in configs if not _spills("batchrows_gw", kwargs.get("PREC"), _gw_cfg(c), major)]
+        return kept or configs[:1]
+
+    return prune
+
+
+def _batchrows_gw_configs():
+    return [triton.Config(dict(BKN=k), num_warps=w, num_stages=s) for k, w, s in _BATCHROWS_GW_CONFIGS]
+
+
+def _default_batchrows_gw() -> tuple:
+    """The non-autotuned grad_weight config the static model ranks best (docs/triton_backend.md)."""
+    return _BATCHROWS_GW_CONFIGS[0]
+
+
+if INTERPRETED:
+    _batchrows_gw_tuned = None
+else:  # pragma: no cover - needs a GPU
+    _batchrows_gw_tuned = triton.autotune(
+        configs=_batchrows_gw_configs(),
+        key=_BATCHROWS_GW_KEY, prune_configs_by={"early_config_prune": _prune_batchrows_gw_for()},
+    )(KB.dwconv_batchrows_grad_weight_kernel)
+
+
+def _batchrows_onehot_w(wp: int, wop: int, kwp: int, kw: int, sw: int, dw: int, pl: int, dtype, device):
+    """The width one-hot of the batch-as-rows grad_weight, ``[wp*wop, kwp]``: row ``q = iw*wop + ow``,
+    ``1`` in column ``kw`` where ``iw - ow*sw + pl == kw*dw`` (``kw < KW``), else 0."""
+    q = torch.arange(wp * wop, device=device)
+    d = (q // wop) - (q % wop) * sw + pl
+    k = torch.arange(kwp, device=device)
+    return ((d[:, None] == k[None, :] * dw) & (k[None, :] < kw)).to(dtype).contiguous()
+
+
+def _batchrows_grad_weight(grad_out, x, C, KH, KW, p):
+    N, _, H, W = x.shape
+    HO, WO = grad_out.shape[2], grad_out.shape[3]
+    x = x.contiguous()          # contiguous NCHW planes (one copy for channels_last or sliced tensors)
+    grad_out = grad_out.contiguous()
+    hp, wp, wop, khp, kwp = _batchrows_gw_geometry(H, W, WO, KH, KW)
+    bhb = _batchrows_gw_bhb(HO, wop, _INTERP_BATCHROWS_GW_BN if INTERPRETED else None)
+    n_rt = triton.cdiv(HO, bhb)
+    ws = torch.empty((n_rt, C, KH, KW), dtype=torch.float32, device=x.device)  # every element written
+    t, _, l, _ = p.padding
+    prec = _precision(x.dtype)
+    bw = _batchrows_onehot_w(wp, wop, kwp, KW, p.stride[1], p.dilation[1], l,
+                             torch.float32 if prec == "ieee" else torch.bfloat16, x.device)
+    args = (x, grad_out, bw, ws, N, C, t, l, KH, KW)
+    kwargs = dict(H=H, W=W, HO=HO, WO=WO, HP=hp, WP=wp, WOP=wop, SH=p.stride[0], SW=p.stride[1],
+                  DH=p.dilation[0], DW=p.dilation[1], PREC=prec,
+                  # the one-hot dots are bf16 for every dtype: upcast them under the interpreter always
+                  UPCAST=bool(INTERPRETED), BHB=bhb, KHP=khp, KWP=kwp)
+    grid = (C * n_rt,)
+    base = KB.dwconv_batchrows_grad_weight_kernel
+    with _device_guard(x):
+        if INTERPRETED:
+            base[grid](*args, **kwargs, **_INTERP_BATCHROWS_GW)
+        elif AUTOTUNE:
+            _batchrows_gw_tuned[grid](*args, **kwargs)
+        else:
+            d = _default_batchrows_gw()
+            if _spills("batchrows_gw", prec, d, _current_sm_major()):
+                kept = _prune_batchrows_gw_for()(_batchrows_gw_configs(), {}, PREC=prec)
+                d = _gw_cfg(kept[0])
+            bkn, warps, stages = d
+            base[grid](*args, **kwargs, BKN=bkn, num_warps=warps, num_stages=stages)
+    # deterministic: a fixed-order reduction over the row tiles (no atomics), one cast at the end
+    return ws.sum(dim=0).to(x.dtype).reshape(C, 1, KH, KW)
