@@ -279,7 +279,7 @@ def write_markdown(res: dict, path: Path) -> str:
         f"`{env['command']}` — {env['date_utc']}, {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
         f"{env['clock']} clock, lkconv {env['lkconv_commit']}; N={env['n']} C={env['c']} {env['hw']}x{env['hw']} {env['dtype']}, "
         f"'same' padding, stride 1; median of {env['repeats']} interleaved repeats (slow callables far from the "
-        f"choice: 2); runtime {env['runtime_s']:.0f} s; load average before/after {env['loadavg_before']} / "
+        f"choice: 2); runtime {env['runtime_s']:.0f} s wall, {env.get('cpu_time_s', float('nan')):.0f} s CPU; load average before/after {env['loadavg_before']} / "
         f"{env['loadavg_after']}; MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold'] or 'unset'}.", "",
         "`torch` = PyTorch on tensors of that layout; `torch_rt` = PyTorch in the other layout incl. the round "
         "trip; `fft`/`direct`/`nchw`/`cl` = lkconv's cpu paths; `auto` = the op as users call it; "
@@ -375,7 +375,7 @@ def run(a) -> dict:
     env = dict(
         command="python benchmarks/cpu_threshold.py " + " ".join(sys.argv[1:]),
         date_utc=f"{stamp:%Y-%m-%d %H:%M:%S} UTC", cpu=base_env.get("cpu"), cpu_count=os.cpu_count(),
-        threads=torch.get_num_threads(), torch=torch.__version__, lkconv_commit=base_env.get("lkconv_commit"),
+        threads=torch.get_num_threads(), torch=torch.__version__, cpu_time_start=time.process_time(), lkconv_commit=base_env.get("lkconv_commit"),
         n=N, c=C, hw=H, dtype=a.dtype, repeats=a.repeats, clock=a.clock, ks=a.ks, loadavg_before=list(os.getloadavg()),
         malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         run=str(out_dir.relative_to(ROOT)) if out_dir.is_absolute() and ROOT in out_dir.parents else str(out_dir),
@@ -458,9 +458,17 @@ def run(a) -> dict:
                   f"| fft {_ms(mm['fft']):>6} direct {_ms(mm['direct']):>6} nchw {_ms(mm['nchw']):>6} "
                   f"cl {_ms(mm['cl']):>6} | auto {_ms(mm['auto']):>6} ({c['auto_path']}) ratio {r:.2f}"
                   + ("  <-- under 0.95" if r < FLAG_BELOW else ""), flush=True)
+        # a partial results.json after every K (a long run on a busy machine keeps what it measured)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        env["runtime_s"] = time.perf_counter() - t_start
+        env["partial"] = f"up to K={K}"
+        (out_dir / "results.json").write_text(json.dumps(
+            dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=[]), indent=1))
+    env.pop("partial", None)
     overhead = [] if a.no_overhead else _small_overhead()
     env["loadavg_after"] = list(os.getloadavg())
     env["runtime_s"] = time.perf_counter() - t_start
+    env["cpu_time_s"] = time.process_time() - env.pop("cpu_time_start")
     return dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=overhead), out_dir
 
 

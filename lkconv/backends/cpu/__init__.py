@@ -77,7 +77,7 @@ PATHS = ("fft", "direct", "nchw", "cl")
 #: ``benchmarks/cpu_threshold.py`` (``python benchmarks/cpu_threshold.py --derive <run>/results.json``
 #: prints exactly those rows; tests/test_cpu_routing.py checks they agree), or a note
 PATH_TABLE_RUN = {
-    "single": "benchmarks/results/cpu-threshold-PLACEHOLDER",
+    "single": "benchmarks/results/cpu-threshold-xeon-1t-20261201-182500",
     "multi": "not re-derived: the FFT thresholds measured earlier (441 taps forward/grad_input, 729 "
              "grad_weight; docs/cpu_backend.md), direct below; derive from a quiet multi-threaded run",
 }
@@ -89,18 +89,20 @@ PATH_TABLE_RUN = {
 #: else "multi"; input layout: "cl" when the pass's data tensor (x; grad_out for grad_input) is
 #: channels_last, else "nchw".  The source of each class's rows: :data:`PATH_TABLE_RUN`.
 PATH_TABLE = {
+    # not re-derived (PATH_TABLE_RUN["multi"]): the earlier FFT thresholds, direct below
     ("multi", "forward", "nchw"): ((0, "direct"), (441, "fft")),
     ("multi", "forward", "cl"): ((0, "direct"), (441, "fft")),
     ("multi", "grad_input", "nchw"): ((0, "direct"), (441, "fft")),
     ("multi", "grad_input", "cl"): ((0, "direct"), (441, "fft")),
     ("multi", "grad_weight", "nchw"): ((0, "direct"), (729, "fft")),
     ("multi", "grad_weight", "cl"): ((0, "direct"), (729, "fft")),
-    ("single", "forward", "nchw"): ((0, "direct"), (225, "fft")),
-    ("single", "forward", "cl"): ((0, "direct"), (225, "fft")),
-    ("single", "grad_input", "nchw"): ((0, "direct"), (225, "fft")),
-    ("single", "grad_input", "cl"): ((0, "direct"), (225, "fft")),
-    ("single", "grad_weight", "nchw"): ((0, "direct"), (225, "fft")),
-    ("single", "grad_weight", "cl"): ((0, "direct"), (225, "fft")),
+    # derived from PATH_TABLE_RUN["single"] (python benchmarks/cpu_threshold.py --derive ...)
+    ("single", "forward", "nchw"): ((0, "direct"), (625, "cl"), (961, "fft")),
+    ("single", "forward", "cl"): ((0, "direct"), (169, "nchw"), (361, "cl")),
+    ("single", "grad_input", "nchw"): ((0, "direct"), (25, "nchw"), (49, "direct"), (169, "nchw"), (961, "fft")),
+    ("single", "grad_input", "cl"): ((0, "cl"), (81, "direct"), (961, "fft")),
+    ("single", "grad_weight", "nchw"): ((0, "direct"), (625, "fft")),
+    ("single", "grad_weight", "cl"): ((0, "direct"), (625, "fft")),
 }
 
 #: None (choose by PATH_TABLE) or one of PATHS: overrides the choice of every CPUBackend that was
