@@ -6,7 +6,8 @@ path table from it, and check ``auto`` against the faster PyTorch layout.  One c
 
 For each kernel size K (square, "same" padding, stride 1; default N=8, C=128, 56x56, fp32) and each
 input layout L (``nchw``: NCHW tensors; ``cl``: channels_last tensors) it times, per pass (forward,
-grad_input, grad_weight), interleaved (round-robin over every callable of one K, one warm-up round):
+grad_input, grad_weight), interleaved (round-robin over every callable of one K; the correctness
+check's call is the warm-up):
 
 * ``torch``      -- PyTorch as a user calls it on L tensors (F.conv2d / aten.convolution_backward)
 * ``torch_rt``   -- PyTorch computed in the *other* layout: the inputs converted, the result
@@ -175,13 +176,17 @@ def _rel_err(a, b) -> float:
 # ------------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------------
-def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_rel: float) -> dict:
-    """Seconds per call of every callable, round-robin: one warm-up round, then ``repeats`` rounds.
-    A callable whose warm-up took more than ``slow_abs`` s and more than ``slow_rel`` times the
-    fastest warm-up of its group (same pass and layout) is timed twice only (it is far from the
-    choice).  Returns ``{key: [seconds, ...]}``."""
-    warm = {}
+def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_rel: float,
+                     warm: dict = None) -> dict:
+    """Seconds per call of every callable, round-robin: one warm-up round (skipped for the callables
+    in ``warm``: already run once, with that time), then ``repeats`` rounds.  A callable whose
+    warm-up took more than ``slow_abs`` s and more than ``slow_rel`` times the fastest warm-up of
+    its group (same pass and layout) is timed twice only (it is far from the choice).  Returns
+    ``{key: [seconds, ...]}``."""
+    warm = dict(warm or {})
     for k, f in fns.items():
+        if k in warm:
+            continue
         t0 = CLOCK()
         f()
         warm[k] = CLOCK() - t0
@@ -411,24 +416,30 @@ def run(a) -> dict:
             fns[("roundtrip", layout, "to_cl" if layout == "nchw" else "to_nchw")] = (
                 lambda x=x, layout=layout: x.contiguous(
                     memory_format=FORMATS["cl" if layout == "nchw" else "nchw"]))
-        # correctness gate: every lkconv result against PyTorch's (and its memory format)
-        for (pass_, layout, prov), f in fns.items():
-            if pass_ not in PASSES:
-                continue
-            if prov == "torch":
-                refs[(pass_, layout)] = f()
+        # correctness gate: every lkconv result against PyTorch's (and its memory format); the gate's
+        # call is each callable's warm-up (its time decides whether it is timed twice only)
+        gate_t = {}
+
+        def gate(key, f):
+            t0 = CLOCK()
+            r = f()
+            gate_t[key] = CLOCK() - t0
+            return r
+        for key, f in fns.items():
+            if key[0] in PASSES and key[2] == "torch":
+                refs[key[:2]] = gate(key, f)
         for (pass_, layout, prov), f in fns.items():
             if pass_ not in PASSES or prov == "torch":
                 continue
             ref = refs[(pass_, layout)]
-            got = f()
+            got = gate((pass_, layout, prov), f)
             err = _rel_err(got, ref)
             if err > 1e-4:
                 raise SystemExit(f"K={K} {pass_} {layout} {prov}: relative error {err:.2e} against PyTorch")
             if pass_ != "grad_weight" and _fmt(got) != _fmt(ref):
                 raise SystemExit(f"K={K} {pass_} {layout} {prov}: memory format differs from PyTorch's")
         ts = time_interleaved(fns, a.repeats, group_of=lambda k: (k[0], k[1]), slow_abs=a.slow_s,
-                              slow_rel=4.0)
+                              slow_rel=4.0, warm=gate_t)
         med = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
         spread = {k: (min(v) * 1e3, max(v) * 1e3) for k, v in ts.items()}
         for layout in LAYOUT_NAMES:
