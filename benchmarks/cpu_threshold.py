@@ -1,26 +1,42 @@
-"""Measure where the CPU backend should switch from direct convolution to FFT, and how it compares
-with PyTorch's own CPU depthwise convolution.
+"""Measure the cpu backend's choice per (kernel size, pass, input layout) against PyTorch, derive the
+path table from it, and check ``auto`` against the faster PyTorch layout.  One command:
 
-For each kernel size K (square, "same" padding, stride 1) at a RepLKNet-like layer shape
-(default N=8, C=128, 56x56, fp32) it times, per pass (forward, grad_input, grad_weight):
+    python benchmarks/cpu_threshold.py                       # every cell, writes a results folder
+    python benchmarks/cpu_threshold.py --derive RUN/results.json   # the PATH_TABLE rows of a run
 
-* ``torch``  — PyTorch's F.conv2d / aten.convolution_backward as is (the ``torch`` backend)
-* ``direct`` — lkconv's direct path: oneDNN used well (explicit pre-padding above the padding
-  cliff; grad_weight as a forward convolution with grad_out as the kernel)
-* ``slices`` — lkconv's own vectorised direct method (sum of shifted slices, in-place FMAs)
-* ``fft``    — lkconv's rfft2 path
+For each kernel size K (square, "same" padding, stride 1; default N=8, C=128, 56x56, fp32) and each
+input layout L (``nchw``: NCHW tensors; ``cl``: channels_last tensors) it times, per pass (forward,
+grad_input, grad_weight), interleaved (round-robin over every callable of one K; the correctness
+check's call is the warm-up):
 
-plus ``torch autograd`` (F.conv2d(groups=C) forward + backward for both grads, the baseline of the
-5x target) and ``lkconv cpu`` (the backend's own choice, forward + both grads, through autograd).
-Each number is the median of ``--repeats`` runs after one warm-up.  The machine may be shared:
-report medians and say so.
+* ``torch``      -- PyTorch as a user calls it on L tensors (F.conv2d / aten.convolution_backward)
+* ``torch_rt``   -- PyTorch computed in the *other* layout: the inputs converted, the result
+  converted back to L (the round trip included)
+* lkconv's cpu paths on L tensors, with the op's output conversion: ``fft``, ``direct`` (lkconv's
+  direct path in L), ``nchw`` and ``cl`` (PyTorch's own kernels run in that layout, the round trip
+  included where L differs)
+* ``auto``       -- the op as users call it: ``lkconv.depthwise_conv2d`` (forward, no_grad) and the
+  ``torch.ops.lkconv`` gradient ops with the backend ``auto`` resolved to (dispatch included)
 
-    python benchmarks/cpu_threshold.py                    # full table, prints markdown
-    python benchmarks/cpu_threshold.py --ks 3 7 31 --repeats 3
+plus ``all`` (forward + both gradients through autograd) for ``torch`` and ``auto``, the round trip
+alone (``to_cl`` / ``to_nchw`` of one activation), and the op's dispatch overhead at small sizes.
+Every lkconv result is checked against PyTorch's before timing (max error / max |ref| < 1e-4).
+
+``best torch`` of a cell = min(torch, torch_rt) for that input layout; ``auto / best torch`` is
+best-torch time / auto time (>= 1: auto is faster); a cell under 0.95 is flagged.  The derived
+table: per (pass, L), the fastest lkconv path at each K (a path within 5 % of the fastest is taken
+in the order direct, own layout, fft, other layout), merged into ``(min taps, path)`` rows.
+
+The results folder (``--out``, default benchmarks/results/cpu-threshold-<cpu>-<date>) gets
+results.json (every sample, the environment, the command, the runtime), results.md and
+auto_vs_torch.png.  The machine may be shared: medians and min-max spread are reported; say so.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
+import os
 import statistics
 import sys
 import time
@@ -29,154 +45,324 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import lkconv  # noqa: E402
-from lkconv.backends import cpu  # noqa: E402
+import lkconv.ops  # noqa: E402,F401  (registers torch.ops.lkconv.*)
+from lkconv.backends import cpu, resolve_backend  # noqa: E402
 from lkconv.backends.base import output_memory_format  # noqa: E402
-from lkconv.backends.torch_native import TorchBackend  # noqa: E402
-from lkconv.params import ConvParams, normalize_params  # noqa: E402
+from lkconv.params import normalize_params  # noqa: E402
 
 PASSES = ("forward", "grad_input", "grad_weight")
-NAMES = ("torch", "direct", "slices", "fft")
-
-
-# ------------------------------------------------------------------------------------------------
-# the "slices" method: a vectorised sum of shifted slices (one addcmul per tap), timed against
-# oneDNN and the FFT; measured slower than oneDNN for every pass, so it lives here, not in lkconv
-# ------------------------------------------------------------------------------------------------
-def _cdt(dt: torch.dtype) -> torch.dtype:
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
-def _empty_like_format(shape, ref: torch.Tensor, dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=ref.device, memory_format=output_memory_format(ref))
-
-
-def _tap_slices(p: ConvParams, a: int, b: int, ho: int, wo: int):
-    sh, sw = p.stride
-    dh, dw = p.dilation
-    r0, c0 = a * dh, b * dw
-    return slice(r0, r0 + sh * (ho - 1) + 1, sh), slice(c0, c0 + sw * (wo - 1) + 1, sw)
-
-
-def slices_forward(x, weight, bias, p: ConvParams) -> torch.Tensor:
-    N, C, H, W = x.shape
-    KH, KW = weight.shape[2], weight.shape[3]
-    ho, wo = p.out_size(H, W, KH, KW)
-    cdt = _cdt(x.dtype)
-    t, b_, l, r = p.padding
-    xp = F.pad(x.to(cdt), (l, r, t, b_))
-    w = weight.to(cdt).reshape(C, KH, KW)
-    out = _empty_like_format((N, C, ho, wo), x, cdt)
-    if bias is None:
-        out.zero_()
-    else:
-        out.copy_(bias.to(cdt).view(1, C, 1, 1).expand_as(out))
-    for a in range(KH):
-        for b in range(KW):
-            rs, cs = _tap_slices(p, a, b, ho, wo)
-            out.addcmul_(xp[:, :, rs, cs], w[:, a, b].view(1, C, 1, 1))
-    return out.to(x.dtype)
-
-
-def slices_grad_input(grad_out, weight, input_shape, p: ConvParams) -> torch.Tensor:
-    N, C, H, W = input_shape
-    KH, KW = weight.shape[2], weight.shape[3]
-    ho, wo = grad_out.shape[2], grad_out.shape[3]
-    cdt = _cdt(grad_out.dtype)
-    t, b_, l, r = p.padding
-    g = grad_out.to(cdt)
-    w = weight.to(cdt).reshape(C, KH, KW)
-    gxp = g.new_zeros((N, C, H + t + b_, W + l + r))
-    for a in range(KH):
-        for b in range(KW):
-            rs, cs = _tap_slices(p, a, b, ho, wo)
-            gxp[:, :, rs, cs].addcmul_(g, w[:, a, b].view(1, C, 1, 1))
-    return gxp[:, :, t : t + H, l : l + W].to(grad_out.dtype)
-
-
-def slices_grad_weight(grad_out, x, weight_shape, p: ConvParams) -> torch.Tensor:
-    C, _, KH, KW = weight_shape
-    ho, wo = grad_out.shape[2], grad_out.shape[3]
-    cdt = _cdt(x.dtype)
-    t, b_, l, r = p.padding
-    xp = F.pad(x.to(cdt), (l, r, t, b_))
-    g = grad_out.to(cdt)
-    gw = torch.empty((C, KH, KW), dtype=cdt, device=x.device)
-    # per tap: one batched dot product per channel, (C, 1, M) @ (C, M, 1) with M = N*ho*wo
-    gc = g.transpose(0, 1).reshape(C, 1, -1)
-    for a in range(KH):
-        for b in range(KW):
-            rs, cs = _tap_slices(p, a, b, ho, wo)
-            xs = xp[:, :, rs, cs].transpose(0, 1).reshape(C, -1, 1)
-            gw[:, a, b] = torch.bmm(gc, xs).view(C)
-    return gw.to(x.dtype).view(C, 1, KH, KW)
-
-
+LAYOUT_NAMES = ("nchw", "cl")
+FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+LK_PATHS = ("fft", "direct", "nchw", "cl")
+PROVIDERS = ("torch", "torch_rt") + LK_PATHS + ("auto",)
+FLAG_BELOW = 0.95
+TIE = 0.05
 CLOCK = time.perf_counter
 
 
-def timeit_interleaved(fns: dict, repeats: int, slow_s: float = 2.0) -> dict:
-    """Median seconds per callable.  The callables are run round-robin (one warm-up round first)
-    so that load changes on a shared machine hit them all alike; one that takes more than
-    ``slow_s`` is timed at most twice."""
+# ------------------------------------------------------------------------------------------------
+# the table derivation (also used by tests/test_cpu_routing.py)
+# ------------------------------------------------------------------------------------------------
+def _preference(layout: str):
+    other = "cl" if layout == "nchw" else "nchw"
+    return ("direct", layout, "fft", other)
+
+
+def derive_table(results: dict, tie: float = TIE) -> dict:
+    """``{(thread class, pass, layout): ((min taps, path), ...)}`` from a run's results.json dict:
+    per (pass, layout) and K, the fastest of lkconv's paths by median (within ``tie`` of the fastest:
+    the first of direct, the layout's own, fft, the other layout), merged into rows that start where
+    the choice changes (the first row starts at 0 taps)."""
+    tcls = cpu.thread_class(results["env"]["threads"])
+    cells = results["cells"]
+    table = {}
+    for pass_ in PASSES:
+        for layout in LAYOUT_NAMES:
+            rows = []
+            ks = sorted({c["K"] for c in cells if c["pass"] == pass_ and c["layout"] == layout})
+            for K in ks:
+                cell = next(c for c in cells if c["K"] == K and c["pass"] == pass_ and c["layout"] == layout)
+                med = {p: cell["median_ms"][p] for p in LK_PATHS if cell["median_ms"].get(p) is not None}
+                best = min(med.values())
+                pick = next(p for p in _preference(layout) if p in med and med[p] <= best * (1 + tie))
+                if not rows or rows[-1][1] != pick:
+                    rows.append((0 if not rows else K * K, pick))
+            table[(tcls, pass_, layout)] = tuple(rows)
+    return table
+
+
+def format_table(table: dict, run: str) -> str:
+    lines = [f"# derived from {run}", "PATH_TABLE rows:"]
+    for key, rows in sorted(table.items()):
+        lines.append(f"    {key!r}: {rows!r},")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# callables
+# ------------------------------------------------------------------------------------------------
+def _fmt(t):
+    return output_memory_format(t)
+
+
+def torch_pass(pass_, x, w, g, pad, C):
+    if pass_ == "forward":
+        return lambda: F.conv2d(x, w, None, 1, pad, 1, C)
+    if pass_ == "grad_input":
+        return lambda: torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], pad, [1, 1], False, [0, 0], C,
+                                                          [True, False, False])[0]
+    return lambda: torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], pad, [1, 1], False, [0, 0], C,
+                                                      [False, True, False])[1]
+
+
+def torch_roundtrip(pass_, x, w, g, pad, C, layout):
+    """PyTorch in the other layout than ``layout``: convert, compute, convert back."""
+    other = FORMATS["cl" if layout == "nchw" else "nchw"]
+    back = FORMATS[layout]
+    if pass_ == "forward":
+        return lambda: F.conv2d(x.contiguous(memory_format=other), w, None, 1, pad, 1, C).contiguous(
+            memory_format=back)
+    if pass_ == "grad_input":
+        return lambda: torch.ops.aten.convolution_backward(
+            g.contiguous(memory_format=other), x.contiguous(memory_format=other), w, None, [1, 1], pad, [1, 1],
+            False, [0, 0], C, [True, False, False])[0].contiguous(memory_format=back)
+    return lambda: torch.ops.aten.convolution_backward(
+        g.contiguous(memory_format=other), x.contiguous(memory_format=other), w, None, [1, 1], pad, [1, 1],
+        False, [0, 0], C, [False, True, False])[1]
+
+
+def lk_path(pass_, path, x, w, g, p):
+    be = cpu.CPUBackend(path=path)
+    if pass_ == "forward":
+        return lambda: be.forward(x, w, None, p).contiguous(memory_format=_fmt(x))
+    if pass_ == "grad_input":
+        return lambda: be.grad_input(g, w, tuple(x.shape), p).contiguous(memory_format=_fmt(g))
+    return lambda: be.grad_weight(g, x, tuple(w.shape), p).contiguous()
+
+
+def lk_auto(pass_, x, w, g, p):
+    s, pd, d = p.as_lists()
+    if pass_ == "forward":
+        def fn():
+            with torch.no_grad():
+                return lkconv.depthwise_conv2d(x, w, None, 1, "same")
+        return fn
+    name = resolve_backend("auto", x, w, p)
+    if pass_ == "grad_input":
+        xs = list(x.shape)
+        return lambda: torch.ops.lkconv.dwconv2d_grad_input(g, w, xs, s, pd, d, name)
+    ws = list(w.shape)
+    return lambda: torch.ops.lkconv.dwconv2d_grad_weight(g, x, ws, s, pd, d, name)
+
+
+def all_pass(conv, x, w, g):
+    xr = x.detach().clone().requires_grad_(True)
+    wr = w.detach().clone().requires_grad_(True)
+
+    def fn():
+        out = conv(xr, wr)
+        return torch.autograd.grad(out, (xr, wr), g)
+    return fn
+
+
+def _rel_err(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_rel: float,
+                     warm: dict = None) -> dict:
+    """Seconds per call of every callable, round-robin: one warm-up round (skipped for the callables
+    in ``warm``: already run once, with that time), then ``repeats`` rounds.  A callable whose
+    warm-up took more than ``slow_abs`` s and more than ``slow_rel`` times the fastest warm-up of
+    its group (same pass and layout) is timed twice only (it is far from the choice).  Returns
+    ``{key: [seconds, ...]}``."""
+    warm = dict(warm or {})
+    for k, f in fns.items():
+        if k in warm:
+            continue
+        t0 = CLOCK()
+        f()
+        warm[k] = CLOCK() - t0
+    fastest = {}
+    for k, t in warm.items():
+        fastest[group_of(k)] = min(t, fastest.get(group_of(k), float("inf")))
+    cap = {k: 2 if (t > slow_abs and t > slow_rel * fastest[group_of(k)]) else repeats for k, t in warm.items()}
     ts = {k: [] for k in fns}
-    for f in fns.values():
-        f()  # warm-up
-    for _ in range(repeats):
+    for r in range(repeats):
         for k, f in fns.items():
-            if len(ts[k]) >= 2 and min(ts[k]) > slow_s:
+            if len(ts[k]) >= cap[k]:
                 continue
             t0 = CLOCK()
             f()
             ts[k].append(CLOCK() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return ts
 
 
-def impls(x, w, g, p):
-    shape = x.shape
-    tb = TorchBackend()
-    return {
-        "torch": (
-            lambda: tb.forward(x, w, None, p),
-            lambda: tb.grad_input(g, w, shape, p),
-            lambda: tb.grad_weight(g, x, w.shape, p),
-        ),
-        "direct": (
-            lambda: cpu.direct_forward(x, w, None, p),
-            lambda: cpu.direct_grad_input(g, w, shape, p),
-            lambda: cpu.direct_grad_weight(g, x, w.shape, p),
-        ),
-        "slices": (
-            lambda: slices_forward(x, w, None, p),
-            lambda: slices_grad_input(g, w, shape, p),
-            lambda: slices_grad_weight(g, x, w.shape, p),
-        ),
-        "fft": (
-            lambda: cpu.fft_forward(x, w, None, p),
-            lambda: cpu.fft_grad_input(g, w, shape, p),
-            lambda: cpu.fft_grad_weight(g, x, w.shape, p),
-        ),
-    }
+def _small_overhead(repeats: int = 7, inner: int = 200) -> list:
+    """The op's dispatch overhead at small sizes: µs per call (min over ``repeats`` batches of
+    ``inner`` calls) of F.conv2d, the cpu backend's pass alone, the op, and the functional; run
+    single-threaded (the overhead is Python, and OpenMP's barriers on a shared box are noise)."""
+    out = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for (N, C, H, K) in ((1, 8, 8, 3), (1, 64, 14, 7)):
+        x = torch.randn(N, C, H, H)
+        w = torch.randn(C, 1, K, K)
+        p = normalize_params(1, "same", 1, (K, K))
+        s, pd, d = p.as_lists()
+        be = lkconv.backends.get_backend("cpu")
+        pad = [K // 2, K // 2]
+        xr = x.clone().requires_grad_(True)
+        wr = w.clone().requires_grad_(True)
+        g = torch.randn(N, C, H, H)
+        fns = {
+            "F.conv2d": lambda: F.conv2d(x, w, None, 1, pad, 1, C),
+            "cpu backend .forward": lambda: be.forward(x, w, None, p),
+            "torch.ops.lkconv.dwconv2d": lambda: torch.ops.lkconv.dwconv2d(x, w, None, s, pd, d, "cpu"),
+            "depthwise_conv2d(backend='cpu')": lambda: lkconv.depthwise_conv2d(x, w, None, 1, "same", backend="cpu"),
+            "depthwise_conv2d (auto)": lambda: lkconv.depthwise_conv2d(x, w, None, 1, "same"),
+        }
+        with torch.no_grad():
+            res = {}
+            for k, f in fns.items():
+                for _ in range(50):
+                    f()
+            best = {k: float("inf") for k in fns}
+            for _ in range(repeats):
+                for k, f in fns.items():
+                    t0 = time.perf_counter()
+                    for _ in range(inner):
+                        f()
+                    best[k] = min(best[k], (time.perf_counter() - t0) / inner * 1e6)
+            res.update(best)
+        fb = {
+            "torch fwd+bwd": all_pass(lambda a, b: F.conv2d(a, b, None, 1, pad, 1, C), x, w, g),
+            "lkconv auto fwd+bwd": all_pass(lambda a, b: lkconv.depthwise_conv2d(a, b, None, 1, "same"), x, w, g),
+        }
+        best = {k: float("inf") for k in fb}
+        for f in fb.values():
+            for _ in range(20):
+                f()
+        for _ in range(repeats):
+            for k, f in fb.items():
+                t0 = time.perf_counter()
+                for _ in range(inner // 4):
+                    f()
+                best[k] = min(best[k], (time.perf_counter() - t0) / (inner // 4) * 1e6)
+        res.update(best)
+        out.append({"shape": f"{N}x{C}x{H}x{H} K{K}", "threads": 1, "us": res})
+    torch.set_num_threads(threads)
+    return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--c", type=int, default=128)
-    ap.add_argument("--hw", type=int, default=56)
-    ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 7, 9, 11, 13, 17, 21, 27, 31])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--slices-max-k", type=int, default=9, help="skip the slices method above this K (slow)")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
-    ap.add_argument("--e2e-only", action="store_true",
-                    help="only the end-to-end comparison with torch (skip the per-pass table)")
-    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                    help="wall: perf_counter; cpu: process CPU time (robust to other processes on a "
-                         "shared machine; use with --threads 1)")
-    a = ap.parse_args(argv)
+# ------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------
+def _ms(v):
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if v < 10 else f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def _cell_ratio(c):
+    m = c["median_ms"]
+    best = min(m["torch"], m["torch_rt"])
+    return best / m["auto"]
+
+
+def write_markdown(res: dict, path: Path) -> str:
+    env = res["env"]
+    lines = [
+        "# cpu threshold run", "",
+        f"`{env['command']}` — {env['date_utc']}, {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
+        f"{env['clock']} clock, lkconv {env['lkconv_commit']}; N={env['n']} C={env['c']} {env['hw']}x{env['hw']} {env['dtype']}, "
+        f"'same' padding, stride 1; median of {env['repeats']} interleaved repeats (slow callables far from the "
+        f"choice: 2); runtime {env['runtime_s']:.0f} s wall, {env.get('cpu_time_s', float('nan')):.0f} s CPU; load average before/after {env['loadavg_before']} / "
+        f"{env['loadavg_after']}; MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold'] or 'unset'}.", "",
+        "`torch` = PyTorch on tensors of that layout; `torch_rt` = PyTorch in the other layout incl. the round "
+        "trip; `fft`/`direct`/`nchw`/`cl` = lkconv's cpu paths; `auto` = the op as users call it; "
+        "ratio = min(torch, torch_rt) / auto (>= 1: auto faster; **bold** = under 0.95); `x-layout` = the "
+        "faster of torch on NCHW and on channels_last tensors, no conversion, / auto (informational).", "",
+        "| K | pass | layout | torch | torch_rt | fft | direct | nchw | cl | auto | auto path | ratio | x-layout |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for c in res["cells"]:
+        m = c["median_ms"]
+        r = _cell_ratio(c)
+        rs = f"**{r:.2f}**" if r < FLAG_BELOW else f"{r:.2f}"
+        lines.append(f"| {c['K']} | {c['pass']} | {c['layout']} | " + " | ".join(
+            _ms(m.get(p)) for p in ("torch", "torch_rt") + LK_PATHS + ("auto",))
+            + f" | {c['auto_path']} | {rs} | {c['x_layout_ratio']:.2f} |")
+    lines += ["", "Spread (min-max ms) of torch / best lkconv path / auto per cell:", "",
+              "| K | pass | layout | torch | best path | auto |", "|---|---|---|---|---|---|"]
+    for c in res["cells"]:
+        sp = c["spread_ms"]
+        bp = c["best_path"]
+        f = lambda k: f"{sp[k][0]:.3g}-{sp[k][1]:.3g}"  # noqa: E731
+        lines.append(f"| {c['K']} | {c['pass']} | {c['layout']} | {f('torch')} | {bp} {f(bp)} | {f('auto')} |")
+    if res.get("all"):
+        lines += ["", "Forward + both gradients through autograd (ms):", "",
+                  "| K | layout | torch | auto | torch / auto |", "|---|---|---:|---:|---:|"]
+        for a in res["all"]:
+            lines.append(f"| {a['K']} | {a['layout']} | {_ms(a['torch'])} | {_ms(a['auto'])} | "
+                         f"{a['torch'] / a['auto']:.2f}x |")
+    lines += ["", "Round trip of one activation (ms): " + ", ".join(
+        f"K={r['K']}: to_cl {r['to_cl']:.2f}, to_nchw {r['to_nchw']:.2f}" for r in res["roundtrip"][:1])]
+    if res.get("overhead"):
+        lines += ["", "Dispatch overhead at small sizes (µs per call, min of batches, 1 thread):", "",
+                  "| shape | " + " | ".join(res["overhead"][0]["us"]) + " |",
+                  "|---|" + "---:|" * len(res["overhead"][0]["us"])]
+        for o in res["overhead"]:
+            lines.append(f"| {o['shape']} | " + " | ".join(f"{v:.0f}" for v in o["us"].values()) + " |")
+    flagged = [c for c in res["cells"] if _cell_ratio(c) < FLAG_BELOW]
+    lines += ["", f"Cells under {FLAG_BELOW}: " + (", ".join(
+        f"K={c['K']} {c['pass']} {c['layout']} ({_cell_ratio(c):.2f})" for c in flagged) or "none"), "",
+        "Derived table:", "", "```", format_table(derive_table(res), res["env"]["run"]), "```", ""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def write_plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # optional
+        print(f"# plot skipped: matplotlib not available ({type(e).__name__}: {e})")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for ax, pass_ in zip(axes, PASSES):
+        for layout, style in (("nchw", "o-"), ("cl", "s--")):
+            cs = [c for c in res["cells"] if c["pass"] == pass_ and c["layout"] == layout]
+            ax.plot([c["K"] for c in cs], [_cell_ratio(c) for c in cs], style, label=f"{layout} input")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(FLAG_BELOW, color="r", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel("K")
+        ax.set_title(pass_)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("best PyTorch time / auto time")
+    axes[0].legend()
+    env = res["env"]
+    fig.suptitle(f"lkconv auto vs the faster PyTorch layout, N={env['n']} C={env['c']} {env['hw']}² "
+                 f"{env['dtype']}, {env['threads']} threads, {env['cpu']}, {env['date_utc'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+def run(a) -> dict:
+    t_start = time.perf_counter()
     global CLOCK
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.threads:
@@ -184,73 +370,157 @@ def main(argv=None):
     dt = getattr(torch, a.dtype)
     torch.manual_seed(0)
     N, C, H = a.n, a.c, a.hw
-    print(f"# cpu threshold: N={N} C={C} {H}x{H} {a.dtype}, 'same' padding, stride 1, "
-          f"threads={torch.get_num_threads()}, {a.clock} clock, median of {a.repeats}; torch {torch.__version__}")
-    print(f"# current rule: FFT when KH*KW >= {cpu.FFT_MIN_TAPS} (per pass: {cpu.FFT_MIN_TAPS_PER_PASS})")
-    rows = []
-    if not a.e2e_only:
-        print("| K | pass | torch ms | lkconv direct ms | slices ms | fft ms | fastest |")
-        print("|---|---|---:|---:|---:|---:|---|")
+    from lkconv.bench.env import environment
+
+    base_env = environment("cpu")
+    cpu_slug = "".join(ch if ch.isalnum() else "-" for ch in str(base_env.get("cpu", "cpu")).lower()).strip("-")
+    stamp = _dt.datetime.now(_dt.timezone.utc)
+    out_dir = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / (
+        f"cpu-threshold-{cpu_slug}-{stamp:%Y%m%d-%H%M%S}")
+    env = dict(
+        command="python benchmarks/cpu_threshold.py " + " ".join(sys.argv[1:]),
+        date_utc=f"{stamp:%Y-%m-%d %H:%M:%S} UTC", cpu=base_env.get("cpu"), cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(), torch=torch.__version__, cpu_time_start=time.process_time(), lkconv_commit=base_env.get("lkconv_commit"),
+        n=N, c=C, hw=H, dtype=a.dtype, repeats=a.repeats, clock=a.clock, ks=a.ks, loadavg_before=list(os.getloadavg()),
+        malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        run=str(out_dir.relative_to(ROOT)) if out_dir.is_absolute() and ROOT in out_dir.parents else str(out_dir),
+    )
+    print(f"# cpu threshold: N={N} C={C} {H}x{H} {a.dtype}, 'same', stride 1, threads={env['threads']}, "
+          f"median of {a.repeats}; torch {torch.__version__}; out: {env['run']}", flush=True)
+    # glibc's mmap threshold adapts after a large block is freed: do that once, before any timing
+    for _ in range(2):
+        t = torch.empty(64 * 2**20 // 4)
+        t.fill_(0)
+        del t
+    cells, alls, rts = [], [], []
     for K in a.ks:
-        x = torch.randn(N, C, H, H, dtype=dt)
+        x0 = torch.randn(N, C, H, H, dtype=dt)
         w = torch.randn(C, 1, K, K, dtype=dt)
+        g0 = torch.randn(N, C, H, H, dtype=dt)
         p = normalize_params(1, "same", 1, (K, K))
-        g = torch.randn(N, C, H, H, dtype=dt)
-        fns = impls(x, w, g, p)
-        # end to end: torch autograd vs lkconv's cpu backend (its own choice) through autograd
-        xr = x.clone().requires_grad_(True)
-        wr = w.clone().requires_grad_(True)
+        pad = [K // 2, K // 2]
+        fns, refs = {}, {}
+        for layout in LAYOUT_NAMES:
+            x = x0.contiguous(memory_format=FORMATS[layout])
+            g = g0.contiguous(memory_format=FORMATS[layout])
+            for pass_ in PASSES:
+                fns[(pass_, layout, "torch")] = torch_pass(pass_, x, w, g, pad, C)
+                fns[(pass_, layout, "torch_rt")] = torch_roundtrip(pass_, x, w, g, pad, C, layout)
+                for path in LK_PATHS:
+                    fns[(pass_, layout, path)] = lk_path(pass_, path, x, w, g, p)
+                fns[(pass_, layout, "auto")] = lk_auto(pass_, x, w, g, p)
+            if not a.no_all:
+                fns[("all", layout, "torch")] = all_pass(lambda u, v: F.conv2d(u, v, None, 1, pad, 1, C), x, w, g)
+                fns[("all", layout, "auto")] = all_pass(
+                    lambda u, v: lkconv.depthwise_conv2d(u, v, None, 1, "same"), x, w, g)
+            fns[("roundtrip", layout, "to_cl" if layout == "nchw" else "to_nchw")] = (
+                lambda x=x, layout=layout: x.contiguous(
+                    memory_format=FORMATS["cl" if layout == "nchw" else "nchw"]))
+        # correctness gate: every lkconv result against PyTorch's (and its memory format); the gate's
+        # call is each callable's warm-up (its time decides whether it is timed twice only)
+        gate_t = {}
 
-        def torch_fwd():
-            with torch.no_grad():
-                F.conv2d(x, w, None, 1, "same", 1, C)
+        def gate(key, f):
+            t0 = CLOCK()
+            r = f()
+            gate_t[key] = CLOCK() - t0
+            return r
+        for key, f in fns.items():
+            if key[0] in PASSES and key[2] == "torch":
+                refs[key[:2]] = gate(key, f)
+        for (pass_, layout, prov), f in fns.items():
+            if pass_ not in PASSES or prov == "torch":
+                continue
+            ref = refs[(pass_, layout)]
+            got = gate((pass_, layout, prov), f)
+            err = _rel_err(got, ref)
+            if err > 1e-4:
+                raise SystemExit(f"K={K} {pass_} {layout} {prov}: relative error {err:.2e} against PyTorch")
+            if pass_ != "grad_weight" and _fmt(got) != _fmt(ref):
+                raise SystemExit(f"K={K} {pass_} {layout} {prov}: memory format differs from PyTorch's")
+        ts = time_interleaved(fns, a.repeats, group_of=lambda k: (k[0], k[1]), slow_abs=a.slow_s,
+                              slow_rel=4.0, warm=gate_t)
+        med = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
+        spread = {k: (min(v) * 1e3, max(v) * 1e3) for k, v in ts.items()}
+        for layout in LAYOUT_NAMES:
+            xl = x0.contiguous(memory_format=FORMATS[layout])
+            for pass_ in PASSES:
+                m = {prov: med[(pass_, layout, prov)] for prov in PROVIDERS}
+                data = xl
+                auto_path = cpu.choose_path(K, K, (1, 1), pass_, layout=cpu.layout_of(data))
+                best_path = min(LK_PATHS, key=lambda q: m[q])
+                cells.append(dict(
+                    K=K, pass_=pass_, layout=layout, median_ms=m,
+                    spread_ms={prov: spread[(pass_, layout, prov)] for prov in PROVIDERS},
+                    samples={prov: len(ts[(pass_, layout, prov)]) for prov in PROVIDERS},
+                    auto_path=auto_path, best_path=best_path))
+                cells[-1]["pass"] = cells[-1].pop("pass_")
+            if not a.no_all:
+                alls.append(dict(K=K, layout=layout, torch=med[("all", layout, "torch")],
+                                 auto=med[("all", layout, "auto")]))
+        rts.append(dict(K=K, to_cl=med[("roundtrip", "nchw", "to_cl")], to_nchw=med[("roundtrip", "cl", "to_nchw")]))
+        for c in cells[-6:]:
+            c["x_layout_ratio"] = min(
+                next(d["median_ms"]["torch"] for d in cells[-6:] if d["pass"] == c["pass"] and d["layout"] == lay)
+                for lay in LAYOUT_NAMES) / c["median_ms"]["auto"]
+            r = _cell_ratio(c)
+            mm = c["median_ms"]
+            print(f"K={K:2d} {c['pass']:11s} {c['layout']:4s} torch {_ms(mm['torch']):>6} rt {_ms(mm['torch_rt']):>6} "
+                  f"| fft {_ms(mm['fft']):>6} direct {_ms(mm['direct']):>6} nchw {_ms(mm['nchw']):>6} "
+                  f"cl {_ms(mm['cl']):>6} | auto {_ms(mm['auto']):>6} ({c['auto_path']}) ratio {r:.2f}"
+                  + ("  <-- under 0.95" if r < FLAG_BELOW else ""), flush=True)
+        # a partial results.json after every K (a long run on a busy machine keeps what it measured)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        env["runtime_s"] = time.perf_counter() - t_start
+        env["partial"] = f"up to K={K}"
+        (out_dir / "results.json").write_text(json.dumps(
+            dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=[]), indent=1))
+    env.pop("partial", None)
+    overhead = [] if a.no_overhead else _small_overhead()
+    env["loadavg_after"] = list(os.getloadavg())
+    env["runtime_s"] = time.perf_counter() - t_start
+    env["cpu_time_s"] = time.process_time() - env.pop("cpu_time_start")
+    return dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=overhead), out_dir
 
-        def torch_fb():
-            out = F.conv2d(xr, wr, None, 1, "same", 1, C)
-            torch.autograd.grad(out, (xr, wr), g)
 
-        def lk_fwd():
-            with torch.no_grad():
-                lkconv.depthwise_conv2d(x, w, None, 1, "same", backend="cpu")
-
-        def lk_fb():
-            out = lkconv.depthwise_conv2d(xr, wr, None, 1, "same", backend="cpu")
-            torch.autograd.grad(out, (xr, wr), g)
-
-        todo = {}
-        for i, pass_ in enumerate(() if a.e2e_only else PASSES):
-            for name in NAMES:
-                if name == "slices" and K > a.slices_max_k:
-                    continue
-                todo[(pass_, name)] = fns[name][i]
-        for k, f in (("torch_fwd", torch_fwd), ("torch_fb", torch_fb), ("lk_fwd", lk_fwd), ("lk_fb", lk_fb)):
-            todo[k] = f
-        med = timeit_interleaved(todo, a.repeats)
-        res = {}
-        for pass_ in () if a.e2e_only else PASSES:
-            t = {name: med[(pass_, name)] for name in NAMES if (pass_, name) in med}
-            best = min(t, key=t.get)
-            res[pass_] = t
-            fmt = lambda n: f"{t[n] * 1e3:.1f}" if n in t else "-"  # noqa: E731
-            print(f"| {K} | {pass_} | {fmt('torch')} | {fmt('direct')} | {fmt('slices')} | {fmt('fft')} | {best} |",
-                  flush=True)
-        e2e = {k: med[k] for k in ("torch_fwd", "torch_fb", "lk_fwd", "lk_fb")}
-        rows.append((K, res, e2e))
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--c", type=int, default=128)
+    ap.add_argument("--hw", type=int, default=56)
+    ap.add_argument("--ks", type=int, nargs="+", default=[3, 5, 7, 9, 13, 19, 25, 31])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall: perf_counter; cpu: process CPU time (robust to other processes on a shared "
+                         "machine; use with --threads 1)")
+    ap.add_argument("--slow-s", type=float, default=0.25,
+                    help="a callable slower than this (and 4x the fastest of its cell) is timed twice only")
+    ap.add_argument("--no-all", action="store_true", help="skip forward + both gradients through autograd")
+    ap.add_argument("--no-overhead", action="store_true", help="skip the small-size dispatch overhead")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/cpu-threshold-...)")
+    ap.add_argument("--derive", metavar="RESULTS_JSON", default=None,
+                    help="only print the PATH_TABLE rows derived from a run's results.json")
+    a = ap.parse_args(argv)
+    if a.derive:
+        res = json.loads(Path(a.derive).read_text())
+        print(format_table(derive_table(res), res["env"]["run"]))
+        return
+    res, out_dir = run(a)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1))
+    write_markdown(res, out_dir / "results.md")
+    write_plot(res, out_dir / "auto_vs_torch.png")
     print()
-    print("| K | torch fwd ms | lkconv cpu fwd ms | speedup | torch fwd+bwd ms | lkconv cpu fwd+bwd ms | speedup | paths |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for K, res, e in rows:
-        paths = "/".join(cpu.choose_path(K, K, (1, 1), ps)[0] for ps in PASSES)
-        print(f"| {K} | {e['torch_fwd'] * 1e3:.0f} | {e['lk_fwd'] * 1e3:.0f} | {e['torch_fwd'] / e['lk_fwd']:.1f}x "
-              f"| {e['torch_fb'] * 1e3:.0f} | {e['lk_fb'] * 1e3:.0f} | {e['torch_fb'] / e['lk_fb']:.1f}x | {paths} |")
-    print()
-    # crossover per pass: smallest K from which FFT beats the best direct method at every larger K
-    for pass_ in () if a.e2e_only else PASSES:
-        ks = [K for K, res, _ in rows]
-        win = [res[pass_]["fft"] < min(v for n, v in res[pass_].items() if n in ("direct", "slices"))
-               for _, res, _ in rows]
-        cross = next((ks[i] for i in range(len(ks)) if all(win[i:])), None)
-        print(f"# {pass_}: FFT fastest from K = {cross} on (taps {cross * cross if cross else '-'})")
+    print(format_table(derive_table(res), res["env"]["run"]))
+    flagged = [c for c in res["cells"] if _cell_ratio(c) < FLAG_BELOW]
+    print(f"# cells under {FLAG_BELOW}: " + (", ".join(
+        f"K={c['K']} {c['pass']} {c['layout']} ({_cell_ratio(c):.2f})" for c in flagged) or "none"))
+    if res["overhead"]:
+        for o in res["overhead"]:
+            print(f"# overhead {o['shape']}: " + ", ".join(f"{k} {v:.0f} us" for k, v in o["us"].items()))
+    print(f"# runtime {res['env']['runtime_s']:.0f} s; wrote {out_dir}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,9 @@ def depthwise_conv2d(
             passes.append("grad_weight")
     name = resolve_backend(backend, x, weight, params, passes)
     stride_l, pad_l, dil_l = params.as_lists()
-    if _ops.needs_function_wrapper():  # forward-mode AD / torch.func (see lkconv.ops)
+    if _ops.eager_fast_path_ok(x, weight, bias):  # plain eager CPU code: no custom-op dispatch (lkconv.ops)
+        out = _ops.eager_conv(x, weight, bias, stride_l, pad_l, dil_l, name)
+    elif _ops.needs_function_wrapper():  # forward-mode AD / torch.func (see lkconv.ops)
         out = _ops.depthwise_conv2d_function(x, weight, bias, stride_l, pad_l, dil_l, name)
     else:
         out = torch.ops.lkconv.dwconv2d(x, weight, bias, stride_l, pad_l, dil_l, name)

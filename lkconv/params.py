@@ -92,12 +92,38 @@ def int_pair(name: str, value, minimum: Optional[int] = None) -> Tuple[int, int]
     return vals
 
 
+#: normalize_params results for the common argument types (plain ints and strings), keyed by value
+#: and type so that e.g. True never hits the entry of 1 (bools are rejected); cleared when full
+_PARAMS_CACHE: dict = {}
+_PARAMS_CACHE_MAX = 1024
+
+
+def _cache_key(stride, padding, dilation, kernel_size):
+    if type(stride) is int and type(dilation) is int and type(padding) in (int, str):
+        return (stride, type(padding), padding, dilation, int(kernel_size[0]), int(kernel_size[1]))
+    return None
+
+
 def normalize_params(stride, padding, dilation, kernel_size: Tuple[int, int]) -> ConvParams:
     """Normalise user arguments (ints, pairs, "same"/"valid") into a :class:`ConvParams`.
 
     ``padding`` may also be a 4-tuple ``(top, bottom, left, right)`` (lkconv's extension; F.conv2d
-    itself only takes symmetric padding or a string).
+    itself only takes symmetric padding or a string).  Results for plain int / string arguments are
+    cached (errors are never cached: they are raised again on every call).
     """
+    key = _cache_key(stride, padding, dilation, kernel_size)
+    if key is not None:
+        hit = _PARAMS_CACHE.get(key)
+        if hit is None:
+            hit = _normalize_params(stride, padding, dilation, kernel_size)
+            if len(_PARAMS_CACHE) >= _PARAMS_CACHE_MAX:
+                _PARAMS_CACHE.clear()
+            _PARAMS_CACHE[key] = hit
+        return hit
+    return _normalize_params(stride, padding, dilation, kernel_size)
+
+
+def _normalize_params(stride, padding, dilation, kernel_size: Tuple[int, int]) -> ConvParams:
     s = int_pair("stride", stride, 1)
     d = int_pair("dilation", dilation, 1)
     kh, kw = kernel_size

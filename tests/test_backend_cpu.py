@@ -1,7 +1,6 @@
 """The ``cpu`` backend: both of its paths (direct and FFT), forced explicitly, on every feature of
 the op, all three passes + bias grad against the fp64 reference (tolerance rule (docs/architecture.md) via
 lkconv.testing.compare_all_passes)."""
-import math
 
 import pytest
 import torch
@@ -158,16 +157,12 @@ def test_fft_length_is_tight_for_same_padding():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_choose_path_uses_the_measured_threshold(threads):
-    table = cpu_mod.FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD if threads == 1 else cpu_mod.FFT_MIN_TAPS_PER_PASS
-    for pass_, t in table.items():
-        kk = math.isqrt(t)
-        kk = kk if kk * kk >= t else kk + 1
-        assert cpu_mod.choose_path(31, 31, (1, 1), pass_, threads) == "fft"
-        assert cpu_mod.choose_path(3, 3, (1, 1), pass_, threads) == "direct"
-        assert cpu_mod.choose_path(kk, kk, (1, 1), pass_, threads) == "fft"
-        assert cpu_mod.choose_path(kk - 1, kk - 1, (1, 1), pass_, threads) == "direct"
-        assert cpu_mod.choose_path(kk, kk, (2, 2), pass_, threads) == ("fft" if kk * kk >= 4 * t else "direct")
+def test_choose_path_takes_the_fft_for_the_largest_kernels(threads):
+    # the rules of every row of the path table: tests/test_cpu_routing.py
+    for pass_ in ("forward", "grad_input", "grad_weight"):
+        for layout in ("nchw", "cl"):
+            assert cpu_mod.choose_path(51, 51, (1, 1), pass_, threads, layout) == "fft"
+            assert cpu_mod.choose_path(1, 1, (1, 1), pass_, threads, layout) != "fft"
 
 
 def test_path_selection_and_validation():
@@ -179,9 +174,10 @@ def test_path_selection_and_validation():
     assert cpu_mod.FORCE_PATH is None
     b = cpu_mod.CPUBackend(path="fft")
     p = normalize_params(1, 1, 1, (3, 3))
-    assert b._path((1, 1, 3, 3), p) == "fft"
-    assert cpu_mod.CPUBackend()._path((1, 1, 3, 3), p) == "direct"
-    assert cpu_mod.CPUBackend()._path((1, 1, 31, 31), normalize_params(1, 15, 1, (31, 31))) == "fft"
+    x = torch.zeros(1, 1, 8, 8)
+    assert b._path(x, (1, 1, 3, 3), p, "forward") == "fft"
+    assert cpu_mod.CPUBackend()._path(x, (1, 1, 3, 3), p, "forward") == cpu_mod.choose_path(3, 3, (1, 1), "forward")
+    assert cpu_mod.CPUBackend()._path(x, (1, 1, 51, 51), normalize_params(1, 25, 1, (51, 51)), "forward") == "fft"
 
 
 def test_constructor_path_argument_matches_reference():

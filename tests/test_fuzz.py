@@ -405,9 +405,9 @@ def test_fuzz_cpu_backend():
     _fuzz("cpu", "cpu", conv_cases())
 
 
-@pytest.mark.parametrize("path", ["fft", "direct"])
+@pytest.mark.parametrize("path", ["fft", "direct", "nchw", "cl"])
 def test_fuzz_cpu_backend_forced_path(path):
-    """Each of the cpu backend's two paths on every geometry, not only where the threshold picks it."""
+    """Each of the cpu backend's paths on every geometry, not only where its table picks it."""
     _require("cpu")
     try:
         from lkconv.backends.cpu import force_path  # noqa: F401

@@ -161,11 +161,23 @@ def test_func_grad_and_vmap_match_conv2d():
 
 
 def test_plain_autograd_path_unchanged():
-    """Outside forward AD and torch.func the op is called directly (compile/export keep one node)."""
+    """Outside forward AD and torch.func the op is called directly (compile/export keep one node);
+    on plain eager CPU tensors the eager fast path runs the op's body without its dispatch."""
+    import lkconv.ops as ops
+
     x, w, b = _data(k=(3, 3))
     x.requires_grad_(True)
+    old = ops.EAGER_FAST_PATH
+    ops.EAGER_FAST_PATH = False
+    try:
+        out_op = lkconv.depthwise_conv2d(x, w, b, padding=1)
+    finally:
+        ops.EAGER_FAST_PATH = old
+    assert "lkconv_dwconv2d" in type(out_op.grad_fn).__name__  # the op's own autograd, not the wrapper
     out = lkconv.depthwise_conv2d(x, w, b, padding=1)
-    assert "lkconv_dwconv2d" in type(out.grad_fn).__name__  # the op's own autograd, not the wrapper
+    assert type(out.grad_fn).__name__ == ("_EagerConvFunctionBackward" if ops.EAGER_FAST_PATH
+                                          else type(out_op.grad_fn).__name__)
+    assert torch.equal(out, out_op)
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level():

@@ -15,13 +15,14 @@ the direct path.  The FFT's rounding error is relative to the plane's largest va
 **Dead padding**: the direct path crops the taps, input rows and padding that only ever meet
 zeros before materialising any padding (:mod:`.direct`).
 
-**Choice**: FFT when the kernel has at least a measured number of taps per output pixel, i.e.
-``KH*KW >= threshold * sh*sw`` (per pass; :data:`FFT_MIN_TAPS_PER_PASS`, or
-:data:`FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD` when torch runs single-threaded) (the FFT path computes
-all stride-1 outputs; the direct one only the strided ones).  The constants were measured by
-``benchmarks/cpu_threshold.py``.
+**Choice**: per pass, per layout of the pass's data tensor (NCHW / channels_last) and per kernel
+size, one measured table, :data:`PATH_TABLE` (derived from the run :data:`PATH_TABLE_RUN` of
+``benchmarks/cpu_threshold.py``), picks among the FFT, the direct path and PyTorch's own kernels in
+NCHW or channels_last (``nchw`` / ``cl``, converting an input of the other format and the result
+back where that round trip pays), by taps per strided output pixel ``KH*KW / (sh*sw)`` (the FFT
+computes all stride-1 outputs; the other paths only the strided ones).
 
-Forcing a path (tests, benchmarks): ``CPUBackend(path="fft" | "direct")``, or for the registered
+Forcing a path (tests, benchmarks): ``CPUBackend(path="fft" | "direct" | "nchw" | "cl")``, or for the registered
 instance the module-level :data:`FORCE_PATH` / the :func:`force_path` context manager.
 """
 from __future__ import annotations
@@ -33,15 +34,17 @@ import torch
 
 from ..base import Backend
 from ...params import ConvParams
-from .direct import (DIRECT_ATEN_GW_MAX_TAPS, DIRECT_MAX_CONV_PAD, direct_forward, direct_grad_input,
-                     direct_grad_weight)
+from .direct import (DIRECT_ATEN_GW_MAX_TAPS, DIRECT_MAX_CONV_PAD, LAYOUTS, direct_forward, direct_grad_input,
+                     direct_grad_weight, layout_forward, layout_grad_input, layout_grad_weight, layout_of)
 from .fft import _axis, fft_forward, fft_grad_input, fft_grad_weight, fft_in_range, fft_length, next_fast_len
 
 __all__ = [
     "CPUBackend",
-    "FFT_MIN_TAPS",
-    "FFT_MIN_TAPS_PER_PASS",
-    "FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD",
+    "PATHS",
+    "PATH_TABLE",
+    "PATH_TABLE_RUN",
+    "thread_class",
+    "table_path",
     "FORCE_PATH",
     "force_path",
     "local_accuracy",
@@ -55,38 +58,70 @@ __all__ = [
     "direct_forward",
     "direct_grad_input",
     "direct_grad_weight",
+    "layout_forward",
+    "layout_grad_input",
+    "layout_grad_weight",
+    "layout_of",
     "DIRECT_MAX_CONV_PAD",
     "DIRECT_ATEN_GW_MAX_TAPS",
 ]
 
-#: FFT when KH*KW >= threshold * stride_h*stride_w.  Measured by benchmarks/cpu_threshold.py on the
-#: 2-core dev box (N=8, C=128, 56x56, fp32, "same", 1 thread, process CPU time because the box is
-#: shared; 64 MiB FFT chunks, the multi-threaded default; docs/cpu_backend.md has the tables):
-#: against lkconv's direct path the FFT wins the forward and grad_input from K=21 (441 taps) and
-#: grad_weight from K=27 (729 taps).
-FFT_MIN_TAPS = 441
+#: the paths of the cpu backend: "fft" (lkconv's FFT), "direct" (lkconv's direct path in the
+#: input's own memory format: oneDNN with explicit pre-padding above the padding cliff, lkconv's
+#: weight gradient), "nchw" / "cl" (PyTorch's own kernels as they are, run in NCHW / channels_last:
+#: an input in the other format is converted there and the result back, the round trip included in
+#: the measurements)
+PATHS = ("fft", "direct", "nchw", "cl")
 
-#: the threshold per pass (each pass switches where the FFT starts to win for it)
-FFT_MIN_TAPS_PER_PASS = {"forward": FFT_MIN_TAPS, "grad_input": FFT_MIN_TAPS, "grad_weight": 729}
+#: where the rows of :data:`PATH_TABLE` come from, per thread class: a committed run of
+#: ``benchmarks/cpu_threshold.py`` (``python benchmarks/cpu_threshold.py --derive <run>/results.json``
+#: prints exactly those rows; tests/test_cpu_routing.py checks they agree), or a note
+PATH_TABLE_RUN = {
+    "single": "benchmarks/results/cpu-threshold-xeon-1t-20261201-182500",
+    "multi": "not re-derived: the FFT thresholds measured earlier (441 taps forward/grad_input, 729 "
+             "grad_weight; docs/cpu_backend.md), direct below; derive from a quiet multi-threaded run",
+}
 
-#: the same when torch runs single-threaded, where the FFT uses 1 MiB chunks and is ~2x faster
-#: (measured the same way: FFT ahead or tied in all three passes from K=15, 225 taps; behind in the
-#: forward at K=11)
-FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD = {"forward": 225, "grad_input": 225, "grad_weight": 225}
+#: THE table of the cpu backend's choice: (thread class, pass, input layout) -> ((min taps, path),
+#: ...) in increasing ``min taps``; a call takes the path of the last entry with ``min taps <=
+#: KH*KW / (sh*sw)`` (taps per strided output pixel: the FFT computes every stride-1 output, the
+#: other paths only the strided ones).  Thread class: "single" when torch.get_num_threads() == 1,
+#: else "multi"; input layout: "cl" when the pass's data tensor (x; grad_out for grad_input) is
+#: channels_last, else "nchw".  The source of each class's rows: :data:`PATH_TABLE_RUN`.
+PATH_TABLE = {
+    # not re-derived (PATH_TABLE_RUN["multi"]): the earlier FFT thresholds, direct below
+    ("multi", "forward", "nchw"): ((0, "direct"), (441, "fft")),
+    ("multi", "forward", "cl"): ((0, "direct"), (441, "fft")),
+    ("multi", "grad_input", "nchw"): ((0, "direct"), (441, "fft")),
+    ("multi", "grad_input", "cl"): ((0, "direct"), (441, "fft")),
+    ("multi", "grad_weight", "nchw"): ((0, "direct"), (729, "fft")),
+    ("multi", "grad_weight", "cl"): ((0, "direct"), (729, "fft")),
+    # derived from PATH_TABLE_RUN["single"] (python benchmarks/cpu_threshold.py --derive ...)
+    ("single", "forward", "nchw"): ((0, "direct"), (625, "cl"), (961, "fft")),
+    ("single", "forward", "cl"): ((0, "direct"), (169, "nchw"), (361, "cl")),
+    ("single", "grad_input", "nchw"): ((0, "direct"), (25, "nchw"), (49, "direct"), (169, "nchw"), (961, "fft")),
+    ("single", "grad_input", "cl"): ((0, "cl"), (81, "direct"), (961, "fft")),
+    ("single", "grad_weight", "nchw"): ((0, "direct"), (625, "fft")),
+    ("single", "grad_weight", "cl"): ((0, "direct"), (625, "fft")),
+}
 
-#: None (choose by FFT_MIN_TAPS), "fft" or "direct": overrides the choice of every CPUBackend that
-#: was constructed without an explicit ``path``.
+#: None (choose by PATH_TABLE) or one of PATHS: overrides the choice of every CPUBackend that was
+#: constructed without an explicit ``path``.
 FORCE_PATH: Optional[str] = None
 
-_PATHS = ("fft", "direct")
+_PATHS = PATHS
+
+
+def _check_path(path, what: str) -> None:
+    if path is not None and path not in _PATHS:
+        raise ValueError(f"lkconv: {what} must be one of {_PATHS} or None, got {path!r}")
 
 
 @contextlib.contextmanager
 def force_path(path: Optional[str]):
     """``with force_path("fft"): ...`` — make the registered ``cpu`` backend use one path."""
     global FORCE_PATH
-    if path is not None and path not in _PATHS:
-        raise ValueError(f"lkconv: path must be one of {_PATHS} or None, got {path!r}")
+    _check_path(path, "path")
     prev = FORCE_PATH
     FORCE_PATH = path
     try:
@@ -95,14 +130,28 @@ def force_path(path: Optional[str]):
         FORCE_PATH = prev
 
 
-def choose_path(kh: int, kw: int, stride: Tuple[int, int], pass_: str = "forward",
-                threads: Optional[int] = None) -> str:
-    """The measured rule: "fft" for large kernels (per strided output pixel), else "direct".
-    ``threads``: torch's intra-op thread count (default: the current one)."""
+def thread_class(threads: Optional[int] = None) -> str:
+    """"single" when torch runs one intra-op thread, else "multi" (the key of :data:`PATH_TABLE`)."""
     if threads is None:
         threads = torch.get_num_threads()
-    table = FFT_MIN_TAPS_PER_PASS_SINGLE_THREAD if threads == 1 else FFT_MIN_TAPS_PER_PASS
-    return "fft" if kh * kw >= table[pass_] * stride[0] * stride[1] else "direct"
+    return "single" if threads == 1 else "multi"
+
+
+def table_path(pass_: str, layout: str, taps: float, threads: Optional[int] = None) -> str:
+    """The path :data:`PATH_TABLE` gives for ``taps`` taps per strided output pixel."""
+    path = None
+    for min_taps, p in PATH_TABLE[(thread_class(threads), pass_, layout)]:
+        if taps >= min_taps:
+            path = p
+    return path
+
+
+def choose_path(kh: int, kw: int, stride: Tuple[int, int], pass_: str = "forward",
+                threads: Optional[int] = None, layout: str = "nchw") -> str:
+    """The measured rule (:data:`PATH_TABLE`) for a (kh, kw) kernel at ``stride``.  ``threads``:
+    torch's intra-op thread count (default: the current one); ``layout``: "nchw" or "cl", the
+    memory format of the pass's data tensor."""
+    return table_path(pass_, layout, kh * kw / (stride[0] * stride[1]), threads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,13 +166,12 @@ def local_accuracy():
 class CPUBackend(Backend):
     name = "cpu"
     description = (
-        "CPU: FFT (rfft2, exact, no wrap-around) for large kernels, oneDNN direct for small ones; "
-        "switch point measured; fp32/fp64 (+fp16/bf16 via fp32)"
+        "CPU: FFT (rfft2, exact, no wrap-around) for large kernels, oneDNN direct (NCHW or channels_last) "
+        "for small ones; per-pass choice measured; fp32/fp64 (+fp16/bf16 via fp32)"
     )
 
     def __init__(self, path: Optional[str] = None):
-        if path is not None and path not in _PATHS:
-            raise ValueError(f"lkconv: CPUBackend path must be one of {_PATHS} or None, got {path!r}")
+        _check_path(path, "CPUBackend path")
         self.path = path
 
     def check(self, req):
@@ -133,32 +181,39 @@ class CPUBackend(Backend):
             return f"the cpu backend supports float32/float64/float16/bfloat16, not {req.dtype}"
         return None
 
-    def _path(self, weight_shape, p: ConvParams, pass_: str = "forward") -> str:
+    def _path(self, data, weight_shape, p: ConvParams, pass_: str) -> str:
         if self.path is not None:
             return self.path
         if FORCE_PATH is not None:
             return FORCE_PATH
-        return choose_path(weight_shape[2], weight_shape[3], p.stride, pass_)
+        return choose_path(weight_shape[2], weight_shape[3], p.stride, pass_, layout=layout_of(data))
 
     # An FFT spreads a NaN/Inf over its whole plane (torch's convolution keeps it local) and finite
     # inputs can overflow inside it: the FFT is taken only when fft_in_range bounds every
-    # intermediate (one pass over the data; Inf/NaN make the bound non-finite), so NaN/Inf propagate
-    # exactly as in F.conv2d and no finite input turns into Inf/NaN.
-    # Channel multiplier m > 1 (weight (m*C, 1, KH, KW)): the direct forward and grad_input are
-    # native (oneDNN takes groups=C with m*C outputs); the FFT paths and grad_weight run on the
-    # channel-expanded input x.repeat_interleave(m, 1) (output channel c*m + j reads input c), an
-    # extra (N, m*C, H, W) buffer; the FFT grad_input sums its (N, m*C, H, W) result over j.
+    # intermediate (one pass over the data; Inf/NaN make the bound non-finite), else the direct
+    # path, so NaN/Inf propagate exactly as in F.conv2d and no finite input turns into Inf/NaN.
+    # Channel multiplier m > 1 (weight (m*C, 1, KH, KW)): the direct, nchw and cl forward and
+    # grad_input are native (oneDNN takes groups=C with m*C outputs); the FFT paths and grad_weight
+    # run on the channel-expanded input x.repeat_interleave(m, 1) (output channel c*m + j reads
+    # input c), an extra (N, m*C, H, W) buffer; the FFT grad_input sums its (N, m*C, H, W) result
+    # over j.
     def forward(self, x, weight, bias, params):
-        if self._path(weight.shape, params, "forward") == "fft":
+        path = self._path(x, weight.shape, params, "forward")
+        if path == "fft":
             m = weight.shape[0] // x.shape[1]
             xe = x if m == 1 else x.repeat_interleave(m, 1)
             k_hw, out_hw = tuple(weight.shape[2:]), params.out_size(x.shape[2], x.shape[3], *weight.shape[2:])
             if fft_in_range(xe, weight, tuple(x.shape[2:]), k_hw, out_hw, params, "forward"):
                 return fft_forward(xe, weight, bias, params)
+        elif path in LAYOUTS:
+            return layout_forward(x, weight, bias, params, path)
         return direct_forward(x, weight, bias, params)
 
     def grad_input(self, grad_out, weight, input_shape, params):
-        if (self._path(weight.shape, params, "grad_input") == "fft"
+        path = self._path(grad_out, weight.shape, params, "grad_input")
+        if path in LAYOUTS:
+            return layout_grad_input(grad_out, weight, input_shape, params, path)
+        if (path == "fft"
                 and fft_in_range(grad_out, weight, tuple(input_shape[2:]), tuple(weight.shape[2:]),
                                  tuple(grad_out.shape[2:]), params, "grad_input")):
             m = weight.shape[0] // input_shape[1]
@@ -170,10 +225,13 @@ class CPUBackend(Backend):
         return direct_grad_input(grad_out, weight, input_shape, params)
 
     def grad_weight(self, grad_out, x, weight_shape, params):
+        path = self._path(x, weight_shape, params, "grad_weight")
         m = weight_shape[0] // x.shape[1]
         if m > 1:
             x = x.repeat_interleave(m, 1)
-        if (self._path(weight_shape, params, "grad_weight") == "fft"
+        if path in LAYOUTS:
+            return layout_grad_weight(grad_out, x, weight_shape, params, path)
+        if (path == "fft"
                 and fft_in_range(grad_out, x, tuple(x.shape[2:]), tuple(weight_shape[2:]),
                                  tuple(grad_out.shape[2:]), params, "grad_weight")):
             return fft_grad_weight(grad_out, x, weight_shape, params)
