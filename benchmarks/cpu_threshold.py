@@ -16,7 +16,9 @@ check's call is the warm-up):
   direct path in L), ``nchw`` and ``cl`` (PyTorch's own kernels run in that layout, the round trip
   included where L differs)
 * ``auto``       -- the op as users call it: ``lkconv.depthwise_conv2d`` (forward, no_grad) and the
-  ``torch.ops.lkconv`` gradient ops with the backend ``auto`` resolved to (dispatch included)
+  ``torch.ops.lkconv`` gradient ops with the backend ``auto`` resolved to (dispatch included); where a
+  training call is delegated to ``F.conv2d`` (``CPUBackend.delegates_to_torch``: every pass runs
+  PyTorch's own kernels), the gradient that PyTorch's autograd node then computes
 
 plus ``all`` (forward + both gradients through autograd) for ``torch`` and ``auto``, the round trip
 alone (``to_cl`` / ``to_nchw`` of one activation), and the op's dispatch overhead at small sizes.
@@ -152,6 +154,10 @@ def lk_auto(pass_, x, w, g, p):
                 return lkconv.depthwise_conv2d(x, w, None, 1, "same")
         return fn
     name = resolve_backend("auto", x, w, p)
+    if name == "cpu" and cpu.CPUBackend().delegates_to_torch(x, tuple(w.shape), p, PASSES):
+        # a training call here runs F.conv2d itself (lkconv.functional): its backward is PyTorch's
+        # autograd node, which calls aten.convolution_backward for the needed gradient only
+        return torch_pass(pass_, x, w, g, [pd[0], pd[2]], x.shape[1])
     if pass_ == "grad_input":
         xs = list(x.shape)
         return lambda: torch.ops.lkconv.dwconv2d_grad_input(g, w, xs, s, pd, d, name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Proxy as _Proxy
 
@@ -46,6 +47,14 @@ def _fx_node(x, weight, bias, stride, padding, dilation, backend):
     return proxy.tracer.create_proxy(
         "call_function", depthwise_conv2d, (x, weight, bias, stride, padding, dilation), {"backend": backend}
     )
+
+
+def _delegates_to_torch(x, weight, params, passes) -> bool:
+    """The cpu backend would run PyTorch's own kernels for every pass: F.conv2d itself then
+    (``CPUBackend.delegates_to_torch``; ``lkconv.ops.EAGER_FAST_PATH = False`` turns it off too)."""
+    from .backends import get_backend
+
+    return get_backend("cpu").delegates_to_torch(x, tuple(weight.shape), params, passes)
 
 
 def depthwise_conv2d(
@@ -104,7 +113,11 @@ def depthwise_conv2d(
     name = resolve_backend(backend, x, weight, params, passes)
     stride_l, pad_l, dil_l = params.as_lists()
     if _ops.eager_fast_path_ok(x, weight, bias):  # plain eager CPU code: no custom-op dispatch (lkconv.ops)
-        out = _ops.eager_conv(x, weight, bias, stride_l, pad_l, dil_l, name)
+        if name == "cpu" and _delegates_to_torch(x, weight, params, passes):  # PyTorch's own kernels
+            out = F.conv2d(x, weight, bias, params.stride, (params.padding[0], params.padding[2]), params.dilation,
+                           groups=x.shape[1])
+        else:
+            out = _ops.eager_conv(x, weight, bias, stride_l, pad_l, dil_l, name)
     elif _ops.needs_function_wrapper():  # forward-mode AD / torch.func (see lkconv.ops)
         out = _ops.depthwise_conv2d_function(x, weight, bias, stride_l, pad_l, dil_l, name)
     else:

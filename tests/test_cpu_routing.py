@@ -98,7 +98,43 @@ def test_auto_takes_the_tables_path_for_every_pass(monkeypatch, K, layout):
     out = lkconv.depthwise_conv2d(x, w, None, 1, "same")
     out.backward(torch.randn_like(out))
     want = [cpu_mod.choose_path(K, K, (1, 1), p, layout=layout) for p in PASSES]
-    assert seen == want
+    params = normalize_params(1, "same", 1, (K, K))
+    if cpu_mod.CPUBackend().delegates_to_torch(x, tuple(w.shape), params, PASSES):
+        # every pass is PyTorch's own kernel: the call is F.conv2d itself, with PyTorch's autograd node
+        assert seen == [] and type(out.grad_fn).__name__ == "ConvolutionBackward0"
+    else:
+        assert seen == want
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_delegation_to_f_conv2d_is_exact_and_only_where_the_table_says(layout):
+    """Where every pass would run PyTorch's own kernels, lkconv.depthwise_conv2d returns F.conv2d's
+    result (bitwise, gradients too); bf16, asymmetric padding, a forced path and large kernels are not
+    delegated."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 12, 11).contiguous(memory_format=FMT[layout]).requires_grad_(True)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    params = normalize_params(1, 1, 1, (3, 3))
+    assert cpu_mod.CPUBackend().delegates_to_torch(x, (4, 1, 3, 3), params, PASSES)
+    out = lkconv.depthwise_conv2d(x, w, b, 1, 1)
+    assert type(out.grad_fn).__name__ == "ConvolutionBackward0"
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), g)
+    ref_out = torch.nn.functional.conv2d(x, w, b, 1, 1, 1, 4)
+    want = torch.autograd.grad(ref_out, (x, w, b), g)
+    assert torch.equal(out, ref_out) and all(torch.equal(u, v) for u, v in zip(got, want))
+    # the reference agrees too (fp64)
+    r = ReferenceBackend().forward(x.detach().double(), w.detach().double(), b.detach().double(), params)
+    torch.testing.assert_close(out.detach().double(), r, rtol=1e-5, atol=1e-5)
+    be = cpu_mod.CPUBackend()
+    assert not be.delegates_to_torch(x.bfloat16(), (4, 1, 3, 3), params, PASSES)
+    assert not be.delegates_to_torch(x, (4, 1, 3, 3), normalize_params(1, (1, 0, 1, 1), 1, (3, 3)), PASSES)
+    assert not be.delegates_to_torch(x, (4, 1, 31, 31), normalize_params(1, 15, 1, (31, 31)), PASSES)
+    assert not cpu_mod.CPUBackend(path="direct").delegates_to_torch(x, (4, 1, 3, 3), params, PASSES)
+    with cpu_mod.force_path("direct"):
+        out = lkconv.depthwise_conv2d(x, w, b, 1, 1)
+    assert type(out.grad_fn).__name__ != "ConvolutionBackward0"
 
 
 def test_a_forced_backend_or_path_still_wins(monkeypatch):
@@ -233,9 +269,11 @@ def test_every_path_matches_the_fp64_reference(case, layout, path):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("K", [3, 7, 31])
-def test_eager_fast_path_equals_the_op(K, layout):
+def test_eager_fast_path_equals_the_op(K, layout, monkeypatch):
     """lkconv.depthwise_conv2d on plain CPU tensors skips the custom-op dispatch: the same results
-    (bitwise), strides and gradients (bias included) as calling the op, double backward too."""
+    (bitwise), strides and gradients (bias included) as calling the op, double backward too.  (The
+    delegation to F.conv2d, which PyTorch's own autograd then differentiates, is tested on its own.)"""
+    monkeypatch.setattr(cpu_mod.CPUBackend, "delegates_to_torch", lambda self, *a: False)
     torch.manual_seed(1)
     x = torch.randn(2, 3, 12, 12).contiguous(memory_format=FMT[layout])
     w = torch.randn(3, 1, K, K)

@@ -175,8 +175,10 @@ def test_plain_autograd_path_unchanged():
         ops.EAGER_FAST_PATH = old
     assert "lkconv_dwconv2d" in type(out_op.grad_fn).__name__  # the op's own autograd, not the wrapper
     out = lkconv.depthwise_conv2d(x, w, b, padding=1)
-    assert type(out.grad_fn).__name__ == ("_EagerConvFunctionBackward" if ops.EAGER_FAST_PATH
-                                          else type(out_op.grad_fn).__name__)
+    # the eager fast path; at this small kernel every pass is PyTorch's own kernel, so the call is
+    # F.conv2d itself (CPUBackend.delegates_to_torch), differentiated by PyTorch's own node
+    assert type(out.grad_fn).__name__ in (("_EagerConvFunctionBackward", "ConvolutionBackward0")
+                                          if ops.EAGER_FAST_PATH else (type(out_op.grad_fn).__name__,))
     assert torch.equal(out, out_op)
     import torch.autograd.forward_ad as fwAD
 

@@ -43,10 +43,16 @@ def test_shape_classes_follow_the_model_layers():
     assert routing.shape_class(_req("forward", "56", dilation=2)) is None
 
 
-def test_route_order_examples():
-    # bf16 7x7/K13 forward: the cuda kernel is modelled slower than PyTorch, so it is not chosen
+def test_route_order_examples(monkeypatch):
+    # a kernel modelled slower than PyTorch is not chosen (bf16 7x7/K13 forward, cuda made slower)
+    key = ("cuda", "7", "forward", "half")
+    monkeypatch.setitem(routing.TIMES_US, key, (routing.TIMES_US[("torch", "7", "forward", "half")][0] + 1, "test"))
     order, why = routing.route_order(_req("forward", "7"))
     assert "cuda" not in order and order[-1] == "torch" and "torch" in why
+    monkeypatch.undo()
+    # every modelled lkconv kernel of the committed report beats PyTorch's estimate in every cell today
+    order, _ = routing.route_order(_req("forward", "7"))
+    assert set(order) == {"cuda", "triton", "torch"} and order[-1] == "torch"
     order, _ = routing.route_order(_req("grad_weight", "56"))
     assert order[0] == "cuda"
     assert routing.route_order(_req("forward", "56", k=3))[0] == ("torch",)
@@ -138,3 +144,18 @@ def test_modelled_rows_are_the_committed_report():
     for key, (us, kernel) in routing_modelled.CELLS.items():
         t, basis = routing.TIMES_US[key]
         assert t == us and routing_modelled.REPORT in basis and kernel in basis
+
+
+def test_readme_gpu_table_is_the_routing_report():
+    """README's modelled GPU table is generated from the report the routing rows come from."""
+    import os
+
+    from lkconv.backends import routing_modelled
+    from lkconv.static.report import readme_performance_table
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    table = readme_performance_table(os.path.join(root, "benchmarks", "results", routing_modelled.REPORT))
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    assert table in readme, "README's GPU table: paste lkconv.static.report.readme_performance_table(<report>)"
+    assert routing_modelled.REPORT in readme

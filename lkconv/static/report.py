@@ -271,6 +271,34 @@ def update_routing(report_dir: str, package_dir: Optional[str] = None) -> str:
     return path
 
 
+def readme_performance_table(report_dir: str) -> str:
+    """The README's modelled GPU table (bf16/fp16 merged by the slower, as auto's routing reads them) of
+    a committed report folder, with the TC floor and PyTorch's estimated NCHW times from the routing
+    table: ``tests/test_routing.py`` checks that README.md holds exactly this table."""
+    from ..backends.routing import TIMES_US
+
+    with open(os.path.join(report_dir, "routing.json")) as f:
+        cells = routing_cells(json.load(f))
+    with open(os.path.join(report_dir, "static.json")) as f:
+        floors = json.load(f)["floors"]
+
+    def us(v):
+        return f"{v:,.0f}"
+
+    out = ["| layer | pass | `cuda` µs (modelled) | `triton` µs (modelled) | tensor-core floor µs | "
+           "PyTorch NCHW µs (estimate, ±2×) |", "|---|---|---:|---:|---:|---:|"]
+    for label, fl in floors.items():
+        cls, k = label.split("/H")[1].split("/")[0], label.split("/K")[1]
+        floor = f"{fl['bf16']['tc_floor_s'] * 1e6:.1f}"
+        for passes in (("forward", "grad_input"), ("grad_weight",)):
+            be = {b: " / ".join(sorted({us(cells[(b, cls, p, "half")][0]) for p in passes}))
+                  for b in ("cuda", "triton")}  # one number where forward and grad_input agree (stride 1)
+            torch_t = " / ".join(us(TIMES_US[("torch", cls, p, "half")][0]) for p in passes)
+            out.append(f"| {cls}²/K{k} | {' / '.join(passes)} | {be['cuda']} | {be['triton']} | "
+                       f"{floor} | {torch_t} |")
+    return "\n".join(out)
+
+
 def _f(v, nd=0):
     if v is None or v == "":
         return "—"

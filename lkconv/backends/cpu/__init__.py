@@ -78,8 +78,7 @@ PATHS = ("fft", "direct", "nchw", "cl")
 #: prints exactly those rows; tests/test_cpu_routing.py checks they agree), or a note
 PATH_TABLE_RUN = {
     "single": "benchmarks/results/cpu-threshold-xeon-1t-20261201-182500",
-    "multi": "not re-derived: the FFT thresholds measured earlier (441 taps forward/grad_input, 729 "
-             "grad_weight; docs/cpu_backend.md), direct below; derive from a quiet multi-threaded run",
+    "multi": "benchmarks/results/cpu-threshold-intel-r--xeon-r--processor---2-80ghz-20261201-193141",
 }
 
 #: THE table of the cpu backend's choice: (thread class, pass, input layout) -> ((min taps, path),
@@ -89,13 +88,13 @@ PATH_TABLE_RUN = {
 #: else "multi"; input layout: "cl" when the pass's data tensor (x; grad_out for grad_input) is
 #: channels_last, else "nchw".  The source of each class's rows: :data:`PATH_TABLE_RUN`.
 PATH_TABLE = {
-    # not re-derived (PATH_TABLE_RUN["multi"]): the earlier FFT thresholds, direct below
-    ("multi", "forward", "nchw"): ((0, "direct"), (441, "fft")),
-    ("multi", "forward", "cl"): ((0, "direct"), (441, "fft")),
-    ("multi", "grad_input", "nchw"): ((0, "direct"), (441, "fft")),
-    ("multi", "grad_input", "cl"): ((0, "direct"), (441, "fft")),
-    ("multi", "grad_weight", "nchw"): ((0, "direct"), (729, "fft")),
-    ("multi", "grad_weight", "cl"): ((0, "direct"), (729, "fft")),
+    # derived from PATH_TABLE_RUN["multi"] (python benchmarks/cpu_threshold.py --derive ...)
+    ("multi", "forward", "nchw"): ((0, "nchw"), (169, "direct"), (625, "fft")),
+    ("multi", "forward", "cl"): ((0, "direct"), (25, "cl"), (49, "direct"), (81, "cl"), (169, "nchw"), (361, "cl"), (961, "fft")),
+    ("multi", "grad_input", "nchw"): ((0, "nchw"), (49, "direct"), (81, "nchw"), (169, "direct"), (625, "fft")),
+    ("multi", "grad_input", "cl"): ((0, "direct"), (25, "cl"), (81, "direct"), (625, "cl"), (961, "fft")),
+    ("multi", "grad_weight", "nchw"): ((0, "direct"), (361, "fft")),
+    ("multi", "grad_weight", "cl"): ((0, "cl"), (25, "direct"), (361, "fft")),
     # derived from PATH_TABLE_RUN["single"] (python benchmarks/cpu_threshold.py --derive ...)
     ("single", "forward", "nchw"): ((0, "direct"), (625, "cl"), (961, "fft")),
     ("single", "forward", "cl"): ((0, "direct"), (169, "nchw"), (361, "cl")),
@@ -180,6 +179,30 @@ class CPUBackend(Backend):
         if req.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             return f"the cpu backend supports float32/float64/float16/bfloat16, not {req.dtype}"
         return None
+
+    def delegates_to_torch(self, x: torch.Tensor, weight_shape, p: ConvParams, passes) -> bool:
+        """True when every pass in ``passes`` would run PyTorch's own kernels on ``x``'s layout with
+        nothing of lkconv's around them: then ``F.conv2d`` itself (and PyTorch's autograd) computes
+        the same numbers without the op's overhead, which at small kernels is most of the gap to
+        PyTorch (docs/cpu_backend.md, "auto at small kernels").  fp32/fp64 only (lkconv computes
+        fp16/bf16 in fp32, F.conv2d does not), symmetric padding (for the direct path: up to
+        DIRECT_MAX_CONV_PAD, beyond it that path pre-pads), the table's choice only (no forced path)."""
+        if self.path is not None or FORCE_PATH is not None or x.dtype not in (torch.float32, torch.float64):
+            return False
+        t, b, l, r = p.padding
+        if t != b or l != r:
+            return False
+        own = layout_of(x)
+        taps = weight_shape[2] * weight_shape[3]
+        for pass_ in passes:
+            path = choose_path(weight_shape[2], weight_shape[3], p.stride, pass_, layout=own)
+            if path == own:
+                continue  # PyTorch's own kernels as they are, in x's layout
+            if path == "direct" and max(t, l) <= DIRECT_MAX_CONV_PAD and (
+                    pass_ != "grad_weight" or taps <= DIRECT_ATEN_GW_MAX_TAPS):
+                continue  # the direct path is PyTorch's own kernel here (no pre-padding, aten's weight gradient)
+            return False
+        return True
 
     def _path(self, data, weight_shape, p: ConvParams, pass_: str) -> str:
         if self.path is not None:
