@@ -33,7 +33,10 @@ def _bench():
 
 
 def _expected(rows, taps):
-    """An independent reading of one table row list: the last row whose min taps <= taps."""
+    """An independent reading of one table row list: the last row whose min taps <= taps; beyond the
+    largest measured kernel (31x31) the FFT."""
+    if taps > 31 * 31:
+        return "fft"
     return [p for m, p in rows if m <= taps][-1]
 
 

@@ -136,8 +136,16 @@ def thread_class(threads: Optional[int] = None) -> str:
     return "single" if threads == 1 else "multi"
 
 
+#: the largest kernel the committed runs measure (31x31): beyond it the table is not extrapolated, the
+#: FFT is taken (its cost does not grow with the taps, every other path's does)
+MEASURED_MAX_TAPS = 31 * 31
+
+
 def table_path(pass_: str, layout: str, taps: float, threads: Optional[int] = None) -> str:
-    """The path :data:`PATH_TABLE` gives for ``taps`` taps per strided output pixel."""
+    """The path :data:`PATH_TABLE` gives for ``taps`` taps per strided output pixel (the FFT beyond
+    :data:`MEASURED_MAX_TAPS`)."""
+    if taps > MEASURED_MAX_TAPS:
+        return "fft"
     path = None
     for min_taps, p in PATH_TABLE[(thread_class(threads), pass_, layout)]:
         if taps >= min_taps:
