@@ -20,6 +20,7 @@ from torch.fx import Proxy as _Proxy
 
 from . import ops as _ops  # noqa: F401  (registers the torch.library ops)
 from .backends import resolve_backend
+from .backends.base import output_memory_format
 from .params import check_tensors, normalize_params
 
 __all__ = ["depthwise_conv2d"]
@@ -54,6 +55,12 @@ def _delegates_to_torch(x, weight, params, passes) -> bool:
     (``CPUBackend.delegates_to_torch``; ``lkconv.ops.EAGER_FAST_PATH = False`` turns it off too)."""
     from .backends import get_backend
 
+    # a plainly NCHW or channels_last input only: there F.conv2d's output and gradient formats are
+    # lkconv's rule (backends.base.output_memory_format); other strides keep the lkconv path
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    if len(passes) > 1 and not (x.is_contiguous() != x.is_contiguous(memory_format=torch.channels_last)):
+        return False  # ambiguous strides (e.g. 1x1 planes): the gradients' formats could differ
     return get_backend("cpu").delegates_to_torch(x, tuple(weight.shape), params, passes)
 
 
@@ -116,6 +123,9 @@ def depthwise_conv2d(
         if name == "cpu" and _delegates_to_torch(x, weight, params, passes):  # PyTorch's own kernels
             out = F.conv2d(x, weight, bias, params.stride, (params.padding[0], params.padding[2]), params.dilation,
                            groups=x.shape[1])
+            fmt = output_memory_format(x)  # lkconv's output-format rule (a no-op where F.conv2d agrees)
+            if not out.is_contiguous(memory_format=fmt):
+                out = out.contiguous(memory_format=fmt)
         else:
             out = _ops.eager_conv(x, weight, bias, stride_l, pad_l, dil_l, name)
     elif _ops.needs_function_wrapper():  # forward-mode AD / torch.func (see lkconv.ops)
