@@ -101,11 +101,55 @@ def test_small_and_wide_planes_use_the_aligned_kernel(monkeypatch, rows_spy):
     assert rows_spy == []
 
 
+@needs_interpreter
+@pytest.mark.triton_interp
+def test_copy_only_where_rows_need_padding(monkeypatch):
+    """The rows kernel masks the padding rows: its input copy only pads rows to WQ columns, and rows
+    already WQ wide (contiguous, 16-byte aligned) are read in place -- against the fp64 reference, both
+    ways (in place: NCHW; copied: a sliced view, a storage offset that breaks the alignment, 20 columns)."""
+    from lkconv.backends.triton import ops as tops
+
+    rows_calls, copies = [], []  # per rows call, the copies it made: (input shape, top rows, rows, WQ)
+    conv_rows, bordered = tops._conv_rows, tops._bordered_rows
+
+    def conv_spy(x, *a, **k):
+        rows_calls.append([])
+        try:
+            return conv_rows(x, *a, **k)
+        finally:
+            copies.append(rows_calls.pop())
+
+    def copy_spy(x, t, hg, wq):
+        if rows_calls:  # the rows kernel's copy (the diagonal grad_weight kernel has its own)
+            rows_calls[-1].append((tuple(x.shape), t, hg, wq))
+        return bordered(x, t, hg, wq)
+
+    monkeypatch.setattr(tops, "_conv_rows", conv_spy)
+    monkeypatch.setattr(tops, "_bordered_rows", copy_spy)
+    _run(Case("inplace-w32", (2, 2, 12, 32), (7, 5), padding=(3, 2), bias=True), "fp32")
+    assert copies == [[], []]  # forward and grad_input, both in place
+    copies.clear()
+    _run(Case("sliced-w32", (2, 2, 12, 32), (7, 5), padding=(3, 2), layout="sliced"), "bf16")
+    assert copies[0] == [((2, 2, 12, 32), 0, 12, 32)] and copies[1] == []  # grad_out is contiguous
+    copies.clear()
+    x, w, _ = make_inputs(Case("off", (2, 2, 12, 32), (5, 5)), DTYPES["fp16"], "cpu")
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype)
+    xo = buf[1:].view_as(x).copy_(x)  # contiguous, data_ptr 2 bytes off 16-byte alignment
+    assert xo.is_contiguous() and xo.data_ptr() % 16
+    results = compare_all_passes("triton", xo, w, None, 1, 2)
+    assert all(r.ok for r in results), "\n".join(str(r) for r in results)
+    assert copies[0] == [((2, 2, 12, 32), 0, 12, 32)]
+    copies.clear()
+    _run(Case("w20", (1, 2, 16, 20), (9, 3), padding=(4, 1)), "fp32")
+    assert copies == [[((1, 2, 16, 20), 0, 16, 32)]] * 2
+
+
 def test_geometry_band_and_default_config():
     from lkconv.backends.triton import ops as tops
 
-    assert tops.rows_geometry(64, 56, 56, 56, 56, 31, 1, 1) == (64, 64, 87, 1, 32)
-    assert tops.rows_geometry(64, 28, 28, 28, 28, 29, 1, 1) == (32, 32, 57, 2, 30)
+    # the copy has H rows (the padding rows are masked, not stored)
+    assert tops.rows_geometry(64, 56, 56, 56, 56, 31, 1, 1) == (64, 64, 56, 1, 32)
+    assert tops.rows_geometry(64, 28, 28, 28, 28, 29, 1, 1) == (32, 32, 28, 2, 30)
     assert tops.rows_geometry(1, 28, 28, 28, 28, 29, 1, 1)[3] == 1
     assert tops.rows_geometry(4, 20, 20, 20, 20, 5, 1, 3)[4] == 5  # dilation > 1: chunks within a row
     assert tops._rows_ok(56, 56, 56, 56, 31, 1, 1) and not tops._rows_ok(14, 14, 14, 14, 27, 1, 1)

@@ -144,7 +144,7 @@ def test_geometry_and_default_config():
     big = torch.empty(2, 2**20, 56, 56, device="meta")
     ok = torch.empty(2, 128, 56, 56, device="meta")
     assert tops._diag_ok(ok, ok, 31, p) and not tops._diag_ok(big, big, 31, p)
-    assert tops._rows_offsets_fit(64, 128, 87, 64, 1) and not tops._rows_offsets_fit(64, 2**20, 87, 64, 1)
+    assert tops._rows_offsets_fit(64, 128, 56, 64, 1, 102) and not tops._rows_offsets_fit(64, 2**20, 56, 64, 1, 102)
     for bm, bn in ((64, 64), (64, 32), (128, 128)):
         cfg = tops._diag_default(bm, bn)
         assert cfg in tops._DIAG_GRAD_WEIGHT_CONFIGS

@@ -664,13 +664,16 @@ def aligned_extra_bytes(layer: Layer, dtype: str, WP: int, LB: int, kind: str, s
 
 
 def rows_extra_bytes(layer: Layer, dtype: str, HQ: int, WQ: int, BN: int, KHP: int):
-    """(kernel, preparation) HBM bytes the rows kernel adds: it reads the row-bordered copy
-    (N*C*HQ*WQ elements) instead of x and the whole-row band (C*KHP*WQ*BN, once per channel: L2 reuse
-    across the programs of a channel assumed); preparation: the copy (read x, write the copy) and the
-    band write."""
+    """(kernel, preparation) HBM bytes the rows kernel adds: it reads the column-padded copy
+    (N*C*HQ*WQ elements, HQ = H: the padding rows are masked, zero-filled without a read) instead of x
+    and the whole-row band (C*KHP*WQ*BN, once per channel: L2 reuse across the programs of a channel
+    assumed); preparation: the copy (read x, write the copy) and the band write.  Rows already WQ wide
+    (contiguous NCHW, as modelled) are read in place: no copy."""
     N, C, H, K = layer.N, layer.C, layer.H, layer.K
     eb = _bytes(dtype)
     x_el, xq_el, band = N * C * H * H, N * C * HQ * WQ, C * KHP * WQ * BN
+    if WQ == H:
+        return float(band * eb), float(band * eb)
     return float((xq_el - x_el + band) * eb), float((x_el + xq_el + band) * eb)
 
 

@@ -408,8 +408,8 @@ MODEL_NOTES = """\
   HGMMA at the wgmma peak irrespective of N (the Toeplitz aligned kernels issue 64x16x16: optimistic;
   the rows and diag kernels issue 64x64x16 at 56², 64x32x16 at 28²).
 * **Triton rows forward**: per program (64 output rows -- or whole packed planes -- by the whole output
-  row) (rounded kernel-row range) x (WQ / BK) chunks; HBM: the row-bordered copy `N*C*HQ*WQ` instead
-  of x and the whole-row band `C*KHP*WQ*BN` once per channel; copy and band are additive prep.
+  row) (rounded kernel-row range) x (WQ / BK) chunks; HBM: the column-padded copy `N*C*H*WQ` (padding
+  rows masked, not stored) instead of x and the whole-row band `C*KHP*WQ*BN` once per channel; copy and band are additive prep.
 * **Triton diag grad_weight**: per program (channel, kernel-row block, image split) (images / IMG) x
   (clipped output rows / BKR) iterations, plus the straight-line diagonal epilogue; HBM: the bordered
   copy instead of x, grad_out (in place, or its padded copy at prep when its rows are not 8-byte

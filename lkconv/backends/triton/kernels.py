@@ -670,21 +670,25 @@ def dwconv_forward_rows_kernel(
 ):
     """Forward (and grad_input at stride 1) of tiles of ``BM`` output rows by the whole output width.
 
-    ``xq`` is the input as planes ``[N*C, HQ, WQ]``, ``xq[p, r, u] = x[p, r - PT, u]`` (zero outside
-    x; ``WQ`` a power of two >= W, ``HQ = (HO-1)*SH + (KHP-1)*DH + 1``: every row any output row and
-    kernel row meet); ``t`` is the whole-row Toeplitz band ``[C, KHP, WQ, BN]``, ``t[c, kh, u, j] =
+    ``xq`` is the input as planes ``[N*C, HQ, WQ]`` with ``HQ = H`` rows, ``xq[p, r, u] = x[p, r, u]``
+    (zero columns ``W <= u < WQ``; ``WQ`` a power of two >= W: x itself when its rows are already
+    ``WQ`` wide and contiguous); rows outside ``[0, H)`` -- the zero padding -- are not stored but
+    masked; ``t`` is the whole-row Toeplitz band ``[C, KHP, WQ, BN]``, ``t[c, kh, u, j] =
     f[c, kh, (u - j*SW + PL) / DW]`` (zero where not integral, outside ``[0, KW)``, for ``j >= WO``
     and for the zero kernel rows ``KH <= kh < KHP``).
     Then, with ``k = (kh, u)``::
 
-        Y[m, j] = sum_{kh, u} A[m, (kh, u)] * T[(kh, u), j],   A[m, (kh, u)] = xq[p(m), i(m)*SH + kh*DH, u]
+        Y[m, j] = sum_{kh, u} A[m, (kh, u)] * T[(kh, u), j],   A[m, (kh, u)] = xq[p(m), i(m)*SH + kh*DH - PT, u]
 
     GEMM-N is the whole output row (``BN`` >= WO), GEMM-K runs over chunks of ``BK`` consecutive
     ``k``: a part of one kernel row (``BK <= WQ``) or, at dilation 1 (where ``(kh, u)`` is contiguous
     in ``xq``), ``KHB = BK // WQ`` whole kernel rows; the kernel-row range is rounded out to a
-    multiple of ``KHB`` (the extra rows meet the zero border or the band's zero rows); ``A`` rows are contiguous, 16-aligned row segments and ``T`` chunks contiguous
-    rows of the band, so both are 16-byte vector loads (cp.async when pipelined) at loop-invariant
-    offsets plus one scalar per iteration, with no mask but the loop-invariant row mask.  ``PACK`` >
+    multiple of ``KHB`` (the extra rows meet the masked padding or the band's zero rows); ``A`` rows are
+    contiguous, 16-aligned row segments and ``T`` chunks contiguous rows of the band, so both are
+    16-byte vector loads (cp.async when pipelined) at loop-invariant offsets plus one scalar per
+    iteration; ``A``'s only mask is the row range ``0 <= r < H``: a loop-invariant row index per
+    (m, chunk row) compared with two per-iteration scalars (constant over each row segment, so the
+    vectors stay whole; a masked row is zero-filled, never read).  ``PACK`` >
     1: a tile holds ``PACK`` whole output planes of one channel (consecutive images, ``BM // PACK >=
     HO`` rows each).  Kernel rows that meet only padding for every row of the tile are skipped."""
     NUC: tl.constexpr = (WQ + BK - 1) // BK  # chunks per kernel row (BK <= WQ), else 1
@@ -723,15 +727,18 @@ def dwconv_forward_rows_kernel(
 
     offs_k = tl.arange(0, BK)
     offs_n = tl.arange(0, BN)
-    x_base = xq_ptr + (n0 * C + c).to(tl.int64) * HQ * WQ
+    x_base = xq_ptr + ((n0 * C + c).to(tl.int64) * HQ - PT) * WQ
     t_base = t_ptr + c.to(tl.int64) * KHP * WQ * BN
     a_off = row_off[:, None] + offs_k[None, :]
     t_off = offs_k[:, None] * BN + offs_n[None, :]
-    amask = mvalid[:, None]
+    # copy row of A[m, k] at kernel row 0 (k // WQ: the kernel row within a chunk of whole rows, DH == 1
+    # there); rows of no output get one that no kernel row brings into [0, H)
+    r0 = tl.where(mvalid[:, None], (im * SH - PT)[:, None] + (offs_k // WQ)[None, :], -(1 << 30))
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for it in range(0, n_iter):
         kh = kh_lo + (it // NUC) * KHB
         u0 = (it % NUC) * BK
+        amask = (r0 >= -kh * DH) & (r0 < H - kh * DH)
         a = tl.load(x_base + (kh * (DH * WQ) + u0) + a_off, mask=amask, other=0.0)
         t = tl.load(t_base + (kh * WQ + u0) * BN + t_off)
         acc = _mma(a, t, acc, PREC, UPCAST)

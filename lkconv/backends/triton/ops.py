@@ -848,7 +848,7 @@ ROWS_BM = 64
 #: the most kernel rows one chunk may span (BK = KHB * WQ, dilation 1)
 ROWS_MAX_KHB = 2
 #: (BK input columns per dot, warps, stages)
-_ROWS_CONFIGS = [(32, 4, 3), (64, 4, 3), (16, 4, 4), (64, 8, 3), (128, 4, 3)]
+_ROWS_CONFIGS = [(32, 4, 3), (64, 4, 3), (16, 8, 4), (64, 8, 3), (128, 4, 3)]
 _ROWS_KEY = ["KH", "H", "HO", "WO", "HQ", "SH", "DH", "WQ", "BN", "PACK"]
 _INTERP_ROWS = dict(BK=16)
 
@@ -888,13 +888,14 @@ else:  # pragma: no cover - needs a GPU
 
 def rows_geometry(N: int, H: int, W: int, HO: int, WO: int, KH: int, sh: int, dh: int):
     """(WQ, BN, HQ, PACK, KHP) of the rows kernel: the input row width rounded up to a power of two
-    (>= 16), GEMM-N = the output width rounded up likewise, the rows of the bordered copy, the planes
-    per 64-row tile (several images of one channel when at least two fit) and the kernel rows of the
-    band (KH rounded up to a multiple of ROWS_MAX_KHB at dilation 1, for chunks of whole kernel rows)."""
+    (>= 16), GEMM-N = the output width rounded up likewise, the rows of the copy (H: the kernel masks
+    the padding rows instead of reading a zero border), the planes per 64-row tile (several images of
+    one channel when at least two fit) and the kernel rows of the band (KH rounded up to a multiple of
+    ROWS_MAX_KHB at dilation 1, for chunks of whole kernel rows)."""
     wq = max(16, triton.next_power_of_2(W))
     bn = max(16, triton.next_power_of_2(WO))
     khp = triton.cdiv(KH, ROWS_MAX_KHB) * ROWS_MAX_KHB if dh == 1 else KH
-    hq = (HO - 1) * sh + (khp - 1) * dh + 1
+    hq = H
     pack = ROWS_BM // HO if (N >= 2 and 2 * HO <= ROWS_BM) else 1
     return wq, bn, hq, max(1, min(pack, N)), khp
 
@@ -906,9 +907,10 @@ def _rows_ok(H: int, W: int, HO: int, WO: int, KH: int, sh: int, dh: int) -> boo
     return hq * max(16, triton.next_power_of_2(W)) * 4 < _I32
 
 
-def _rows_offsets_fit(N: int, C: int, hq: int, wq: int, pack: int) -> bool:
-    """The rows kernel's in-tile row offsets (``pack`` planes of one channel, ``C`` planes apart) are int32."""
-    return pack * C * hq * wq < _I32
+def _rows_offsets_fit(N: int, C: int, hq: int, wq: int, pack: int, span: int) -> bool:
+    """The rows kernel's in-tile row offsets (``pack`` planes of one channel, ``C`` planes apart, plus
+    the ``span`` rows an output row and a kernel row reach, masked ones included) are int32."""
+    return (pack * C * hq + span) * wq < _I32
 
 
 def _row_band(weight: torch.Tensor, flip: bool, sw: int, dw: int, pl: int, W: int, WO: int, wq: int, bn: int,
@@ -945,7 +947,7 @@ def _rows_default(wq: int, dh: int, prec=None, sm_major: int = 9):
     if dh == 1:
         cfg = (min(2 * wq, 128), 4, 3)
     else:
-        cfg = (64, 4, 3) if wq >= 64 else ((32, 4, 3) if wq == 32 else (16, 4, 4))
+        cfg = (64, 4, 3) if wq >= 64 else ((32, 4, 3) if wq == 32 else (16, 8, 4))
     fits = [c for c in _ROWS_CONFIGS if c[0] <= _rows_fit(128, wq, dh)]
     return _first_safe("rows_conv", prec, sm_major, cfg, fits)
 
@@ -959,9 +961,14 @@ def _conv_rows(x, weight, flip, bias, out, stride, dilation, pt, pl):
     sh, sw = stride
     dh, dw = dilation
     wq, bn, hq, pack, khp = rows_geometry(N, H, W, HO, WO, KH, sh, dh)
-    if not _rows_offsets_fit(N, C, hq, wq, pack):
+    if not _rows_offsets_fit(N, C, hq, wq, pack, (HO - 1) * sh + (khp - 1) * dh + 1 + abs(pt)):
         return _conv_aligned(x, weight, flip, bias, out, stride, dilation, pt, pl)
-    xq = _bordered_rows(x, pt, hq, wq)
+    # the copy only pads the rows to WQ columns (the padding rows are masked in the kernel); rows that
+    # are already WQ wide, contiguous and 16-byte aligned are read in place
+    if W == wq and x.is_contiguous() and x.data_ptr() % 16 == 0:
+        xq = x
+    else:
+        xq = _bordered_rows(x, 0, hq, wq)
     band = _row_band(weight, flip, sw, dw, pl, W, WO, wq, bn, khp)
     if pack > 1:
         grid = (C * triton.cdiv(N, pack),)
