@@ -13,9 +13,44 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
+import os
+
+import pytest
 import torch
 
 LAYOUTS = ("nchw", "channels_last", "sliced")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cuda_backend_skip_reason() -> Optional[str]:
+    """Why the cuda backend's GPU tests cannot run here (None: they can)."""
+    import lkconv
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (none visible)"
+    why = lkconv.backend_status().get("cuda")
+    return f"cuda backend unavailable: {why}" if why else None
+
+
+_CUDA_SKIP = cuda_backend_skip_reason()
+#: the marker of every test that runs the compiled CUDA kernels
+requires_cuda_backend = pytest.mark.skipif(_CUDA_SKIP is not None, reason=_CUDA_SKIP or "")
+
+
+def load_emulation():
+    """csrc/kernel_emulation.py (checkout-only: the host transcriptions of the CUDA kernels), loaded
+    once by path."""
+    import importlib.util
+    import sys
+
+    name = "lkconv_kernel_emulation"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "kernel_emulation.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
 
 @dataclass(frozen=True)

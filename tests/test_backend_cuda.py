@@ -19,7 +19,7 @@ from lkconv.backends import cuda as cuda_backend
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes, tolerance
 
-from cases import CUDA_CASES, LAYOUTS, make_inputs
+from cases import CUDA_CASES, DTYPES, LAYOUTS, load_emulation, make_inputs, requires_cuda_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,15 +37,6 @@ def _extension_loaded() -> bool:
     return cuda_backend.load_extension(jit=False) is None
 
 
-def _cuda_ready():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (none visible)"
-    why = lkconv.backend_status().get("cuda")
-    return f"cuda backend unavailable: {why}" if why else None
-
-
-_CUDA_SKIP = _cuda_ready()
-requires_cuda_backend = pytest.mark.skipif(_CUDA_SKIP is not None, reason=_CUDA_SKIP or "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +164,6 @@ def test_extension_rejects_cpu_tensors_cleanly():
 # GPU
 # ------------------------------------------------------------------------------------------------
 CASES = CUDA_CASES  # tests/cases.py
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _make(case, dtype, layout, bias=True, seed=0):
@@ -365,16 +355,7 @@ def test_more_than_2_31_elements():
 # Host emulation of the fast kernels' index math: csrc/kernel_emulation.py (next to the kernels it
 # transcribes), run on tiny shapes against F.conv2d
 # ------------------------------------------------------------------------------------------------
-def _load_emulation():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lkconv_kernel_emulation", os.path.join(ROOT, "csrc", "kernel_emulation.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-EMU = _load_emulation()
+EMU = load_emulation()
 
 
 # (C, H, W, KH, KW, (top, bottom, left, right)): tile edges, K > H, asymmetric and large padding

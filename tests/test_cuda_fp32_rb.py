@@ -17,22 +17,12 @@ import lkconv
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes
 
-from cases import Case, LAYOUTS, make_inputs
+from cases import DTYPES, LAYOUTS, Case, load_emulation, make_inputs, requires_cuda_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_emulation():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lkconv_kernel_emulation_frb",
-                                                  os.path.join(ROOT, "csrc", "kernel_emulation.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-EMU = _load_emulation()
+EMU = load_emulation()
 
 # (N, C, H, W, KH, KW, (top, bottom, left, right)): first/last tiles (H, W > the 56 / 28 tile), K > H,
 # asymmetric and larger-than-kernel padding, W not a multiple of the 7-column block, N not a multiple of the
@@ -150,16 +140,6 @@ def test_fp32_rb_compiles_to_an_ffma_loop(arch):
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
-def _cuda_ready():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (none visible)"
-    why = lkconv.backend_status().get("cuda")
-    return f"cuda backend unavailable: {why}" if why else None
-
-
-_SKIP = _cuda_ready()
-requires_cuda_backend = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 #: shapes at the kernel's boundaries (56 x 56 and 28 x 28 tiles, several tiles, K > H, asymmetric padding,
 #: W not a multiple of 7, odd N, KW mod 4 = 1 / 2 / 3, K = 64) and the RepLKNet-31B planes

@@ -21,20 +21,12 @@ import lkconv
 from lkconv.params import normalize_params
 from lkconv.testing import compare_all_passes, tolerance
 
+from cases import DTYPES, load_emulation, requires_cuda_backend
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_emulation():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lkconv_kernel_emulation_sp",
-                                                  os.path.join(ROOT, "csrc", "kernel_emulation.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-EMU = _load_emulation()
+EMU = load_emulation()
 
 # (N, C, H, W, KH, KW, stride, (top, bottom, left, right), dilation, blocks, vec, target_ctas)
 # blocks: a shared-memory limit just below one pixel block's need (so the plan takes two or more blocks);
@@ -162,16 +154,7 @@ def test_constants_match_the_kernel_source():
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
-def _cuda_ready():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (none visible)"
-    why = lkconv.backend_status().get("cuda")
-    return f"cuda backend unavailable: {why}" if why else None
-
-
-_SKIP = _cuda_ready()
-requires_cuda = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+requires_cuda = requires_cuda_backend
 LAYOUTS = ("nchw", "channels_last", "sliced")
 
 # (N, C, H, W, KH, KW, stride, padding (t, b, l, r), dilation)

@@ -19,7 +19,7 @@ from lkconv.params import normalize_params  # noqa: E402
 from lkconv.testing import compare_all_passes  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cases import LAYOUTS, Case, _table, make_inputs  # noqa: E402
+from cases import DTYPES, LAYOUTS, Case, _table, make_inputs, requires_cuda_backend  # noqa: E402
 
 F = torch.nn.functional
 
@@ -110,7 +110,6 @@ GPU_CASES = _table(
     Case('asym_odd_k7', (5, 2, 25, 17), (7, 9), padding=(1, 5, 6, 0), bias=True),   # odd Ho, asymmetric padding
     Case('k31_on_6x50', (9, 1, 6, 50), (31, 31), padding=15, bias=True),            # K > H, zero rows per lane
 )
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @pytest.mark.parametrize("case", list(GPU_CASES.values()), ids=list(GPU_CASES))
@@ -124,15 +123,7 @@ def test_gpu_cases_reach_toeplitz_mma(case):
     assert not EMU.sp_rule(True, 9, N, C, H, W, Ho, Wo, KH, KW, *p.stride, *p.dilation, p.padding[0], p.padding[2])
 
 
-def _cuda_skip():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (none visible)"
-    why = lkconv.backend_status().get("cuda")
-    return f"cuda backend unavailable: {why}" if why else None
-
-
-_SKIP = _cuda_skip()
-requires_cuda = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+requires_cuda = requires_cuda_backend
 
 
 @requires_cuda
