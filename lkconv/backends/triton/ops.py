@@ -92,6 +92,7 @@ _STATIC_SPILLS = {
     # rows forward (BK, warps, stages) and diag grad_weight (BKR, IMG, warps, stages), triton 3.8, at the
     # 56² (64x64 tiles) and 28² (64x32) geometry; pruned for every tile width
     ("rows_conv", None, (128, 4, 3)): {8},                     # fp16/bf16 sm_80 64x64: 4 B
+    ("rows_conv", None, (64, 4, 3)): {8},                      # triton 3.6: fp16/bf16 sm_80 64x32 pack2: 4 B
     ("rows_conv", "ieee", (64, 4, 3)): {8, 9},                 # sm_80 64x64: 868 B, 64x32: 172 B; sm_90: 16 B
     ("rows_conv", "ieee", (64, 8, 3)): {8},                    # sm_80: 4 B
     ("rows_conv", "ieee", (128, 4, 3)): {8, 9},                # sm_80: 2476 B; sm_90: 4 B
