@@ -19,10 +19,9 @@ import lkconv  # noqa: E402
 from lkconv.params import normalize_params  # noqa: E402
 from lkconv.testing import compare_all_passes  # noqa: E402
 
-from cases import Case, make_inputs  # noqa: E402
+from cases import DTYPES, Case, make_inputs  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU cases run the Triton interpreter (a GPU is present)")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,

@@ -22,10 +22,9 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 from lkconv.testing import compare_all_passes  # noqa: E402
 
-from cases import Case, make_inputs  # noqa: E402
+from cases import DTYPES, Case, make_inputs  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs the Triton interpreter (no GPU visible)")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA GPU")
