@@ -38,6 +38,7 @@
 #include "dwconv_convert.cuh"
 #include "dwconv_mma.cuh"
 #include "dwconv_small_plane.h"
+#include "dwconv_small_plane_gw_rows.h"
 
 namespace lkconv {
 
@@ -445,7 +446,9 @@ bool grad_weight_fast(const GradWeightArgs& a) {
 }
 
 int64_t grad_weight_splits(const GradWeightArgs& a, bool force_generic) {
-  if (!force_generic) {  // small planes: the batch-as-rows kernel's pixel blocks x batch groups
+  if (!force_generic) {  // small planes: the row-pair kernel's batch groups, else the batch-as-rows kernel's
+    const int64_t r = gw_rows_splits(a);  // pixel blocks x batch groups (dwconv_small_plane.cu)
+    if (r > 0) return r;
     const int64_t s = small_plane_grad_weight_splits(a);
     if (s > 0) return s;
   }
@@ -479,7 +482,9 @@ void launch_grad_weight_t(const GradWeightArgs& a, bool force_generic, cudaStrea
               "lkconv_cuda: grad_weight workspace split count does not match grad_weight_splits");
   if (a.N * a.Ho * a.Wo > 0) {
     const dim3 grid((unsigned)a.C, (unsigned)a.splits);
-    if (!force_generic && small_plane_grad_weight_splits(a) > 0) {
+    if (!force_generic && gw_rows_applies(a)) {
+      launch_gw_rows(a, stream);
+    } else if (!force_generic && small_plane_grad_weight_splits(a) > 0) {
       launch_small_plane_grad_weight(a, stream);
     } else if (!force_generic && grad_weight_fast(a)) {
       const bool tc = a.dtype != DType::kFloat32;

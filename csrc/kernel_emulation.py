@@ -1214,3 +1214,218 @@ def emulate_small_plane_grad_weight(x, g, geo, tc, max_smem_optin=227 * 1024, ve
     for s in range(1, splits):  # grad_weight_reduce_kernel: the splits in split order
         out += partial[s]
     return out.reshape(C, 1, KH, KW)
+
+
+# ------------------------------------------------------------------------------------------------
+# small-plane grad_weight by row pairs (dwconv_small_plane_gw_rows.cu): small_plane_gw_rows_kernel, fp16/bf16,
+# stride 1, dilation 1.  R_dh[ow, iw] = sum_{n, oh} dY[n, oh, ow] X[n, oh + dh, iw] per dh (16 x 16 mma.sync
+# accumulators, GR_ND dh per warp), then dW[kh, kw] = sum_ow R_{kh - pt}[ow, ow + kw - pl]; splits = batch groups,
+# then grad_weight_reduce_kernel.  Shared memory starts as NaN: an element read before it is written (or a
+# padding column that reaches a tap sum) shows up as NaN in the result.
+# ------------------------------------------------------------------------------------------------
+GR_THREADS, GR_WARPS, GR_ND, GR_MB, GR_MAX_SIDE, GR_MIN_W, GR_RP = 256, 8, 4, 32, 16, 9, 24
+
+
+def gr_plan(N, C, H, Ho, KH, pt):  # transcription of gr_plan()
+    dh_lo = max(-pt, 1 - Ho)
+    dh_hi = min(KH - 1 - pt, H - 1)
+    ndh = max(dh_hi - dh_lo + 1, 0)
+    xpi, ypi = H * 16 + 8, Ho * 16 + 8
+    stage_bytes = GR_MB * (xpi + ypi) * 2
+    nbytes = max(2 * stage_bytes, ndh * 16 * GR_RP * 4)
+    nchunks = ceil_div(N, GR_MB)
+    bg = max(min(ceil_div(512, C), nchunks, 1024), 1)
+    cpg = ceil_div(nchunks, bg)
+    return dict(dh_lo=dh_lo, ndh=ndh, xpi=xpi, ypi=ypi, stage_bytes=stage_bytes, bytes=nbytes, nchunks=nchunks,
+                cpg=cpg, bgroups=ceil_div(nchunks, cpg))
+
+
+def gr_rule(tc, sm_major, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl, max_smem_optin=227 * 1024):
+    """gr_rule(): the small-plane grad_weight rule (sp_rule + a plan that fits) and stride 1, dilation 1,
+    GR_MIN_W <= W <= 16, H, Ho, Wo <= 16, 16-bit, sm80+, the row-pair plan within the budget."""
+    if not tc or sm_major < 8 or (sh, sw, dh, dw) != (1, 1, 1, 1):
+        return False
+    if not (GR_MIN_W <= W <= GR_MAX_SIDE and 1 <= H <= GR_MAX_SIDE and 1 <= Wo <= GR_MAX_SIDE
+            and 1 <= Ho <= GR_MAX_SIDE and N >= 1):
+        return False
+    if not sp_rule(tc, sm_major, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl):
+        return False
+    if sp_make_plan(2, H * W, Ho * Wo, KH * KW, N, C, max_smem_optin) is None:
+        return False
+    return gr_plan(N, C, H, Ho, KH, pt)["bytes"] <= min(max_smem_optin, SP_SMEM_BUDGET)
+
+
+def gr_vec(w, flat, aligned_elems):
+    """gr_vec(): cp.async width for a flat contiguous plane with rows `w` wide; aligned_elems = the largest power
+    of two (<= 8) that the pointer and the image / channel strides are multiples of (elements)."""
+    if not flat:
+        return 1
+    for ve in (8, 4, 2):
+        if w % ve == 0 and aligned_elems % ve == 0:
+            return ve
+    return 1
+
+
+def _gr_offsets(ve, w, rows):
+    """gr_offsets<VE>(): per lane the smem element offsets of vectors u = lane + 32 k (-1: none)."""
+    nvw = w // ve
+    nv = nvw * rows
+    out = []
+    for lane in range(32):
+        so = []
+        for k in range(4):
+            u = lane + 32 * k
+            r = u // nvw
+            so.append(r * 16 + (u - r * nvw) * ve if u < nv else -1)
+        out.append(so)
+    return out
+
+
+def _gr_stage(S, base, ip, plane, w, rows, rv, kpad, ve):
+    """gr_stage(): images [0, kpad) of a chunk; plane[m] = the image's (rows, w) plane (m < rv)."""
+    if ve > 1:
+        offs = _gr_offsets(ve, w, rows)
+        assert max(max(o) for o in offs) + ve <= rows * 16
+        for warp in range(GR_WARPS):
+            for m in range(warp, kpad, GR_WARPS):
+                flat = plane[m].reshape(-1) if m < rv else None
+                for lane in range(32):
+                    for k in range(4):
+                        so = offs[lane][k]
+                        if so < 0:
+                            continue
+                        u = lane + 32 * k
+                        for e in range(ve):  # cp.async of ve elements, zero-filled (src bytes 0) past the batch
+                            S[base + m * ip + so + e] = float(flat[u * ve + e]) if m < rv else 0.0
+    else:
+        per = rows * w
+        for e in range(kpad * per):
+            m, pix = divmod(e, per)
+            r, q = divmod(pix, w)
+            S[base + m * ip + r * 16 + q] = float(plane[m, r, q]) if m < rv else 0.0
+
+
+def _gr_mma(acc, a_regs, b0, b1):
+    """mma.sync.m16n8k16 on per-lane fragments (layout as _mma_m16n8k16); NaN operands allowed: they stay
+    confined to their own output row (A) / column (B), which the tap sums then must never read."""
+    A = torch.empty((16, 16), dtype=torch.float64)
+    B = torch.empty((16, 8), dtype=torch.float64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for reg, (ro, co) in enumerate([(0, 0), (8, 0), (0, 8), (8, 8)]):
+            A[g + ro, 2 * t + co], A[g + ro, 2 * t + co + 1] = a_regs[lane][reg]
+        B[2 * t, g], B[2 * t + 1, g] = b0[lane]
+        B[2 * t + 8, g], B[2 * t + 9, g] = b1[lane]
+    D = (A.unsqueeze(2) * B.unsqueeze(0)).sum(1)  # each D[i, j] from row i of A and column j of B only
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        acc[lane][0] += float(D[g, 2 * t]); acc[lane][1] += float(D[g, 2 * t + 1])
+        acc[lane][2] += float(D[g + 8, 2 * t]); acc[lane][3] += float(D[g + 8, 2 * t + 1])
+
+
+def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None):
+    """Transcription of small_plane_gw_rows_kernel for every CTA (c, batch group) + grad_weight_reduce_kernel.
+    geo = (H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, pt, pl); x (N, C, H, W), g (N, C, Ho, Wo).  check_rule=False runs the
+    kernel's math outside the launcher's rule (K = 1, W < 9: shapes the launcher routes elsewhere).  stats: a
+    dict that receives the mma / ldmatrix counts.  Returns (C, 1, KH, KW) float64."""
+    H, W, Ho, Wo, KH, KW, sh, sw, dh_, dw_, pt, pl = geo
+    N, C = x.shape[:2]
+    assert (sh, sw, dh_, dw_) == (1, 1, 1, 1) and max(H, W, Ho, Wo) <= GR_MAX_SIDE
+    if check_rule:
+        assert gr_rule(True, 9, N, C, H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, pt, pl)
+    p = gr_plan(N, C, H, Ho, KH, pt)
+    assert p["ndh"] <= GR_WARPS * GR_ND
+    taps = KH * KW
+    splits = p["bgroups"]
+    xd, gd = x.double(), g.double()
+    partial = torch.full((splits, C, taps), float("nan"), dtype=torch.float64)
+    ys_off = GR_MB * p["xpi"]
+    a_lane = [(((l >> 4) & 1) * 8 + (l & 7)) * p["ypi"] + ((l >> 3) & 1) * 8 for l in range(32)]
+    b_lane = [(((l >> 3) & 1) * 8 + (l & 7)) * p["xpi"] + ((l >> 4) & 1) * 8 for l in range(32)]
+    a_k, b_k = 16 * p["ypi"], 16 * p["xpi"]
+    st_el = p["stage_bytes"] // 2
+    if stats is not None:
+        stats.update(mma=0, ldsm_a=0, ldsm_b=0)
+    for c in range(C):
+        for bg in range(splits):
+            smem = [float("nan")] * (p["bytes"] // 2)
+            acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(2)] for _ in range(GR_ND)]
+            accs = [None] * GR_WARPS
+            accs = [[[[[0.0] * 4 for _ in range(32)] for _ in range(2)] for _ in range(GR_ND)] for _ in range(GR_WARPS)]
+            ch0 = bg * p["cpg"]
+            ch1 = min(ch0 + p["cpg"], p["nchunks"])
+
+            def stage(ch, buf):
+                n0 = ch * GR_MB
+                rv = min(N - n0, GR_MB)
+                kpad = (rv + 15) & ~15
+                base = buf * st_el
+                _gr_stage(smem, base, p["xpi"], xd[n0:n0 + rv, c], W, H, rv, kpad, vec_x)
+                _gr_stage(smem, base + ys_off, p["ypi"], gd[n0:n0 + rv, c], Wo, Ho, rv, kpad, vec_g)
+
+            stage(ch0, 0)
+            for ch in range(ch0, ch1):
+                buf = (ch - ch0) & 1
+                if ch + 1 < ch1:
+                    stage(ch + 1, buf ^ 1)
+                rv = min(N - ch * GR_MB, GR_MB)
+                k2 = rv > 16
+                xs, ys = buf * st_el, buf * st_el + ys_off
+                for warp in range(GR_WARPS):
+                    acc = accs[warp]
+                    d0 = p["dh_lo"] + GR_ND * warp
+                    ndw = min(p["ndh"] - GR_ND * warp, GR_ND)
+                    oh_lo = max(-(d0 + ndw - 1), 0)
+                    oh_hi = 0 if ndw <= 0 else min(H - d0, Ho)
+                    for oh in range(oh_lo, oh_hi):
+                        jlo, jhi = max(-(oh + d0), 0), min(H - oh - d0, ndw)
+                        ao = [ys + a + oh * 16 for a in a_lane]
+                        bo = [xs + b + (oh + d0) * 16 for b in b_lane]
+                        for ks in range(2):
+                            if ks == 1 and not k2:
+                                break
+                            af = _ldmatrix_x4_trans(smem, [a + ks * a_k for a in ao])
+                            if stats is not None:
+                                stats["ldsm_a"] += 1
+                            for j in range(GR_ND):
+                                if j < jlo or j >= jhi:
+                                    continue
+                                ih = oh + d0 + j
+                                assert 0 <= ih < H and 0 <= oh < Ho and p["dh_lo"] <= d0 + j < p["dh_lo"] + p["ndh"]
+                                r4 = _ldmatrix_x4_trans(smem, [b + ks * b_k + j * 16 for b in bo])
+                                _gr_mma(acc[j][0], af, [r[0] for r in r4], [r[1] for r in r4])
+                                _gr_mma(acc[j][1], af, [r[2] for r in r4], [r[3] for r in r4])
+                                if stats is not None:
+                                    stats["ldsm_b"] += 1
+                                    stats["mma"] += 2
+            # epilogue: Rs aliases the staging buffers (written after the last barrier)
+            Rs = [float("nan")] * (p["bytes"] // 4)
+            for warp in range(GR_WARPS):
+                ndw = min(p["ndh"] - GR_ND * warp, GR_ND)
+                for j in range(GR_ND):
+                    if j >= ndw:
+                        continue
+                    r0 = (GR_ND * warp + j) * 16 * GR_RP
+                    for lane in range(32):
+                        g4, t4 = lane >> 2, lane & 3
+                        for nt in range(2):
+                            for h in range(2):
+                                o = r0 + (g4 + 8 * h) * GR_RP + nt * 8 + 2 * t4
+                                Rs[o], Rs[o + 1] = accs[warp][j][nt][lane][2 * h], accs[warp][j][nt][lane][2 * h + 1]
+            for t in range(taps):
+                kh, kw = divmod(t, KW)
+                di, dw = kh - pt - p["dh_lo"], kw - pl
+                s = 0.0
+                if 0 <= di < p["ndh"]:
+                    r = di * 16 * GR_RP + dw
+                    for ow in range(Wo):
+                        iw = ow + dw
+                        if 0 <= iw < W:
+                            v = Rs[r + ow * (GR_RP + 1)]
+                            assert v == v, "R element not computed (padding reached a tap sum)"
+                            s += v
+                partial[bg, c, t] = s
+    out = partial[0].clone()
+    for s in range(1, splits):  # grad_weight_reduce_kernel: the splits in split order
+        out += partial[s]
+    return out.reshape(C, 1, KH, KW)
