@@ -1226,7 +1226,7 @@ def emulate_small_plane_grad_weight(x, g, geo, tc, max_smem_optin=227 * 1024, ve
 GR_THREADS, GR_WARPS, GR_ND, GR_MB, GR_MAX_SIDE, GR_MIN_W, GR_RP = 256, 8, 4, 32, 16, 9, 24
 
 
-def gr_plan(N, C, H, Ho, KH, pt):  # transcription of gr_plan()
+def gr_plan(N, C, H, Ho, KH, pt, target_ctas=512):  # transcription of gr_plan() (the kernel: target 512)
     dh_lo = max(-pt, 1 - Ho)
     dh_hi = min(KH - 1 - pt, H - 1)
     ndh = max(dh_hi - dh_lo + 1, 0)
@@ -1234,7 +1234,7 @@ def gr_plan(N, C, H, Ho, KH, pt):  # transcription of gr_plan()
     stage_bytes = GR_MB * (xpi + ypi) * 2
     nbytes = max(2 * stage_bytes, ndh * 16 * GR_RP * 4)
     nchunks = ceil_div(N, GR_MB)
-    bg = max(min(ceil_div(512, C), nchunks, 1024), 1)
+    bg = max(min(ceil_div(target_ctas, C), nchunks, 1024), 1)
     cpg = ceil_div(nchunks, bg)
     return dict(dh_lo=dh_lo, ndh=ndh, xpi=xpi, ypi=ypi, stage_bytes=stage_bytes, bytes=nbytes, nchunks=nchunks,
                 cpg=cpg, bgroups=ceil_div(nchunks, cpg))
@@ -1323,17 +1323,18 @@ def _gr_mma(acc, a_regs, b0, b1):
         acc[lane][2] += float(D[g + 8, 2 * t]); acc[lane][3] += float(D[g + 8, 2 * t + 1])
 
 
-def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None):
+def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None, target_ctas=512):
     """Transcription of small_plane_gw_rows_kernel for every CTA (c, batch group) + grad_weight_reduce_kernel.
     geo = (H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, pt, pl); x (N, C, H, W), g (N, C, Ho, Wo).  check_rule=False runs the
     kernel's math outside the launcher's rule (K = 1, W < 9: shapes the launcher routes elsewhere).  stats: a
-    dict that receives the mma / ldmatrix counts.  Returns (C, 1, KH, KW) float64."""
+    dict that receives the mma / ldmatrix counts.  target_ctas: gr_plan's CTA target (1: one batch group, so
+    every chunk of the batch in one CTA: the double-buffered path).  Returns (C, 1, KH, KW) float64."""
     H, W, Ho, Wo, KH, KW, sh, sw, dh_, dw_, pt, pl = geo
     N, C = x.shape[:2]
     assert (sh, sw, dh_, dw_) == (1, 1, 1, 1) and max(H, W, Ho, Wo) <= GR_MAX_SIDE
     if check_rule:
         assert gr_rule(True, 9, N, C, H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, pt, pl)
-    p = gr_plan(N, C, H, Ho, KH, pt)
+    p = gr_plan(N, C, H, Ho, KH, pt, target_ctas)
     assert p["ndh"] <= GR_WARPS * GR_ND
     taps = KH * KW
     splits = p["bgroups"]
@@ -1349,8 +1350,6 @@ def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None):
     for c in range(C):
         for bg in range(splits):
             smem = [float("nan")] * (p["bytes"] // 2)
-            acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(2)] for _ in range(GR_ND)]
-            accs = [None] * GR_WARPS
             accs = [[[[[0.0] * 4 for _ in range(32)] for _ in range(2)] for _ in range(GR_ND)] for _ in range(GR_WARPS)]
             ch0 = bg * p["cpg"]
             ch1 = min(ch0 + p["cpg"], p["nchunks"])

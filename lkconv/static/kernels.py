@@ -18,6 +18,7 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
     (r"small_plane_mma_kernel", "cuda", "forward,grad_input", "sp_mma"),
     (r"small_plane_ffma_kernel", "cuda", "forward,grad_input", "sp_ffma"),
     (r"small_plane_gw_mma_kernel", "cuda", "grad_weight", "sp_gw_mma"),
+    (r"small_plane_gw_rows_kernel", "cuda", "grad_weight", "sp_gw_rows"),
     (r"small_plane_gw_ffma_kernel", "cuda", "grad_weight", "sp_gw_ffma"),
     (r"toeplitz_mma_kernel", "cuda", "forward,grad_input", "tc_toeplitz_mma"),
     (r"toeplitz_wmma_kernel", "cuda", "forward,grad_input", "tc_toeplitz"),
@@ -56,6 +57,7 @@ ROLE_STATUS: Dict[str, str] = {
     "grad_weight_partial": "fallback", "tr_conv": "fallback", "tr_grad_weight": "fallback",
     "sp_mma": "default (planes <= 256 px)", "sp_ffma": "default (planes <= 256 px)",
     "sp_gw_mma": "default (planes <= 256 px)", "sp_gw_ffma": "default (planes <= 256 px)",
+    "sp_gw_rows": "default (16-bit, stride 1, planes 9..16 wide)",
 }
 
 ARCHS = (80, 90)

@@ -1459,6 +1459,117 @@ def _model_small_plane_gw(f: Dict, layer: Layer, dtype: str, m: Machine, sms: in
         mma_usefulness=(N * C * P * Q / max(b["total_macs"], 1)) if tc else None))
 
 
+# ------------------------------------------------------------------------------------------------
+# small-plane grad_weight by row pairs (csrc/dwconv_small_plane_gw_rows.cu)
+# ------------------------------------------------------------------------------------------------
+GR_THREADS, GR_WARPS, GR_ND, GR_MB, GR_MAX_SIDE, GR_MIN_W, GR_RP = 256, 8, 4, 32, 16, 9, 24
+#: straight-line code of small_plane_gw_rows_kernel outside its loops, per warp: the per-lane staging offsets
+#: (gr_offsets: 8 divisions), the warp's dh / oh range and lane addresses, the accumulator stores to Rs (16 STS.64
+#: with addresses) -- not loops, so not in the SASS loop table; an estimate (about 200 SASS instructions)
+GR_STRAIGHT = 200.0
+
+
+def gr_plan(N: int, C: int, H: int, Ho: int, KH: int, pt: int) -> Dict:
+    """gr_plan() of the kernel (the emulation's transcription, tested equal)."""
+    dh_lo = max(-pt, 1 - Ho)
+    ndh = max(min(KH - 1 - pt, H - 1) - dh_lo + 1, 0)
+    xpi, ypi = H * 16 + 8, Ho * 16 + 8
+    stage_bytes = GR_MB * (xpi + ypi) * 2
+    nchunks = _ceil(N, GR_MB)
+    bg = max(min(_ceil(512, C), nchunks, 1024), 1)
+    cpg = _ceil(nchunks, bg)
+    return dict(dh_lo=dh_lo, ndh=ndh, xpi=xpi, ypi=ypi, stage_bytes=stage_bytes,
+                bytes=max(2 * stage_bytes, ndh * 16 * GR_RP * 4), nchunks=nchunks, cpg=cpg,
+                bgroups=_ceil(nchunks, cpg))
+
+
+def gr_applies(layer: Layer, dtype: str) -> bool:
+    """gr_rule() for a layer of the set (stride 1, padding K // 2, 16-bit): inside the small-plane rule and
+    GR_MIN_W <= W <= 16 (H = W = Ho = Wo)."""
+    return dtype not in ("fp32", "tf32") and sp_applies(layer, dtype) and GR_MIN_W <= layer.H <= GR_MAX_SIDE \
+        and gr_plan(layer.N, layer.C, layer.H, layer.H, layer.K, layer.K // 2)["bytes"] <= SP_SMEM_BUDGET
+
+
+def _model_gw_rows(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int) -> Dict:
+    """small_plane_gw_rows_kernel<T>: grid (C, batch groups), 8 warps, warp w owns GR_ND consecutive dh.  Per
+    chunk of GR_MB images: staging (every warp: its images x 2 planes, the per-image cost of the dearest
+    cp.async loop body: the VE variant is a runtime choice), then per warp and per output row oh of its range
+    the whole hot-loop body (ptxas predicates the per-dh blocks: every instruction issues, valid or not; a
+    chunk of <= 16 images runs half of it), tensor work and B-operand wavefronts only for the valid (oh, dh)
+    pairs (a predicated-off HMMA / LDSM is charged no tensor time / no wavefront: ASSUMED, as for
+    toeplitz_mma_kernel), the A-operand ldmatrix on every row; then the epilogue: per warp the straight-line
+    code (GR_STRAIGHT), per round of 256 taps the tap loop's own body and its inner ow loops (unrolled bodies
+    by their LDS count) for Wo columns."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    W = Ho = Wo = H
+    pt = K // 2
+    p = gr_plan(N, C, H, Ho, K, pt)
+    taps = K * K
+    hot = f["hot"]
+    c_oh = float(hot["mix"]["total"])                     # both 16-image k steps, all GR_ND dh (predicated)
+    chunk = max(_sp_loops(f, need=("barrier",), depth=0), key=lambda lp: lp["mix"]["total"])
+    st = _sp_loops(f, need=("cp_async",), depth=1) or _sp_loops(f, need=("cp_async",))
+    c_img = max(lp["mix"]["total"] / (lp["mix"]["cp_async"] / 4) for lp in st)  # 4 vector slots per image
+    ve = 8 if W % 8 == 0 else 4 if W % 4 == 0 else 2 if W % 2 == 0 else 1
+    tap_out = max(_sp_loops(f, need=("stg",), forbid=("hmma", "cp_async"), depth=0), key=lambda lp: lp["mix"]["total"],
+                  default=None)
+    inner = sorted(_sp_children(f, tap_out), key=lambda lp: -lp["mix"].get("lds", 0)) if tap_out else []
+    # the ow loop: the widest unrolled body first, the remainder loop for the rest
+    tap_round, left = _own(tap_out), Wo
+    for lp in inner:
+        u = lp["mix"].get("lds", 0)
+        if u:
+            trips = left // u if lp is not inner[-1] else _ceil(left, u)
+            tap_round += trips * lp["mix"]["total"]
+            left -= trips * u
+    # per warp: its oh range and its valid pairs
+    warps = []
+    for w in range(GR_WARPS):
+        d0 = p["dh_lo"] + GR_ND * w
+        ndw = min(p["ndh"] - GR_ND * w, GR_ND)
+        if ndw <= 0:
+            warps.append((0, 0))
+            continue
+        ohs = range(max(-(d0 + ndw - 1), 0), min(H - d0, Ho))
+        pairs = sum(1 for oh in ohs for j in range(ndw) if 0 <= oh + d0 + j < H)
+        warps.append((len(ohs), pairs))
+    rows_all = sum(r for r, _ in warps)
+    pairs_all = sum(q for _, q in warps)
+    cp_wave = max(ve * 2 * 32 // 128, 1) * 2              # a warp's cp.async: 128-512 B over rows of 32 B (2-way)
+    costs = []
+    for bg in range(p["bgroups"]):
+        iss = GR_WARPS * GR_STRAIGHT
+        mac = wv = 0.0
+        for ch in range(bg * p["cpg"], min(bg * p["cpg"] + p["cpg"], p["nchunks"])):
+            rv = min(N - ch * GR_MB, GR_MB)
+            kpad = _round_up(rv, 16)
+            ks = kpad // 16
+            iss += GR_WARPS * _own(chunk)
+            imgs = _ceil(kpad, GR_WARPS)                    # images per warp (the busiest warp's count, per warp)
+            iss += GR_WARPS * imgs * 2 * c_img
+            vec_instr = kpad * (_ceil(H * W // ve, 32) + _ceil(Ho * Wo // ve, 32))
+            wv += vec_instr * cp_wave
+            iss += rows_all * c_oh * (1.0 if ks == 2 else 0.5)
+            mac += pairs_all * ks * 2 * 2048
+            wv += (rows_all + pairs_all) * ks * 4             # ldmatrix.x4: 4 wavefronts (conflict-free pitch)
+        iss += GR_WARPS * _ceil(taps, GR_THREADS) * tap_round
+        wv += GR_WARPS * (GR_ND * 4 * 2) + GR_WARPS * _ceil(taps, GR_THREADS) * Wo * 2
+        costs.append((iss, mac, wv))
+    n = C * p["bgroups"]
+    acc = _Acc(n)
+    arr = np.array(costs)
+    sidx = np.arange(n) // C                                  # blockIdx.x = c, y = batch group
+    acc.issue, acc.macs, acc.wave = arr[sidx, 0], arr[sidx, 1], arr[sidx, 2]
+    b = _busiest(acc, _tc_rate(f, dtype, m), m, sms)
+    ws = p["bgroups"] * C * taps * 4 * 2
+    return _finish(b, _hbm(layer, dtype, m, ws), dict(
+        tile=f"rows {p['ndh']} dh / {GR_ND} per warp, batch {GR_MB} x2 buffers", threads=GR_THREADS,
+        dyn_smem=p["bytes"], splits=p["bgroups"], vec=ve, plan=p,
+        per_unit=dict(instr_per_hmma_hot=c_oh / max(hot["mix"].get("hmma", 1), 1), instr_per_image_stage=c_img,
+                      instr_per_tap_round=tap_round, valid_pairs=pairs_all, oh_rows=rows_all),
+        mma_usefulness=(N * C * Wo * W * pairs_all / max(b["total_macs"], 1))))
+
+
 def model_small_plane(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str, m: Machine, sms: int,
                       arch: int) -> Optional[Dict]:
     """The small-plane kernel of (layer, pass, dtype) when the launcher routes there (sp_applies), else None.
@@ -1467,6 +1578,12 @@ def model_small_plane(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: 
     if not sp_applies(layer, dtype):
         return None
     kd = "fp32" if dtype in ("fp32", "tf32") else dtype
+    if pass_ == "grad_weight" and gr_applies(layer, kd):  # the row-pair kernel takes it (gr_rule)
+        f = next((f for f in kfacts.values() if f.get("role") == "sp_gw_rows" and f.get("dtype") == kd), None)
+        if f is not None:
+            r = _model_gw_rows(f, layer, kd, m, sms)
+            return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occupancy(f["regs"], r["threads"],
+                                                                                 r["dyn_smem"], m))
     role = ("sp_mma" if kd != "fp32" else "sp_ffma") if pass_ != "grad_weight" else \
         ("sp_gw_mma" if kd != "fp32" else "sp_gw_ffma")
     f = next((f for f in kfacts.values() if f.get("role") == role and f.get("dtype") == kd
