@@ -86,33 +86,44 @@ __device__ __forceinline__ void gr_wait() {
 }
 
 // per-lane staging offsets of a flat plane (rows of `w` elements, `rows` rows): vector u = lane + 32 k of the
-// image, VE elements each, at smem element (u / nvw) * 16 + (u % nvw) * VE and global element u * VE.  Up to
-// 8 vectors per lane (a plane has <= 256 elements, VE >= 2 -> <= 128 vectors; VE = 1 is not staged this way).
+// image, VE elements each, at smem byte 2 ((u / nvw) * 16 + (u % nvw) * VE), global element u * VE (-1: no vector).
+// A plane has <= 256 elements and VE >= 2: <= 128 vectors, 4 per lane.
 template <int VE>
-__device__ __forceinline__ int gr_offsets(int (&soff)[4], int w, int rows) {
+__device__ __forceinline__ void gr_offsets(int (&soff)[4], int w, int rows) {
   const int nvw = w / VE, nv = nvw * rows, lane = threadIdx.x & 31;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const int u = lane + 32 * k;
     const int r = u / nvw;
-    soff[k] = u < nv ? r * 16 + (u - r * nvw) * VE : -1;
+    soff[k] = u < nv ? 2 * (r * 16 + (u - r * nvw) * VE) : -1;
   }
-  return nv;
 }
 
-// stage images [0, kpad) of a chunk into S (image pitch ip): images m < rv from src + m * s_img (flat plane,
-// vectors of VE), the rest zero-filled
+template <int BYTES>
+__device__ __forceinline__ void gr_cp_async(uint32_t dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(BYTES), "r"(src_bytes));
+#endif
+}
+
+// stage images [0, kpad) of a chunk at smem byte address dst (image pitch ip_b bytes): images m < rv from
+// src + m * s_img (flat plane, vectors of VE, global byte offset 2 VE (lane + 32 k) = an immediate per k),
+// the rest zero-filled (src-size 0)
 template <typename T, int VE>
-__device__ __forceinline__ void gr_stage_vec(T* S, int ip, const T* src, int64_t s_img, int rv, int kpad,
+__device__ __forceinline__ void gr_stage_vec(uint32_t dst, int ip_b, const T* src, int64_t s_img, int rv, int kpad,
                                              const int (&soff)[4]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int m = warp; m < kpad; m += GR_WARPS) {
+  const char* s0 = reinterpret_cast<const char*>(src) + lane * (2 * VE);  // image 0: a valid address for zero-fill
+  const char* s = s0 + warp * s_img * 2;
+  const int64_t step = GR_WARPS * s_img * 2;
+  uint32_t d = dst + warp * ip_b;
+  for (int m = warp; m < kpad; m += GR_WARPS, s += step, d += GR_WARPS * ip_b) {
     const bool v = m < rv;
-    const T* s = v ? src + m * s_img : src;
-    T* d = S + m * ip;
+    const char* sp = v ? s : s0;
+    const int nb = v ? 2 * VE : 0;
 #pragma unroll
     for (int k = 0; k < 4; ++k)
-      if (soff[k] >= 0) cp_async_zfill(d + soff[k], s + (lane + 32 * k) * VE, VE * 2, v ? VE * 2 : 0);
+      if (soff[k] >= 0) gr_cp_async<2 * VE>(d + soff[k], sp + k * 64 * VE, nb);
   }
 }
 
@@ -129,24 +140,9 @@ __device__ __noinline__ void gr_stage_elems(T* S, int ip, const T* src, int64_t 
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void gr_stage(T* S, int ip, const T* src, int64_t s_img, int64_t s2, int64_t s3, int w,
-                                         int rows, int rv, int kpad, int ve, const int (&soff)[4]) {
-  if (ve == 8) gr_stage_vec<T, 8>(S, ip, src, s_img, rv, kpad, soff);
-  else if (ve == 4) gr_stage_vec<T, 4>(S, ip, src, s_img, rv, kpad, soff);
-  else if (ve == 2) gr_stage_vec<T, 2>(S, ip, src, s_img, rv, kpad, soff);
-  else gr_stage_elems<T>(S, ip, src, s_img, s2, s3, w, rows, rv, kpad);
-}
-
-__device__ __forceinline__ void gr_offsets_any(int (&soff)[4], int ve, int w, int rows) {
-  if (ve == 8) gr_offsets<8>(soff, w, rows);
-  else if (ve == 4) gr_offsets<4>(soff, w, rows);
-  else if (ve == 2) gr_offsets<2>(soff, w, rows);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(GR_THREADS, 2) small_plane_gw_rows_kernel(GradWeightArgs a, GrPlan p, int vec_x,
-                                                                            int vec_g) {
+// VE: the cp.async vector (elements) of both planes' staging, 1 = element loads
+template <typename T, int VE>
+__global__ void __launch_bounds__(GR_THREADS, 2) small_plane_gw_rows_kernel(GradWeightArgs a, GrPlan p) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   extern __shared__ __align__(128) unsigned char smem_gr[];
   const int H = (int)a.H, W = (int)a.W, Ho = (int)a.Ho, Wo = (int)a.Wo;
@@ -156,8 +152,10 @@ __global__ void __launch_bounds__(GR_THREADS, 2) small_plane_gw_rows_kernel(Grad
   const T* __restrict__ xg = static_cast<const T*>(a.x) + c * a.xs[1];
   const T* __restrict__ gg = static_cast<const T*>(a.g) + c * a.gs[1];
   int sox[4], soy[4];
-  gr_offsets_any(sox, vec_x, W, H);
-  gr_offsets_any(soy, vec_g, Wo, Ho);
+  if constexpr (VE > 1) {
+    gr_offsets<VE>(sox, W, H);
+    gr_offsets<VE>(soy, Wo, Ho);
+  }
   const int64_t ch0 = (int64_t)bg * p.cpg;
   const int64_t ch1 = ch0 + p.cpg < p.nchunks ? ch0 + p.cpg : p.nchunks;
   const int ys_off = GR_MB * p.xpi;  // elements of T within a stage
@@ -186,10 +184,16 @@ __global__ void __launch_bounds__(GR_THREADS, 2) small_plane_gw_rows_kernel(Grad
     const int64_t n0 = ch * GR_MB;
     const int rv = a.N - n0 < GR_MB ? (int)(a.N - n0) : GR_MB;
     const int kpad = (rv + 15) & ~15;
-    T* Xs = reinterpret_cast<T*>(smem_gr + buf * p.stage_bytes);
-    gr_stage<T>(Xs, p.xpi, xg + n0 * a.xs[0], a.xs[0], a.xs[2], a.xs[3], W, H, rv, kpad, vec_x, sox);
-    gr_stage<T>(Xs + ys_off, p.ypi, gg + n0 * a.gs[0], a.gs[0], a.gs[2], a.gs[3], Wo, Ho, rv, kpad, vec_g, soy);
-    gr_commit();
+    if constexpr (VE > 1) {
+      const uint32_t xd = smem_u32(smem_gr) + buf * p.stage_bytes;
+      gr_stage_vec<T, VE>(xd, p.xpi * 2, xg + n0 * a.xs[0], a.xs[0], rv, kpad, sox);
+      gr_stage_vec<T, VE>(xd + ys_off * 2, p.ypi * 2, gg + n0 * a.gs[0], a.gs[0], rv, kpad, soy);
+      gr_commit();
+    } else {
+      T* Xs = reinterpret_cast<T*>(smem_gr + buf * p.stage_bytes);
+      gr_stage_elems<T>(Xs, p.xpi, xg + n0 * a.xs[0], a.xs[0], a.xs[2], a.xs[3], W, H, rv, kpad);
+      gr_stage_elems<T>(Xs + ys_off, p.ypi, gg + n0 * a.gs[0], a.gs[0], a.gs[2], a.gs[3], Wo, Ho, rv, kpad);
+    }
   };
 
   stage(ch0, 0);
@@ -197,9 +201,9 @@ __global__ void __launch_bounds__(GR_THREADS, 2) small_plane_gw_rows_kernel(Grad
     const int buf = (int)((ch - ch0) & 1);
     if (ch + 1 < ch1) {
       stage(ch + 1, buf ^ 1);  // the other buffer: its readers passed the barrier at the end of the last round
-      gr_wait<1>();
+      if constexpr (VE > 1) gr_wait<1>();
     } else {
-      gr_wait<0>();
+      if constexpr (VE > 1) gr_wait<0>();
     }
     __syncthreads();
     const int64_t n0 = ch * GR_MB;
@@ -299,23 +303,36 @@ int64_t gw_rows_splits(const GradWeightArgs& a) {
   return gr_plan(a.N, a.C, (int)a.H, (int)a.Ho, (int)a.KH, (int)a.pt).bgroups;
 }
 
+template <typename T, int VE>
+void gr_launch(const GradWeightArgs& a, const GrPlan& p, cudaStream_t stream) {
+  const dim3 grid((unsigned)a.C, (unsigned)p.bgroups);
+  if (p.bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(small_plane_gw_rows_kernel<T, VE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        p.bytes));
+  small_plane_gw_rows_kernel<T, VE><<<grid, GR_THREADS, (size_t)p.bytes, stream>>>(a, p);
+}
+
+template <typename T>
+void gr_dispatch(const GradWeightArgs& a, const GrPlan& p, int ve, cudaStream_t stream) {
+  switch (ve) {
+    case 8: gr_launch<T, 8>(a, p, stream); break;
+    case 4: gr_launch<T, 4>(a, p, stream); break;
+    case 2: gr_launch<T, 2>(a, p, stream); break;
+    default: gr_launch<T, 1>(a, p, stream); break;
+  }
+}
+
 void launch_gw_rows(const GradWeightArgs& a, cudaStream_t stream) {
   TORCH_CHECK(gr_rule(a), "lkconv_cuda: small-plane row-pair grad_weight called outside its rule");
   const GrPlan p = gr_plan(a.N, a.C, (int)a.H, (int)a.Ho, (int)a.KH, (int)a.pt);
   TORCH_CHECK(p.bgroups == a.splits, "lkconv_cuda: row-pair grad_weight split count mismatch");
-  const int vec_x = gr_vec(a.x, a.xs, a.W, a.sm_major), vec_g = gr_vec(a.g, a.gs, a.Wo, a.sm_major);
-  const dim3 grid((unsigned)a.C, (unsigned)p.bgroups);
-  if (a.dtype == DType::kFloat16) {
-    if (p.bytes > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(small_plane_gw_rows_kernel<__half>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, p.bytes));
-    small_plane_gw_rows_kernel<__half><<<grid, GR_THREADS, (size_t)p.bytes, stream>>>(a, p, vec_x, vec_g);
-  } else {
-    if (p.bytes > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(small_plane_gw_rows_kernel<__nv_bfloat16>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, p.bytes));
-    small_plane_gw_rows_kernel<__nv_bfloat16><<<grid, GR_THREADS, (size_t)p.bytes, stream>>>(a, p, vec_x, vec_g);
-  }
+  // one vector width for both planes: the narrower one's (powers of two: it divides W and Wo and fits both)
+  const int vx = gr_vec(a.x, a.xs, a.W, a.sm_major), vg = gr_vec(a.g, a.gs, a.Wo, a.sm_major);
+  const int ve = vx < vg ? vx : vg;
+  if (a.dtype == DType::kFloat16)
+    gr_dispatch<__half>(a, p, ve, stream);
+  else
+    gr_dispatch<__nv_bfloat16>(a, p, ve, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1325,7 +1325,8 @@ def _gr_mma(acc, a_regs, b0, b1):
 
 def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None, target_ctas=512):
     """Transcription of small_plane_gw_rows_kernel for every CTA (c, batch group) + grad_weight_reduce_kernel.
-    geo = (H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, pt, pl); x (N, C, H, W), g (N, C, Ho, Wo).  check_rule=False runs the
+    geo = (H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, pt, pl); x (N, C, H, W), g (N, C, Ho, Wo); vec_x / vec_g: gr_vec of
+    each plane (the kernel stages both with the smaller, VE = 1: element loads).  check_rule=False runs the
     kernel's math outside the launcher's rule (K = 1, W < 9: shapes the launcher routes elsewhere).  stats: a
     dict that receives the mma / ldmatrix counts.  target_ctas: gr_plan's CTA target (1: one batch group, so
     every chunk of the batch in one CTA: the double-buffered path).  Returns (C, 1, KH, KW) float64."""
@@ -1336,6 +1337,7 @@ def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None, ta
         assert gr_rule(True, 9, N, C, H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, pt, pl)
     p = gr_plan(N, C, H, Ho, KH, pt, target_ctas)
     assert p["ndh"] <= GR_WARPS * GR_ND
+    ve = min(vec_x, vec_g)  # launch_gw_rows: one vector width (the template VE) for both planes
     taps = KH * KW
     splits = p["bgroups"]
     xd, gd = x.double(), g.double()
@@ -1359,8 +1361,8 @@ def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None, ta
                 rv = min(N - n0, GR_MB)
                 kpad = (rv + 15) & ~15
                 base = buf * st_el
-                _gr_stage(smem, base, p["xpi"], xd[n0:n0 + rv, c], W, H, rv, kpad, vec_x)
-                _gr_stage(smem, base + ys_off, p["ypi"], gd[n0:n0 + rv, c], Wo, Ho, rv, kpad, vec_g)
+                _gr_stage(smem, base, p["xpi"], xd[n0:n0 + rv, c], W, H, rv, kpad, ve)
+                _gr_stage(smem, base + ys_off, p["ypi"], gd[n0:n0 + rv, c], Wo, Ho, rv, kpad, ve)
 
             stage(ch0, 0)
             for ch in range(ch0, ch1):

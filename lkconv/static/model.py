@@ -1490,6 +1490,16 @@ def gr_applies(layer: Layer, dtype: str) -> bool:
         and gr_plan(layer.N, layer.C, layer.H, layer.H, layer.K, layer.K // 2)["bytes"] <= SP_SMEM_BUDGET
 
 
+def gr_vec_layer(layer: Layer) -> int:
+    """gr_vec() for a contiguous NCHW tensor of the layer (W = Wo = H; plane and image strides H*H, C*H*H): the
+    kernel instantiation <T, VE> the launcher takes."""
+    W = layer.H
+    for ve in (8, 4, 2):
+        if W % ve == 0 and (W * W) % ve == 0:
+            return ve
+    return 1
+
+
 def _model_gw_rows(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int) -> Dict:
     """small_plane_gw_rows_kernel<T>: grid (C, batch groups), 8 warps, warp w owns GR_ND consecutive dh.  Per
     chunk of GR_MB images: staging (every warp: its images x 2 planes, the per-image cost of the dearest
@@ -1509,8 +1519,13 @@ def _model_gw_rows(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int) -> D
     c_oh = float(hot["mix"]["total"])                     # both 16-image k steps, all GR_ND dh (predicated)
     chunk = max(_sp_loops(f, need=("barrier",), depth=0), key=lambda lp: lp["mix"]["total"])
     st = _sp_loops(f, need=("cp_async",), depth=1) or _sp_loops(f, need=("cp_async",))
-    c_img = max(lp["mix"]["total"] / (lp["mix"]["cp_async"] / 4) for lp in st)  # 4 vector slots per image
-    ve = 8 if W % 8 == 0 else 4 if W % 4 == 0 else 2 if W % 2 == 0 else 1
+    if st:  # VE > 1: the unrolled image loop, 4 vector slots per image
+        c_img = max(lp["mix"]["total"] / (lp["mix"]["cp_async"] / 4) for lp in st)
+    else:   # VE = 1: gr_stage_elems, thread = element: a warp's share of an image's H*W elements
+        el = _sp_loops(f, need=("sts",), forbid=("hmma", "stg"))
+        c_img = (max((lp["mix"]["total"] / max(lp["mix"]["sts"], 1) for lp in el), default=20.0)
+                 * layer.H * layer.H / 32 * GR_WARPS / GR_WARPS)
+    ve = gr_vec_layer(layer)
     tap_out = max(_sp_loops(f, need=("stg",), forbid=("hmma", "cp_async"), depth=0), key=lambda lp: lp["mix"]["total"],
                   default=None)
     inner = sorted(_sp_children(f, tap_out), key=lambda lp: -lp["mix"].get("lds", 0)) if tap_out else []
@@ -1579,7 +1594,10 @@ def model_small_plane(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: 
         return None
     kd = "fp32" if dtype in ("fp32", "tf32") else dtype
     if pass_ == "grad_weight" and gr_applies(layer, kd):  # the row-pair kernel takes it (gr_rule)
-        f = next((f for f in kfacts.values() if f.get("role") == "sp_gw_rows" and f.get("dtype") == kd), None)
+        ve = gr_vec_layer(layer)
+        tn = "__half" if kd == "fp16" else "__nv_bfloat16"
+        f = next((f for f in kfacts.values() if f.get("role") == "sp_gw_rows" and f.get("dtype") == kd
+                  and f"small_plane_gw_rows_kernel<{tn}, {ve}>" in f["name"]), None)
         if f is not None:
             r = _model_gw_rows(f, layer, kd, m, sms)
             return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occupancy(f["regs"], r["threads"],
