@@ -99,11 +99,13 @@ def test_cuda_default_routing_is_the_new_kernels(cuda_facts):
     for h in (14, 7):
         assert "small_plane_mma_kernel<__nv_bfloat16, false>" in names[(h, "forward", "bf16")]
         assert "small_plane_ffma_kernel<false>" in names[(h, "forward", "fp32")]
-        assert "small_plane_gw_mma_kernel<__nv_bfloat16>" in names[(h, "grad_weight", "bf16")]
         assert "small_plane_gw_ffma_kernel" in names[(h, "grad_weight", "fp32")]
+    # 16-bit grad_weight: the row-pair kernel at 14² (W in 9..16, 4-byte cp.async), the batch-as-rows one at 7²
+    assert "small_plane_gw_rows_kernel<__nv_bfloat16, 2>" in names[(14, "grad_weight", "bf16")]
+    assert "small_plane_gw_mma_kernel<__nv_bfloat16>" in names[(7, "grad_weight", "bf16")]
 
 
-def _tc_kernels(kf, dtype, roles=("tc_toeplitz_mma", "grad_weight_tc", "sp_mma", "sp_gw_mma")):
+def _tc_kernels(kf, dtype, roles=("tc_toeplitz_mma", "grad_weight_tc", "sp_mma", "sp_gw_mma", "sp_gw_rows")):
     fs = [f for f in kf.values() if f["role"] in roles and f["dtype"] == dtype]
     assert {f["role"] for f in fs} == set(roles), f"missing tensor-core kernels for {dtype}"
     return fs
