@@ -257,10 +257,10 @@ __global__ void __launch_bounds__(GR_THREADS, 2) small_plane_gw_rows_kernel(Grad
     const int di = kh - pt - p.dh_lo, dw = kw - pl;
     float s = 0.f;
     if (di >= 0 && di < p.ndh) {
-      const float* r = Rs + di * 16 * GR_RP + dw;  // R[ow][ow + dw] at r + ow * (GR_RP + 1)
+      const float* r = Rs + di * 16 * GR_RP;  // R[ow][iw] at r[ow * GR_RP + iw]
       for (int ow = 0; ow < Wo; ++ow) {
         const int iw = ow + dw;
-        if (iw >= 0 && iw < W) s += r[ow * (GR_RP + 1)];
+        if (iw >= 0 && iw < W) s += r[ow * GR_RP + iw];
       }
     }
     out[t] = s;

@@ -1418,11 +1418,11 @@ def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None, ta
                 di, dw = kh - pt - p["dh_lo"], kw - pl
                 s = 0.0
                 if 0 <= di < p["ndh"]:
-                    r = di * 16 * GR_RP + dw
+                    r = di * 16 * GR_RP
                     for ow in range(Wo):
                         iw = ow + dw
                         if 0 <= iw < W:
-                            v = Rs[r + ow * (GR_RP + 1)]
+                            v = Rs[r + ow * GR_RP + iw]
                             assert v == v, "R element not computed (padding reached a tap sum)"
                             s += v
                 partial[bg, c, t] = s
