@@ -6,7 +6,8 @@ skip conditions, Toeplitz blocks, sliding window), grad_weight_partial_kernel +
 grad_weight_reduce_kernel in dwconv_grad_weight.cu (split/lane decomposition, incremental position
 walk) and the staged grad_weight kernels there (grad_weight_tc_kernel down to the per-lane ldmatrix
 addresses and mma.sync fragment layouts, grad_weight_ffma_kernel's register block and window), and the small-plane kernels of dwconv_small_plane.cu
-(section "small planes"; tests/test_small_plane.py).  tests/test_backend_cuda.py runs them on tiny shapes against F.conv2d: they check the index
+(section "small planes"; tests/test_small_plane.py), and small_plane_gw_rows_kernel of dwconv_small_plane_gw_rows.cu
+(section "small-plane grad_weight by row pairs"; tests/test_small_plane_gw_rows.py).  tests/test_backend_cuda.py runs them on tiny shapes against F.conv2d: they check the index
 math, not the CUDA code generation.  A change to a kernel's tiling is mirrored here.
 """
 import torch
