@@ -672,8 +672,10 @@ void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream) 
   if (!force_generic && try_small_plane_forward(a, false, stream)) return;
   switch (a.dtype) {
     case DType::kFloat32:
-      // register-blocked fp32_rb_kernel (dwconv_forward_fp32.cu); fp32_blocked_kernel where it does not apply
-      if (!force_generic && (try_fp32_rb(a, stream) || try_fp32_blocked(a, stream))) return;
+      // TF32 allowed: toeplitz_tf32_kernel (dwconv_toeplitz_tf32.cu); else / where it does not apply the IEEE
+      // register-blocked fp32_rb_kernel (dwconv_forward_fp32.cu), fp32_blocked_kernel where that does not apply
+      if (!force_generic && (try_toeplitz_tf32(a, stream) || try_fp32_rb(a, stream) || try_fp32_blocked(a, stream)))
+        return;
       launch_generic<float>(a, stream);
       return;
     case DType::kFloat16:

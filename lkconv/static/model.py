@@ -842,6 +842,124 @@ def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, nb: int, dg: int, m: 
         mma_usefulness=useful / max(b["total_macs"], 1)))
 
 
+# toeplitz_tf32_kernel (csrc/dwconv_toeplitz_tf32.cu): the same image-rows tiling on TF32 tensor cores
+TF_WARPS, TF_IMG = 8, 8
+
+
+def tf_layout(KH: int, KW: int, H: int, s0: int, nb: int, dg: int, bm: int) -> Dict[str, int]:
+    """csrc/dwconv_toeplitz_tf32.cu tf_layout: offsets in floats and bytes."""
+    nd = (KW + 15 + s0 + 7) // 8
+    ngrp = _ceil(nd, dg)
+    nch = 2 * nb - 2 + ngrp * dg
+    xc = 8 * nch
+    rows = min(H, bm + KH - 1)
+    ip = rows * xc + 4
+    z_off = TF_IMG * ip
+    fp = _round_up(8 * ngrp * dg + 24, 8)
+    fe_off = _round_up(z_off + xc, 32)
+    return dict(nd=nd, ngrp=ngrp, nch=nch, xc=xc, rows=rows, fp=fp, bytes=(fe_off + KH * fp) * 4)
+
+
+def toeplitz_tf32_config(Wo: int, KW: int, pl: int) -> Tuple[int, int]:
+    """toeplitz_tf32_config (csrc/dwconv_toeplitz_tf32.cu): (NB, DG)."""
+    nd = (KW + 15 + tm_s0(pl) + 7) // 8
+    return (2 if Wo <= 32 else 4, 6 if nd % 6 in (0, 5) else 4)
+
+
+def toeplitz_tf32_rows(KH: int, KW: int, H: int, Ho: int, pl: int, nb: int, dg: int,
+                       optin: int = TM_MAX_SMEM_OPTIN) -> int:
+    """toeplitz_tf32_rows: all output rows if the tile fits the opt-in (one CTA per SM), else halved; 0: declines."""
+    def nbytes(bm):
+        return tf_layout(KH, KW, H, tm_s0(pl), nb, dg, bm)["bytes"]
+    bm = _round_up(Ho, 2)
+    while bm > 2 and nbytes(bm) > optin:
+        bm = _round_up(bm // 2, 2)
+    return bm if nbytes(bm) <= optin else 0
+
+
+def _model_toeplitz_tf32(f: Dict, layer: Layer, nb: int, dg: int, m: Machine, sms: int) -> Dict:
+    """toeplitz_tf32_kernel<NB, DG>: toeplitz_mma_kernel's model with 32-bit elements.  CTA = (channel, 8 images,
+    bm output rows, 16*NB columns), 8 warps.  Per CTA: the staging of the needed input rows (cp.async vectors of
+    vec_x floats, then the in-place TF32 rounding pass over the same vectors: the measured-static body of that loop
+    per vector), the zero row, the TF32-rounded filter rows Fe; per warp its output-row pairs, each: per offset
+    group and kernel row one pass of the measured-static hot-loop body (2 NB - 2 + DG chunks; a chunk in the zero
+    border is predicated off: its instructions issue, its HMMAs use no tensor time), the group and pair loops' own
+    instructions (the pair loop holds the epilogue).  MACs: 2 HMMA.1688.F32.TF32 (16x8x8 = 1024 MACs each) per live
+    (chunk, block) site, at half the 16-bit mma.sync rate per SM (TF32 tensor rate = 1/2 of fp16/bf16).
+    Shared-memory wavefronts: 4 per ldmatrix.x4 (4 x 128 B), 1 per 32-bit A word, 4 + 4 per rounding vector of
+    4 floats (LDS.128 + STS.128), the staging stores."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    s0 = tm_s0(P)
+    bm = toeplitz_tf32_rows(K, K, H, H, P, nb, dg)
+    L = tf_layout(K, K, H, s0, nb, dg, bm)
+    BN, nch_g = 16 * nb, 2 * nb - 2 + dg
+    ve = cuda_vec_elems(H, 4)
+    mma = f["hot"]
+    grp_loop = _parent(f, mma)
+    pair_loop = _parent(f, grp_loop) if grp_loop else None
+    sites_static = sum(1 for j in range(nch_g) for ob in range(nb) if 0 <= j - 2 * ob < dg)
+    unroll = max(mma["mix"].get("hmma", 0) / (2 * sites_static), 1)
+    c_kh = mma["mix"]["total"] / unroll
+    lds_kh = mma["mix"].get("lds", 0) / unroll
+    c_grp = grp_loop["mix"]["total"] if grp_loop else 0
+    c_pair = pair_loop["mix"]["total"] if pair_loop else 0
+    loops = _loops(f)
+    vec_loop = max([lp for lp in loops if lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
+    sc_loop = max([lp for lp in loops if lp["mix"].get("ldg") and lp["mix"].get("sts")
+                   and not lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
+    # the in-place rounding loop of width ve: one LDS, ve conversions (fp), one STS per vector
+    cvt_loop = next((lp for lp in loops if lp["mix"].get("lds") == 1 and lp["mix"].get("sts") == 1
+                     and lp["mix"].get("fp") == ve and not lp["mix"].get("ldg")), None)
+    c_vec = vec_loop["mix"]["total"] / _mem_ops(vec_loop) if vec_loop else 25.0
+    c_sc = sc_loop["mix"]["total"] / _mem_ops(sc_loop) if sc_loop else 8.0
+    c_cvt = cvt_loop["mix"]["total"] if cvt_loop else 5.0 * ve + 4
+    c_stage = c_vec + c_cvt if ve > 1 else c_sc
+    gx_img, gy, gz = _ceil(N, TF_IMG), _ceil(H, BN), _ceil(H, bm)
+    tiles = []
+    for gi in range(gx_img):
+        nimg = min(TF_IMG, N - TF_IMG * gi)
+        for z in range(gz):
+            oh0 = z * bm
+            ih_lo, ih_hi = max(oh0 - P, 0), min(oh0 + bm - 1 - P + K, H)
+            nrows = max(ih_hi - ih_lo, 0)
+            for y in range(gy):
+                ow0 = y * BN
+                c0 = ow0 - P - s0
+                vecs = nimg * nrows * _ceil(L["xc"], 32 * ve)          # warp-level vector instructions
+                issue = vecs * c_stage
+                issue += TF_WARPS * _ceil(L["xc"], 32 * TF_WARPS) * 4
+                issue += TF_WARPS * _ceil(K, TF_WARPS) * _ceil(L["fp"], 32) * c_sc
+                wave = vecs * max(ve * 4 * 32 // 128, 1) * (3 if ve > 1 else 1)  # cp.async + LDS + STS
+                wave += TF_WARPS * _ceil(K, TF_WARPS) * _ceil(L["fp"], 32)
+                macs = 0.0
+                npairs = (min(H - oh0, bm) + 1) // 2
+                for p in range(npairs):
+                    oha = oh0 + 2 * p
+                    nkh = max(min(H + P - oha, K) - max(P - oha - 1, 0), 0)
+                    issue += c_pair
+                    for g in range(L["ngrp"]):
+                        live = [c0 + 8 * (dg * g + j) + 7 >= 0 and c0 + 8 * (dg * g + j) < H for j in range(nch_g)]
+                        if not any(live):
+                            continue
+                        sites = sum(1 for j in range(nch_g) if live[j] for ob in range(nb) if 0 <= j - 2 * ob < dg)
+                        issue += c_grp + nkh * c_kh
+                        macs += nkh * sites * 2 * 1024
+                        wave += nkh * (4 * sum(live) + lds_kh)
+                tiles.append((issue, macs, wave))
+    t = np.array(tiles).reshape(gx_img, gz, gy, 3)
+    acc = _Acc(C * gx_img * gy * gz)
+    order = np.repeat(t.transpose(1, 2, 0, 3).reshape(-1, 3), C, axis=0)
+    acc.issue, acc.macs, acc.wave = order[:, 0], order[:, 1], order[:, 2]
+    b = _busiest(acc, _tc_rate(f, "tf32", m), m, sms)
+    useful = N * C * H * H * K * K
+    return _finish(b, _hbm(layer, "tf32", m), dict(
+        tile=f"8img x {bm}x{BN}", threads=32 * TF_WARPS, dyn_smem=int(L["bytes"]), vec_x=ve, rows_per_cta=bm,
+        per_unit=dict(instr_per_kh=c_kh, instr_per_group=c_grp, instr_per_pair=c_pair, stage_per_vector=c_stage,
+                      instr_per_hmma=c_kh / (2 * sites_static)),
+        mma_usefulness=useful / max(b["total_macs"], 1)))
+
+
 def cuda_grad_weight_fast_splits(N: int, Ho: int, C: int) -> int:
     """grad_weight_splits of csrc/dwconv_grad_weight.cu on the fast path."""
     s = min(_ceil(N * Ho, 64), _ceil(1024, max(C, 1)), 1024)
@@ -960,7 +1078,8 @@ def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str,
                   sms: int = None) -> Optional[Dict]:
     """The kernel the CUDA launchers route (layer, pass, dtype) to by default: fp16/bf16 forward and
     stride-1 grad_input -> toeplitz_mma_kernel (K <= 64; <NB, DG> of toeplitz_mma_config: NB = 2 16-column
-    blocks for Wo <= 32, else 4), fp32 -> fp32_rb_kernel (K <= 64; 56x56 or 28x28x2 tile by fp32_rb_small_tile;
+    blocks for Wo <= 32, else 4), tf32 (fp32 with TF32 allowed) -> toeplitz_tf32_kernel (K <= 64, where its tile
+    fits), fp32 -> fp32_rb_kernel (K <= 64; 56x56 or 28x28x2 tile by fp32_rb_small_tile;
     fp32_blocked_kernel above); grad_weight (stride 1, K <= 64, 48 KB smem) ->
     grad_weight_tc_kernel / grad_weight_ffma_kernel.  None when the default kernel is not compiled."""
     sms = sms or m.sms
@@ -977,6 +1096,14 @@ def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str,
         return None
 
     if pass_ in ("forward", "grad_input"):
+        if dtype == "tf32" and layer.K <= 64:  # TF32 allowed: toeplitz_tf32_kernel where its tile fits
+            nb, dg = toeplitz_tf32_config(layer.H, layer.K, layer.K // 2)
+            f = next((f for f in kfacts.values() if f.get("role") == "tc_toeplitz_tf32"
+                      and f.get("template") == (nb, dg)), None)
+            if f is not None and toeplitz_tf32_rows(layer.K, layer.K, layer.H, layer.H, layer.K // 2, nb, dg):
+                r = _model_toeplitz_tf32(f, layer, nb, dg, m, sms)
+                occ = occupancy(f["regs"], r["threads"], r["dyn_smem"], m)
+                return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)
         if kd == "fp32":
             cfg = "28" if fp32_rb_small_tile(layer.H, layer.H) else "56"
             R, CC, LC, LR, SUB, WY = FRB_CONFIGS[cfg]

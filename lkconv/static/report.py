@@ -178,7 +178,8 @@ def model_rows(data: Dict, arch: int = 90, machine: M.Machine = M.H100) -> List[
                                    cuda_pct_tc=M.percent(fl["tc_floor_s"], r["t_lo"]),
                                    cuda_pct_ffma=M.percent(fl["ffma_floor_s"], r["t_lo"]),
                                    cuda_parts_us={k: round(v * 1e6, 1) for k, v in r["parts"].items()},
-                                   cuda_note="CUDA has no TF32 path: the IEEE fp32 kernel" if dt == "tf32" else "")
+                                   cuda_note=("CUDA's IEEE fp32 kernel (no TF32 path for this shape)"
+                                              if dt == "tf32" and "tf32" not in r["kernel"] else ""))
                     fb = M.model_cuda(kf, layer, p, dt, machine, SM_COUNT[arch])
                     if fb is not None and _short(fb["kernel"]) != row.get("cuda_kernel"):
                         row.update(cuda_fallback_kernel=_short(fb["kernel"]), cuda_fallback_us_lo=fb["t_lo"] * 1e6,
