@@ -668,7 +668,8 @@ bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
 
 void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream) {
   if (a.N * a.C * a.Ho * a.Wo == 0) return;
-  // both planes <= 256 pixels: the batch-as-rows GEMM (dwconv_small_plane.cu), every dtype and geometry
+  // both planes <= 256 pixels: the batch-as-rows GEMM (dwconv_small_plane.cu), every dtype and geometry (fp32 with
+  // a.allow_tf32: on TF32 tensor cores)
   if (!force_generic && try_small_plane_forward(a, false, stream)) return;
   switch (a.dtype) {
     case DType::kFloat32:

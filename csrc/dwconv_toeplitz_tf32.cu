@@ -1,8 +1,9 @@
 // lkconv CUDA backend: toeplitz_tf32_kernel, the fp32 forward / stride-1 grad_input on TF32 tensor cores
 // (mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, fp32 accumulate).  Used only when PyTorch allows TF32
 // for convolutions (lkconv.precision.conv_tf32_enabled(); the Python side passes algo = 2, ConvArgs::allow_tf32),
-// fp32, stride 1, dilation 1, KH, KW <= 64, sm80+, planes larger than the small-plane rule (those keep the IEEE
-// small_plane_ffma_kernel).  Everything else, and TF32 disallowed, runs the IEEE fp32 kernels as before.
+// fp32, stride 1, dilation 1, KH, KW <= 64, sm80+, planes larger than the small-plane rule (those run
+// small_plane_mma_kernel<float>, the small-plane GEMM on TF32 tensor cores, dwconv_small_plane.cu).  Everything
+// else, and TF32 disallowed, runs the IEEE fp32 kernels as before.
 //
 // The tiling is toeplitz_mma_kernel's "image-rows" tiling (dwconv_forward.cu) with 32-bit elements.  For one
 // channel c, kernel row kh and output row oh the 1-D convolution along W of TF_IMG = 8 images is
@@ -64,27 +65,6 @@ __host__ __device__ __forceinline__ TfLayout tf_layout(int KH, int KW, int H, in
   L.fe_off = round_up_i(L.z_off + L.xc, 32);
   L.bytes = (L.fe_off + KH * L.fp) * 4;
   return L;
-}
-
-__device__ __forceinline__ float to_tf32(float v) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
-  return __uint_as_float(r);
-#else
-  return v;
-#endif
-}
-
-__device__ __forceinline__ void mma_tf32(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
-  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
 }
 
 template <int NB, int DG>
@@ -215,8 +195,8 @@ __global__ void __launch_bounds__(32 * TF_WARPS, 1) toeplitz_tf32_kernel(ConvArg
           for (int ob = 0; ob < NB; ++ob) {
             const int dd = j - 2 * ob;
             if (dd < 0 || dd >= DG) continue;  // static
-            mma_tf32(acc[0][ob], af[dd], bf[0], bf[1]);
-            mma_tf32(acc[1][ob], af[dd], bf[2], bf[3]);
+            MmaOp<float>::run(acc[0][ob], af[dd], bf[0], bf[1]);
+            MmaOp<float>::run(acc[1][ob], af[dd], bf[2], bf[3]);
           }
         }
       }

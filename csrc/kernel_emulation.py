@@ -851,15 +851,17 @@ def sp_gw_layout(P, QB, tc):  # sp_gw_layout()
     return dict(grows=grows, xp=xp, yp=yp, gp=gp, ys_off=ys_off, gs_off=gs_off, bytes=gs_off + grows * gp * 4)
 
 
-def sp_bytes(kind, P, QB, taps):
+def sp_bytes(kind, P, QB, taps):  # kind 4: fp32 forward on TF32 tensor cores (section "toeplitz_tf32_kernel")
     return [lambda: sp_layout_tc(P, QB, taps), lambda: sp_layout_f32(P, QB, taps),
-            lambda: sp_gw_layout(P, QB, True), lambda: sp_gw_layout(P, QB, False)][kind]()["bytes"]
+            lambda: sp_gw_layout(P, QB, True), lambda: sp_gw_layout(P, QB, False),
+            lambda: sp_layout_tf32(P, QB, taps)][kind]()["bytes"]
 
 
 def sp_make_plan(kind, P, Q, taps, N, C, max_smem_optin, target_ctas=512):
-    """sp_make_plan(): kind 0/1 = 16-bit/fp32 forward, 2/3 = 16-bit/fp32 grad_weight; None if nothing fits."""
+    """sp_make_plan(): kind 0/1 = 16-bit/fp32 forward, 2/3 = 16-bit/fp32 grad_weight, 4 = TF32 forward; None if
+    nothing fits."""
     budget = min(max_smem_optin, SP_SMEM_BUDGET)
-    mb = SP_MB_TC if kind in (0, 2) else SP_MB_F32
+    mb = SP_MB_TC if kind in (0, 2, 4) else SP_MB_F32
     for s in range(1, 33):
         QB = round_up(ceil_div(Q, s), 8)
         nbytes = sp_bytes(kind, P, QB, taps)
@@ -1275,11 +1277,14 @@ def toeplitz_tf32_rows(KH, KW, H, Ho, pl, NB, DG, max_smem_optin):  # transcript
 def cuda_fp32_forward_kernel(tf32, sm_major, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl,
                              max_smem_optin=227 * 1024):
     """launch_forward()'s fp32 order (dwconv_forward.cu) up to the first kernel that differs between TF32 allowed
-    and not: the small-plane GEMM (IEEE FFMA) where sp_rule accepts the plane, then, with ``tf32`` (algo 2),
+    and not: the small-plane GEMM where sp_rule accepts the plane and its plan fits (with ``tf32`` on sm80+ the
+    TF32 small_plane_mma_kernel<float>, else the IEEE small_plane_ffma_kernel), then, with ``tf32`` (algo 2),
     toeplitz_tf32_kernel where try_toeplitz_tf32 accepts it; "ieee" for the IEEE kernels after that
     (fp32_rb_kernel, fp32_blocked_kernel, generic_conv_kernel)."""
     if sp_rule(False, sm_major, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl):
-        return "small_plane_ffma_kernel"
+        kind = 4 if tf32 and sm_major >= 8 else 1
+        if sp_make_plan(kind, H * W, Ho * Wo, KH * KW, N, C, max_smem_optin) is not None:
+            return "small_plane_mma_kernel<float>" if kind == 4 else "small_plane_ffma_kernel"
     lim = 1 << 30
     if (tf32 and sm_major >= 8 and (sh, sw, dh, dw) == (1, 1, 1, 1) and KH <= TF_MAX_K and KW <= TF_MAX_K
             and all(v < lim for v in (N, C, H, W, Ho, Wo)) and -lim < pt < lim and -lim < pl < lim):
@@ -1436,3 +1441,97 @@ def emulate_toeplitz_tf32(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1, bm=N
                                         if ow + 1 < Wo:
                                             y[img, c, oh, ow + 1] = np.float32(acc[h, ob, ln, 2 + e] + b)
     return torch.from_numpy(y)
+
+
+
+# small_plane_mma_kernel<float, TRANS> (dwconv_small_plane.cu): the batch-as-rows GEMM on TF32 tensor cores
+def sp_layout_tf32(P, QB, taps):  # transcription of sp_layout_tf32(): element pitches, byte offsets
+    kp = round_up(P, 8)
+    pitch = kp + 4
+    qr = round_up(QB, 16)
+    bs_off = SP_MB_TC * pitch * 4
+    fs_off = bs_off + qr * pitch * 4
+    return dict(kp=kp, pitch=pitch, qr=qr, bs_off=bs_off, fs_off=fs_off, bytes=fs_off + 2 * round_up(taps * 4, 16))
+
+
+def emulate_small_plane_forward_tf32(xin, w, bias, geo, trans, max_smem_optin=227 * 1024, vec_x=1, target_ctas=512,
+                                     rounding=True):
+    """Transcription of small_plane_mma_kernel<float, TRANS> for every CTA of the launch (plan kind 4): the F_c
+    build from the TF32-rounded filter (no word pairs), the 64-row staging with the lane's in-place rounding, the
+    per-lane ldmatrix addresses of sp_fwd_item (in floats: 16 bytes = 4 floats, K steps of 8 floats = 32 bytes),
+    m16n8k8 fragments, the epilogue.  geo, xin as emulate_small_plane_forward; ``rounding=False``: the IEEE-operand
+    control run.  Shared memory is a flat NaN-initialised float32 array per CTA."""
+    import numpy as np
+    rnd = tf32_round if rounding else (lambda v: np.asarray(v, dtype=np.float32))
+    H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl = geo
+    N, C = xin.shape[:2]
+    (kH, kW), (nH, nW) = _sp_planes(xin, trans, geo)
+    assert tuple(xin.shape[2:]) == (kH, kW)
+    assert sp_rule(False, 9, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl)
+    assert vec_x in (1, 2, 4)
+    P, Q, taps = kH * kW, nH * nW, KH * KW
+    plan = sp_make_plan(4, P, Q, taps, N, C, max_smem_optin, target_ctas)
+    assert plan is not None
+    QB = plan["QB"]
+    L = sp_layout_tf32(P, QB, taps)
+    kp, pitch, bs = L["kp"], L["pitch"], L["bs_off"] // 4
+    xf = xin.detach().cpu().to(torch.float32).reshape(N, C, P).numpy()
+    y = np.full((N, C, Q), np.nan)
+    lane = np.arange(32)
+    a_lane = (lane & 15) * pitch + (lane >> 4) * 4
+    b_lane = bs + (((lane >> 4) << 3) + (lane & 7)) * pitch + ((lane >> 3) & 1) * 4
+    g4, t4 = lane >> 2, lane & 3
+    for c in range(C):
+        f = torch.from_numpy(rnd(w[c, 0].detach().cpu().to(torch.float32).numpy()).astype(np.float64))
+        b = np.float32(0.0 if bias is None else float(bias[c]))
+        for by in range(plan["qsplits"]):
+            q0 = by * QB
+            qn = min(QB, Q - q0)
+            for bz in range(plan["bgroups"]):
+                smem = np.full(L["bytes"] // 4, np.nan, dtype=np.float32)
+                smem[bs: bs + L["qr"] * pitch] = 0.0
+                _sp_build_fc(smem, bs, pitch, 1, f, geo, trans, q0, qn, pairs=False)
+                ch0 = bz * plan["cpg"]
+                for ch in range(ch0, min(ch0 + plan["cpg"], plan["nchunks"])):
+                    n0 = ch * SP_MB_TC
+                    rv = min(N - n0, SP_MB_TC)
+                    plane = torch.zeros(SP_MB_TC, round_up(max(P, 1), 16) + 16, dtype=torch.float64)
+                    plane[:rv, :P] = torch.from_numpy(xf[n0:n0 + rv, c].astype(np.float64))
+                    _sp_stage(smem, 0, pitch, kp, plane, SP_MB_TC, rv, 0, P, vec_x)
+                    for m in range(SP_MB_TC):  # sp_round_tf32_own: every staged element, once
+                        smem[m * pitch: m * pitch + kp] = rnd(smem[m * pitch: m * pitch + kp])
+                    nnb = ceil_div(qn, 32)
+                    for warp in range(SP_WARPS):
+                        for item in range(warp, 2 * nnb, SP_WARPS):
+                            mb, nb = item & 1, item >> 1
+                            if mb * 32 >= rv:
+                                continue
+                            mt1 = mb * 32 + 16 < rv
+                            ntv = min(ceil_div(qn - nb * 32, 8), 4)
+                            assert nb * 32 + (32 if ntv > 2 else 16) <= L["qr"]
+                            acc = np.zeros((2, 4, 32, 4), dtype=np.float32)
+                            abase, bbase = a_lane + mb * 32 * pitch, b_lane + nb * 32 * pitch
+                            for ks in range(kp // 8):
+                                ao, bo = abase + 8 * ks, bbase + 8 * ks
+                                assert ((ao % pitch) + 4 <= kp).all()
+                                af = [_tf_ldmatrix_x4(smem, ao)]
+                                af.append(_tf_ldmatrix_x4(smem, ao + 16 * pitch) if mt1 else None)
+                                r4 = _tf_ldmatrix_x4(smem, bo)
+                                bf = [(r4[0], r4[1]), (r4[2], r4[3])]
+                                if ntv > 2:
+                                    r4 = _tf_ldmatrix_x4(smem, bo + 16 * pitch)
+                                    bf += [(r4[0], r4[1]), (r4[2], r4[3])]
+                                for nt in range(ntv):
+                                    _mma_m16n8k8_tf32(acc[0, nt], af[0], bf[nt][0], bf[nt][1], rounding)
+                                    if mt1:
+                                        _mma_m16n8k8_tf32(acc[1, nt], af[1], bf[nt][0], bf[nt][1], rounding)
+                            for mt in range(2):
+                                for h in range(2):
+                                    m = mb * 32 + mt * 16 + g4 + 8 * h
+                                    for nt in range(4):
+                                        for e in range(2):
+                                            qq = nb * 32 + nt * 8 + 2 * t4 + e
+                                            ok = (m < rv) & (qq < qn)
+                                            assert (not ok.any()) or (nt < ntv and (mt == 0 or mt1))
+                                            y[n0 + m[ok], c, q0 + qq[ok]] = (acc[mt, nt, ok, 2 * h + e] + b).astype(np.float32)
+    return torch.from_numpy(y.reshape(N, C, nH, nW))

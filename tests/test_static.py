@@ -120,7 +120,7 @@ def test_cuda_16bit_tensor_core_kernels_use_ldsm_and_hmma(cuda_facts, arch, dtyp
 
 @needs_cuda_tools
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cuda_tf32_kernel_uses_ldsm_and_hmma(cuda_facts, arch):
+def test_cuda_tf32_kernels_use_ldsm_and_hmma(cuda_facts, arch):
     """toeplitz_tf32_kernel<NB, DG> (fp32 with TF32 allowed): every instantiation's hot loop (one kernel row of one
     offset group) issues 2 NB DG HMMA (m16n8k8 tf32), one LDSM per chunk (2 NB - 2 + DG) and 4 LDS per A fragment,
     no generic LD."""
@@ -131,6 +131,10 @@ def test_cuda_tf32_kernel_uses_ldsm_and_hmma(cuda_facts, arch):
         nb, dg = f["template"]
         mix = f["hot"]["mix"]
         assert (mix["hmma"], mix["ldsm"], mix["lds"]) == (2 * nb * dg, 2 * nb - 2 + dg, 4 * dg), (f["name"], mix)
+    # small_plane_mma_kernel<float, TRANS>: the small-plane GEMM on TF32 tensor cores, LDSM-fed like the 16-bit one
+    sp = [f for f in cuda_facts[arch].values() if f["role"] == "sp_mma" and f["dtype"] == "tf32"]
+    assert len(sp) == 2 and all("<float, " in f["name"] for f in sp)
+    assert [p for f in sp for p in checks.tensor_core_problems(f)] == []
 
 
 @needs_cuda_tools

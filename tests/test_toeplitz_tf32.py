@@ -1,5 +1,6 @@
-"""toeplitz_tf32_kernel (csrc/dwconv_toeplitz_tf32.cu): fp32 forward / stride-1 grad_input on TF32 tensor cores,
-used only when PyTorch allows TF32 for convolutions (lkconv.precision.conv_tf32_enabled()).
+"""The CUDA TF32 kernels: toeplitz_tf32_kernel (csrc/dwconv_toeplitz_tf32.cu, planes > 256 px) and
+small_plane_mma_kernel<float> (csrc/dwconv_small_plane.cu, planes <= 256 px), fp32 forward / grad_input on TF32
+tensor cores, used only when PyTorch allows TF32 for convolutions (lkconv.precision.conv_tf32_enabled()).
 
 CPU: csrc/kernel_emulation.py's transcription of the kernel (staging with in-place TF32 rounding, per-lane
 ldmatrix / A-word addresses, chunk mask, m16n8k8 tf32 fragments, epilogue) against the fp64 reference within a
@@ -171,6 +172,61 @@ def test_toeplitz_tf32_layout_conflict_free():
 
 
 # --------------------------------------------------------------------------------------------------
+# small planes: small_plane_mma_kernel<float, TRANS>
+# --------------------------------------------------------------------------------------------------
+# (N, C, H, W, KH, KW, stride, padding, dilation, trans (grad_input as dY . F_c^T), vec_x)
+SP_CASES = {
+    "fwd_14_k7_two_chunks_v4": (70, 1, 14, 14, 7, 7, 1, 3, 1, False, 4),   # 64 + 6 batch rows
+    "fwd_7_k13_k_gt_h": (9, 2, 7, 7, 13, 13, 1, 6, 1, False, 1),
+    "fwd_stride2_v2": (9, 1, 9, 10, 5, 5, 2, 2, 1, False, 2),
+    "gi_dil2_trans_v2": (5, 1, 12, 12, 5, 5, 1, 4, 2, True, 2),
+    "gi_stride2_trans": (5, 2, 13, 13, 5, 5, 2, 2, 1, True, 1),
+    "fwd_asym_rect": (3, 1, 11, 15, 9, 5, 1, (4, 1), 1, False, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(SP_CASES), ids=list(SP_CASES))
+def test_small_plane_tf32_emulated(case):
+    N, C, H, W, KH, KW, st, pad, dil, trans, ve = SP_CASES[case]
+    ph, pw = (pad, pad) if isinstance(pad, int) else pad
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64).float().double()
+    w = (torch.randn(C, 1, KH, KW, generator=gen, dtype=torch.float64) / math.sqrt(KH * KW)).float().double()
+    b = torch.randn(C, generator=gen, dtype=torch.float64).float().double()
+    conv = dict(stride=st, padding=(ph, pw), dilation=dil, groups=C)
+    ref = F.conv2d(x, w, None if trans else b, **conv)
+    Ho, Wo = ref.shape[2:]
+    geo = (H, W, Ho, Wo, KH, KW, st, st, dil, dil, ph, pw)
+    if trans:  # grad_input: dX = dY . F_c^T of the same forward geometry
+        g = torch.randn(ref.shape, generator=gen, dtype=torch.float64).float().double()
+        xr = x.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(F.conv2d(xr, w, None, **conv), xr, g)
+        S = torch.nn.grad.conv2d_input(x.shape, w.abs(), g.abs(), **conv)
+        y = EMU.emulate_small_plane_forward_tf32(g, w, None, geo, True, vec_x=ve)
+        y_ieee = EMU.emulate_small_plane_forward_tf32(g, w, None, geo, True, vec_x=ve, rounding=False)
+    else:
+        want = ref
+        S = F.conv2d(x.abs(), w.abs(), b.abs(), **conv)
+        y = EMU.emulate_small_plane_forward_tf32(x, w, b, geo, False, vec_x=ve)
+        y_ieee = EMU.emulate_small_plane_forward_tf32(x, w, b, geo, False, vec_x=ve, rounding=False)
+    R = KH * KW
+    _check_tf32(y, y_ieee, want, (2 * U_TF32 + U_TF32 ** 2 + (R + 2) * U_FP32) * S, S, R)
+
+
+def test_small_plane_tf32_layout_and_plan():
+    """sp_layout_tf32: float rows of an odd number of 16-byte units (ldmatrix rows on distinct bank groups),
+    32-byte K steps; the plans of the RepLKNet 14² / 7² layers fit the small-plane budget."""
+    for P in (49, 196, 256):
+        L = EMU.sp_layout_tf32(P, 64, 729)
+        assert L["kp"] % 8 == 0 and (L["pitch"] * 4 // 16) % 2 == 1 and L["bs_off"] % 16 == 0
+        assert len({((r * L["pitch"] * 4) // 16) % 8 for r in range(8)}) == 8
+    for H, K, C in ((14, 27, 512), (7, 13, 1024)):
+        plan = EMU.sp_make_plan(4, H * H, H * H, K * K, 64, C, 227 * 1024)
+        assert plan is not None and plan["bytes"] <= EMU.SP_SMEM_BUDGET
+        assert plan["QB"] * plan["qsplits"] >= H * H
+
+
+# --------------------------------------------------------------------------------------------------
 # the dispatch rule
 # --------------------------------------------------------------------------------------------------
 _FLAGS = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cudnn.rnn, "fp32_precision"),
@@ -204,11 +260,14 @@ def _kernel(tf32_on, N, C, H, K, stride=1, sm=9):
 
 
 def test_dispatch_kernel_choice():
-    """launch_forward's fp32 order: small planes keep the IEEE small-plane GEMM; the RepLKNet 56² / 28² layers run
-    the TF32 kernel only with TF32 allowed; stride 2, sm < 8 and K > 64 stay IEEE."""
+    """launch_forward's fp32 order: small planes run the small-plane GEMM (on TF32 tensor cores with TF32 allowed,
+    else IEEE FFMA); the RepLKNet 56² / 28² layers run toeplitz_tf32_kernel only with TF32 allowed; stride 2,
+    sm < 8 and K > 64 stay IEEE."""
     for tf32_on in (True, False):
-        assert _kernel(tf32_on, 64, 512, 14, 27) == "small_plane_ffma_kernel"
-        assert _kernel(tf32_on, 64, 1024, 7, 13) == "small_plane_ffma_kernel"
+        sp = "small_plane_mma_kernel<float>" if tf32_on else "small_plane_ffma_kernel"
+        assert _kernel(tf32_on, 64, 512, 14, 27) == sp
+        assert _kernel(tf32_on, 64, 1024, 7, 13) == sp
+        assert _kernel(tf32_on, 64, 1024, 7, 13, sm=7) == "small_plane_ffma_kernel"  # no tensor cores for it
         want = "toeplitz_tf32_kernel" if tf32_on else "ieee"
         assert _kernel(tf32_on, 64, 128, 56, 31) == want
         assert _kernel(tf32_on, 64, 256, 28, 29) == want
@@ -290,16 +349,38 @@ def _ref_and_bound(x, w, b, p, g):
 requires_cuda = requires_cuda_backend
 
 
+#: small planes (<= 256 px): small_plane_mma_kernel<float> with TF32 allowed, every pass geometry it covers
+SP_GPU_CASES = _table(
+    Case('sp_14_k27_n70', (70, 3, 14, 14), (27, 27), padding=13, bias=True),        # RepLKNet 14², 2 batch chunks
+    Case('sp_7_k13_n9', (9, 4, 7, 7), (13, 13), padding=6, bias=True),               # RepLKNet 7²
+    Case('sp_stride2_k5', (9, 2, 13, 13), (5, 5), stride=2, padding=2, bias=True),  # grad_input via dY . F_c^T
+    Case('sp_dil2_k5', (5, 2, 12, 12), (5, 5), padding=4, dilation=2, bias=True),
+    Case('sp_asym_9x5', (3, 2, 11, 15), (9, 5), padding=(4, 1), bias=True),
+)
+
+
+@pytest.mark.parametrize("case", list(SP_GPU_CASES.values()), ids=list(SP_GPU_CASES))
+def test_gpu_cases_reach_small_plane_tf32(case):
+    N, C, H, W = case.shape
+    KH, KW = case.k
+    p = normalize_params(case.stride, case.padding, case.dilation, (KH, KW))
+    Ho, Wo = p.out_size(H, W, KH, KW)
+    t, _, l, _ = p.padding
+    assert EMU.cuda_fp32_forward_kernel(True, 9, N, C, H, W, Ho, Wo, KH, KW, *p.stride, *p.dilation, t, l) == \
+        "small_plane_mma_kernel<float>"
+
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
-def test_toeplitz_tf32_on_vs_off(case, layout):
-    c = GPU_CASES[case]
+@pytest.mark.parametrize("case", list(GPU_CASES) + list(SP_GPU_CASES), ids=list(GPU_CASES) + list(SP_GPU_CASES))
+def test_tf32_on_vs_off(case, layout):
+    """TF32 allowed: forward and grad_input within the TF32 bound of fp64 (and visibly TF32); TF32 disallowed:
+    the IEEE kernels (algo 0) bit for bit, every pass within the fp32 tolerance."""
+    c = GPU_CASES[case] if case in GPU_CASES else SP_GPU_CASES[case]
     x, w, b = make_inputs(c, torch.float32, "cuda", layout, seed=13, weight_scale=True)
     p = normalize_params(c.stride, c.padding, c.dilation, tuple(w.shape[2:]))
-    t, bo, l, r = p.padding
-    op_args = ([1, 1], [t, bo, l, r], [1, 1])
+    op_args = (list(p.stride), list(p.padding), list(p.dilation))
     with tf32(True):
         xr = x.detach().requires_grad_(True)
         out = lkconv.depthwise_conv2d(xr, w, b, c.stride, c.padding, c.dilation, backend="cuda")

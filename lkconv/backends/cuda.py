@@ -6,8 +6,8 @@ Kernels (see docs/cuda_backend.md):
   mma.sync m16n8k16 for K <= 64, nvcuda::wmma m16n16k16 above; fp32 accumulate);
 * fp32, stride 1, dilation 1: register-blocked direct convolution on CUDA cores (IEEE fp32); when
   PyTorch allows TF32 for convolutions (:func:`lkconv.precision.conv_tf32_enabled`, the rule the Triton
-  backend follows too) forward and stride-1 grad_input of planes above the small-plane rule run a TF32
-  tensor-core row-Toeplitz kernel instead (``algo=2``, see :func:`pass_algo`); grad_weight stays IEEE;
+  backend follows too) forward and grad_input run on TF32 tensor cores instead (the row-Toeplitz kernel,
+  the small-plane GEMM; ``algo=2``, see :func:`pass_algo`); grad_weight stays IEEE;
 * everything else (stride > 1, dilation, shared memory too small, ...): a simple generic kernel per
   pass, fp32 accumulation;
 * grad_input with stride 1 is the forward with the flipped kernel; grad_weight is a split reduction

@@ -96,7 +96,7 @@ def describe_symbol(sym: str) -> Dict:
         dtype = "fp32"
     if dtype is None and role in ("grad_weight_ffma", "fp32_rb", "sp_ffma", "sp_gw_ffma"):  # fp32 by construction
         dtype = "fp32"
-    if role == "tc_toeplitz_tf32":  # fp32 data on TF32 tensor cores (only with TF32 allowed)
+    if role == "tc_toeplitz_tf32" or (role == "sp_mma" and dtype == "fp32"):  # fp32 on TF32 tensor cores
         dtype = "tf32"
     m = re.search(r"<[^<>]*?,\s*(\d+),\s*(\d+)>", name)
     tmpl = (int(m.group(1)), int(m.group(2))) if m else None

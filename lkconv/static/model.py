@@ -1275,7 +1275,11 @@ def sp_applies(layer: Layer, dtype: str) -> bool:
 
 
 def sp_bytes(kind: int, P: int, QB: int, taps: int) -> int:
-    """dynamic shared memory of sp_layout_tc / sp_layout_f32 / sp_gw_layout (kind 0..3 as sp_make_plan)."""
+    """dynamic shared memory of sp_layout_tc / sp_layout_f32 / sp_gw_layout / sp_layout_tf32 (kind 0..4 as
+    sp_make_plan)."""
+    if kind == 4:
+        pitch = _round_up(P, 8) + 4
+        return SP_MB_TC * pitch * 4 + _round_up(QB, 16) * pitch * 4 + 2 * _round_up(taps * 4, 16)
     if kind == 0:
         pitch = _round_up(P, 16) + 8
         return SP_MB_TC * pitch * 2 + _round_up(QB, 16) * pitch * 2 + 2 * _round_up(taps * 2, 16)
@@ -1293,7 +1297,7 @@ def sp_bytes(kind: int, P: int, QB: int, taps: int) -> int:
 def sp_plan(kind: int, P: int, Q: int, taps: int, N: int, C: int, optin: int) -> Optional[Dict]:
     """sp_make_plan(): pixel block QB (fewest blocks that fit min(optin, budget)) and batch groups."""
     budget = min(optin, SP_SMEM_BUDGET)
-    mb = SP_MB_TC if kind in (0, 2) else SP_MB_F32
+    mb = SP_MB_TC if kind in (0, 2, 4) else SP_MB_F32
     for s in range(1, 33):
         QB = _round_up(_ceil(Q, s), 8)
         nbytes = sp_bytes(kind, P, QB, taps)
@@ -1370,23 +1374,26 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
     blocks, batch groups), 8 warps.  Per CTA: filter -> smem, zero-fill of the F_c block (16-B STS), the F_c
     scatter (_sp_build_cost), then per batch chunk the staging (cp.async vectors of the plane or scalar loads),
     the warp items (32 rows x 32 pixels: the K loop body of the full item per 16-wide step, the item's own
-    body once: zero-init, epilogue) or the FFMA thread items (4 x 8 block, the unrolled k loop)."""
+    body once: zero-init, epilogue) or the FFMA thread items (4 x 8 block, the unrolled k loop).  dtype "tf32":
+    small_plane_mma_kernel<float, false> (TF32 tensor cores): 4-byte layout (kind 4), 32-byte K steps of 8 floats,
+    HMMA.1688.F32.TF32 = 1024 MACs at half the 16-bit rate, plus the in-place rounding loop per staged vector."""
     N, C, H, K = layer.N, layer.C, layer.H, layer.K
-    tc = dtype not in ("fp32", "tf32")
+    tf32 = dtype == "tf32"
+    tc = dtype != "fp32"
     P = Q = H * H
     taps = K * K
-    kind = 0 if tc else 1
+    kind = 4 if tf32 else 0 if tc else 1
     pl = sp_plan(kind, P, Q, taps, N, C, SMEM_OPTIN.get(arch, 227 * 1024))
     QB, qs, bgroups, cpg = pl["QB"], pl["qsplits"], pl["bgroups"], pl["cpg"]
     mb = SP_MB_TC if tc else SP_MB_F32
     blocks = [(b * QB, min(QB, Q - b * QB)) for b in range(qs)]
-    build = _sp_build_cost(f, H, K, blocks, pairs=tc)
+    build = _sp_build_cost(f, H, K, blocks, pairs=tc and not tf32)
     fil = max(_sp_loops(f, need=("ldg", "sts"), forbid=("cp_async",), depth=0), key=lambda lp: lp["mix"]["sts"])
     c_fil = fil["mix"]["total"] / fil["mix"]["sts"]
     zero = max(_sp_loops(f, need=("sts",), forbid=("ldg", "lds", "cp_async"), depth=0), key=lambda lp: lp["mix"]["sts"])
     c_zero = zero["mix"]["total"] / zero["mix"]["sts"]
     chunk = max(_sp_loops(f, need=("barrier",), depth=0), key=lambda lp: lp["mix"]["total"])
-    esz = 2 if tc else 4
+    esz = 2 if tc and not tf32 else 4
     if tc:
         kl = sorted(_sp_loops(f, need=("hmma", "ldsm")), key=lambda lp: lp["mix"]["total"] / lp["mix"]["hmma"])
         full, part = kl[0], kl[-1]
@@ -1402,12 +1409,18 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
         c_sc = min((lp["mix"]["total"] / lp["mix"]["sts"] for lp in sloop), default=10.0)
         ve = 1
         for nbytes in (16, 8, 4):                            # sp_vec: plane stride H*H and image stride C*H*H
-            e = nbytes // 2
+            e = nbytes // esz
+            if e < 2:
+                break
             if (H * H) % e == 0:
                 ve = e
                 break
-        kp = _round_up(P, 16)
-        ksteps = kp // 16
+        kp = _round_up(P, 32 // esz)
+        ksteps = kp * esz // 32
+        # tf32: the in-place rounding loop of width ve (one LDS, ve conversions, one STS per vector)
+        rl = [lp for lp in _sp_loops(f, need=("lds", "sts"), forbid=("cp_async", "ldg", "hmma"))
+              if lp["mix"].get("fp") == ve] if tf32 else []
+        c_round = (rl[0]["mix"]["total"] if rl else 5.0 * ve + 4) if tf32 else 0.0
     else:
         hot = f["hot"]
         c_k = hot["mix"]["total"] / (hot["mix"]["ffma"] / 32)  # per k of a 4 x 8 thread block
@@ -1418,7 +1431,7 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
     costs = []
     for bi, (q0, qn) in enumerate(blocks):
         issue = _ceil(taps, 32) * c_fil
-        nwords = (_round_up(QB, 16) * (_round_up(P, 16) + 8) * 2 // 16) if tc else P * _round_up(QB, 8) // 4
+        nwords = (_round_up(QB, 16) * (kp + 16 // esz) * esz // 16) if tc else P * _round_up(QB, 8) // 4
         issue += _ceil(nwords, 32) * c_zero
         wave = _ceil(nwords, 32) * 4 + _ceil(taps, 32)
         issue += build[bi][0]
@@ -1432,7 +1445,10 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
                 if tc:
                     per_row = _ceil(kp, 32 * ve)
                     iss += mb * per_row * (c_vec if ve > 1 else c_sc * ve)
-                    wv += mb * per_row * max(ve * 2 * 32 // 128, 1)
+                    wv += mb * per_row * max(ve * esz * 32 // 128, 1)
+                    if tf32:                                       # rounding pass: LDS + STS per vector
+                        iss += mb * per_row * c_round
+                        wv += mb * per_row * 2 * max(ve * esz * 32 // 128, 1)
                     nnb = _ceil(qn, 32)
                     for it in range(2 * nnb):
                         mbk, nb = it & 1, it >> 1
@@ -1444,7 +1460,7 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
                         fullit = rv - mbk * 32 >= 32 and qn - nb * 32 >= 32
                         # a partial item runs out of line (sp_fwd_item_partial): charged twice the inline item body
                         iss += (c_item if fullit else 2 * c_item) + ksteps * (c_k_full if fullit else c_k_part)
-                        mac += ksteps * (2 if mt1 else 1) * ntv * 2048
+                        mac += ksteps * (2 if mt1 else 1) * ntv * (1024 if tf32 else 2048)
                         nldsm = (2 if mt1 else 1) + (2 if ntv > 2 else 1)
                         wv += ksteps * nldsm * 4
                 else:
@@ -1594,6 +1610,14 @@ def model_small_plane(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: 
     if not sp_applies(layer, dtype):
         return None
     kd = "fp32" if dtype in ("fp32", "tf32") else dtype
+    if dtype == "tf32" and pass_ != "grad_weight":  # TF32 allowed: small_plane_mma_kernel<float, false>
+        f = next((f for f in kfacts.values() if f.get("role") == "sp_mma" and f.get("dtype") == "tf32"
+                  and ("true>" not in f["name"])), None)
+        if f is not None and sp_plan(4, layer.H ** 2, layer.H ** 2, layer.K ** 2, layer.N, layer.C,
+                                     SMEM_OPTIN.get(arch, 227 * 1024)) is not None:
+            r = _model_small_plane(f, layer, "tf32", m, sms, arch)
+            occ = occupancy(f["regs"], r["threads"], r["dyn_smem"], m)
+            return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)
     role = ("sp_mma" if kd != "fp32" else "sp_ffma") if pass_ != "grad_weight" else \
         ("sp_gw_mma" if kd != "fp32" else "sp_gw_ffma")
     f = next((f for f in kfacts.values() if f.get("role") == role and f.get("dtype") == kd

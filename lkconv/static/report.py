@@ -375,7 +375,7 @@ MODEL_NOTES = """\
   `<7,7,4,2,4,2>` = 28x28x4 below, the `fp32_rb_small_tile` rule), tf32 (fp32 with TF32 allowed) ->
   `toeplitz_tf32_kernel` (`<4,6>` at 56², `<2,6>` at 28²: the image-rows tiling with HMMA.1688.F32.TF32 =
   1024 MACs at half the 16-bit mma.sync rate, 8 warps, the in-place TF32 rounding pass of the staging charged per
-  vector); grad_weight -> `grad_weight_tc_kernel`
+  vector; at 14² / 7² `small_plane_mma_kernel<float>`); grad_weight -> `grad_weight_tc_kernel`
   (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA's grad_weight has no TF32 path), split count of
   `grad_weight_splits`.  Triton (`ops.ALIGNED = True`): forward and stride-1 grad_input ->
   `dwconv_forward_rows_kernel` for planes of more than 256 pixels and at most 128 columns (56², 28²),
