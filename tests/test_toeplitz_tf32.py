@@ -434,3 +434,26 @@ def test_tf32_grad_weight_stays_ieee(layout):
         out2 = lkconv.depthwise_conv2d(x, wr2, b, c.stride, c.padding, c.dilation, backend="cuda")
         (gw2,) = torch.autograd.grad(out2, wr2, g)
     assert torch.equal(gw, gw2)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans", [False, True], ids=["forward", "grad_input_stride2"])
+def test_small_plane_tf32_matches_emulation_on_gpu(trans):
+    """small_plane_mma_kernel<float> against its transcription: equal up to the order of the sum inside one mma."""
+    N, C, H, K, st = 70, 2, 14, 7, (2 if trans else 1)
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(C, 1, K, K, generator=gen) / K
+    Ho = (H + 6 - K) // st + 1
+    geo = (H, H, Ho, Ho, K, K, st, st, 1, 1, 3, 3)
+    if trans:
+        g = torch.randn(N, C, Ho, Ho, generator=gen)
+        y = torch.ops.lkconv_cuda.grad_input(g.cuda(), w.cuda(), [N, C, H, H], [st, st], [3, 3, 3, 3], [1, 1], 2)
+        ye = EMU.emulate_small_plane_forward_tf32(g, w, None, geo, True, vec_x=1)
+        S = torch.nn.grad.conv2d_input((N, C, H, H), w.abs().double(), g.abs().double(), stride=st, padding=3, groups=C)
+    else:
+        x = torch.randn(N, C, H, H, generator=gen)
+        y = torch.ops.lkconv_cuda.forward(x.cuda(), w.cuda(), None, [1, 1], [3, 3, 3, 3], [1, 1], 2)
+        ye = EMU.emulate_small_plane_forward_tf32(x, w, None, geo, False, vec_x=4)
+        S = F.conv2d(x.abs().double(), w.abs().double(), padding=3, groups=C)
+    assert ((y.double().cpu() - ye).abs() <= (K * K + 2) * U_FP32 * S).all()
