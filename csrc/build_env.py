@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 
 SOURCES = ["dwconv_ops.cpp", "dwconv_forward.cu", "dwconv_forward_fp32.cu", "dwconv_grad_weight.cu",
-           "dwconv_small_plane.cu", "dwconv_small_plane_gw_rows.cu"]
+           "dwconv_small_plane.cu", "dwconv_small_plane_gw_rows.cu", "dwconv_toeplitz_tf32.cu"]
 # machine code for sm80 and sm90, plus sm90 PTX so newer GPUs (sm100, sm120) JIT-compile the kernels
 # instead of failing at the first launch with "no kernel image is available"
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"

@@ -668,12 +668,15 @@ bool try_toeplitz(const ConvArgs& a, cudaStream_t stream) {
 
 void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream) {
   if (a.N * a.C * a.Ho * a.Wo == 0) return;
-  // both planes <= 256 pixels: the batch-as-rows GEMM (dwconv_small_plane.cu), every dtype and geometry
+  // both planes <= 256 pixels: the batch-as-rows GEMM (dwconv_small_plane.cu), every dtype and geometry (fp32 with
+  // a.allow_tf32: on TF32 tensor cores)
   if (!force_generic && try_small_plane_forward(a, false, stream)) return;
   switch (a.dtype) {
     case DType::kFloat32:
-      // register-blocked fp32_rb_kernel (dwconv_forward_fp32.cu); fp32_blocked_kernel where it does not apply
-      if (!force_generic && (try_fp32_rb(a, stream) || try_fp32_blocked(a, stream))) return;
+      // TF32 allowed: toeplitz_tf32_kernel (dwconv_toeplitz_tf32.cu); else / where it does not apply the IEEE
+      // register-blocked fp32_rb_kernel (dwconv_forward_fp32.cu), fp32_blocked_kernel where that does not apply
+      if (!force_generic && (try_toeplitz_tf32(a, stream) || try_fp32_rb(a, stream) || try_fp32_blocked(a, stream)))
+        return;
       launch_generic<float>(a, stream);
       return;
     case DType::kFloat16:

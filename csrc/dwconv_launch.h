@@ -14,6 +14,10 @@ void launch_forward(const ConvArgs& a, bool force_generic, cudaStream_t stream);
 // (dwconv_forward_fp32.cu); false when it does not apply (the caller falls back)
 bool try_fp32_rb(const ConvArgs& a, cudaStream_t stream);
 
+// fp32 with a.allow_tf32, stride 1, dilation 1, KH, KW <= 64, sm80+: toeplitz_tf32_kernel (TF32 tensor cores,
+// dwconv_toeplitz_tf32.cu); false when it does not apply (the caller runs the IEEE fp32 kernels)
+bool try_toeplitz_tf32(const ConvArgs& a, cudaStream_t stream);
+
 // grad_input for stride > 1 (any dilation): the small-plane GEMM where it applies, else a direct gather kernel
 // (force_generic: the gather kernel only).
 //   a.x = grad_out (N, C, Ho, Wo) with strides a.xs, a.y = grad_input (N, C, H, W) with a.ys,

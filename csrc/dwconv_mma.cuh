@@ -62,6 +62,32 @@ template <> struct MmaOp<__nv_bfloat16> {
   }
 };
 
+// float: TF32 tensor cores, mma.sync.m16n8k8 (fp32 data that the kernel rounded to TF32 with to_tf32; A = 4, B = 2
+// 32-bit registers: a 32-byte k16 step of 16-bit operands is a k8 step of floats, with the same ldmatrix addressing)
+template <> struct MmaOp<float> {
+  static __device__ __forceinline__ void run(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+  }
+};
+
+// cvt.rna.tf32.f32: round to nearest (ties away from zero) on the 13 dropped mantissa bits, as a float
+__device__ __forceinline__ float to_tf32(float v) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+  return __uint_as_float(r);
+#else
+  return v;
+#endif
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"

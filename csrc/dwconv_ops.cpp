@@ -6,7 +6,9 @@
 //   lkconv_cuda::grad_weight(Tensor grad_out, Tensor x, int[] weight_size, int[] stride, int[] padding, int[] dilation, int algo=0) -> Tensor
 //
 // padding = (top, bottom, left, right); stride, dilation = (h, w).  algo: 0 = fastest supported
-// kernel, 1 = the generic kernel only (for testing the fast kernels against it).
+// kernel (fp32: IEEE), 1 = the generic kernel only (for testing the fast kernels against it), 2 = as 0 but fp32
+// forward / grad_input may use TF32 tensor cores (what lkconv passes when PyTorch allows TF32 for convolutions;
+// grad_weight treats 2 as 0).
 // Implementations are registered for the CUDA dispatch key only: calling with CPU tensors raises
 // PyTorch's "Could not run ... with arguments from the 'CPU' backend" error.
 #ifdef LKCONV_PYTHON_MODULE
@@ -121,7 +123,7 @@ at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const s
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(C >= 1, "lkconv_cuda: x must have at least one channel, got shape ", x.sizes());
   TORCH_CHECK(N == 0 || (H >= 1 && W >= 1), "lkconv_cuda: x spatial size must be >= 1, got shape ", x.sizes());
-  TORCH_CHECK(algo == 0 || algo == 1, "lkconv_cuda: algo must be 0 (fastest) or 1 (generic), got ", algo);
+  TORCH_CHECK(algo >= 0 && algo <= 2, "lkconv_cuda: algo must be 0 (fastest), 1 (generic) or 2 (fastest, TF32 allowed), got ", algo);
   const at::Tensor w = check_weight(weight, C, x, "x");
   const Geom g = geom(stride, padding, dilation);
   const int64_t KH = w.size(2), KW = w.size(3);
@@ -153,6 +155,7 @@ at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const s
   set_strides(a.ys, y);
   a.dtype = dt;
   fill_device(a, x);
+  a.allow_tf32 = algo == 2;
   launch_forward(a, algo == 1, at::cuda::getCurrentCUDAStream());
   return y;
 }
@@ -163,7 +166,7 @@ at::Tensor dwconv_grad_input(const at::Tensor& grad_out, const at::Tensor& weigh
   TORCH_CHECK(grad_out.dim() == 4, "lkconv_cuda: grad_out must be 4-D, got shape ", grad_out.sizes());
   const DType dt = dtype_of(grad_out, "grad_out");
   TORCH_CHECK(input_size.size() == 4, "lkconv_cuda: input_size must have 4 values (N, C, H, W), got ", input_size);
-  TORCH_CHECK(algo == 0 || algo == 1, "lkconv_cuda: algo must be 0 (fastest) or 1 (generic), got ", algo);
+  TORCH_CHECK(algo >= 0 && algo <= 2, "lkconv_cuda: algo must be 0 (fastest), 1 (generic) or 2 (fastest, TF32 allowed), got ", algo);
   const int64_t N = input_size[0], C = input_size[1], H = input_size[2], W = input_size[3];
   TORCH_CHECK(N >= 0 && C >= 1 && H >= 0 && W >= 0, "lkconv_cuda: invalid input_size ", input_size);
   TORCH_CHECK(N == 0 || (H >= 1 && W >= 1), "lkconv_cuda: input spatial size must be >= 1, got ", input_size);
@@ -186,6 +189,7 @@ at::Tensor dwconv_grad_input(const at::Tensor& grad_out, const at::Tensor& weigh
   set_strides(a.ys, gx);
   a.dtype = dt;
   fill_device(a, grad_out);
+  a.allow_tf32 = algo == 2;  // the stride-1 path below: the forward's kernels, so TF32 as in the forward
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (g.sh == 1 && g.sw == 1) {
     // gx = conv(grad_out, flip(w)) with stride 1, padding top' = dil_h*(KH-1) - pt (may be negative), same dilation
@@ -208,7 +212,7 @@ at::Tensor dwconv_grad_weight(const at::Tensor& grad_out, const at::Tensor& x, a
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t algo) {
   check_cuda(grad_out, "grad_out");
   check_cuda(x, "x");
-  TORCH_CHECK(algo == 0 || algo == 1, "lkconv_cuda: algo must be 0 (fastest) or 1 (generic), got ", algo);
+  TORCH_CHECK(algo >= 0 && algo <= 2, "lkconv_cuda: algo must be 0 (fastest), 1 (generic) or 2 (fastest, TF32 allowed), got ", algo);
   TORCH_CHECK(x.dim() == 4, "lkconv_cuda: x must be 4-D (N, C, H, W), got shape ", x.sizes());
   TORCH_CHECK(grad_out.dim() == 4, "lkconv_cuda: grad_out must be 4-D, got shape ", grad_out.sizes());
   const DType dt = dtype_of(x, "x");

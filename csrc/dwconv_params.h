@@ -35,6 +35,8 @@ struct ConvArgs {
   // device facts the launchers need
   int sm_major = 0;          // compute capability major of the device
   int max_smem_optin = 0;    // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  // fp32 only: PyTorch allows TF32 for convolutions (algo 2): toeplitz_tf32_kernel where it applies
+  bool allow_tf32 = false;
 };
 
 // grad_weight:  dW[c, kh, kw] = sum_{n, oh, ow} x[n, c, oh*sh - pt + kh*dil_h, ow*sw - pl + kw*dil_w] * g[n, c, oh, ow]

@@ -19,6 +19,12 @@
 //     (Xs), 2 ldmatrix.x4 for B (Bs rows = n, 16 contiguous k: the "col" B fragment), 8 mma.sync.m16n8k16
 //     (fp32 accumulate).  Epilogue straight from the C fragments: (g, 2t..2t+1) pairs are adjacent pixels,
 //     stored as one 32-bit word where the output plane is contiguous and the word aligned.
+//   small_plane_mma_kernel<float, TRANS>  fp32 with TF32 allowed (ConvArgs::allow_tf32), sm80+: the same kernel on
+//       TF32 tensor cores (mma.sync.m16n8k8): 4-byte layout sp_layout_tf32 (kp = P rounded up to 8, pitch kp + 4
+//       floats: again an odd number of 16-byte units), the same byte addressing (a 32-byte k16 step of 16-bit data
+//       is one k8 step of floats, and ldmatrix.x4 on float rows yields the m16n8k8 A and B fragments), F_c and X
+//       rounded to TF32 once (cvt.rna: the filter when staged, X in place by the lane that staged it), 64-bit pair
+//       stores.
 //   small_plane_ffma_kernel<TRANS>     fp32 (IEEE).  Same F_c, stored k-major (Bs[k][qq]) for 128-bit loads;
 //       Xs[k][m] (32 batch rows, pitch 36); each thread a 4 (batch) x 8 (pixel) register block: per k one
 //       LDS.128 of X, two LDS.128 of F_c, 32 FFMA.
@@ -70,6 +76,17 @@ __host__ __device__ inline SpLayout sp_layout_tc(int P, int QB, int taps) {
   L.bs_off = SP_MB_TC * L.pitch * 2;
   L.fs_off = L.bs_off + L.qr * L.pitch * 2;
   L.bytes = L.fs_off + 2 * round_up_i(taps * 2, 16);  // Fs, then Fo (Fs shifted by one element)
+  return L;
+}
+// fp32 forward on TF32 tensor cores: Xs[64][pitch], Bs[qr][pitch] floats, Fs[taps], Fo[taps] (Fo unused)
+__host__ __device__ inline SpLayout sp_layout_tf32(int P, int QB, int taps) {
+  SpLayout L;
+  L.kp = round_up_i(P, 8);
+  L.pitch = L.kp + 4;
+  L.qr = round_up_i(QB, 16);
+  L.bs_off = SP_MB_TC * L.pitch * 4;
+  L.fs_off = L.bs_off + L.qr * L.pitch * 4;
+  L.bytes = L.fs_off + 2 * round_up_i(taps * 4, 16);
   return L;
 }
 // fp32 forward: Xs[P][36], Bs[P][qr] (qr = QB rounded up to 8), Fs[taps]
@@ -329,6 +346,41 @@ __device__ __forceinline__ void sp_mma_item(float (&acc)[2][4][4], uint32_t abas
   }
 }
 
+// two adjacent outputs as one store (T pair: 32-bit word; float pair: 64-bit), p aligned to 2 * sizeof(T)
+template <typename T>
+__device__ __forceinline__ void sp_store2(T* p, float v0, float v1) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+  } else {
+    T pr[2] = {Cvt<T>::from_f(v0), Cvt<T>::from_f(v1)};
+    *reinterpret_cast<uint32_t*>(p) = *reinterpret_cast<const uint32_t*>(pr);
+  }
+}
+
+// TF32 (T = float): round the elements this lane staged with sp_stage (same rows, columns and vector width), in
+// place, after its cp.async.wait (its own copies are visible to it; no other lane's element is touched)
+__device__ __forceinline__ void sp_round_tf32_own(float* S, int pitch, int width, int rows, int ve) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int m = warp; m < rows; m += SP_WARPS) {
+    float* dst = S + m * pitch;
+    if (ve == 4) {
+      for (int j = lane * 4; j < width; j += 128) {
+        float4 v = *reinterpret_cast<float4*>(dst + j);
+        v.x = to_tf32(v.x); v.y = to_tf32(v.y); v.z = to_tf32(v.z); v.w = to_tf32(v.w);
+        *reinterpret_cast<float4*>(dst + j) = v;
+      }
+    } else if (ve == 2) {
+      for (int j = lane * 2; j < width; j += 64) {
+        float2 v = *reinterpret_cast<float2*>(dst + j);
+        v.x = to_tf32(v.x); v.y = to_tf32(v.y);
+        *reinterpret_cast<float2*>(dst + j) = v;
+      }
+    } else {
+      for (int j = lane; j < width; j += 32) dst[j] = to_tf32(dst[j]);
+    }
+  }
+}
+
 // one forward warp item: the GEMM (sp_mma_item) and its epilogue (FULL: all 32 rows and 32 pixels live, the plane
 // contiguous and every row's pairs 32-bit aligned: nothing but the pair stores).  Rows r < rows of the item are batch rows
 // (ybase + r * s_n), columns qq in [0, 32) are pixels q0 + nb0 + qq (< qn).  C fragment: c0, c1 = (row g4,
@@ -351,21 +403,17 @@ __device__ __forceinline__ void sp_fwd_item(uint32_t abase, uint32_t bbase, int 
       if (FULL) {  // the caller checked: contiguous plane, every row's pixel pairs 32-bit aligned
         T* yq = yrow + q0 + nb0 + 2 * t4;
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          T pr[2] = {Cvt<T>::from_f(acc[mt][nt][2 * h] + bias), Cvt<T>::from_f(acc[mt][nt][2 * h + 1] + bias)};
-          *reinterpret_cast<uint32_t*>(yq + 8 * nt) = *reinterpret_cast<const uint32_t*>(pr);
-        }
+        for (int nt = 0; nt < 4; ++nt) sp_store2<T>(yq + 8 * nt, acc[mt][nt][2 * h] + bias, acc[mt][nt][2 * h + 1] + bias);
         continue;
       }
       if (m >= rows) continue;
-      if (yflat && (reinterpret_cast<uintptr_t>(yrow + q0) & 3) == 0) {  // q0, qq even: 32-bit pairs
+      if (yflat && (reinterpret_cast<uintptr_t>(yrow + q0) & (2 * sizeof(T) - 1)) == 0) {  // q0, qq even: pairs
         T* yq = yrow + q0 + nb0 + 2 * t4;
         const int left = qn - nb0 - 2 * t4;
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
           if (8 * nt + 1 < left) {
-            T pr[2] = {Cvt<T>::from_f(acc[mt][nt][2 * h] + bias), Cvt<T>::from_f(acc[mt][nt][2 * h + 1] + bias)};
-            *reinterpret_cast<uint32_t*>(yq + 8 * nt) = *reinterpret_cast<const uint32_t*>(pr);
+            sp_store2<T>(yq + 8 * nt, acc[mt][nt][2 * h] + bias, acc[mt][nt][2 * h + 1] + bias);
           } else if (8 * nt < left) {
             yq[8 * nt] = Cvt<T>::from_f(acc[mt][nt][2 * h] + bias);
           }
@@ -398,7 +446,8 @@ __global__ void __launch_bounds__(SP_THREADS) small_plane_mma_kernel(ConvArgs a,
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
   extern __shared__ __align__(128) unsigned char smem_sp[];
   const int KH = (int)a.KH, KW = (int)a.KW, taps = KH * KW;
-  const SpLayout L = sp_layout_tc(pl.P, pl.QB, taps);
+  constexpr bool TF32 = sizeof(T) == 4;  // float: TF32 tensor cores
+  const SpLayout L = TF32 ? sp_layout_tf32(pl.P, pl.QB, taps) : sp_layout_tc(pl.P, pl.QB, taps);
   T* Xs = reinterpret_cast<T*>(smem_sp);
   T* Bs = reinterpret_cast<T*>(smem_sp + L.bs_off);
   T* Fs = reinterpret_cast<T*>(smem_sp + L.fs_off);
@@ -414,33 +463,41 @@ __global__ void __launch_bounds__(SP_THREADS) small_plane_mma_kernel(ConvArgs a,
 
   T* Fo = Fs + round_up_i(taps, 8);
   for (int e = threadIdx.x; e < taps; e += SP_THREADS) {
-    Fs[e] = wc[e];
-    Fo[e] = e + 1 < taps ? wc[e + 1] : Cvt<T>::from_f(0.f);
+    if constexpr (TF32) {
+      Fs[e] = to_tf32(wc[e]);  // F_c's values, rounded once
+    } else {
+      Fs[e] = wc[e];
+      Fo[e] = e + 1 < taps ? wc[e + 1] : Cvt<T>::from_f(0.f);
+    }
   }
   {
     uint4* bz = reinterpret_cast<uint4*>(Bs);
-    const int words = L.qr * L.pitch * 2 / 16;
+    const int words = L.qr * L.pitch * (int)sizeof(T) / 16;
     for (int e = threadIdx.x; e < words; e += SP_THREADS) bz[e] = make_uint4(0u, 0u, 0u, 0u);
   }
   __syncthreads();
-  if (!TRANS && a.dil_w == 1)  // ordered before the GEMM by the staging barrier
-    sp_build_fc<T, TRANS, true>(Bs, L.pitch, 1, Fs, Fo, a, q0, qn);
-  else
+  if constexpr (!TF32 && !TRANS) {  // ordered before the GEMM by the staging barrier
+    if (a.dil_w == 1)
+      sp_build_fc<T, TRANS, true>(Bs, L.pitch, 1, Fs, Fo, a, q0, qn);
+    else
+      sp_build_fc<T, TRANS, false>(Bs, L.pitch, 1, Fs, Fo, a, q0, qn);
+  } else {
     sp_build_fc<T, TRANS, false>(Bs, L.pitch, 1, Fs, Fo, a, q0, qn);
+  }
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const bool xflat = a.xs[3] == 1 && a.xs[2] == kW;
   const bool yflat = a.ys[3] == 1 && a.ys[2] == nW;
   // every output row's pixel pairs (q0 + even) 32-bit aligned: the row base of batch row 0 is, and the batch stride is even
   const bool pairs_ok = yflat && (a.ys[0] & 1) == 0 &&
-                        (reinterpret_cast<uintptr_t>(static_cast<T*>(a.y) + c * a.ys[1] + q0) & 3) == 0;
+                        (reinterpret_cast<uintptr_t>(static_cast<T*>(a.y) + c * a.ys[1] + q0) & (2 * sizeof(T) - 1)) == 0;
   const float bias = a.bias != nullptr ? Cvt<T>::to_f(static_cast<const T*>(a.bias)[c]) : 0.f;
   const uint32_t xs_u = smem_u32(Xs), bs_u = smem_u32(Bs);
-  const int rowb = L.pitch * 2;  // bytes per smem row
+  const int rowb = L.pitch * (int)sizeof(T);  // bytes per smem row
   // ldmatrix lane offsets: A rows (lane & 15), k half (lane >> 4); B rows (tile (lane >> 4), row lane & 7), k half (lane >> 3) & 1
   const uint32_t a_lane = (uint32_t)((lane & 15) * rowb + (lane >> 4) * 16);
   const uint32_t b_lane = (uint32_t)((((lane >> 4) << 3) + (lane & 7)) * rowb + ((lane >> 3) & 1) * 16);
-  const int ksteps = L.kp / 16;
+  const int ksteps = L.kp * (int)sizeof(T) / 32;  // 32-byte K steps: k16 (16-bit) or k8 (TF32)
   const int nnb = (qn + 31) / 32;
   const int nitems = (SP_MB_TC / 32) * nnb;
   const int64_t ch0 = (int64_t)blockIdx.z * pl.cpg;
@@ -452,6 +509,7 @@ __global__ void __launch_bounds__(SP_THREADS) small_plane_mma_kernel(ConvArgs a,
     sp_stage<T>(Xs, L.pitch, L.kp, xg + n0 * a.xs[0] + c * a.xs[1], a.xs[0], SP_MB_TC, rows_valid, 0, pl.P, xflat,
                 kW, a.xs[2], a.xs[3], vec_x);
     cp_async_wait_all();
+    if constexpr (TF32) sp_round_tf32_own(Xs, L.pitch, L.kp, SP_MB_TC, vec_x);
     __syncthreads();  // Xs staged, Bs built
 
     for (int item = warp; item < nitems; item += SP_WARPS) {
@@ -779,10 +837,11 @@ bool sp_rule(DType dt, int sm_major, int64_t N, int64_t C, int64_t H, int64_t W,
   return kh_eff * kw_eff * 8 >= H * W;  // F_c at least 1/8 dense (else the direct kernels do less work)
 }
 
-// kind 0: 16-bit forward, 1: fp32 forward, 2: 16-bit grad_weight, 3: fp32 grad_weight
+// kind 0: 16-bit forward, 1: fp32 forward, 2: 16-bit grad_weight, 3: fp32 grad_weight, 4: fp32 forward on TF32
 int sp_bytes(int kind, int P, int QB, int taps) {
   switch (kind) {
     case 0: return sp_layout_tc(P, QB, taps).bytes;
+    case 4: return sp_layout_tf32(P, QB, taps).bytes;
     case 1: return sp_layout_f32(P, QB, taps).bytes;
     case 2: return sp_gw_layout(P, QB, true).bytes;
     default: return sp_gw_layout(P, QB, false).bytes;
@@ -792,7 +851,7 @@ int sp_bytes(int kind, int P, int QB, int taps) {
 // the smallest number of pixel blocks whose CTA fits the budget; batch groups so that the grid has >= ~512 CTAs
 bool sp_make_plan(int kind, int P, int Q, int taps, int64_t N, int64_t C, int max_smem_optin, SpPlan& pl) {
   const int budget = max_smem_optin < SP_SMEM_BUDGET ? max_smem_optin : SP_SMEM_BUDGET;
-  const int mb = (kind == 0 || kind == 2) ? SP_MB_TC : SP_MB_F32;
+  const int mb = (kind == 0 || kind == 2 || kind == 4) ? SP_MB_TC : SP_MB_F32;
   for (int s = 1; s <= 32; ++s) {
     const int QB = round_up_i((Q + s - 1) / s, 8);
     const int bytes = sp_bytes(kind, P, QB, taps);
@@ -831,14 +890,23 @@ void sp_set_smem(K kernel, int bytes) {
   if (bytes > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
+// fp32 forward / grad_input on TF32 tensor cores: PyTorch allows TF32 (algo 2) and the device has them
+inline bool sp_tf32(const ConvArgs& a) { return a.dtype == DType::kFloat32 && a.allow_tf32 && a.sm_major >= 8; }
+
 template <typename T, bool TRANS>
 void sp_launch_forward(const ConvArgs& a, const SpPlan& pl, cudaStream_t stream) {
   const dim3 grid((unsigned)a.C, (unsigned)pl.qsplits, (unsigned)pl.bgroups);
   const int kW = TRANS ? (int)a.Wo : (int)a.W;
   const bool flat = a.xs[3] == 1 && a.xs[2] == kW;
   if constexpr (std::is_same<T, float>::value) {
-    sp_set_smem(small_plane_ffma_kernel<TRANS>, pl.bytes);
-    small_plane_ffma_kernel<TRANS><<<grid, SP_THREADS, (size_t)pl.bytes, stream>>>(a, pl);
+    if (sp_tf32(a)) {  // TF32 allowed: small_plane_mma_kernel<float> (the plan is kind 4)
+      const int vec_x = flat ? sp_vec(a.x, a.xs, 4, a.sm_major) : 1;
+      sp_set_smem(small_plane_mma_kernel<float, TRANS>, pl.bytes);
+      small_plane_mma_kernel<float, TRANS><<<grid, SP_THREADS, (size_t)pl.bytes, stream>>>(a, pl, vec_x);
+    } else {
+      sp_set_smem(small_plane_ffma_kernel<TRANS>, pl.bytes);
+      small_plane_ffma_kernel<TRANS><<<grid, SP_THREADS, (size_t)pl.bytes, stream>>>(a, pl);
+    }
   } else {
     const int vec_x = flat ? sp_vec(a.x, a.xs, 2, a.sm_major) : 1;
     sp_set_smem(small_plane_mma_kernel<T, TRANS>, pl.bytes);
@@ -872,7 +940,7 @@ bool try_small_plane_forward(const ConvArgs& a, bool transposed, cudaStream_t st
     return false;
   const int P = (int)(transposed ? a.Ho * a.Wo : a.H * a.W), Q = (int)(transposed ? a.H * a.W : a.Ho * a.Wo);
   SpPlan pl;
-  const int kind = a.dtype == DType::kFloat32 ? 1 : 0;
+  const int kind = a.dtype == DType::kFloat32 ? (sp_tf32(a) ? 4 : 1) : 0;
   if (!sp_make_plan(kind, P, Q, (int)(a.KH * a.KW), a.N, a.C, a.max_smem_optin, pl)) return false;
   if (transposed)
     sp_dispatch_forward<true>(a, pl, stream);

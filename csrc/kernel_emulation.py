@@ -852,15 +852,17 @@ def sp_gw_layout(P, QB, tc):  # sp_gw_layout()
     return dict(grows=grows, xp=xp, yp=yp, gp=gp, ys_off=ys_off, gs_off=gs_off, bytes=gs_off + grows * gp * 4)
 
 
-def sp_bytes(kind, P, QB, taps):
+def sp_bytes(kind, P, QB, taps):  # kind 4: fp32 forward on TF32 tensor cores (section "toeplitz_tf32_kernel")
     return [lambda: sp_layout_tc(P, QB, taps), lambda: sp_layout_f32(P, QB, taps),
-            lambda: sp_gw_layout(P, QB, True), lambda: sp_gw_layout(P, QB, False)][kind]()["bytes"]
+            lambda: sp_gw_layout(P, QB, True), lambda: sp_gw_layout(P, QB, False),
+            lambda: sp_layout_tf32(P, QB, taps)][kind]()["bytes"]
 
 
 def sp_make_plan(kind, P, Q, taps, N, C, max_smem_optin, target_ctas=512):
-    """sp_make_plan(): kind 0/1 = 16-bit/fp32 forward, 2/3 = 16-bit/fp32 grad_weight; None if nothing fits."""
+    """sp_make_plan(): kind 0/1 = 16-bit/fp32 forward, 2/3 = 16-bit/fp32 grad_weight, 4 = TF32 forward; None if
+    nothing fits."""
     budget = min(max_smem_optin, SP_SMEM_BUDGET)
-    mb = SP_MB_TC if kind in (0, 2) else SP_MB_F32
+    mb = SP_MB_TC if kind in (0, 2, 4) else SP_MB_F32
     for s in range(1, 33):
         QB = round_up(ceil_div(Q, s), 8)
         nbytes = sp_bytes(kind, P, QB, taps)
@@ -1431,3 +1433,321 @@ def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None, ta
     for s in range(1, splits):  # grad_weight_reduce_kernel: the splits in split order
         out += partial[s]
     return out.reshape(C, 1, KH, KW)
+
+
+# toeplitz_tf32_kernel (dwconv_toeplitz_tf32.cu): the fp32 forward / stride-1 grad_input on TF32 tensor cores,
+# toeplitz_mma_kernel's image-rows tiling with 32-bit elements: mma.m16n8k8 (m16 = 16 output columns, n8 = 8
+# images, k8 = 8 input columns), configs (NB, DG) = (2 | 4 column blocks, 4 | 6 offsets).  TF32 rounding
+# (cvt.rna.tf32.f32) emulated bit-exactly; vectorised over the 32 lanes (numpy), every lane with its own
+# shared-memory word addresses as the kernel computes them.  The sum inside one mma is taken in fp64 and rounded
+# to fp32 when added to the accumulator (the hardware's internal order is not specified; the products of two
+# TF32 values are exact in fp32 either way).
+# ------------------------------------------------------------------------------------------------
+TF_FO, TF_MAX_K, TF_WARPS, TF_IMG = 22, 64, 8, 8
+
+
+def tf32_round(v):
+    """cvt.rna.tf32.f32 on a float32 numpy array: round to nearest on the 13 dropped mantissa bits, ties away
+    from zero (add half an ulp to the magnitude bits, clear the 13 low bits; a carry moves into the exponent,
+    past the largest finite value to infinity); Inf and NaN unchanged."""
+    import numpy as np
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    u = v.view(np.uint32)
+    finite = (u & 0x7F800000) != 0x7F800000
+    r = np.where(finite, (u + np.uint32(0x1000)) & np.uint32(0xFFFFE000), u).astype(np.uint32)
+    return r.view(np.float32)
+
+
+def tf_s0(pl):  # transcription of tf_s0()
+    return (-pl) % 8
+
+
+def tf_layout(KH, KW, H, s0, NB, DG, bm):  # transcription of tf_layout(): offsets in floats, bytes
+    nd = (KW + 15 + s0 + 7) // 8
+    ngrp = ceil_div(nd, DG)
+    nch = 2 * NB - 2 + ngrp * DG
+    xc = 8 * nch
+    rows = min(H, bm + KH - 1)
+    ip = rows * xc + 4
+    z_off = TF_IMG * ip
+    fp = round_up(8 * ngrp * DG + 24, 8)
+    fe_off = round_up(z_off + xc, 32)
+    return dict(s0=s0, nd=nd, ngrp=ngrp, nch=nch, xc=xc, rows=rows, ip=ip, z_off=z_off, fp=fp, fe_off=fe_off,
+                bytes=(fe_off + KH * fp) * 4)
+
+
+def toeplitz_tf32_config(Wo, KW, pl):  # transcription of toeplitz_tf32_config(): (NB, DG)
+    nd = (KW + 15 + tf_s0(pl) + 7) // 8
+    return (2 if Wo <= 32 else 4, 6 if nd % 6 in (0, 5) else 4)
+
+
+def toeplitz_tf32_rows(KH, KW, H, Ho, pl, NB, DG, max_smem_optin):  # transcription of toeplitz_tf32_rows()
+    def nbytes(bm):
+        return tf_layout(KH, KW, H, tf_s0(pl), NB, DG, bm)["bytes"]
+    bm = round_up(Ho, 2)
+    while bm > 2 and nbytes(bm) > max_smem_optin:
+        bm = round_up(bm // 2, 2)
+    return bm if nbytes(bm) <= max_smem_optin else 0
+
+
+def cuda_fp32_forward_kernel(tf32, sm_major, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl,
+                             max_smem_optin=227 * 1024):
+    """launch_forward()'s fp32 order (dwconv_forward.cu) up to the first kernel that differs between TF32 allowed
+    and not: the small-plane GEMM where sp_rule accepts the plane and its plan fits (with ``tf32`` on sm80+ the
+    TF32 small_plane_mma_kernel<float>, else the IEEE small_plane_ffma_kernel), then, with ``tf32`` (algo 2),
+    toeplitz_tf32_kernel where try_toeplitz_tf32 accepts it; "ieee" for the IEEE kernels after that
+    (fp32_rb_kernel, fp32_blocked_kernel, generic_conv_kernel)."""
+    if sp_rule(False, sm_major, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl):
+        kind = 4 if tf32 and sm_major >= 8 else 1
+        if sp_make_plan(kind, H * W, Ho * Wo, KH * KW, N, C, max_smem_optin) is not None:
+            return "small_plane_mma_kernel<float>" if kind == 4 else "small_plane_ffma_kernel"
+    lim = 1 << 30
+    if (tf32 and sm_major >= 8 and (sh, sw, dh, dw) == (1, 1, 1, 1) and KH <= TF_MAX_K and KW <= TF_MAX_K
+            and all(v < lim for v in (N, C, H, W, Ho, Wo)) and -lim < pt < lim and -lim < pl < lim):
+        NB, DG = toeplitz_tf32_config(Wo, KW, pl)
+        bm = toeplitz_tf32_rows(KH, KW, H, Ho, pl, NB, DG, max_smem_optin)
+        if bm and C * ceil_div(N, TF_IMG) <= 2**31 - 1 and ceil_div(Wo, 16 * NB) <= 65535 and ceil_div(Ho, bm) <= 65535:
+            return "toeplitz_tf32_kernel"
+    return "ieee"
+
+
+def _tf_ldmatrix_x4(smem, addr):
+    """ldmatrix.m8n8.x4.b16 on 32-bit data: lane l gives the (float) address of row l % 8 of matrix l // 8 (16-byte
+    aligned); lane T receives, from each matrix, row T / 4, 32-bit word T % 4 (its b16 pair 2 (T % 4), + 1)."""
+    import numpy as np
+    assert (addr % 4 == 0).all()
+    T = np.arange(32)
+    return [smem[addr[8 * mi + T // 4] + T % 4] for mi in range(4)]
+
+
+def _mma_m16n8k8_tf32(acc, af, b0, b1, check_tf32=True):
+    """mma.sync.m16n8k8.row.col.f32.tf32.tf32.f32 on per-lane fragments (PTX ISA layout, g = lane / 4,
+    t = lane % 4): a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); b0 (k t, n g), b1 (k t + 4, n g);
+    c0, c1 (g, 2t, 2t + 1), c2, c3 (g + 8, 2t, 2t + 1).  acc: (32, 4) float32, updated in place.  The operands
+    must already be TF32 values (the kernel rounds them when staging; ``check_tf32=False``: the control run)."""
+    import numpy as np
+    lane = np.arange(32)
+    g, t = lane >> 2, lane & 3
+    A = np.full((16, 8), np.nan)
+    B = np.full((8, 8), np.nan)
+    A[g, t], A[g + 8, t], A[g, t + 4], A[g + 8, t + 4] = af[0], af[1], af[2], af[3]
+    B[t, g], B[t + 4, g] = b0, b1
+    assert not np.isnan(A).any() and not np.isnan(B).any(), "fragment element not loaded"
+    for op in (A, B) if check_tf32 else ():
+        assert (op.astype(np.float32).view(np.uint32) & 0x1FFF == 0).all(), "mma operand is not a TF32 value"
+    D = A @ B
+    acc[:, 0] = (acc[:, 0] + D[g, 2 * t]).astype(np.float32)
+    acc[:, 1] = (acc[:, 1] + D[g, 2 * t + 1]).astype(np.float32)
+    acc[:, 2] = (acc[:, 2] + D[g + 8, 2 * t]).astype(np.float32)
+    acc[:, 3] = (acc[:, 3] + D[g + 8, 2 * t + 1]).astype(np.float32)
+
+
+def emulate_toeplitz_tf32(x, w, bias, pt, pl, Ho, Wo, config=None, vec_x=1, bm=None, max_smem_optin=227 * 1024,
+                          rounding=True):
+    """Transcription of toeplitz_tf32_kernel: the launcher's (NB, DG) and rows per CTA, per-image row staging
+    (vectors with zero-filled tails, TF32-rounded in place), the zero row, the TF32-rounded filter rows Fe, per-warp
+    output-row pairs and their kernel-row range, the per-lane ldmatrix addresses (zero row for images >= N and
+    rows outside), the per-lane A words (mma row i <-> output column 2 (i % 8) + i // 8), the chunk mask, the
+    m16n8k8 fragments, the epilogue (fp32 accumulators + bias).  x, w, bias: fp32 values (any float tensor; cast
+    to float32 as the kernel reads them).  ``rounding=False`` skips the cvt (an IEEE-operand control run for the
+    tests: the kernel never does this).  Shared memory is a flat NaN-initialised float32 array per CTA; every
+    read is bounds-checked.  Returns float64 (the fp32 values)."""
+    import numpy as np
+    rnd = tf32_round if rounding else (lambda v: np.asarray(v, dtype=np.float32))
+    xn = x.detach().cpu().to(torch.float32).numpy()
+    wn = w.detach().cpu().to(torch.float32).numpy()
+    bn = None if bias is None else bias.detach().cpu().to(torch.float32).numpy()
+    N, C, H, W = xn.shape
+    KH, KW = wn.shape[2], wn.shape[3]
+    assert KH <= TF_MAX_K and KW <= TF_MAX_K
+    NB, DG = config if config is not None else toeplitz_tf32_config(Wo, KW, pl)
+    if bm is None:
+        bm = toeplitz_tf32_rows(KH, KW, H, Ho, pl, NB, DG, max_smem_optin)
+    assert bm > 0 and bm % 2 == 0
+    BN, NCH = 16 * NB, 2 * NB - 2 + DG
+    L = tf_layout(KH, KW, H, tf_s0(pl), NB, DG, bm)
+    assert L["bytes"] <= max_smem_optin
+    s0, xc, ip, fp, fe = L["s0"], L["xc"], L["ip"], L["fp"], L["fe_off"]
+    assert ip % 4 == 0 and (ip // 4) % 2 == 1 and xc % 8 == 0
+    assert vec_x in (1, 2, 4)
+    lane = np.arange(32)
+    g4, t4 = lane >> 2, lane & 3
+    limg, lrow, lkh = lane & 7, lane >> 4, (lane >> 3) & 1
+    xoff = t4 - 2 * g4 - s0 + TF_FO
+    assert (xoff >= 1).all()
+    y = np.full((N, C, Ho, Wo), np.nan)
+    gx, gy, gz = C * ceil_div(N, TF_IMG), ceil_div(Wo, BN), ceil_div(Ho, bm)
+    for bx in range(gx):
+        c, n0 = bx % C, (bx // C) * TF_IMG
+        f = wn[c, 0]
+        for by in range(gy):
+            for bz in range(gz):
+                ow0, oh0 = by * BN, bz * bm
+                c0 = ow0 - pl - s0
+                assert c0 % 8 == 0
+                ih_lo, ih_hi = max(oh0 - pt, 0), min(oh0 + bm - 1 - pt + KH, H)
+                assert ih_hi - ih_lo <= L["rows"]
+                smem = np.full(L["bytes"] // 4, np.nan, dtype=np.float32)
+                for img in range(TF_IMG):  # staging (cp.async vectors then the in-place cvt, or scalar + cvt)
+                    if n0 + img >= N:
+                        break
+                    for r in range(ih_hi - ih_lo):
+                        for j in range(0, xc, vec_x):
+                            col = c0 + j
+                            assert col >= 0 or col + vec_x <= 0  # no vector straddles column 0
+                            cnt = min(W - col, vec_x) if 0 <= col < W else 0
+                            vals = np.zeros(vec_x, dtype=np.float32)
+                            vals[:cnt] = xn[n0 + img, c, ih_lo + r, col:col + cnt]
+                            smem[img * ip + r * xc + j: img * ip + r * xc + j + vec_x] = rnd(vals)
+                smem[L["z_off"]: L["z_off"] + xc] = 0.0
+                for kh in range(KH):
+                    row = np.zeros(fp, dtype=np.float32)
+                    row[TF_FO: TF_FO + KW] = f[kh]
+                    smem[fe + kh * fp: fe + (kh + 1) * fp] = rnd(row)
+                b = np.float32(0.0) if bn is None else bn[c]
+                npairs = (min(Ho - oh0, bm) + 1) >> 1
+                for warp in range(TF_WARPS):
+                    for p in range(warp, npairs, TF_WARPS):
+                        oha = oh0 + 2 * p
+                        kh_lo, kh_hi = max(pt - oha - 1, 0), min(H + pt - oha, KH)
+                        acc = np.zeros((2, NB, 32, 4), dtype=np.float32)
+                        lok = (n0 + limg < N) & (oha + lrow < Ho)
+                        ih0 = oha + lrow - pt
+                        for g in range(L["ngrp"]):
+                            live = [c0 + 8 * (DG * g + j) + 7 >= 0 and c0 + 8 * (DG * g + j) < W for j in range(NCH)]
+                            if not any(live):
+                                continue
+                            for kh in range(kh_lo, kh_hi):
+                                ok = lok & (ih0 + kh >= 0) & (ih0 + kh < H)
+                                rb = limg * ip + (ih0 + kh - ih_lo) * xc + 4 * lkh
+                                assert ((ih0[ok] + kh >= ih_lo) & (ih0[ok] + kh < ih_hi)).all()
+                                xa = np.where(ok, rb, L["z_off"] + 4 * lkh) + 8 * DG * g
+                                aoff = kh * fp + 8 * DG * g + xoff
+                                af = []
+                                for dd in range(DG):
+                                    idx = [aoff + 8 * dd, aoff + 8 * dd - 1, aoff + 8 * dd + 4, aoff + 8 * dd + 3]
+                                    for ix in idx:  # inside this kernel row of Fe
+                                        assert (ix >= kh * fp).all() and (ix < (kh + 1) * fp).all()
+                                    af.append([smem[fe + ix] for ix in idx])
+                                for j in range(NCH):
+                                    if not live[j]:
+                                        continue
+                                    la = xa + 8 * j
+                                    inside = [(a >= L["z_off"] and a + 4 <= L["z_off"] + xc) or
+                                              (a < TF_IMG * ip and (a % ip) % xc + 4 <= xc) for a in la]
+                                    assert all(inside)
+                                    bf = _tf_ldmatrix_x4(smem, la)
+                                    for ob in range(NB):
+                                        dd = j - 2 * ob
+                                        if not 0 <= dd < DG:
+                                            continue
+                                        _mma_m16n8k8_tf32(acc[0, ob], af[dd], bf[0], bf[1], rounding)
+                                        _mma_m16n8k8_tf32(acc[1, ob], af[dd], bf[2], bf[3], rounding)
+                        for h in range(2):  # epilogue: C registers e, 2 + e = columns 2 g4, 2 g4 + 1 of image 2 t4 + e
+                            for ln in range(32):
+                                for e in range(2):
+                                    img, oh = n0 + 2 * t4[ln] + e, oha + h
+                                    if img >= N or oh >= Ho:
+                                        continue
+                                    for ob in range(NB):
+                                        ow = ow0 + 2 * g4[ln] + 16 * ob
+                                        if ow >= Wo:
+                                            continue
+                                        y[img, c, oh, ow] = np.float32(acc[h, ob, ln, e] + b)
+                                        if ow + 1 < Wo:
+                                            y[img, c, oh, ow + 1] = np.float32(acc[h, ob, ln, 2 + e] + b)
+    return torch.from_numpy(y)
+
+
+
+# small_plane_mma_kernel<float, TRANS> (dwconv_small_plane.cu): the batch-as-rows GEMM on TF32 tensor cores
+def sp_layout_tf32(P, QB, taps):  # transcription of sp_layout_tf32(): element pitches, byte offsets
+    kp = round_up(P, 8)
+    pitch = kp + 4
+    qr = round_up(QB, 16)
+    bs_off = SP_MB_TC * pitch * 4
+    fs_off = bs_off + qr * pitch * 4
+    return dict(kp=kp, pitch=pitch, qr=qr, bs_off=bs_off, fs_off=fs_off, bytes=fs_off + 2 * round_up(taps * 4, 16))
+
+
+def emulate_small_plane_forward_tf32(xin, w, bias, geo, trans, max_smem_optin=227 * 1024, vec_x=1, target_ctas=512,
+                                     rounding=True):
+    """Transcription of small_plane_mma_kernel<float, TRANS> for every CTA of the launch (plan kind 4): the F_c
+    build from the TF32-rounded filter (no word pairs), the 64-row staging with the lane's in-place rounding, the
+    per-lane ldmatrix addresses of sp_fwd_item (in floats: 16 bytes = 4 floats, K steps of 8 floats = 32 bytes),
+    m16n8k8 fragments, the epilogue.  geo, xin as emulate_small_plane_forward; ``rounding=False``: the IEEE-operand
+    control run.  Shared memory is a flat NaN-initialised float32 array per CTA."""
+    import numpy as np
+    rnd = tf32_round if rounding else (lambda v: np.asarray(v, dtype=np.float32))
+    H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl = geo
+    N, C = xin.shape[:2]
+    (kH, kW), (nH, nW) = _sp_planes(xin, trans, geo)
+    assert tuple(xin.shape[2:]) == (kH, kW)
+    assert sp_rule(False, 9, N, C, H, W, Ho, Wo, KH, KW, sh, sw, dh, dw, pt, pl)
+    assert vec_x in (1, 2, 4)
+    P, Q, taps = kH * kW, nH * nW, KH * KW
+    plan = sp_make_plan(4, P, Q, taps, N, C, max_smem_optin, target_ctas)
+    assert plan is not None
+    QB = plan["QB"]
+    L = sp_layout_tf32(P, QB, taps)
+    kp, pitch, bs = L["kp"], L["pitch"], L["bs_off"] // 4
+    xf = xin.detach().cpu().to(torch.float32).reshape(N, C, P).numpy()
+    y = np.full((N, C, Q), np.nan)
+    lane = np.arange(32)
+    a_lane = (lane & 15) * pitch + (lane >> 4) * 4
+    b_lane = bs + (((lane >> 4) << 3) + (lane & 7)) * pitch + ((lane >> 3) & 1) * 4
+    g4, t4 = lane >> 2, lane & 3
+    for c in range(C):
+        f = torch.from_numpy(rnd(w[c, 0].detach().cpu().to(torch.float32).numpy()).astype(np.float64))
+        b = np.float32(0.0 if bias is None else float(bias[c]))
+        for by in range(plan["qsplits"]):
+            q0 = by * QB
+            qn = min(QB, Q - q0)
+            for bz in range(plan["bgroups"]):
+                smem = np.full(L["bytes"] // 4, np.nan, dtype=np.float32)
+                smem[bs: bs + L["qr"] * pitch] = 0.0
+                _sp_build_fc(smem, bs, pitch, 1, f, geo, trans, q0, qn, pairs=False)
+                ch0 = bz * plan["cpg"]
+                for ch in range(ch0, min(ch0 + plan["cpg"], plan["nchunks"])):
+                    n0 = ch * SP_MB_TC
+                    rv = min(N - n0, SP_MB_TC)
+                    plane = torch.zeros(SP_MB_TC, round_up(max(P, 1), 16) + 16, dtype=torch.float64)
+                    plane[:rv, :P] = torch.from_numpy(xf[n0:n0 + rv, c].astype(np.float64))
+                    _sp_stage(smem, 0, pitch, kp, plane, SP_MB_TC, rv, 0, P, vec_x)
+                    for m in range(SP_MB_TC):  # sp_round_tf32_own: every staged element, once
+                        smem[m * pitch: m * pitch + kp] = rnd(smem[m * pitch: m * pitch + kp])
+                    nnb = ceil_div(qn, 32)
+                    for warp in range(SP_WARPS):
+                        for item in range(warp, 2 * nnb, SP_WARPS):
+                            mb, nb = item & 1, item >> 1
+                            if mb * 32 >= rv:
+                                continue
+                            mt1 = mb * 32 + 16 < rv
+                            ntv = min(ceil_div(qn - nb * 32, 8), 4)
+                            assert nb * 32 + (32 if ntv > 2 else 16) <= L["qr"]
+                            acc = np.zeros((2, 4, 32, 4), dtype=np.float32)
+                            abase, bbase = a_lane + mb * 32 * pitch, b_lane + nb * 32 * pitch
+                            for ks in range(kp // 8):
+                                ao, bo = abase + 8 * ks, bbase + 8 * ks
+                                assert ((ao % pitch) + 4 <= kp).all()
+                                af = [_tf_ldmatrix_x4(smem, ao)]
+                                af.append(_tf_ldmatrix_x4(smem, ao + 16 * pitch) if mt1 else None)
+                                r4 = _tf_ldmatrix_x4(smem, bo)
+                                bf = [(r4[0], r4[1]), (r4[2], r4[3])]
+                                if ntv > 2:
+                                    r4 = _tf_ldmatrix_x4(smem, bo + 16 * pitch)
+                                    bf += [(r4[0], r4[1]), (r4[2], r4[3])]
+                                for nt in range(ntv):
+                                    _mma_m16n8k8_tf32(acc[0, nt], af[0], bf[nt][0], bf[nt][1], rounding)
+                                    if mt1:
+                                        _mma_m16n8k8_tf32(acc[1, nt], af[1], bf[nt][0], bf[nt][1], rounding)
+                            for mt in range(2):
+                                for h in range(2):
+                                    m = mb * 32 + mt * 16 + g4 + 8 * h
+                                    for nt in range(4):
+                                        for e in range(2):
+                                            qq = nb * 32 + nt * 8 + 2 * t4 + e
+                                            ok = (m < rv) & (qq < qn)
+                                            assert (not ok.any()) or (nt < ntv and (mt == 0 or mt1))
+                                            y[n0 + m[ok], c, q0 + qq[ok]] = (acc[mt, nt, ok, 2 * h + e] + b).astype(np.float32)
+    return torch.from_numpy(y.reshape(N, C, nH, nW))

@@ -256,14 +256,16 @@ def test_double_backward(case):
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 def test_nonfinite_inputs(dtype):
     """Inf/NaN inputs: never a finite number where F.conv2d gives Inf/NaN; finite outputs exact (the
-    tensor-core tiles may spread NaN further than F.conv2d; documented)."""
+    tensor-core tiles may spread NaN further than F.conv2d; documented).  fp32 with TF32 off: the IEEE kernels
+    (test_toeplitz_tf32.py covers the TF32 ones)."""
     from lkconv.backends.reference import reference_forward
-    from lkconv.testing import nonfinite_contract_violations
+    from lkconv.testing import no_tf32, nonfinite_contract_violations
 
     x, w, b, s, p, d = _make("k31_56", DTYPES[dtype], "nchw", bias=False)
     x[0, 1, 20, 30] = float("inf")
     x[1, 2, 3, 4] = float("nan")
-    y = lkconv.depthwise_conv2d(x, w, None, s, p, d, backend="cuda")
+    with no_tf32():
+        y = lkconv.depthwise_conv2d(x, w, None, s, p, d, backend="cuda")
     ref = reference_forward(x.double().cpu(), w.double().cpu(), None, normalize_params(s, p, d, (31, 31)))
     assert not nonfinite_contract_violations(y, ref, DTYPES[dtype])
 

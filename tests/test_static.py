@@ -49,7 +49,7 @@ def test_cuda_kernels_found_and_no_spills(cuda_facts, arch):
     # every kernel of the table is present (a rename without a table update fails here)
     assert {"tc_toeplitz_mma", "tc_toeplitz", "fp32_rb", "fp32_direct", "fallback", "fallback_strided", "grad_weight_tc",
             "grad_weight_ffma", "grad_weight_partial", "grad_weight_reduce", "sp_mma", "sp_ffma", "sp_gw_mma",
-            "sp_gw_ffma"} <= roles
+            "sp_gw_ffma", "tc_toeplitz_tf32"} <= roles
     assert all(f["dtype"] is not None for f in kf.values() if f["role"] != "fp32_direct")
     assert all(f["role"] is not None for f in kf.values()), [f["name"] for f in kf.values() if f["role"] is None]
     problems = [p for f in kf.values() for p in checks.spill_problems(f)]
@@ -118,6 +118,25 @@ def test_cuda_16bit_tensor_core_kernels_use_ldsm_and_hmma(cuda_facts, arch, dtyp
     """The default 16-bit kernels (raw ldmatrix + mma.sync): LDSM-fed HMMA, no generic LD."""
     problems = [p for f in _tc_kernels(cuda_facts[arch], dtype) for p in checks.tensor_core_problems(f)]
     assert problems == []
+
+
+@needs_cuda_tools
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_tf32_kernels_use_ldsm_and_hmma(cuda_facts, arch):
+    """toeplitz_tf32_kernel<NB, DG> (fp32 with TF32 allowed): every instantiation's hot loop (one kernel row of one
+    offset group) issues 2 NB DG HMMA (m16n8k8 tf32), one LDSM per chunk (2 NB - 2 + DG) and 4 LDS per A fragment,
+    no generic LD."""
+    fs = [f for f in cuda_facts[arch].values() if f["role"] == "tc_toeplitz_tf32"]
+    assert {f["template"] for f in fs} == {(2, 4), (2, 6), (4, 4), (4, 6)}
+    for f in fs:
+        assert f["dtype"] == "tf32" and checks.tensor_core_problems(f) == [], f["name"]
+        nb, dg = f["template"]
+        mix = f["hot"]["mix"]
+        assert (mix["hmma"], mix["ldsm"], mix["lds"]) == (2 * nb * dg, 2 * nb - 2 + dg, 4 * dg), (f["name"], mix)
+    # small_plane_mma_kernel<float, TRANS>: the small-plane GEMM on TF32 tensor cores, LDSM-fed like the 16-bit one
+    sp = [f for f in cuda_facts[arch].values() if f["role"] == "sp_mma" and f["dtype"] == "tf32"]
+    assert len(sp) == 2 and all("<float, " in f["name"] for f in sp)
+    assert [p for f in sp for p in checks.tensor_core_problems(f)] == []
 
 
 @needs_cuda_tools
@@ -374,6 +393,7 @@ def test_new_kernel_symbols_map_to_roles():
         "void lkconv::(anonymous namespace)::fp32_rb_kernel<7, 7, 8, 1, 4, 8>(lkconv::ConvArgs, int)":
             ("fp32_rb", "fp32", (4, 8)),
         "lkconv::fp32_blocked_kernel(lkconv::ConvArgs)": ("fp32_direct", None, None),
+        "void lkconv::toeplitz_tf32_kernel<4, 6>(lkconv::ConvArgs, int, int)": ("tc_toeplitz_tf32", "tf32", (4, 6)),
         "dwconv_forward_aligned_kernel": ("tr_conv_aligned", None, None),
         "dwconv_grad_weight_aligned_kernel": ("tr_grad_weight_aligned", None, None),
         "dwconv_grad_weight_diag_kernel": ("tr_grad_weight_diag", None, None),
@@ -382,7 +402,7 @@ def test_new_kernel_symbols_map_to_roles():
     for name, (role, dtype, tmpl) in cases.items():
         d = SK.describe_symbol(name)
         assert (d["role"], d["dtype"], d["template"]) == (role, dtype, tmpl), name
-        assert SK.ROLE_STATUS[role] in ("default", "fallback")
+        assert SK.ROLE_STATUS[role].split(" (")[0] in ("default", "fallback")
     assert SK.ROLE_STATUS["tc_toeplitz"] == "fallback" and SK.ROLE_STATUS["tc_toeplitz_mma"] == "default"
 
 

@@ -4,8 +4,10 @@ Kernels (see docs/cuda_backend.md):
 
 * fp16/bf16, stride 1, dilation 1 (sm80+): row-Toeplitz implicit GEMM on tensor cores (raw ldmatrix +
   mma.sync m16n8k16 for K <= 64, nvcuda::wmma m16n16k16 above; fp32 accumulate);
-* fp32, stride 1, dilation 1: register-blocked direct convolution on CUDA cores (IEEE fp32; the
-  TF32 path is not implemented, so ``torch.backends.cudnn.allow_tf32`` does not change results);
+* fp32, stride 1, dilation 1: register-blocked direct convolution on CUDA cores (IEEE fp32); when
+  PyTorch allows TF32 for convolutions (:func:`lkconv.precision.conv_tf32_enabled`, the rule the Triton
+  backend follows too) forward and grad_input run on TF32 tensor cores instead (the row-Toeplitz kernel,
+  the small-plane GEMM; ``algo=2``, see :func:`pass_algo`); grad_weight stays IEEE;
 * everything else (stride > 1, dilation, shared memory too small, ...): a simple generic kernel per
   pass, fp32 accumulation;
 * grad_input with stride 1 is the forward with the flipped kernel; grad_weight is a split reduction
@@ -119,6 +121,25 @@ def _jit_build(verbose: bool) -> None:
     )
 
 
+def pass_algo(base_algo: int, dtype: torch.dtype, pass_: str) -> int:
+    """The ``algo`` argument of the ``lkconv_cuda`` op for one pass: ``base_algo`` 1 (generic kernels) as is;
+    else 2 (fp32 forward / grad_input may use the TF32 tensor-core kernel) when the pass is fp32 forward or
+    grad_input and PyTorch allows TF32 for convolutions (:func:`lkconv.precision.conv_tf32_enabled`, legacy
+    ``torch.backends.cudnn.allow_tf32`` or ``torch.backends.cudnn.conv.fp32_precision``), else 0 (IEEE)."""
+    if base_algo == 1:
+        return 1
+    if dtype == torch.float32 and pass_ in ("forward", "grad_input") and _tf32_allowed():
+        return 2
+    return 0
+
+
+@torch.compiler.assume_constant_result
+def _tf32_allowed() -> bool:
+    from ..precision import conv_tf32_enabled
+
+    return conv_tf32_enabled()
+
+
 class CUDABackend(Backend):
     name = "cuda"
     description = ("compiled CUDA extension (csrc/): tensor-core row-Toeplitz implicit GEMM for fp16/bf16, "
@@ -175,13 +196,15 @@ class CUDABackend(Backend):
     def forward(self, x, weight, bias, p):
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return torch.ops.lkconv_cuda.forward(x, weight, bias, list(p.stride), list(p.padding), list(p.dilation), self.algo)
+        return torch.ops.lkconv_cuda.forward(x, weight, bias, list(p.stride), list(p.padding), list(p.dilation),
+                                             pass_algo(self.algo, x.dtype, "forward"))
 
     def grad_input(self, grad_out, weight, input_shape, p):
         if weight.dtype != grad_out.dtype:
             weight = weight.to(grad_out.dtype)
         return torch.ops.lkconv_cuda.grad_input(
-            grad_out, weight, list(input_shape), list(p.stride), list(p.padding), list(p.dilation), self.algo
+            grad_out, weight, list(input_shape), list(p.stride), list(p.padding), list(p.dilation),
+            pass_algo(self.algo, grad_out.dtype, "grad_input")
         )
 
     def grad_weight(self, grad_out, x, weight_shape, p):

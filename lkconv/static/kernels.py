@@ -20,6 +20,7 @@ KERNEL_TABLE: List[Tuple[str, str, str, str]] = [
     (r"small_plane_gw_mma_kernel", "cuda", "grad_weight", "sp_gw_mma"),
     (r"small_plane_gw_rows_kernel", "cuda", "grad_weight", "sp_gw_rows"),
     (r"small_plane_gw_ffma_kernel", "cuda", "grad_weight", "sp_gw_ffma"),
+    (r"toeplitz_tf32_kernel", "cuda", "forward,grad_input", "tc_toeplitz_tf32"),
     (r"toeplitz_mma_kernel", "cuda", "forward,grad_input", "tc_toeplitz_mma"),
     (r"toeplitz_wmma_kernel", "cuda", "forward,grad_input", "tc_toeplitz"),
     (r"fp32_rb_kernel", "cuda", "forward,grad_input", "fp32_rb"),
@@ -58,6 +59,7 @@ ROLE_STATUS: Dict[str, str] = {
     "sp_mma": "default (planes <= 256 px)", "sp_ffma": "default (planes <= 256 px)",
     "sp_gw_mma": "default (planes <= 256 px)", "sp_gw_ffma": "default (planes <= 256 px)",
     "sp_gw_rows": "default (16-bit, stride 1, planes 9..16 wide)",
+    "tc_toeplitz_tf32": "default (fp32 with TF32 allowed, planes > 256 px)",
 }
 
 ARCHS = (80, 90)
@@ -96,8 +98,13 @@ def describe_symbol(sym: str) -> Dict:
         dtype = "fp32"
     if dtype is None and role in ("grad_weight_ffma", "fp32_rb", "sp_ffma", "sp_gw_ffma"):  # fp32 by construction
         dtype = "fp32"
+    if role == "tc_toeplitz_tf32" or (role == "sp_mma" and dtype == "fp32"):  # fp32 on TF32 tensor cores
+        dtype = "tf32"
     m = re.search(r"<[^<>]*?,\s*(\d+),\s*(\d+)>", name)
     tmpl = (int(m.group(1)), int(m.group(2))) if m else None
+    if tmpl is None and role == "tc_toeplitz_tf32":  # toeplitz_tf32_kernel<NB, DG>: two parameters only
+        m = re.search(r"<\s*(\d+),\s*(\d+)>", name)
+        tmpl = (int(m.group(1)), int(m.group(2))) if m else None
     return dict(name=name, backend=backend, passes=passes, role=role, dtype=dtype, template=tmpl)
 
 

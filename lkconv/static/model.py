@@ -842,6 +842,124 @@ def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, nb: int, dg: int, m: 
         mma_usefulness=useful / max(b["total_macs"], 1)))
 
 
+# toeplitz_tf32_kernel (csrc/dwconv_toeplitz_tf32.cu): the same image-rows tiling on TF32 tensor cores
+TF_WARPS, TF_IMG = 8, 8
+
+
+def tf_layout(KH: int, KW: int, H: int, s0: int, nb: int, dg: int, bm: int) -> Dict[str, int]:
+    """csrc/dwconv_toeplitz_tf32.cu tf_layout: offsets in floats and bytes."""
+    nd = (KW + 15 + s0 + 7) // 8
+    ngrp = _ceil(nd, dg)
+    nch = 2 * nb - 2 + ngrp * dg
+    xc = 8 * nch
+    rows = min(H, bm + KH - 1)
+    ip = rows * xc + 4
+    z_off = TF_IMG * ip
+    fp = _round_up(8 * ngrp * dg + 24, 8)
+    fe_off = _round_up(z_off + xc, 32)
+    return dict(nd=nd, ngrp=ngrp, nch=nch, xc=xc, rows=rows, fp=fp, bytes=(fe_off + KH * fp) * 4)
+
+
+def toeplitz_tf32_config(Wo: int, KW: int, pl: int) -> Tuple[int, int]:
+    """toeplitz_tf32_config (csrc/dwconv_toeplitz_tf32.cu): (NB, DG)."""
+    nd = (KW + 15 + tm_s0(pl) + 7) // 8
+    return (2 if Wo <= 32 else 4, 6 if nd % 6 in (0, 5) else 4)
+
+
+def toeplitz_tf32_rows(KH: int, KW: int, H: int, Ho: int, pl: int, nb: int, dg: int,
+                       optin: int = TM_MAX_SMEM_OPTIN) -> int:
+    """toeplitz_tf32_rows: all output rows if the tile fits the opt-in (one CTA per SM), else halved; 0: declines."""
+    def nbytes(bm):
+        return tf_layout(KH, KW, H, tm_s0(pl), nb, dg, bm)["bytes"]
+    bm = _round_up(Ho, 2)
+    while bm > 2 and nbytes(bm) > optin:
+        bm = _round_up(bm // 2, 2)
+    return bm if nbytes(bm) <= optin else 0
+
+
+def _model_toeplitz_tf32(f: Dict, layer: Layer, nb: int, dg: int, m: Machine, sms: int) -> Dict:
+    """toeplitz_tf32_kernel<NB, DG>: toeplitz_mma_kernel's model with 32-bit elements.  CTA = (channel, 8 images,
+    bm output rows, 16*NB columns), 8 warps.  Per CTA: the staging of the needed input rows (cp.async vectors of
+    vec_x floats, then the in-place TF32 rounding pass over the same vectors: the measured-static body of that loop
+    per vector), the zero row, the TF32-rounded filter rows Fe; per warp its output-row pairs, each: per offset
+    group and kernel row one pass of the measured-static hot-loop body (2 NB - 2 + DG chunks; a chunk in the zero
+    border is predicated off: its instructions issue, its HMMAs use no tensor time), the group and pair loops' own
+    instructions (the pair loop holds the epilogue).  MACs: 2 HMMA.1688.F32.TF32 (16x8x8 = 1024 MACs each) per live
+    (chunk, block) site, at half the 16-bit mma.sync rate per SM (TF32 tensor rate = 1/2 of fp16/bf16).
+    Shared-memory wavefronts: 4 per ldmatrix.x4 (4 x 128 B), 1 per 32-bit A word, 4 + 4 per rounding vector of
+    4 floats (LDS.128 + STS.128), the staging stores."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    s0 = tm_s0(P)
+    bm = toeplitz_tf32_rows(K, K, H, H, P, nb, dg)
+    L = tf_layout(K, K, H, s0, nb, dg, bm)
+    BN, nch_g = 16 * nb, 2 * nb - 2 + dg
+    ve = cuda_vec_elems(H, 4)
+    mma = f["hot"]
+    grp_loop = _parent(f, mma)
+    pair_loop = _parent(f, grp_loop) if grp_loop else None
+    sites_static = sum(1 for j in range(nch_g) for ob in range(nb) if 0 <= j - 2 * ob < dg)
+    unroll = max(mma["mix"].get("hmma", 0) / (2 * sites_static), 1)
+    c_kh = mma["mix"]["total"] / unroll
+    lds_kh = mma["mix"].get("lds", 0) / unroll
+    c_grp = grp_loop["mix"]["total"] if grp_loop else 0
+    c_pair = pair_loop["mix"]["total"] if pair_loop else 0
+    loops = _loops(f)
+    vec_loop = max([lp for lp in loops if lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
+    sc_loop = max([lp for lp in loops if lp["mix"].get("ldg") and lp["mix"].get("sts")
+                   and not lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
+    # the in-place rounding loop of width ve: one LDS, ve conversions (fp), one STS per vector
+    cvt_loop = next((lp for lp in loops if lp["mix"].get("lds") == 1 and lp["mix"].get("sts") == 1
+                     and lp["mix"].get("fp") == ve and not lp["mix"].get("ldg")), None)
+    c_vec = vec_loop["mix"]["total"] / _mem_ops(vec_loop) if vec_loop else 25.0
+    c_sc = sc_loop["mix"]["total"] / _mem_ops(sc_loop) if sc_loop else 8.0
+    c_cvt = cvt_loop["mix"]["total"] if cvt_loop else 5.0 * ve + 4
+    c_stage = c_vec + c_cvt if ve > 1 else c_sc
+    gx_img, gy, gz = _ceil(N, TF_IMG), _ceil(H, BN), _ceil(H, bm)
+    tiles = []
+    for gi in range(gx_img):
+        nimg = min(TF_IMG, N - TF_IMG * gi)
+        for z in range(gz):
+            oh0 = z * bm
+            ih_lo, ih_hi = max(oh0 - P, 0), min(oh0 + bm - 1 - P + K, H)
+            nrows = max(ih_hi - ih_lo, 0)
+            for y in range(gy):
+                ow0 = y * BN
+                c0 = ow0 - P - s0
+                vecs = nimg * nrows * _ceil(L["xc"], 32 * ve)          # warp-level vector instructions
+                issue = vecs * c_stage
+                issue += TF_WARPS * _ceil(L["xc"], 32 * TF_WARPS) * 4
+                issue += TF_WARPS * _ceil(K, TF_WARPS) * _ceil(L["fp"], 32) * c_sc
+                wave = vecs * max(ve * 4 * 32 // 128, 1) * (3 if ve > 1 else 1)  # cp.async + LDS + STS
+                wave += TF_WARPS * _ceil(K, TF_WARPS) * _ceil(L["fp"], 32)
+                macs = 0.0
+                npairs = (min(H - oh0, bm) + 1) // 2
+                for p in range(npairs):
+                    oha = oh0 + 2 * p
+                    nkh = max(min(H + P - oha, K) - max(P - oha - 1, 0), 0)
+                    issue += c_pair
+                    for g in range(L["ngrp"]):
+                        live = [c0 + 8 * (dg * g + j) + 7 >= 0 and c0 + 8 * (dg * g + j) < H for j in range(nch_g)]
+                        if not any(live):
+                            continue
+                        sites = sum(1 for j in range(nch_g) if live[j] for ob in range(nb) if 0 <= j - 2 * ob < dg)
+                        issue += c_grp + nkh * c_kh
+                        macs += nkh * sites * 2 * 1024
+                        wave += nkh * (4 * sum(live) + lds_kh)
+                tiles.append((issue, macs, wave))
+    t = np.array(tiles).reshape(gx_img, gz, gy, 3)
+    acc = _Acc(C * gx_img * gy * gz)
+    order = np.repeat(t.transpose(1, 2, 0, 3).reshape(-1, 3), C, axis=0)
+    acc.issue, acc.macs, acc.wave = order[:, 0], order[:, 1], order[:, 2]
+    b = _busiest(acc, _tc_rate(f, "tf32", m), m, sms)
+    useful = N * C * H * H * K * K
+    return _finish(b, _hbm(layer, "tf32", m), dict(
+        tile=f"8img x {bm}x{BN}", threads=32 * TF_WARPS, dyn_smem=int(L["bytes"]), vec_x=ve, rows_per_cta=bm,
+        per_unit=dict(instr_per_kh=c_kh, instr_per_group=c_grp, instr_per_pair=c_pair, stage_per_vector=c_stage,
+                      instr_per_hmma=c_kh / (2 * sites_static)),
+        mma_usefulness=useful / max(b["total_macs"], 1)))
+
+
 def cuda_grad_weight_fast_splits(N: int, Ho: int, C: int) -> int:
     """grad_weight_splits of csrc/dwconv_grad_weight.cu on the fast path."""
     s = min(_ceil(N * Ho, 64), _ceil(1024, max(C, 1)), 1024)
@@ -960,7 +1078,8 @@ def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str,
                   sms: int = None) -> Optional[Dict]:
     """The kernel the CUDA launchers route (layer, pass, dtype) to by default: fp16/bf16 forward and
     stride-1 grad_input -> toeplitz_mma_kernel (K <= 64; <NB, DG> of toeplitz_mma_config: NB = 2 16-column
-    blocks for Wo <= 32, else 4), fp32 -> fp32_rb_kernel (K <= 64; 56x56 or 28x28x2 tile by fp32_rb_small_tile;
+    blocks for Wo <= 32, else 4), tf32 (fp32 with TF32 allowed) -> toeplitz_tf32_kernel (K <= 64, where its tile
+    fits), fp32 -> fp32_rb_kernel (K <= 64; 56x56 or 28x28x2 tile by fp32_rb_small_tile;
     fp32_blocked_kernel above); grad_weight (stride 1, K <= 64, 48 KB smem) ->
     grad_weight_tc_kernel / grad_weight_ffma_kernel.  None when the default kernel is not compiled."""
     sms = sms or m.sms
@@ -977,6 +1096,14 @@ def model_cuda_v2(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: str,
         return None
 
     if pass_ in ("forward", "grad_input"):
+        if dtype == "tf32" and layer.K <= 64:  # TF32 allowed: toeplitz_tf32_kernel where its tile fits
+            nb, dg = toeplitz_tf32_config(layer.H, layer.K, layer.K // 2)
+            f = next((f for f in kfacts.values() if f.get("role") == "tc_toeplitz_tf32"
+                      and f.get("template") == (nb, dg)), None)
+            if f is not None and toeplitz_tf32_rows(layer.K, layer.K, layer.H, layer.H, layer.K // 2, nb, dg):
+                r = _model_toeplitz_tf32(f, layer, nb, dg, m, sms)
+                occ = occupancy(f["regs"], r["threads"], r["dyn_smem"], m)
+                return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)
         if kd == "fp32":
             cfg = "28" if fp32_rb_small_tile(layer.H, layer.H) else "56"
             R, CC, LC, LR, SUB, WY = FRB_CONFIGS[cfg]
@@ -1148,7 +1275,11 @@ def sp_applies(layer: Layer, dtype: str) -> bool:
 
 
 def sp_bytes(kind: int, P: int, QB: int, taps: int) -> int:
-    """dynamic shared memory of sp_layout_tc / sp_layout_f32 / sp_gw_layout (kind 0..3 as sp_make_plan)."""
+    """dynamic shared memory of sp_layout_tc / sp_layout_f32 / sp_gw_layout / sp_layout_tf32 (kind 0..4 as
+    sp_make_plan)."""
+    if kind == 4:
+        pitch = _round_up(P, 8) + 4
+        return SP_MB_TC * pitch * 4 + _round_up(QB, 16) * pitch * 4 + 2 * _round_up(taps * 4, 16)
     if kind == 0:
         pitch = _round_up(P, 16) + 8
         return SP_MB_TC * pitch * 2 + _round_up(QB, 16) * pitch * 2 + 2 * _round_up(taps * 2, 16)
@@ -1166,7 +1297,7 @@ def sp_bytes(kind: int, P: int, QB: int, taps: int) -> int:
 def sp_plan(kind: int, P: int, Q: int, taps: int, N: int, C: int, optin: int) -> Optional[Dict]:
     """sp_make_plan(): pixel block QB (fewest blocks that fit min(optin, budget)) and batch groups."""
     budget = min(optin, SP_SMEM_BUDGET)
-    mb = SP_MB_TC if kind in (0, 2) else SP_MB_F32
+    mb = SP_MB_TC if kind in (0, 2, 4) else SP_MB_F32
     for s in range(1, 33):
         QB = _round_up(_ceil(Q, s), 8)
         nbytes = sp_bytes(kind, P, QB, taps)
@@ -1243,23 +1374,26 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
     blocks, batch groups), 8 warps.  Per CTA: filter -> smem, zero-fill of the F_c block (16-B STS), the F_c
     scatter (_sp_build_cost), then per batch chunk the staging (cp.async vectors of the plane or scalar loads),
     the warp items (32 rows x 32 pixels: the K loop body of the full item per 16-wide step, the item's own
-    body once: zero-init, epilogue) or the FFMA thread items (4 x 8 block, the unrolled k loop)."""
+    body once: zero-init, epilogue) or the FFMA thread items (4 x 8 block, the unrolled k loop).  dtype "tf32":
+    small_plane_mma_kernel<float, false> (TF32 tensor cores): 4-byte layout (kind 4), 32-byte K steps of 8 floats,
+    HMMA.1688.F32.TF32 = 1024 MACs at half the 16-bit rate, plus the in-place rounding loop per staged vector."""
     N, C, H, K = layer.N, layer.C, layer.H, layer.K
-    tc = dtype not in ("fp32", "tf32")
+    tf32 = dtype == "tf32"
+    tc = dtype != "fp32"
     P = Q = H * H
     taps = K * K
-    kind = 0 if tc else 1
+    kind = 4 if tf32 else 0 if tc else 1
     pl = sp_plan(kind, P, Q, taps, N, C, SMEM_OPTIN.get(arch, 227 * 1024))
     QB, qs, bgroups, cpg = pl["QB"], pl["qsplits"], pl["bgroups"], pl["cpg"]
     mb = SP_MB_TC if tc else SP_MB_F32
     blocks = [(b * QB, min(QB, Q - b * QB)) for b in range(qs)]
-    build = _sp_build_cost(f, H, K, blocks, pairs=tc)
+    build = _sp_build_cost(f, H, K, blocks, pairs=tc and not tf32)
     fil = max(_sp_loops(f, need=("ldg", "sts"), forbid=("cp_async",), depth=0), key=lambda lp: lp["mix"]["sts"])
     c_fil = fil["mix"]["total"] / fil["mix"]["sts"]
     zero = max(_sp_loops(f, need=("sts",), forbid=("ldg", "lds", "cp_async"), depth=0), key=lambda lp: lp["mix"]["sts"])
     c_zero = zero["mix"]["total"] / zero["mix"]["sts"]
     chunk = max(_sp_loops(f, need=("barrier",), depth=0), key=lambda lp: lp["mix"]["total"])
-    esz = 2 if tc else 4
+    esz = 2 if tc and not tf32 else 4
     if tc:
         kl = sorted(_sp_loops(f, need=("hmma", "ldsm")), key=lambda lp: lp["mix"]["total"] / lp["mix"]["hmma"])
         full, part = kl[0], kl[-1]
@@ -1275,12 +1409,18 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
         c_sc = min((lp["mix"]["total"] / lp["mix"]["sts"] for lp in sloop), default=10.0)
         ve = 1
         for nbytes in (16, 8, 4):                            # sp_vec: plane stride H*H and image stride C*H*H
-            e = nbytes // 2
+            e = nbytes // esz
+            if e < 2:
+                break
             if (H * H) % e == 0:
                 ve = e
                 break
-        kp = _round_up(P, 16)
-        ksteps = kp // 16
+        kp = _round_up(P, 32 // esz)
+        ksteps = kp * esz // 32
+        # tf32: the in-place rounding loop of width ve (one LDS, ve conversions, one STS per vector)
+        rl = [lp for lp in _sp_loops(f, need=("lds", "sts"), forbid=("cp_async", "ldg", "hmma"))
+              if lp["mix"].get("fp") == ve] if tf32 else []
+        c_round = (rl[0]["mix"]["total"] if rl else 5.0 * ve + 4) if tf32 else 0.0
     else:
         hot = f["hot"]
         c_k = hot["mix"]["total"] / (hot["mix"]["ffma"] / 32)  # per k of a 4 x 8 thread block
@@ -1291,7 +1431,7 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
     costs = []
     for bi, (q0, qn) in enumerate(blocks):
         issue = _ceil(taps, 32) * c_fil
-        nwords = (_round_up(QB, 16) * (_round_up(P, 16) + 8) * 2 // 16) if tc else P * _round_up(QB, 8) // 4
+        nwords = (_round_up(QB, 16) * (kp + 16 // esz) * esz // 16) if tc else P * _round_up(QB, 8) // 4
         issue += _ceil(nwords, 32) * c_zero
         wave = _ceil(nwords, 32) * 4 + _ceil(taps, 32)
         issue += build[bi][0]
@@ -1305,7 +1445,10 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
                 if tc:
                     per_row = _ceil(kp, 32 * ve)
                     iss += mb * per_row * (c_vec if ve > 1 else c_sc * ve)
-                    wv += mb * per_row * max(ve * 2 * 32 // 128, 1)
+                    wv += mb * per_row * max(ve * esz * 32 // 128, 1)
+                    if tf32:                                       # rounding pass: LDS + STS per vector
+                        iss += mb * per_row * c_round
+                        wv += mb * per_row * 2 * max(ve * esz * 32 // 128, 1)
                     nnb = _ceil(qn, 32)
                     for it in range(2 * nnb):
                         mbk, nb = it & 1, it >> 1
@@ -1317,7 +1460,7 @@ def _model_small_plane(f: Dict, layer: Layer, dtype: str, m: Machine, sms: int, 
                         fullit = rv - mbk * 32 >= 32 and qn - nb * 32 >= 32
                         # a partial item runs out of line (sp_fwd_item_partial): charged twice the inline item body
                         iss += (c_item if fullit else 2 * c_item) + ksteps * (c_k_full if fullit else c_k_part)
-                        mac += ksteps * (2 if mt1 else 1) * ntv * 2048
+                        mac += ksteps * (2 if mt1 else 1) * ntv * (1024 if tf32 else 2048)
                         nldsm = (2 if mt1 else 1) + (2 if ntv > 2 else 1)
                         wv += ksteps * nldsm * 4
                 else:
@@ -1602,6 +1745,14 @@ def model_small_plane(kfacts: Dict[str, Dict], layer: Layer, pass_: str, dtype: 
             r = _model_gw_rows(f, layer, kd, m, sms)
             return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occupancy(f["regs"], r["threads"],
                                                                                  r["dyn_smem"], m))
+    if dtype == "tf32" and pass_ != "grad_weight":  # TF32 allowed: small_plane_mma_kernel<float, false>
+        f = next((f for f in kfacts.values() if f.get("role") == "sp_mma" and f.get("dtype") == "tf32"
+                  and ("true>" not in f["name"])), None)
+        if f is not None and sp_plan(4, layer.H ** 2, layer.H ** 2, layer.K ** 2, layer.N, layer.C,
+                                     SMEM_OPTIN.get(arch, 227 * 1024)) is not None:
+            r = _model_small_plane(f, layer, "tf32", m, sms, arch)
+            occ = occupancy(f["regs"], r["threads"], r["dyn_smem"], m)
+            return dict(r, kernel=f["name"], regs=f["regs"], occupancy=occ)
     role = ("sp_mma" if kd != "fp32" else "sp_ffma") if pass_ != "grad_weight" else \
         ("sp_gw_mma" if kd != "fp32" else "sp_gw_ffma")
     f = next((f for f in kfacts.values() if f.get("role") == role and f.get("dtype") == kd

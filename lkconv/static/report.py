@@ -178,7 +178,8 @@ def model_rows(data: Dict, arch: int = 90, machine: M.Machine = M.H100) -> List[
                                    cuda_pct_tc=M.percent(fl["tc_floor_s"], r["t_lo"]),
                                    cuda_pct_ffma=M.percent(fl["ffma_floor_s"], r["t_lo"]),
                                    cuda_parts_us={k: round(v * 1e6, 1) for k, v in r["parts"].items()},
-                                   cuda_note="CUDA has no TF32 path: the IEEE fp32 kernel" if dt == "tf32" else "")
+                                   cuda_note=("CUDA's IEEE fp32 kernel (no TF32 path for this shape)"
+                                              if dt == "tf32" and "tf32" not in r["kernel"] else ""))
                     fb = M.model_cuda(kf, layer, p, dt, machine, SM_COUNT[arch])
                     if fb is not None and _short(fb["kernel"]) != row.get("cuda_kernel"):
                         row.update(cuda_fallback_kernel=_short(fb["kernel"]), cuda_fallback_us_lo=fb["t_lo"] * 1e6,
@@ -371,8 +372,11 @@ MODEL_NOTES = """\
 * **Routing** follows the launchers for the layer set (stride 1, K <= 64); above 256 pixels: CUDA fp16/bf16 forward and
   grad_input -> `toeplitz_mma_kernel` (`<NB,DG>` of `toeplitz_mma_config`: `<4,3>` at 56², `<2,3>` at
   28²); fp32 -> `fp32_rb_kernel` (`<7,7,8,1,4,8>` = 56x56x4 planes at 56²,
-  `<7,7,4,2,4,2>` = 28x28x4 below, the `fp32_rb_small_tile` rule); grad_weight -> `grad_weight_tc_kernel`
-  (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA has no TF32 path), split count of
+  `<7,7,4,2,4,2>` = 28x28x4 below, the `fp32_rb_small_tile` rule), tf32 (fp32 with TF32 allowed) ->
+  `toeplitz_tf32_kernel` (`<4,6>` at 56², `<2,6>` at 28²: the image-rows tiling with HMMA.1688.F32.TF32 =
+  1024 MACs at half the 16-bit mma.sync rate, 8 warps, the in-place TF32 rounding pass of the staging charged per
+  vector; at 14² / 7² `small_plane_mma_kernel<float>`); grad_weight -> `grad_weight_tc_kernel`
+  (fp16/bf16) / `grad_weight_ffma_kernel` (fp32, also for tf32: CUDA's grad_weight has no TF32 path), split count of
   `grad_weight_splits`.  Triton (`ops.ALIGNED = True`): forward and stride-1 grad_input ->
   `dwconv_forward_rows_kernel` for planes of more than 256 pixels and at most 128 columns (56², 28²),
   else `dwconv_forward_aligned_kernel` (14², 7²); grad_weight -> `dwconv_grad_weight_diag_kernel` for
