@@ -1,0 +1,176 @@
+"""Review checks of small_plane_gw_rows_kernel (csrc/dwconv_small_plane_gw_rows.cu) that the value emulation in
+tests/test_small_plane_gw_rows.py does not make by itself.
+
+CPU (CI):
+* the kernel's own per-lane expressions (ldmatrix row addresses a_lane / b_lane, cp.async shared-memory offsets)
+  are read from the .cu source and evaluated here, so the emulation provably uses the kernel's lane -> row
+  mapping (not an idealised one);
+* every ldmatrix.x4.trans row address is 16-byte aligned, inside its plane, and the 8 rows of each matrix
+  (one shared-memory phase) fall on distinct 16-byte bank groups, for every admitted H, Ho, buffer, k step, oh
+  and dh offset;
+* the cp.async vectors of every VE and width stage each plane element exactly once, only columns < w, with
+  destinations aligned to the vector;
+* the GPU test matrix runs every <T, VE> instantiation, with cp.async (VE > 1) through the double buffer.
+
+GPU (``-m gpu``): the case that takes VE = 4 (W = 16, Wo = 12) with a two-chunk double buffer, which
+tests/test_small_plane_gw_rows.py's GPU cases do not reach.
+"""
+import os
+import re
+
+import pytest
+import torch
+
+from lkconv.params import normalize_params
+from lkconv.testing import reference_all_passes, tolerance
+
+from cases import load_emulation, requires_cuda_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = load_emulation()
+SRC = open(os.path.join(ROOT, "csrc", "dwconv_small_plane_gw_rows.cu")).read()
+
+
+def _c_expr(name):
+    """the right-hand side of `const uint32_t <name> = (uint32_t)(...);` in the kernel, as a Python expression"""
+    m = re.search(r"\b%s = \(uint32_t\)(\(.*?\));" % name, SRC)
+    assert m, name
+    return m.group(1).replace("p.ypi", "ypi").replace("p.xpi", "xpi")
+
+
+def test_lane_addresses_are_the_kernels():
+    a_src, b_src = _c_expr("a_lane"), _c_expr("b_lane")
+    for H in (1, 9, 14, 16):
+        for Ho in (1, 7, 14, 16):
+            p = EMU.gr_plan(64, 8, H, Ho, 2 * H - 1, H - 1)
+            a_emu, b_emu = EMU.gr_lane_offsets(p)
+            env = dict(xpi=p["xpi"], ypi=p["ypi"])
+            for lane in range(32):
+                env["lane"] = lane
+                assert eval(a_src, {}, env) == 2 * a_emu[lane]  # bytes in the kernel, elements in the emulation
+                assert eval(b_src, {}, env) == 2 * b_emu[lane]
+
+
+def test_cp_async_offsets_are_the_kernels():
+    m = re.search(r"soff\[k\] = u < nv \? (.*?) : -1;", SRC)
+    assert m
+    expr = m.group(1)
+    # global side: image byte offset lane * 2 VE + k * 64 VE = 2 VE (lane + 32 k) = 2 VE u
+    assert "lane * (2 * VE)" in SRC and "sp + k * 64 * VE" in SRC
+    for ve in (2, 4, 8):
+        for w in range(ve, 17, ve):
+            for rows in (1, 5, 16):
+                emu = EMU._gr_offsets(ve, w, rows)
+                nvw = w // ve
+                for lane in range(32):
+                    for k in range(4):
+                        u = lane + 32 * k
+                        r = u // nvw
+                        want = eval(expr, {}, dict(u=u, r=r, nvw=nvw, VE=ve)) if u < nvw * rows else -1
+                        assert want == (2 * emu[lane][k] if emu[lane][k] >= 0 else -1)
+
+
+def test_cp_async_vectors_cover_each_plane_element_once_aligned():
+    for ve in (2, 4, 8):
+        for w in range(ve, 17, ve):
+            for rows in range(1, 17):
+                offs = EMU._gr_offsets(ve, w, rows)
+                seen = []
+                for lane in range(32):
+                    for k in range(4):
+                        so = offs[lane][k]
+                        if so < 0:
+                            continue
+                        u = lane + 32 * k
+                        assert (2 * so) % (2 * ve) == 0  # destination aligned to the cp.async size
+                        r, q0 = divmod(u * ve, w)  # the global element u * VE of the flat plane
+                        assert so == r * 16 + q0  # lands on (row r, column q0) of the 16-wide smem row
+                        seen.extend(so + e for e in range(ve))
+                assert sorted(seen) == [r * 16 + q for r in range(rows) for q in range(w)]
+    # the bases the offsets are added to are 16-byte aligned (image pitch, Ys start, stage)
+    for H in range(1, 17):
+        for Ho in range(1, 17):
+            p = EMU.gr_plan(64, 8, H, Ho, 2 * H - 1, H - 1)
+            assert (2 * p["xpi"]) % 16 == 0 and (2 * p["ypi"]) % 16 == 0 and p["stage_bytes"] % 16 == 0
+            assert (2 * EMU.GR_MB * p["xpi"]) % 16 == 0
+
+
+def test_ldmatrix_rows_aligned_in_plane_conflict_free():
+    for H in range(1, 17):
+        for Ho in range(1, 17):
+            p = EMU.gr_plan(64, 8, H, Ho, 2 * H - 1, H - 1)
+            a_l, b_l = EMU.gr_lane_offsets(p)
+            st, ys = p["stage_bytes"], 2 * EMU.GR_MB * p["xpi"]
+            a_k, b_k = 32 * p["ypi"], 32 * p["xpi"]
+            for buf in (0, 1):
+                for ks in (0, 1):
+                    for oh in range(Ho):  # the kernel's ao: Ys row oh of images 16 ks .. 16 ks + 15
+                        addrs = [buf * st + ys + 2 * a + oh * 32 + ks * a_k for a in a_l]
+                        _check_phases(addrs, buf * st + ys, 2 * EMU.GR_MB * p["ypi"])
+                    for ih in range(H):  # oh + d0 + j = ih: the kernel's bo + j * 32
+                        addrs = [buf * st + 2 * b + ih * 32 + ks * b_k for b in b_l]
+                        _check_phases(addrs, buf * st, ys)
+
+
+def _check_phases(addrs, lo, size):
+    for a in addrs:
+        assert a % 16 == 0 and lo <= a and a + 16 <= lo + size
+    for mi in range(4):  # lanes 8 mi .. 8 mi + 7 address matrix mi: one phase, 8 rows of 16 bytes
+        assert len({(a // 16) % 8 for a in addrs[8 * mi:8 * mi + 8]}) == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+# (N, C, H, W, KH, KW, padding (t, b, l, r)): W = 16 (x: VE 8), Wo = 12 (dY: VE 4) -> the <T, 4> instantiation;
+# C = 600 -> one batch group, N = 36 -> two chunks (32 + 4 images): cp.async through the double buffer
+REVIEW_GPU_CASES = {
+    "k9_12x16_wo12_vec4": (36, 600, 12, 16, 9, 9, (4, 4, 2, 2)),
+}
+
+
+def _ve(W, Wo):
+    return min(EMU.gr_vec(W, True, 8), EMU.gr_vec(Wo, True, 8))
+
+
+def test_gpu_cases_run_every_instantiation():
+    import test_small_plane_gw_rows as base  # its GPU case table (data only)
+
+    seen = {}
+    for name, (N, C, H, W, KH, KW, (t, b, l, r)) in list(base.GPU_CASES.items()) + list(REVIEW_GPU_CASES.items()):
+        Ho, Wo = H + t + b - KH + 1, W + l + r - KW + 1
+        assert EMU.gr_rule(True, 8, N, C, H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, t, l, 163 * 1024), name
+        p = EMU.gr_plan(N, C, H, Ho, KH, t)
+        seen.setdefault(_ve(W, Wo), []).append(p["cpg"])  # NCHW contiguous, aligned: the launcher's VE
+    assert set(seen) == {1, 2, 4, 8}
+    assert max(seen[4]) >= 2 and max(seen[8]) >= 2  # cp.async chunks through the double buffer
+
+
+@requires_cuda_backend
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("dtype", ("fp16", "bf16"))
+@pytest.mark.parametrize("case", list(REVIEW_GPU_CASES))
+def test_gw_rows_vec4_double_buffer_vs_reference(case, dtype, layout, monkeypatch):
+    monkeypatch.setenv("LKCONV_POISON_OUTPUTS", "1")
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    N, C, H, W, KH, KW, pad = REVIEW_GPU_CASES[case]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(N, C, H, W, generator=gen).to(dt).cuda()
+    w = torch.randn(C, 1, KH, KW, generator=gen).to(dt).cuda()
+    pr = normalize_params(1, pad, 1, (KH, KW))
+    st, pd, dl = pr.as_lists()
+    t, b, l, r = pad
+    Ho, Wo = H + t + b - KH + 1, W + l + r - KW + 1
+    g = torch.randn(N, C, Ho, Wo, generator=gen).to(dt).cuda()
+    if layout == "channels_last":  # the element path (VE = 1) on the same shape
+        x = x.contiguous(memory_format=torch.channels_last)
+        g = g.contiguous(memory_format=torch.channels_last)
+    ops = torch.ops.lkconv_cuda
+    gw = ops.grad_weight(g, x, [C, 1, KH, KW], st, pd, dl, 0)
+    gw1 = ops.grad_weight(g, x, [C, 1, KH, KW], st, pd, dl, 1)
+    ref = reference_all_passes(x, w, None, pr, g)[2]
+    assert torch.isfinite(gw).all()
+    tol = tolerance(ref, gw1, dt)
+    torch.testing.assert_close(gw.double().cpu(), ref, atol=tol, rtol=0)
+    assert torch.equal(gw, ops.grad_weight(g, x, [C, 1, KH, KW], st, pd, dl, 0))
