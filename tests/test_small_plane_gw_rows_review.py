@@ -10,7 +10,12 @@ CPU (CI):
   and dh offset;
 * the cp.async vectors of every VE and width stage each plane element exactly once, only columns < w, with
   destinations aligned to the vector;
-* the GPU test matrix runs every <T, VE> instantiation, with cp.async (VE > 1) through the double buffer.
+* the GPU test matrix runs every <T, VE> instantiation, with cp.async (VE > 1) through the double buffer;
+* measured-static (nvcc + cuobjdump, skipped without them): in the sm_90 SASS of every instantiation the
+  cp.async waits (DEPBAR.LE SB0 1 after the in-loop commit, 0 on the last chunk) precede the barrier that opens
+  a round, no copy is issued between that barrier and the round's closing barrier, the epilogue's Rs stores
+  follow the closing barrier, and the copy width is the VE's.  The check reads the linear SASS order: another
+  nvcc that lays the blocks out differently fails it, and then the order is to be re-read, not the test relaxed.
 
 GPU (``-m gpu``): the case that takes VE = 4 (W = 16, Wo = 12) with a two-chunk double buffer, which
 tests/test_small_plane_gw_rows.py's GPU cases do not reach.
@@ -117,6 +122,73 @@ def _check_phases(addrs, lo, size):
         assert a % 16 == 0 and lo <= a and a + 16 <= lo + size
     for mi in range(4):  # lanes 8 mi .. 8 mi + 7 address matrix mi: one phase, 8 rows of 16 bytes
         assert len({(a // 16) % 8 for a in addrs[8 * mi:8 * mi + 8]}) == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# machine code (measured-static): the cp.async wait / barrier order of the double buffer, which the sequential
+# emulation cannot see
+# ------------------------------------------------------------------------------------------------
+def _sass_events(tmp_path, arch=90):
+    import subprocess
+
+    from lkconv.static import compile as SC
+    from lkconv.static.tools import find_tool
+
+    why = SC.cuda_unavailable_reason()
+    if why:
+        pytest.skip(why)
+    be = SC.load_build_env()
+    cub = str(tmp_path / "gr.cubin")
+    cmd = [find_tool("nvcc"), "-cubin", f"-arch=sm_{arch}", *be.nvcc_flags(), "-std=c++17", "-I",
+           os.path.join(ROOT, "csrc"), *sum((["-I", i] for i in SC._cuda_includes()), []),
+           os.path.join(ROOT, "csrc", "dwconv_small_plane_gw_rows.cu"), "-o", cub]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sass = subprocess.run([find_tool("cuobjdump"), "-sass", cub], capture_output=True, text=True,
+                          timeout=300).stdout
+    funcs, cur = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = m.group(1) if "small_plane_gw_rows_kernel" in m.group(1) else None
+            if cur:
+                funcs[cur] = []
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
+        if cur and m:
+            funcs[cur].append((m.group(2), m.group(3).strip()))
+    return funcs
+
+
+def test_sass_double_buffer_waits_before_barriers(tmp_path):
+    funcs = _sass_events(tmp_path)
+    assert len(funcs) == 8, sorted(funcs)  # <__half | __nv_bfloat16, 1 | 2 | 4 | 8>
+    width = {8: "LDGSTS.E.128", 4: "LDGSTS.E.64", 2: "LDGSTS.E"}
+    for name, ev in funcs.items():
+        ve = int(re.search(r"Li(\d+)E", name).group(1))
+        ops = [o for o, _ in ev]
+        assert not {"LDL", "STL"} & set(ops), name
+        bars = [i for i, o in enumerate(ops) if o.startswith("BAR.SYNC")]
+        ldsm = [i for i, o in enumerate(ops) if o.startswith("LDSM")]
+        sts = [i for i, o in enumerate(ops) if o.startswith("STS")]
+        assert len(bars) == 3 and ldsm and sts, name
+        # round: [staging, wait] -> barrier -> ldmatrix / mma -> barrier; epilogue Rs stores -> barrier -> tap sums
+        assert bars[0] < ldsm[0] and ldsm[-1] < bars[1] < min(s for s in sts if s > bars[1]) < bars[2], name
+        assert not any(o.startswith("LDGSTS") for o in ops[bars[0]:]), name  # no copy in flight into a read round
+        if ve == 1:
+            assert not any(o.startswith(("LDGSTS", "DEPBAR", "LDGDEPBAR")) for o in ops), name
+            continue
+        copies = {o for o in ops if o.startswith("LDGSTS")}
+        assert copies == {width[ve]}, (name, copies)
+        waits = [(i, a) for i, (o, a) in enumerate(ev) if o.startswith("DEPBAR")]
+        # cp.async.wait_group 1 after the next chunk's commit, wait_group 0 on the last chunk; both before the
+        # barrier that opens the round
+        assert sorted(a.replace(" ", "") for _, a in waits) == ["SB0,0x0", "SB0,0x1"], (name, waits)
+        assert all(i < bars[0] for i, _ in waits), name
+        commits = [i for i, o in enumerate(ops) if o == "LDGDEPBAR"]
+        w1 = next(i for i, a in waits if a.replace(" ", "") == "SB0,0x1")
+        assert len(commits) == 2 and commits[0] < commits[1] < w1, name  # prologue commit; in-loop commit, wait 1
+        assert not any(o.startswith("LDGSTS") for o in ops[commits[1]:]), name  # every copy before its commit
 
 
 # ------------------------------------------------------------------------------------------------
