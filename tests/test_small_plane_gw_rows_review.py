@@ -195,9 +195,9 @@ def test_sass_double_buffer_waits_before_barriers(tmp_path):
 # GPU
 # ------------------------------------------------------------------------------------------------
 # (N, C, H, W, KH, KW, padding (t, b, l, r)): W = 16 (x: VE 8), Wo = 12 (dY: VE 4) -> the <T, 4> instantiation;
-# C = 600 -> one batch group, N = 36 -> two chunks (32 + 4 images): cp.async through the double buffer
+# C = 512 -> one batch group, N = 36 -> two chunks (32 + 4 images): cp.async through the double buffer
 REVIEW_GPU_CASES = {
-    "k9_12x16_wo12_vec4": (36, 600, 12, 16, 9, 9, (4, 4, 2, 2)),
+    "k9_12x16_wo12_vec4": (36, 512, 12, 16, 9, 9, (4, 4, 2, 2)),
 }
 
 
@@ -216,6 +216,26 @@ def test_gpu_cases_run_every_instantiation():
         seen.setdefault(_ve(W, Wo), []).append(p["cpg"])  # NCHW contiguous, aligned: the launcher's VE
     assert set(seen) == {1, 2, 4, 8}
     assert max(seen[4]) >= 2 and max(seen[8]) >= 2  # cp.async chunks through the double buffer
+
+
+def test_review_gpu_case_emulated():
+    """the GPU case's own instantiation (VE = 4: x 8-wide, dY 4-wide) through the double buffer (one batch
+    group, as C = 512 gives on the GPU), one channel, against the fp64 reference"""
+    import torch.nn.functional as F
+
+    N, C, H, W, KH, KW, (t, b, l, r) = REVIEW_GPU_CASES["k9_12x16_wo12_vec4"]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(N, 1, H, W, generator=gen, dtype=torch.float64)
+    w = torch.randn(1, 1, KH, KW, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(F.pad(x, (l, r, t, b)), w)
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (gw_ref,) = torch.autograd.grad(y, (w,), g)
+    Ho, Wo = y.shape[2:]
+    vx, vg = EMU.gr_vec(W, True, 8), EMU.gr_vec(Wo, True, 8)
+    assert (vx, vg) == (8, 4)
+    assert EMU.gr_plan(N, 1, H, Ho, KH, t, target_ctas=1)["cpg"] == EMU.gr_plan(N, C, H, Ho, KH, t)["cpg"] == 2
+    gw = EMU.emulate_gw_rows(x, g, (H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, t, l), vx, vg, target_ctas=1)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
 
 
 @requires_cuda_backend
