@@ -1326,6 +1326,15 @@ def _gr_mma(acc, a_regs, b0, b1):
         acc[lane][2] += float(D[g + 8, 2 * t]); acc[lane][3] += float(D[g + 8, 2 * t + 1])
 
 
+def gr_lane_offsets(p):
+    """the kernel's a_lane / b_lane (ldmatrix.x4.trans row addresses of lane l, here in elements): A (Ys) image
+    (l & 7) + 8 ((l >> 4) & 1), ow half (l >> 3) & 1; B (Xs) image (l & 7) + 8 ((l >> 3) & 1), iw half
+    (l >> 4) & 1 (tests/test_small_plane_gw_rows_review.py evaluates the kernel's own expressions against these)."""
+    a_lane = [(((l >> 4) & 1) * 8 + (l & 7)) * p["ypi"] + ((l >> 3) & 1) * 8 for l in range(32)]
+    b_lane = [(((l >> 3) & 1) * 8 + (l & 7)) * p["xpi"] + ((l >> 4) & 1) * 8 for l in range(32)]
+    return a_lane, b_lane
+
+
 def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None, target_ctas=512):
     """Transcription of small_plane_gw_rows_kernel for every CTA (c, batch group) + grad_weight_reduce_kernel.
     geo = (H, W, Ho, Wo, KH, KW, 1, 1, 1, 1, pt, pl); x (N, C, H, W), g (N, C, Ho, Wo); vec_x / vec_g: gr_vec of
@@ -1346,8 +1355,7 @@ def emulate_gw_rows(x, g, geo, vec_x=1, vec_g=1, check_rule=True, stats=None, ta
     xd, gd = x.double(), g.double()
     partial = torch.full((splits, C, taps), float("nan"), dtype=torch.float64)
     ys_off = GR_MB * p["xpi"]
-    a_lane = [(((l >> 4) & 1) * 8 + (l & 7)) * p["ypi"] + ((l >> 3) & 1) * 8 for l in range(32)]
-    b_lane = [(((l >> 3) & 1) * 8 + (l & 7)) * p["xpi"] + ((l >> 4) & 1) * 8 for l in range(32)]
+    a_lane, b_lane = gr_lane_offsets(p)
     a_k, b_k = 16 * p["ypi"], 16 * p["xpi"]
     st_el = p["stage_bytes"] // 2
     if stats is not None:
