@@ -3,22 +3,27 @@ path table from it, and check ``auto`` against the faster PyTorch layout.  One c
 
     python benchmarks/cpu_threshold.py                       # every cell, writes a results folder
     python benchmarks/cpu_threshold.py --derive RUN/results.json   # the PATH_TABLE rows of a run
+    python benchmarks/cpu_threshold.py --readme-table RUN/results.json   # README.md's CPU table
 
 For each kernel size K (square, "same" padding, stride 1; default N=8, C=128, 56x56, fp32) and each
 input layout L (``nchw``: NCHW tensors; ``cl``: channels_last tensors) it times, per pass (forward,
-grad_input, grad_weight), interleaved (round-robin over every callable of one K; the correctness
-check's call is the warm-up):
+grad_input, grad_weight), interleaved (every round in a freshly shuffled order, see
+:func:`time_interleaved`; the correctness check's call is the warm-up), at two levels:
 
-* ``torch``      -- PyTorch as a user calls it on L tensors (F.conv2d / aten.convolution_backward)
-* ``torch_rt``   -- PyTorch computed in the *other* layout: the inputs converted, the result
-  converted back to L (the round trip included)
-* lkconv's cpu paths on L tensors, with the op's output conversion: ``fft``, ``direct`` (lkconv's
-  direct path in L), ``nchw`` and ``cl`` (PyTorch's own kernels run in that layout, the round trip
-  included where L differs)
-* ``auto``       -- the op as users call it: ``lkconv.depthwise_conv2d`` (forward, no_grad) and the
-  ``torch.ops.lkconv`` gradient ops with the backend ``auto`` resolved to (dispatch included); where a
-  training call is delegated to ``F.conv2d`` (``CPUBackend.delegates_to_torch``: every pass runs
-  PyTorch's own kernels), the gradient that PyTorch's autograd node then computes
+*user level* (what a user's call costs; the verdict compares these):
+
+* ``torch``      -- PyTorch as users call it on L tensors: F.conv2d, or one gradient through
+  F.conv2d's autograd node (:func:`user_grad`: requires_grad on x only / w only, the backward timed
+  as ``torch.autograd.grad(out, x or w, g, retain_graph=True)``)
+* ``torch_rt``   -- the same with the computation in the *other* layout as a user writes it:
+  ``F.conv2d(x.contiguous(other), w).contiguous(L)`` (a gradient: that chain's backward)
+* ``auto``       -- ``lkconv.depthwise_conv2d`` the same way: the forward, or one gradient through
+  the node the call records (F.conv2d's own where lkconv delegates, else lkconv's eager node)
+
+*op level* (what the path table is derived from): lkconv's cpu paths called on the backend on L
+tensors, with the op's output conversion: ``fft``, ``direct`` (lkconv's direct path in L), ``nchw``
+and ``cl`` (PyTorch's own kernels run in that layout -- on L itself PyTorch's op-level time -- the
+round trip included where L differs)
 
 plus ``all`` (forward + both gradients through autograd) for ``torch`` and ``auto``, the round trip
 alone (``to_cl`` / ``to_nchw`` of one activation), and the op's dispatch overhead at small sizes.
@@ -190,15 +195,16 @@ def torch_user_roundtrip(pass_, x, w, g, pad, C, layout):
 
 
 def lk_auto(pass_, x, w, g, p):
-    """``auto`` as users call it: ``lkconv.depthwise_conv2d`` (forward under no_grad; a gradient
-    through the node it records, :func:`user_grad`: where the call is delegated to F.conv2d that is
-    PyTorch's own node, else lkconv's eager autograd.Function)."""
+    """``auto`` as users call it: ``lkconv.depthwise_conv2d`` (the forward on tensors that do not
+    require grad, exactly like ``torch``'s F.conv2d call: no ``no_grad`` block on one side only, which
+    alone measured +3 % at K=3; a gradient through the node the call records, :func:`user_grad`:
+    where the call is delegated to F.conv2d that is PyTorch's own node, else lkconv's eager
+    autograd.Function)."""
     conv = lambda u, v: lkconv.depthwise_conv2d(u, v, None, 1, "same")  # noqa: E731
     if pass_ == "forward":
-        def fn():
-            with torch.no_grad():
-                return conv(x, w)
-        return fn
+        if x.requires_grad or w.requires_grad:
+            raise ValueError("lk_auto: the forward is timed on tensors that do not require grad")
+        return lambda: conv(x, w)
     return user_grad(conv, pass_, x, w, g)
 
 
@@ -389,7 +395,8 @@ def write_markdown(res: dict, path: Path) -> str:
         f"choice: 2); runtime {env['runtime_s']:.0f} s wall, {env.get('cpu_time_s', float('nan')):.0f} s CPU; load average before/after {env['loadavg_before']} / "
         f"{env['loadavg_after']}; MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold'] or 'unset'}.", "",
         "Two levels of timing.  **User level** (`torch`, `torch_rt`, `auto`; the ratio): what a user's "
-        "call costs -- the forward as `F.conv2d` / `lkconv.depthwise_conv2d` under no_grad; a gradient as "
+        "call costs -- the forward as `F.conv2d` / `lkconv.depthwise_conv2d` on tensors that do not require "
+        "grad; a gradient as "
         "the backward of the autograd node the user's call recorded, with `requires_grad` on x only "
         "(grad_input) or on w only (grad_weight), timed as `torch.autograd.grad(out, x or w, g, "
         "retain_graph=True)` (autograd's engine included on both sides, no forward, nothing accumulated). "

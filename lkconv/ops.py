@@ -556,6 +556,7 @@ def _plain_arg(v) -> bool:
 
 
 _cpu_mod = None
+_C = torch._C
 
 
 def delegation_key(x, weight, bias, stride, padding, dilation, backend):
@@ -571,14 +572,14 @@ def delegation_key(x, weight, bias, stride, padding, dilation, backend):
     if not EAGER_FAST_PATH or type(x) not in _PLAIN or type(weight) not in _PLAIN or (
             bias is not None and type(bias) not in _PLAIN):
         return None
-    if not (_plain_arg(stride) and _plain_arg(padding) and _plain_arg(dilation)) or (
-            backend is not None and type(backend) is not str):
+    if not ((type(stride) is int or _plain_arg(stride)) and (type(padding) in (int, str) or _plain_arg(padding))
+            and (type(dilation) is int or _plain_arg(dilation))) or (backend is not None and type(backend) is not str):
         return None
-    if not x.is_cpu or x.dim() != 4 or torch.compiler.is_compiling() or torch._C._is_tracing():
+    if not x.is_cpu or x.dim() != 4 or torch.compiler.is_compiling() or _C._is_tracing():
         return None
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._autograd._profiler_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
-            or _forward_ad_level() >= 0 or torch.is_autocast_enabled("cpu")):
+    if (_C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled() or _C._autograd._profiler_enabled()
+            or _C._functorch.peek_interpreter_stack() is not None
+            or getattr(_forward_ad, "_current_level", -1) >= 0 or torch.is_autocast_enabled("cpu")):
         return None
     if _cpu_mod is None:
         from .backends import cpu as _cpu
