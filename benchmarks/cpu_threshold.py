@@ -332,6 +332,54 @@ def _small_overhead(repeats: int = 7, inner: int = 200) -> list:
     return out
 
 
+def outside_kernel(N: int, C: int, H: int, K: int = 3, rounds: int = 25) -> list:
+    """lkconv's own time around PyTorch's kernel at full size: per input layout, the K forward
+    (delegated to F.conv2d) timed as a whole and, in the same calls, the F.conv2d inside it (the
+    functional's ``F`` replaced by a timing shim), interleaved with F.conv2d called directly; ms,
+    medians of ``rounds``.  The difference is what the call costs outside the kernel after a real
+    pass (cold caches), not in a hot loop on a tiny plane."""
+    import lkconv.functional as lkf
+
+    real, inner = lkf.F, []
+
+    class _Shim:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def conv2d(*args, **kw):
+            t0 = CLOCK()
+            r = real.conv2d(*args, **kw)
+            inner.append(CLOCK() - t0)
+            return r
+    out = []
+    for layout in LAYOUT_NAMES:
+        x = torch.randn(N, C, H, H).contiguous(memory_format=FORMATS[layout])
+        w = torch.randn(C, 1, K, K)
+        direct = lambda: F.conv2d(x, w, None, 1, [K // 2, K // 2], 1, C)  # noqa: E731
+        call = lambda: lkconv.depthwise_conv2d(x, w, None, 1, "same")  # noqa: E731
+        lkf.F = _Shim()
+        try:
+            call()
+            direct()
+            inner.clear()
+            t_call, t_direct = [], []
+            for r in range(rounds):
+                for which in ((0, 1) if r % 2 else (1, 0)):
+                    t0 = CLOCK()
+                    (call if which == 0 else direct)()
+                    (t_call if which == 0 else t_direct).append(CLOCK() - t0)
+        finally:
+            lkf.F = real
+        if len(inner) != rounds:  # not delegated here: nothing to split
+            print(f"# outside_kernel: K={K} {layout}: the call ran F.conv2d {len(inner)} times in {rounds} calls "
+                  "(not delegated); skipped", flush=True)
+            continue
+        med = lambda v: statistics.median(v) * 1e3  # noqa: E731
+        out.append(dict(K=K, layout=layout, call=med(t_call), inside=med(inner), f_conv2d=med(t_direct)))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
@@ -444,6 +492,11 @@ def write_markdown(res: dict, path: Path) -> str:
                   "|---|" + "---:|" * len(res["overhead"][0]["us"])]
         for o in res["overhead"]:
             lines.append(f"| {o['shape']} | " + " | ".join(f"{v:.0f}" for v in o["us"].values()) + " |")
+    if res.get("outside"):
+        lines += ["", "lkconv's time around the kernel at full size (delegated K=3 forward, ms, medians; `inside` = "
+                  "the F.conv2d inside the same calls, `F.conv2d` = called directly, interleaved): " + "; ".join(
+                      f"{o['layout']}: call {o['call']:.3f}, inside {o['inside']:.3f}, F.conv2d {o['f_conv2d']:.3f} "
+                      f"(outside the kernel {o['call'] - o['inside']:.3f})" for o in res["outside"])]
     flagged = [c for c in res["cells"] if _cell_ratio(c) < FLAG_BELOW]
     lines += ["", f"Cells under {FLAG_BELOW}: " + (", ".join(
         f"K={c['K']} {c['pass']} {c['layout']} ({_cell_ratio(c):.2f})" for c in flagged) or "none"), "",
@@ -603,10 +656,11 @@ def run(a) -> dict:
             dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=[]), indent=1))
     env.pop("partial", None)
     overhead = [] if a.no_overhead else _small_overhead()
+    outside = [] if a.no_overhead else outside_kernel(N, C, H)
     env["loadavg_after"] = list(os.getloadavg())
     env["runtime_s"] = time.perf_counter() - t_start
     env["cpu_time_s"] = time.process_time() - env.pop("cpu_time_start")
-    return dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=overhead), out_dir
+    return dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=overhead, outside=outside), out_dir
 
 
 def main(argv=None):
@@ -656,6 +710,9 @@ def main(argv=None):
     if res["overhead"]:
         for o in res["overhead"]:
             print(f"# overhead {o['shape']}: " + ", ".join(f"{k} {v:.0f} us" for k, v in o["us"].items()))
+    for o in res.get("outside", []):
+        print(f"# K={o['K']} {o['layout']} forward at full size: call {o['call']:.3f} ms, F.conv2d inside it "
+              f"{o['inside']:.3f} ms, F.conv2d alone {o['f_conv2d']:.3f} ms")
     print(f"# runtime {res['env']['runtime_s']:.0f} s; wrote {out_dir}")
 
 

@@ -179,3 +179,13 @@ def test_readme_cpu_table_is_the_generated_table_of_the_run_it_cites():
     assert table.count("\n") >= 26  # 8 kernel sizes x 3 passes + header + the autograd line
     assert table in readme, ("README's CPU table: paste the output of python benchmarks/cpu_threshold.py "
                              f"--readme-table {run}/results.json")
+
+
+def test_outside_kernel_splits_the_delegated_call_around_the_f_conv2d_it_runs():
+    b = _bench()
+    res = b.outside_kernel(1, 4, 12, K=3, rounds=5)
+    assert [o["layout"] for o in res] == ["nchw", "cl"]  # K=3 is delegated on both layouts
+    for o in res:
+        assert 0 < o["inside"] <= o["call"] and o["f_conv2d"] > 0
+    import lkconv.functional as lkf
+    assert lkf.F is torch.nn.functional  # the shim is removed again
