@@ -575,7 +575,8 @@ def delegation_key(x, weight, bias, stride, padding, dilation, backend):
     if not ((type(stride) is int or _plain_arg(stride)) and (type(padding) in (int, str) or _plain_arg(padding))
             and (type(dilation) is int or _plain_arg(dilation))) or (backend is not None and type(backend) is not str):
         return None
-    if not x.is_cpu or x.dim() != 4 or torch.compiler.is_compiling() or _C._is_tracing():
+    shape = x.shape
+    if len(shape) != 4 or not x.is_cpu or torch.compiler.is_compiling() or _C._is_tracing():
         return None
     if (_C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled() or _C._autograd._profiler_enabled()
             or _C._functorch.peek_interpreter_stack() is not None
@@ -586,10 +587,15 @@ def delegation_key(x, weight, bias, stride, padding, dilation, backend):
 
         _cpu_mod = _cpu
     inst = _backends._INSTANCES.get("cpu")
-    grad = torch.is_grad_enabled()
-    return (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-            None if bias is None else (bias.shape, bias.dtype, bias.device, grad and bias.requires_grad),
-            grad and x.requires_grad, grad and weight.requires_grad, stride, padding, dilation, backend,
+    rx, rw = x.requires_grad, weight.requires_grad
+    rb = bias is not None and bias.requires_grad
+    if (rx or rw or rb) and not torch.is_grad_enabled():
+        rx = rw = rb = False
+    # x is on the CPU (checked above); the weight's and bias's device: is_cpu (a mismatch raises in
+    # the first call, which is then not remembered)
+    return (shape, x.stride(), x.dtype, weight.shape, weight.dtype, weight.is_cpu,
+            None if bias is None else (bias.shape, bias.dtype, bias.is_cpu, rb),
+            rx, rw, stride, padding, dilation, backend,
             _backends._OVERRIDES.get(), _backends._default_backend, _backends.AUTO_CHAIN.get("cpu"), inst,
             getattr(type(inst), "delegates_to_torch", None), _cpu_mod.FORCE_PATH, torch.get_num_threads())
 
