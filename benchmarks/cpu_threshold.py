@@ -3,22 +3,27 @@ path table from it, and check ``auto`` against the faster PyTorch layout.  One c
 
     python benchmarks/cpu_threshold.py                       # every cell, writes a results folder
     python benchmarks/cpu_threshold.py --derive RUN/results.json   # the PATH_TABLE rows of a run
+    python benchmarks/cpu_threshold.py --readme-table RUN/results.json   # README.md's CPU table
 
 For each kernel size K (square, "same" padding, stride 1; default N=8, C=128, 56x56, fp32) and each
 input layout L (``nchw``: NCHW tensors; ``cl``: channels_last tensors) it times, per pass (forward,
-grad_input, grad_weight), interleaved (round-robin over every callable of one K; the correctness
-check's call is the warm-up):
+grad_input, grad_weight), interleaved (every round in a freshly shuffled order, see
+:func:`time_interleaved`; the correctness check's call is the warm-up), at two levels:
 
-* ``torch``      -- PyTorch as a user calls it on L tensors (F.conv2d / aten.convolution_backward)
-* ``torch_rt``   -- PyTorch computed in the *other* layout: the inputs converted, the result
-  converted back to L (the round trip included)
-* lkconv's cpu paths on L tensors, with the op's output conversion: ``fft``, ``direct`` (lkconv's
-  direct path in L), ``nchw`` and ``cl`` (PyTorch's own kernels run in that layout, the round trip
-  included where L differs)
-* ``auto``       -- the op as users call it: ``lkconv.depthwise_conv2d`` (forward, no_grad) and the
-  ``torch.ops.lkconv`` gradient ops with the backend ``auto`` resolved to (dispatch included); where a
-  training call is delegated to ``F.conv2d`` (``CPUBackend.delegates_to_torch``: every pass runs
-  PyTorch's own kernels), the gradient that PyTorch's autograd node then computes
+*user level* (what a user's call costs; the verdict compares these):
+
+* ``torch``      -- PyTorch as users call it on L tensors: F.conv2d, or one gradient through
+  F.conv2d's autograd node (:func:`user_grad`: requires_grad on x only / w only, the backward timed
+  as ``torch.autograd.grad(out, x or w, g, retain_graph=True)``)
+* ``torch_rt``   -- the same with the computation in the *other* layout as a user writes it:
+  ``F.conv2d(x.contiguous(other), w).contiguous(L)`` (a gradient: that chain's backward)
+* ``auto``       -- ``lkconv.depthwise_conv2d`` the same way: the forward, or one gradient through
+  the node the call records (F.conv2d's own where lkconv delegates, else lkconv's eager node)
+
+*op level* (what the path table is derived from): lkconv's cpu paths called on the backend on L
+tensors, with the op's output conversion: ``fft``, ``direct`` (lkconv's direct path in L), ``nchw``
+and ``cl`` (PyTorch's own kernels run in that layout -- on L itself PyTorch's op-level time -- the
+round trip included where L differs)
 
 plus ``all`` (forward + both gradients through autograd) for ``torch`` and ``auto``, the round trip
 alone (``to_cl`` / ``to_nchw`` of one activation), and the op's dispatch overhead at small sizes.
@@ -146,23 +151,61 @@ def lk_path(pass_, path, x, w, g, p):
     return lambda: be.grad_weight(g, x, tuple(w.shape), p).contiguous()
 
 
-def lk_auto(pass_, x, w, g, p):
-    s, pd, d = p.as_lists()
+def user_grad(conv, pass_, x, w, g):
+    """One gradient as users get it: ``out = conv(x', w')`` recorded once with ``requires_grad`` on
+    ``x'`` only (grad_input) or ``w'`` only (grad_weight) -- so the forward decides, as in a user's
+    call, which node autograd records and which passes it will need -- then every call runs
+    ``torch.autograd.grad(out, that tensor, g, retain_graph=True)``: the backward of that node,
+    autograd's engine included, nothing accumulated into ``.grad`` and no forward in the timing.
+    The same for PyTorch (``conv`` = F.conv2d) and lkconv (``conv`` = lkconv.depthwise_conv2d), so
+    both sides pay the same autograd costs."""
+    if pass_ not in ("grad_input", "grad_weight"):
+        raise ValueError(f"user_grad: a gradient pass, got {pass_!r}")
+    xr = x.detach().requires_grad_(pass_ == "grad_input")  # detach: same storage and strides
+    wr = w.detach().requires_grad_(pass_ == "grad_weight")
+    with torch.enable_grad():
+        out = conv(xr, wr)
+    inp = xr if pass_ == "grad_input" else wr
+
+    def fn():
+        return torch.autograd.grad(out, (inp,), g, retain_graph=True)[0]
+    fn.node = type(out.grad_fn).__name__  # which autograd node the backward runs
+    return fn
+
+
+def torch_user(pass_, x, w, g, pad, C):
+    """PyTorch as users call it on tensors of x's layout: F.conv2d (forward, no graph) or the
+    gradient through F.conv2d's autograd node (:func:`user_grad`)."""
+    conv = lambda u, v: F.conv2d(u, v, None, 1, pad, 1, C)  # noqa: E731
     if pass_ == "forward":
-        def fn():
-            with torch.no_grad():
-                return lkconv.depthwise_conv2d(x, w, None, 1, "same")
-        return fn
-    name = resolve_backend("auto", x, w, p)
-    if name == "cpu" and cpu.CPUBackend().delegates_to_torch(x, tuple(w.shape), p, PASSES):
-        # a training call here runs F.conv2d itself (lkconv.functional): its backward is PyTorch's
-        # autograd node, which calls aten.convolution_backward for the needed gradient only
-        return torch_pass(pass_, x, w, g, [pd[0], pd[2]], x.shape[1])
-    if pass_ == "grad_input":
-        xs = list(x.shape)
-        return lambda: torch.ops.lkconv.dwconv2d_grad_input(g, w, xs, s, pd, d, name)
-    ws = list(w.shape)
-    return lambda: torch.ops.lkconv.dwconv2d_grad_weight(g, x, ws, s, pd, d, name)
+        return lambda: conv(x, w)
+    return user_grad(conv, pass_, x, w, g)
+
+
+def torch_user_roundtrip(pass_, x, w, g, pad, C, layout):
+    """PyTorch in the other layout as a user writes it: ``F.conv2d(x.contiguous(other), w)
+    .contiguous(layout)``; for a gradient, that chain's backward (:func:`user_grad`)."""
+    other = FORMATS["cl" if layout == "nchw" else "nchw"]
+    back = FORMATS[layout]
+    conv = lambda u, v: F.conv2d(u.contiguous(memory_format=other), v, None, 1, pad, 1, C).contiguous(  # noqa: E731
+        memory_format=back)
+    if pass_ == "forward":
+        return lambda: conv(x, w)
+    return user_grad(conv, pass_, x, w, g)
+
+
+def lk_auto(pass_, x, w, g, p):
+    """``auto`` as users call it: ``lkconv.depthwise_conv2d`` (the forward on tensors that do not
+    require grad, exactly like ``torch``'s F.conv2d call: no ``no_grad`` block on one side only, which
+    alone measured +3 % at K=3; a gradient through the node the call records, :func:`user_grad`:
+    where the call is delegated to F.conv2d that is PyTorch's own node, else lkconv's eager
+    autograd.Function)."""
+    conv = lambda u, v: lkconv.depthwise_conv2d(u, v, None, 1, "same")  # noqa: E731
+    if pass_ == "forward":
+        if x.requires_grad or w.requires_grad:
+            raise ValueError("lk_auto: the forward is timed on tensors that do not require grad")
+        return lambda: conv(x, w)
+    return user_grad(conv, pass_, x, w, g)
 
 
 def all_pass(conv, x, w, g):
@@ -183,12 +226,21 @@ def _rel_err(a, b) -> float:
 # timing
 # ------------------------------------------------------------------------------------------------
 def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_rel: float,
-                     warm: dict = None) -> dict:
-    """Seconds per call of every callable, round-robin: one warm-up round (skipped for the callables
-    in ``warm``: already run once, with that time), then ``repeats`` rounds.  A callable whose
-    warm-up took more than ``slow_abs`` s and more than ``slow_rel`` times the fastest warm-up of
-    its group (same pass and layout) is timed twice only (it is far from the choice).  Returns
-    ``{key: [seconds, ...]}``."""
+                     warm: dict = None, small_s: float = 0.0, small_mult: int = 1, near: float = 2.5,
+                     seed: int = 0) -> dict:
+    """Seconds per call of every callable, interleaved: one warm-up call each (skipped for the
+    callables in ``warm``: already run once, with that time), then rounds in which every callable
+    that still needs samples runs once, in an order shuffled afresh each round (``seed``: fixed, so
+    a run is repeatable) -- a fixed order lets one callable always follow the same other one (e.g.
+    one that just converted 25 MB between layouts), which measurably biased identical kernels by
+    6-7 % at K=3 (docs/cpu_backend.md).  Samples per callable: ``repeats``; 2 for one whose warm-up
+    took more than ``slow_abs`` s and ``slow_rel`` times the fastest warm-up of its group (same pass
+    and layout: far from the choice); ``repeats * small_mult`` for one within ``near`` times the
+    fastest warm-up of a group whose fastest is under ``small_s`` s (the cheap cells near the choice,
+    where a few per cent decide a ratio).  Returns ``{key: [seconds, ...]}``, one entry per call
+    made after the warm-up."""
+    import random
+
     warm = dict(warm or {})
     for k, f in fns.items():
         if k in warm:
@@ -199,12 +251,24 @@ def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_re
     fastest = {}
     for k, t in warm.items():
         fastest[group_of(k)] = min(t, fastest.get(group_of(k), float("inf")))
-    cap = {k: 2 if (t > slow_abs and t > slow_rel * fastest[group_of(k)]) else repeats for k, t in warm.items()}
+
+    def cap(k):
+        t, best = warm[k], fastest[group_of(k)]
+        if t > slow_abs and t > slow_rel * best:
+            return 2
+        if best < small_s and t <= near * best:
+            return repeats * small_mult
+        return repeats
+    caps = {k: cap(k) for k in fns}
     ts = {k: [] for k in fns}
-    for r in range(repeats):
-        for k, f in fns.items():
-            if len(ts[k]) >= cap[k]:
+    order = list(fns)
+    rng = random.Random(seed)
+    for _ in range(max(caps.values(), default=0)):
+        rng.shuffle(order)
+        for k in order:
+            if len(ts[k]) >= caps[k]:
                 continue
+            f = fns[k]
             t0 = CLOCK()
             f()
             ts[k].append(CLOCK() - t0)
@@ -268,6 +332,54 @@ def _small_overhead(repeats: int = 7, inner: int = 200) -> list:
     return out
 
 
+def outside_kernel(N: int, C: int, H: int, K: int = 3, rounds: int = 25) -> list:
+    """lkconv's own time around PyTorch's kernel at full size: per input layout, the K forward
+    (delegated to F.conv2d) timed as a whole and, in the same calls, the F.conv2d inside it (the
+    functional's ``F`` replaced by a timing shim), interleaved with F.conv2d called directly; ms,
+    medians of ``rounds``.  The difference is what the call costs outside the kernel after a real
+    pass (cold caches), not in a hot loop on a tiny plane."""
+    import lkconv.functional as lkf
+
+    real, inner = lkf.F, []
+
+    class _Shim:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def conv2d(*args, **kw):
+            t0 = CLOCK()
+            r = real.conv2d(*args, **kw)
+            inner.append(CLOCK() - t0)
+            return r
+    out = []
+    for layout in LAYOUT_NAMES:
+        x = torch.randn(N, C, H, H).contiguous(memory_format=FORMATS[layout])
+        w = torch.randn(C, 1, K, K)
+        direct = lambda: F.conv2d(x, w, None, 1, [K // 2, K // 2], 1, C)  # noqa: E731
+        call = lambda: lkconv.depthwise_conv2d(x, w, None, 1, "same")  # noqa: E731
+        lkf.F = _Shim()
+        try:
+            call()
+            direct()
+            inner.clear()
+            t_call, t_direct = [], []
+            for r in range(rounds):
+                for which in ((0, 1) if r % 2 else (1, 0)):
+                    t0 = CLOCK()
+                    (call if which == 0 else direct)()
+                    (t_call if which == 0 else t_direct).append(CLOCK() - t0)
+        finally:
+            lkf.F = real
+        if len(inner) != rounds:  # not delegated here: nothing to split
+            print(f"# outside_kernel: K={K} {layout}: the call ran F.conv2d {len(inner)} times in {rounds} calls "
+                  "(not delegated); skipped", flush=True)
+            continue
+        med = lambda v: statistics.median(v) * 1e3  # noqa: E731
+        out.append(dict(K=K, layout=layout, call=med(t_call), inside=med(inner), f_conv2d=med(t_direct)))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
@@ -277,10 +389,48 @@ def _ms(v):
     return f"{v:.3g}" if v < 10 else f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
 
+def _node(c):
+    n = c.get("auto_node")
+    return "-" if n is None else "F.conv2d" if n == "ConvolutionBackward0" else "lkconv" if "Eager" in n else n
+
+
 def _cell_ratio(c):
     m = c["median_ms"]
     best = min(m["torch"], m["torch_rt"])
     return best / m["auto"]
+
+
+def _rms(v) -> str:
+    """README's number format: 3 significant digits below 100 ms, whole ms above."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def readme_table(res: dict) -> str:
+    """README.md's CPU table (and its forward + both gradients line) from a run's results dict:
+    per K and pass, torch on NCHW and on channels_last tensors, ``auto`` (its path) on each input
+    layout and its ratio to the faster PyTorch layout (**bold** under 0.95).
+    ``python benchmarks/cpu_threshold.py --readme-table RUN/results.json`` prints it; every run
+    writes it to ``readme_table.md``; tests/test_cpu_routing.py checks README.md holds the table of
+    the run it cites."""
+    cell = {(c["K"], c["pass"], c["layout"]): c for c in res["cells"]}
+    lines = ["| K | pass | torch NCHW | torch channels_last | lkconv `auto`, NCHW in (path) | vs best torch "
+             "| lkconv `auto`, channels_last in (path) | vs best torch |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(c):
+        r = _cell_ratio(c)
+        return f"**{r:.2f}×**" if r < FLAG_BELOW else f"{r:.2f}×"
+    for K in sorted({c["K"] for c in res["cells"]}):
+        for pass_ in PASSES:
+            n, l = cell[(K, pass_, "nchw")], cell[(K, pass_, "cl")]
+            lines.append(f"| {K} | {pass_} | {_rms(n['median_ms']['torch'])} | {_rms(l['median_ms']['torch'])} | "
+                         f"{_rms(n['median_ms']['auto'])} ({n['auto_path']}) | {ratio(n)} | "
+                         f"{_rms(l['median_ms']['auto'])} ({l['auto_path']}) | {ratio(l)} |")
+    if res.get("all"):
+        lines += ["", "Forward + both gradients through autograd (ms): " + "; ".join(
+            f"K={a['K']} {a['layout']}: torch {_rms(a['torch'])}, lkconv {_rms(a['auto'])} "
+            f"({a['torch'] / a['auto']:.2f}×)" for a in res["all"])]
+    return "\n".join(lines) + "\n"
 
 
 def write_markdown(res: dict, path: Path) -> str:
@@ -292,12 +442,27 @@ def write_markdown(res: dict, path: Path) -> str:
         f"'same' padding, stride 1; median of {env['repeats']} interleaved repeats (slow callables far from the "
         f"choice: 2); runtime {env['runtime_s']:.0f} s wall, {env.get('cpu_time_s', float('nan')):.0f} s CPU; load average before/after {env['loadavg_before']} / "
         f"{env['loadavg_after']}; MALLOC_MMAP_THRESHOLD_={env['malloc_mmap_threshold'] or 'unset'}.", "",
-        "`torch` = PyTorch on tensors of that layout; `torch_rt` = PyTorch in the other layout incl. the round "
-        "trip; `fft`/`direct`/`nchw`/`cl` = lkconv's cpu paths; `auto` = the op as users call it; "
-        "ratio = min(torch, torch_rt) / auto (>= 1: auto faster; **bold** = under 0.95); `x-layout` = the "
-        "faster of torch on NCHW and on channels_last tensors, no conversion, / auto (informational).", "",
-        "| K | pass | layout | torch | torch_rt | fft | direct | nchw | cl | auto | auto path | ratio | x-layout |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "Two levels of timing.  **User level** (`torch`, `torch_rt`, `auto`; the ratio): what a user's "
+        "call costs -- the forward as `F.conv2d` / `lkconv.depthwise_conv2d` on tensors that do not require "
+        "grad; a gradient as "
+        "the backward of the autograd node the user's call recorded, with `requires_grad` on x only "
+        "(grad_input) or on w only (grad_weight), timed as `torch.autograd.grad(out, x or w, g, "
+        "retain_graph=True)` (autograd's engine included on both sides, no forward, nothing accumulated). "
+        "**Op level** (`fft`, `direct`, `nchw`, `cl`; what the path table is derived from): one pass of "
+        "lkconv's cpu backend called directly on one path, with the op's output conversion; `nchw` / `cl` "
+        "are PyTorch's own kernels (F.conv2d / aten.convolution_backward) run in that layout, so on the "
+        "input's own layout they are PyTorch's op-level time.", "",
+        "`torch` = PyTorch on tensors of that layout; `torch_rt` = PyTorch in the other layout as a user "
+        "writes it (`F.conv2d(x.contiguous(other), w).contiguous(layout)`; a gradient: that chain's "
+        "backward); `auto` = lkconv as users call it (`node`: the autograd node its gradient ran, "
+        "`ConvolutionBackward0` where the call is delegated to F.conv2d); ratio = min(torch, torch_rt) / "
+        "auto (>= 1: auto faster; **bold** = under 0.95); `x-layout` = the faster of torch on NCHW and "
+        "on channels_last tensors, no conversion, / auto (informational).  Order: shuffled afresh every "
+        f"round; cells whose fastest callable is under {env.get('small_ms', 0):g} ms: "
+        f"{env.get('repeats', 0) * env.get('small_mult', 1)} samples for the callables within 2.5x of "
+        "the fastest.", "",
+        "| K | pass | layout | torch | torch_rt | fft | direct | nchw | cl | auto | auto path | node | ratio | x-layout |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for c in res["cells"]:
         m = c["median_ms"]
@@ -305,7 +470,7 @@ def write_markdown(res: dict, path: Path) -> str:
         rs = f"**{r:.2f}**" if r < FLAG_BELOW else f"{r:.2f}"
         lines.append(f"| {c['K']} | {c['pass']} | {c['layout']} | " + " | ".join(
             _ms(m.get(p)) for p in ("torch", "torch_rt") + LK_PATHS + ("auto",))
-            + f" | {c['auto_path']} | {rs} | {c['x_layout_ratio']:.2f} |")
+            + f" | {c['auto_path']} | {_node(c)} | {rs} | {c['x_layout_ratio']:.2f} |")
     lines += ["", "Spread (min-max ms) of torch / best lkconv path / auto per cell:", "",
               "| K | pass | layout | torch | best path | auto |", "|---|---|---|---|---|---|"]
     for c in res["cells"]:
@@ -327,6 +492,11 @@ def write_markdown(res: dict, path: Path) -> str:
                   "|---|" + "---:|" * len(res["overhead"][0]["us"])]
         for o in res["overhead"]:
             lines.append(f"| {o['shape']} | " + " | ".join(f"{v:.0f}" for v in o["us"].values()) + " |")
+    if res.get("outside"):
+        lines += ["", "lkconv's time around the kernel at full size (delegated K=3 forward, ms, medians; `inside` = "
+                  "the F.conv2d inside the same calls, `F.conv2d` = called directly, interleaved): " + "; ".join(
+                      f"{o['layout']}: call {o['call']:.3f}, inside {o['inside']:.3f}, F.conv2d {o['f_conv2d']:.3f} "
+                      f"(outside the kernel {o['call'] - o['inside']:.3f})" for o in res["outside"])]
     flagged = [c for c in res["cells"] if _cell_ratio(c) < FLAG_BELOW]
     lines += ["", f"Cells under {FLAG_BELOW}: " + (", ".join(
         f"K={c['K']} {c['pass']} {c['layout']} ({_cell_ratio(c):.2f})" for c in flagged) or "none"), "",
@@ -387,7 +557,8 @@ def run(a) -> dict:
         command="python benchmarks/cpu_threshold.py " + " ".join(sys.argv[1:]),
         date_utc=f"{stamp:%Y-%m-%d %H:%M:%S} UTC", cpu=base_env.get("cpu"), cpu_count=os.cpu_count(),
         threads=torch.get_num_threads(), torch=torch.__version__, cpu_time_start=time.process_time(), lkconv_commit=base_env.get("lkconv_commit"),
-        n=N, c=C, hw=H, dtype=a.dtype, repeats=a.repeats, clock=a.clock, ks=a.ks, loadavg_before=list(os.getloadavg()),
+        n=N, c=C, hw=H, dtype=a.dtype, repeats=a.repeats, small_ms=a.small_ms, small_mult=a.small_mult,
+        method="user-level gradients (v2)", clock=a.clock, ks=a.ks, loadavg_before=list(os.getloadavg()),
         malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         run=str(out_dir.relative_to(ROOT)) if out_dir.is_absolute() and ROOT in out_dir.parents else str(out_dir),
     )
@@ -410,8 +581,8 @@ def run(a) -> dict:
             x = x0.contiguous(memory_format=FORMATS[layout])
             g = g0.contiguous(memory_format=FORMATS[layout])
             for pass_ in PASSES:
-                fns[(pass_, layout, "torch")] = torch_pass(pass_, x, w, g, pad, C)
-                fns[(pass_, layout, "torch_rt")] = torch_roundtrip(pass_, x, w, g, pad, C, layout)
+                fns[(pass_, layout, "torch")] = torch_user(pass_, x, w, g, pad, C)
+                fns[(pass_, layout, "torch_rt")] = torch_user_roundtrip(pass_, x, w, g, pad, C, layout)
                 for path in LK_PATHS:
                     fns[(pass_, layout, path)] = lk_path(pass_, path, x, w, g, p)
                 fns[(pass_, layout, "auto")] = lk_auto(pass_, x, w, g, p)
@@ -442,10 +613,11 @@ def run(a) -> dict:
             err = _rel_err(got, ref)
             if err > 1e-4:
                 raise SystemExit(f"K={K} {pass_} {layout} {prov}: relative error {err:.2e} against PyTorch")
-            if pass_ != "grad_weight" and _fmt(got) != _fmt(ref):
+            if pass_ != "grad_weight" and prov != "torch_rt" and _fmt(got) != _fmt(ref):
                 raise SystemExit(f"K={K} {pass_} {layout} {prov}: memory format differs from PyTorch's")
         ts = time_interleaved(fns, a.repeats, group_of=lambda k: (k[0], k[1]), slow_abs=a.slow_s,
-                              slow_rel=4.0, warm=gate_t)
+                              slow_rel=4.0, warm=gate_t, small_s=a.small_ms * 1e-3, small_mult=a.small_mult,
+                              seed=K)
         med = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
         spread = {k: (min(v) * 1e3, max(v) * 1e3) for k, v in ts.items()}
         for layout in LAYOUT_NAMES:
@@ -459,7 +631,8 @@ def run(a) -> dict:
                     K=K, pass_=pass_, layout=layout, median_ms=m,
                     spread_ms={prov: spread[(pass_, layout, prov)] for prov in PROVIDERS},
                     samples={prov: len(ts[(pass_, layout, prov)]) for prov in PROVIDERS},
-                    auto_path=auto_path, best_path=best_path))
+                    auto_path=auto_path, best_path=best_path,
+                    auto_node=getattr(fns[(pass_, layout, "auto")], "node", None)))
                 cells[-1]["pass"] = cells[-1].pop("pass_")
             if not a.no_all:
                 alls.append(dict(K=K, layout=layout, torch=med[("all", layout, "torch")],
@@ -483,10 +656,11 @@ def run(a) -> dict:
             dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=[]), indent=1))
     env.pop("partial", None)
     overhead = [] if a.no_overhead else _small_overhead()
+    outside = [] if a.no_overhead else outside_kernel(N, C, H)
     env["loadavg_after"] = list(os.getloadavg())
     env["runtime_s"] = time.perf_counter() - t_start
     env["cpu_time_s"] = time.process_time() - env.pop("cpu_time_start")
-    return dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=overhead), out_dir
+    return dict(env=env, cells=cells, all=alls, roundtrip=rts, overhead=overhead, outside=outside), out_dir
 
 
 def main(argv=None):
@@ -503,9 +677,15 @@ def main(argv=None):
                          "machine; use with --threads 1)")
     ap.add_argument("--slow-s", type=float, default=0.25,
                     help="a callable slower than this (and 4x the fastest of its cell) is timed twice only")
+    ap.add_argument("--small-ms", type=float, default=20.0,
+                    help="cells whose fastest callable takes under this many ms get --small-mult times the "
+                         "repeats for the callables near the fastest (a few per cent decide their ratio)")
+    ap.add_argument("--small-mult", type=int, default=5)
     ap.add_argument("--no-all", action="store_true", help="skip forward + both gradients through autograd")
     ap.add_argument("--no-overhead", action="store_true", help="skip the small-size dispatch overhead")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/cpu-threshold-...)")
+    ap.add_argument("--readme-table", metavar="RESULTS_JSON", default=None,
+                    help="only print README.md's CPU table for a run's results.json")
     ap.add_argument("--derive", metavar="RESULTS_JSON", default=None,
                     help="only print the PATH_TABLE rows derived from a run's results.json")
     a = ap.parse_args(argv)
@@ -513,10 +693,14 @@ def main(argv=None):
         res = json.loads(Path(a.derive).read_text())
         print(format_table(derive_table(res), res["env"]["run"]))
         return
+    if a.readme_table:
+        print(readme_table(json.loads(Path(a.readme_table).read_text())), end="")
+        return
     res, out_dir = run(a)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, out_dir / "results.md")
+    (out_dir / "readme_table.md").write_text(readme_table(res))
     write_plot(res, out_dir / "auto_vs_torch.png")
     print()
     print(format_table(derive_table(res), res["env"]["run"]))
@@ -526,6 +710,9 @@ def main(argv=None):
     if res["overhead"]:
         for o in res["overhead"]:
             print(f"# overhead {o['shape']}: " + ", ".join(f"{k} {v:.0f} us" for k, v in o["us"].items()))
+    for o in res.get("outside", []):
+        print(f"# K={o['K']} {o['layout']} forward at full size: call {o['call']:.3f} ms, F.conv2d inside it "
+              f"{o['inside']:.3f} ms, F.conv2d alone {o['f_conv2d']:.3f} ms")
     print(f"# runtime {res['env']['runtime_s']:.0f} s; wrote {out_dir}")
 
 

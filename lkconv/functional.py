@@ -92,6 +92,12 @@ def depthwise_conv2d(
     Returns:
         (N, m*C, Ho, Wo) in x's dtype (or the autocast dtype), channels_last if x is.
     """
+    key = _ops.delegation_key(x, weight, bias, stride, padding, dilation, backend)
+    if key is not None:  # a delegated eager CPU call seen before: F.conv2d at once (lkconv.ops)
+        hit = _ops._DELEGATED.get(key)
+        if hit is not None:
+            out = F.conv2d(x, weight, bias, hit[0], hit[1], hit[2], hit[3])
+            return out if out.is_contiguous(memory_format=hit[4]) else out.contiguous(memory_format=hit[4])
     if isinstance(x, _Proxy) or isinstance(weight, _Proxy) or isinstance(bias, _Proxy):
         return _fx_node(x, weight, bias, stride, padding, dilation, backend)
     if not isinstance(x, Tensor):
@@ -121,9 +127,12 @@ def depthwise_conv2d(
     stride_l, pad_l, dil_l = params.as_lists()
     if _ops.eager_fast_path_ok(x, weight, bias):  # plain eager CPU code: no custom-op dispatch (lkconv.ops)
         if name == "cpu" and _delegates_to_torch(x, weight, params, passes):  # PyTorch's own kernels
-            out = F.conv2d(x, weight, bias, params.stride, (params.padding[0], params.padding[2]), params.dilation,
-                           groups=x.shape[1])
-            fmt = output_memory_format(x)  # lkconv's output-format rule (a no-op where F.conv2d agrees)
+            conv_args = (params.stride, (params.padding[0], params.padding[2]), params.dilation, x.shape[1],
+                         output_memory_format(x))  # the last: lkconv's output-format rule
+            out = F.conv2d(x, weight, bias, *conv_args[:4])
+            fmt = conv_args[4]  # a no-op where F.conv2d agrees
+            if not unbatched:
+                _ops.remember_delegation(key, conv_args)
             if not out.is_contiguous(memory_format=fmt):
                 out = out.contiguous(memory_format=fmt)
         else:

@@ -28,7 +28,7 @@ from . import backends as _backends
 from .params import ConvParams
 
 __all__ = ["dwconv2d", "dwconv2d_grad_input", "dwconv2d_grad_weight", "memory_format_of", "EAGER_FAST_PATH",
-           "eager_fast_path_ok", "eager_conv"]
+           "eager_fast_path_ok", "eager_conv", "delegation_key", "remember_delegation", "clear_delegation_cache"]
 
 
 #: the output-format rule (channels_last in -> channels_last out); its one home is backends/base.py
@@ -526,3 +526,85 @@ def eager_conv(x, weight, bias, stride, padding, dilation, backend: str) -> Tens
                                     or (bias is not None and bias.requires_grad)):
         return _EagerConvFunction.apply(x, weight, bias, _ConvArgs(stride, padding, dilation, backend))
     return _forward_impl(x, weight, bias, stride, padding, dilation, backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# the delegated eager CPU call, remembered (CPU, small kernels)
+# ------------------------------------------------------------------------------------------------
+# Where lkconv.depthwise_conv2d delegates to F.conv2d (every pass PyTorch's own kernel, see
+# lkconv.functional), its own work is pure Python: argument normalisation, validation, backend
+# resolution, the path table.  ~60 µs in a hot loop on a tiny plane, but ~0.3 ms after a real pass
+# (measured, 8x128x56x56 K=3 channels_last forward, 1 thread: F.conv2d 3.88 ms inside the call, the
+# call 4.21 ms): a 12 MB convolution evicts the interpreter's code and data from the caches, so every
+# Python function of the call runs cold.  A call whose facts were seen before (every fact those steps
+# read is in the key below) therefore skips them: one dict lookup, then F.conv2d.  Only successful
+# delegated calls are remembered, so validation errors are raised again every time.
+_DELEGATED: dict = {}
+_DELEGATED_MAX = 512
+
+
+def clear_delegation_cache() -> None:
+    """Forget the remembered delegated calls (needed only after editing the cpu backend's
+    ``PATH_TABLE`` in place; everything else a decision reads is in the key)."""
+    _DELEGATED.clear()
+
+
+def _plain_arg(v) -> bool:
+    """An int, a string or a pair of ints (not bools: True == 1 would share an int's entry)."""
+    t = type(v)
+    return t is int or t is str or (t is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int)
+
+
+_cpu_mod = None
+_C = torch._C
+
+
+def delegation_key(x, weight, bias, stride, padding, dilation, backend):
+    """The facts that decide whether and how a call is delegated to F.conv2d (None: not
+    rememberable: not a plain eager 4-D CPU call (every condition of :func:`eager_fast_path_ok`)
+    with int / string / int-pair arguments, or autocast on).  Everything the functional's
+    resolution reads: the tensors' types, shapes, strides, dtypes and devices, the arguments, which
+    gradients autograd will need, the backend asked for and the default one (``use_backend``
+    blocks included), the ``auto`` chain, the cpu backend's instance, its forced path and its
+    delegation rule, the intra-op thread count (the path table's thread class).  Kept lean on
+    purpose: it runs on every call (the conditions are :func:`eager_fast_path_ok`'s, inlined)."""
+    global _cpu_mod
+    if not EAGER_FAST_PATH or type(x) not in _PLAIN or type(weight) not in _PLAIN or (
+            bias is not None and type(bias) not in _PLAIN):
+        return None
+    if not ((type(stride) is int or _plain_arg(stride)) and (type(padding) in (int, str) or _plain_arg(padding))
+            and (type(dilation) is int or _plain_arg(dilation))) or (backend is not None and type(backend) is not str):
+        return None
+    shape = x.shape
+    if len(shape) != 4 or not x.is_cpu or torch.compiler.is_compiling() or _C._is_tracing():
+        return None
+    if (_C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled() or _C._autograd._profiler_enabled()
+            or _C._functorch.peek_interpreter_stack() is not None
+            or getattr(_forward_ad, "_current_level", -1) >= 0 or torch.is_autocast_enabled("cpu")):
+        return None
+    if _cpu_mod is None:
+        from .backends import cpu as _cpu
+
+        _cpu_mod = _cpu
+    inst = _backends._INSTANCES.get("cpu")
+    rx, rw = x.requires_grad, weight.requires_grad
+    rb = bias is not None and bias.requires_grad
+    if (rx or rw or rb) and not torch.is_grad_enabled():
+        rx = rw = rb = False
+    # x is on the CPU (checked above); the weight's and bias's device: is_cpu (a mismatch raises in
+    # the first call, which is then not remembered)
+    return (shape, x.stride(), x.dtype, weight.shape, weight.dtype, weight.is_cpu,
+            None if bias is None else (bias.shape, bias.dtype, bias.is_cpu, rb),
+            rx, rw, stride, padding, dilation, backend,
+            _backends._OVERRIDES.get(), _backends._default_backend, _backends.AUTO_CHAIN.get("cpu"), inst,
+            getattr(type(inst), "delegates_to_torch", None), _cpu_mod.FORCE_PATH, torch.get_num_threads())
+
+
+def remember_delegation(key, conv_args) -> None:
+    """Remember that the call of ``key`` ran ``F.conv2d(x, w, b, *conv_args[:4])`` with lkconv's
+    output format ``conv_args[4]``."""
+    if key is None:
+        return
+    if len(_DELEGATED) >= _DELEGATED_MAX:
+        _DELEGATED.clear()
+    _DELEGATED[key] = conv_args

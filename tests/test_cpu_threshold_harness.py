@@ -1,0 +1,191 @@
+"""benchmarks/cpu_threshold.py measures what it claims: the interleaved timer makes exactly the calls
+it reports (shuffled rounds, the sample counts per callable), the user-level gradient callables run
+only the backward of the node a user's call records (one gradient, the one asked for, no forward), on
+lkconv's side and PyTorch's alike, and README.md's CPU table is the generator's output for the run it
+cites.  No timing is asserted here."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lkconv.backends import cpu as cpu_mod
+from lkconv.params import normalize_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMT = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("cpu_threshold", os.path.join(ROOT, "benchmarks", "cpu_threshold.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------------------------------------------
+# the interleaved timer
+# ------------------------------------------------------------------------------------------------
+def test_time_interleaved_makes_exactly_the_calls_it_reports_in_shuffled_rounds():
+    b = _bench()
+    calls = []
+
+    def make(k):
+        return lambda: calls.append(k)
+    keys = [("forward", "nchw", p) for p in ("a", "b", "c", "d", "e", "f")]
+    fns = {k: make(k) for k in keys}
+    # warm-up times given: "a".."d" cheap (the group's fastest 1 ms), "e" 4x, "f" far and slow
+    warm = {keys[0]: 1e-3, keys[1]: 1.2e-3, keys[2]: 2e-3, keys[3]: 2.4e-3, keys[4]: 4e-3, keys[5]: 0.5}
+    ts = b.time_interleaved(fns, 3, group_of=lambda k: k[:2], slow_abs=0.25, slow_rel=4.0, warm=warm,
+                            small_s=0.02, small_mult=4, seed=7)
+    want = {keys[0]: 12, keys[1]: 12, keys[2]: 12, keys[3]: 12, keys[4]: 3, keys[5]: 2}
+    assert {k: len(v) for k, v in ts.items()} == want
+    assert {k: calls.count(k) for k in keys} == want  # no call beyond the reported samples (warm given)
+    # rounds: each callable at most once per round, and the order is not the same every round
+    rounds, pos = [], 0
+    for r in range(12):
+        n = sum(1 for k in keys if want[k] > r)
+        rounds.append(calls[pos:pos + n])
+        pos += n
+    assert all(len(set(r)) == len(r) for r in rounds)
+    assert len({tuple(r) for r in rounds[:2]} | {tuple(r) for r in rounds[2:3]}) > 1
+    assert len({r[0] for r in rounds}) > 1
+    # without given warm-up times each callable is called once more (its warm-up)
+    calls.clear()
+    ts = b.time_interleaved({k: fns[k] for k in keys[:2]}, 5, group_of=lambda k: k[:2], slow_abs=1.0,
+                            slow_rel=4.0)
+    assert [len(v) for v in ts.values()] == [5, 5] and len(calls) == 12
+
+
+# ------------------------------------------------------------------------------------------------
+# user-level gradients: only the backward, only the gradient asked for
+# ------------------------------------------------------------------------------------------------
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if name.startswith("convolution"):
+            self.seen.append((name, tuple(args[-1]) if name == "convolution_backward.default" else None))
+        return func(*args, **(kwargs or {}))
+
+
+def _tensors(K, layout, N=2, C=3, H=11):
+    torch.manual_seed(K)
+    x = torch.randn(N, C, H, H).contiguous(memory_format=FMT[layout])
+    w = torch.randn(C, 1, K, K)
+    g = torch.randn(N, C, H, H).contiguous(memory_format=FMT[layout])
+    return x, w, g, normalize_params(1, "same", 1, (K, K)), [K // 2, K // 2]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("pass_", ["grad_input", "grad_weight"])
+def test_torch_user_gradient_runs_one_convolution_backward_for_that_gradient_only(pass_, layout):
+    b = _bench()
+    x, w, g, p, pad = _tensors(3, layout)
+    fn = b.torch_user(pass_, x, w, g, pad, x.shape[1])
+    assert fn.node == "ConvolutionBackward0"
+    with _Ops() as mode:
+        got = fn()
+        got2 = fn()  # retain_graph: the same backward again
+    mask = (True, False, False) if pass_ == "grad_input" else (False, True, False)
+    assert mode.seen == [("convolution_backward.default", mask)] * 2  # no forward in the timing
+    want = b.torch_pass(pass_, x, w, g, pad, x.shape[1])()
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got, got2)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("K", [3, 15])
+@pytest.mark.parametrize("pass_", ["grad_input", "grad_weight"])
+def test_lkconv_user_gradient_runs_only_that_pass_of_the_node_the_call_recorded(pass_, K, layout, monkeypatch):
+    """Delegated calls (every needed pass is PyTorch's own kernel) run F.conv2d's node: one
+    convolution_backward with that gradient's mask; the others run lkconv's eager node: one call of
+    that pass of the cpu backend, none of the other passes, no forward."""
+    b = _bench()
+    x, w, g, p, pad = _tensors(K, layout)
+    passes = ("forward", pass_)
+    delegated = cpu_mod.CPUBackend().delegates_to_torch(x, tuple(w.shape), p, passes)
+    fn = b.lk_auto(pass_, x, w, g, p)
+    counts = {"forward": 0, "grad_input": 0, "grad_weight": 0}
+    for name in counts:
+        real = getattr(cpu_mod.CPUBackend, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            counts[_name] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(cpu_mod.CPUBackend, name, spy)
+    with _Ops() as mode:
+        got = fn()
+    if delegated:
+        assert fn.node == "ConvolutionBackward0"
+        mask = (True, False, False) if pass_ == "grad_input" else (False, True, False)
+        assert mode.seen == [("convolution_backward.default", mask)]
+        assert counts == {"forward": 0, "grad_input": 0, "grad_weight": 0}
+    else:
+        assert fn.node == "_EagerConvFunctionBackward"
+        assert counts == {"forward": 0, "grad_input": int(pass_ == "grad_input"),
+                          "grad_weight": int(pass_ == "grad_weight")}
+    want = b.torch_pass(pass_, x, w, g, pad, x.shape[1])()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if pass_ == "grad_input":
+        assert got.is_contiguous(memory_format=FMT[layout])
+
+
+def test_both_delegated_and_lkconv_nodes_are_exercised():
+    """The parametrisation above is not vacuous: K=3 is delegated, K=15 is not (2 threads' and 1
+    thread's tables alike)."""
+    for threads in (1, 2):
+        for layout in ("nchw", "cl"):
+            x, w, g, p, pad = _tensors(3, layout)
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                be = cpu_mod.CPUBackend()
+                assert be.delegates_to_torch(x, tuple(w.shape), p, ("forward", "grad_input"))
+                x, w, g, p, pad = _tensors(15, layout)
+                assert not be.delegates_to_torch(x, tuple(w.shape), p, ("forward", "grad_input"))
+            finally:
+                torch.set_num_threads(old)
+
+
+def test_user_gradient_rejects_the_forward():
+    b = _bench()
+    x, w, g, p, pad = _tensors(3, "nchw")
+    with pytest.raises(ValueError, match="gradient pass"):
+        b.user_grad(lambda u, v: u, "forward", x, w, g)
+
+
+# ------------------------------------------------------------------------------------------------
+# README's CPU table is generated
+# ------------------------------------------------------------------------------------------------
+def test_readme_cpu_table_is_the_generated_table_of_the_run_it_cites():
+    b = _bench()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    runs = re.findall(r"\]\((benchmarks/results/cpu-threshold-[^)/]+)/results\.md\)", readme)
+    assert runs, "README cites no cpu-threshold run"
+    run = runs[0]  # the first one cited is the table's run
+    with open(os.path.join(ROOT, run, "results.json")) as f:
+        res = json.load(f)
+    table = b.readme_table(res)
+    assert table.count("\n") >= 26  # 8 kernel sizes x 3 passes + header + the autograd line
+    assert table in readme, ("README's CPU table: paste the output of python benchmarks/cpu_threshold.py "
+                             f"--readme-table {run}/results.json")
+
+
+def test_outside_kernel_splits_the_delegated_call_around_the_f_conv2d_it_runs():
+    b = _bench()
+    res = b.outside_kernel(1, 4, 12, K=3, rounds=5)
+    assert [o["layout"] for o in res] == ["nchw", "cl"]  # K=3 is delegated on both layouts
+    for o in res:
+        assert 0 < o["inside"] <= o["call"] and o["f_conv2d"] > 0
+    import lkconv.functional as lkf
+    assert lkf.F is torch.nn.functional  # the shim is removed again
