@@ -75,14 +75,17 @@ CLOCK = time.perf_counter
 # the table derivation (also used by tests/test_cpu_routing.py)
 # ------------------------------------------------------------------------------------------------
 def _preference(layout: str):
+    """Tie order: PyTorch's own kernel in the input's layout first (a pass that runs it can be handed
+    to F.conv2d whole, with no lkconv cost around it), then lkconv's direct path, the FFT, the other
+    layout (a round trip)."""
     other = "cl" if layout == "nchw" else "nchw"
-    return ("direct", layout, "fft", other)
+    return (layout, "direct", "fft", other)
 
 
 def derive_table(results: dict, tie: float = TIE) -> dict:
     """``{(thread class, pass, layout): ((min taps, path), ...)}`` from a run's results.json dict:
     per (pass, layout) and K, the fastest of lkconv's paths by median (within ``tie`` of the fastest:
-    the first of direct, the layout's own, fft, the other layout), merged into rows that start where
+    the first of the layout's own PyTorch kernel, direct, fft, the other layout), merged into rows that start where
     the choice changes (the first row starts at 0 taps)."""
     tcls = cpu.thread_class(results["env"]["threads"])
     cells = results["cells"]
@@ -677,7 +680,7 @@ def main(argv=None):
                          "machine; use with --threads 1)")
     ap.add_argument("--slow-s", type=float, default=0.25,
                     help="a callable slower than this (and 4x the fastest of its cell) is timed twice only")
-    ap.add_argument("--small-ms", type=float, default=20.0,
+    ap.add_argument("--small-ms", type=float, default=60.0,
                     help="cells whose fastest callable takes under this many ms get --small-mult times the "
                          "repeats for the callables near the fastest (a few per cent decide their ratio)")
     ap.add_argument("--small-mult", type=int, default=5)

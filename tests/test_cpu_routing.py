@@ -194,12 +194,14 @@ def test_derive_table_breaks_near_ties_by_preference():
     b = _bench()
     res = _synthetic(2, {("forward", "cl"): {3: "fft"}})
     res["cells"][0]["median_ms"].update(fft=1.0, direct=1.03, cl=1.01, nchw=0.99)
-    # within 5 % of the fastest (nchw 0.99): direct first, then the layout's own (cl), ...
-    assert b.derive_table(res)[("multi", "forward", "cl")] == ((0, "direct"),)
-    res["cells"][0]["median_ms"].update(direct=1.2)
+    # within 5 % of the fastest (nchw 0.99): the layout's own PyTorch kernel (cl) first, then direct, fft, ...
     assert b.derive_table(res)[("multi", "forward", "cl")] == ((0, "cl"),)
-    res["cells"][0]["median_ms"].update(cl=1.2, fft=1.0)
+    res["cells"][0]["median_ms"].update(cl=1.2)
+    assert b.derive_table(res)[("multi", "forward", "cl")] == ((0, "direct"),)
+    res["cells"][0]["median_ms"].update(direct=1.2, fft=1.0)
     assert b.derive_table(res)[("multi", "forward", "cl")] == ((0, "fft"),)
+    res["cells"][0]["median_ms"].update(fft=1.2)
+    assert b.derive_table(res)[("multi", "forward", "cl")] == ((0, "nchw"),)
 
 
 def test_derive_table_reproduces_the_tables_choice_at_the_measured_sizes():

@@ -103,7 +103,7 @@ def test_torch_user_gradient_runs_one_convolution_backward_for_that_gradient_onl
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-@pytest.mark.parametrize("K", [3, 15])
+@pytest.mark.parametrize("K", [3, 31])
 @pytest.mark.parametrize("pass_", ["grad_input", "grad_weight"])
 def test_lkconv_user_gradient_runs_only_that_pass_of_the_node_the_call_recorded(pass_, K, layout, monkeypatch):
     """Delegated calls (every needed pass is PyTorch's own kernel) run F.conv2d's node: one
@@ -140,7 +140,7 @@ def test_lkconv_user_gradient_runs_only_that_pass_of_the_node_the_call_recorded(
 
 
 def test_both_delegated_and_lkconv_nodes_are_exercised():
-    """The parametrisation above is not vacuous: K=3 is delegated, K=15 is not (2 threads' and 1
+    """The parametrisation above is not vacuous: K=3 is delegated, K=31 is not (2 threads' and 1
     thread's tables alike)."""
     for threads in (1, 2):
         for layout in ("nchw", "cl"):
@@ -150,7 +150,7 @@ def test_both_delegated_and_lkconv_nodes_are_exercised():
             try:
                 be = cpu_mod.CPUBackend()
                 assert be.delegates_to_torch(x, tuple(w.shape), p, ("forward", "grad_input"))
-                x, w, g, p, pad = _tensors(15, layout)
+                x, w, g, p, pad = _tensors(31, layout)
                 assert not be.delegates_to_torch(x, tuple(w.shape), p, ("forward", "grad_input"))
             finally:
                 torch.set_num_threads(old)

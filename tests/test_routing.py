@@ -144,6 +144,7 @@ def test_modelled_rows_are_the_committed_report():
     for key, (us, kernel) in routing_modelled.CELLS.items():
         t, basis = routing.TIMES_US[key]
         assert t == us and routing_modelled.REPORT in basis and kernel in basis
+        assert kernel.endswith("_kernel"), (key, kernel)  # a kernel name, not a mangled fragment
 
 
 def test_readme_gpu_table_is_the_routing_report():

@@ -238,7 +238,7 @@ def routing_cells(routing: Dict) -> Dict:
         cls = r["layer"].split("/H")[1].split("/")[0]
         dcls = "half" if r["dtype"] in _HALF else r["dtype"]
         key = (r["backend"], cls, r["pass_"], dcls)
-        kernel = (r.get("kernel") or "").split("(")[0].split("<")[0]
+        kernel = (r.get("kernel") or "").replace("(anonymous namespace)::", "").split("(")[0].split("<")[0]
         if key not in cells or r["modelled_us"] > cells[key][0]:
             cells[key] = (float(r["modelled_us"]), kernel)
     return cells

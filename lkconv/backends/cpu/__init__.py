@@ -77,8 +77,8 @@ PATHS = ("fft", "direct", "nchw", "cl")
 #: ``benchmarks/cpu_threshold.py`` (``python benchmarks/cpu_threshold.py --derive <run>/results.json``
 #: prints exactly those rows; tests/test_cpu_routing.py checks they agree), or a note
 PATH_TABLE_RUN = {
-    "single": "benchmarks/results/cpu-threshold-xeon-1t-20261201-182500",
-    "multi": "benchmarks/results/cpu-threshold-intel-r--xeon-r--processor---2-80ghz-20261201-193141",
+    "single": "benchmarks/results/cpu-threshold-intel-r--xeon-r--processor---2-80ghz-20261201-221015",
+    "multi": "benchmarks/results/cpu-threshold-intel-r--xeon-r--processor---2-80ghz-20261201-215333",
 }
 
 #: THE table of the cpu backend's choice: (thread class, pass, input layout) -> ((min taps, path),
@@ -89,19 +89,19 @@ PATH_TABLE_RUN = {
 #: channels_last, else "nchw".  The source of each class's rows: :data:`PATH_TABLE_RUN`.
 PATH_TABLE = {
     # derived from PATH_TABLE_RUN["multi"] (python benchmarks/cpu_threshold.py --derive ...)
-    ("multi", "forward", "nchw"): ((0, "nchw"), (169, "direct"), (625, "fft")),
-    ("multi", "forward", "cl"): ((0, "direct"), (25, "cl"), (49, "direct"), (81, "cl"), (169, "nchw"), (361, "cl"), (961, "fft")),
-    ("multi", "grad_input", "nchw"): ((0, "nchw"), (49, "direct"), (81, "nchw"), (169, "direct"), (625, "fft")),
-    ("multi", "grad_input", "cl"): ((0, "direct"), (25, "cl"), (81, "direct"), (625, "cl"), (961, "fft")),
-    ("multi", "grad_weight", "nchw"): ((0, "direct"), (361, "fft")),
-    ("multi", "grad_weight", "cl"): ((0, "cl"), (25, "direct"), (361, "fft")),
+    ("multi", "forward", "nchw"): ((0, "nchw"), (361, "direct"), (625, "fft")),
+    ("multi", "forward", "cl"): ((0, "cl"), (169, "nchw"), (361, "cl"), (961, "fft")),
+    ("multi", "grad_input", "nchw"): ((0, "nchw"), (361, "direct"), (625, "fft")),
+    ("multi", "grad_input", "cl"): ((0, "cl"), (625, "fft")),
+    ("multi", "grad_weight", "nchw"): ((0, "nchw"), (25, "direct"), (361, "fft")),
+    ("multi", "grad_weight", "cl"): ((0, "cl"), (25, "direct"), (169, "fft")),
     # derived from PATH_TABLE_RUN["single"] (python benchmarks/cpu_threshold.py --derive ...)
-    ("single", "forward", "nchw"): ((0, "direct"), (625, "cl"), (961, "fft")),
-    ("single", "forward", "cl"): ((0, "direct"), (169, "nchw"), (361, "cl")),
-    ("single", "grad_input", "nchw"): ((0, "direct"), (25, "nchw"), (49, "direct"), (169, "nchw"), (961, "fft")),
-    ("single", "grad_input", "cl"): ((0, "cl"), (81, "direct"), (961, "fft")),
-    ("single", "grad_weight", "nchw"): ((0, "direct"), (625, "fft")),
-    ("single", "grad_weight", "cl"): ((0, "direct"), (625, "fft")),
+    ("single", "forward", "nchw"): ((0, "nchw"), (361, "direct"), (625, "fft")),
+    ("single", "forward", "cl"): ((0, "cl"), (169, "nchw"), (361, "cl")),
+    ("single", "grad_input", "nchw"): ((0, "nchw"), (25, "direct"), (49, "nchw"), (625, "fft")),
+    ("single", "grad_input", "cl"): ((0, "cl"), (961, "fft")),
+    ("single", "grad_weight", "nchw"): ((0, "nchw"), (25, "direct"), (361, "fft")),
+    ("single", "grad_weight", "cl"): ((0, "cl"), (25, "direct"), (625, "fft")),
 }
 
 #: None (choose by PATH_TABLE) or one of PATHS: overrides the choice of every CPUBackend that was
