@@ -557,6 +557,9 @@ def _plain_arg(v) -> bool:
 
 _cpu_mod = None
 _C = torch._C
+# any autocast region on (any device: a CUDA one only makes the call not rememberable); one C call,
+# ~5x cheaper than torch.is_autocast_enabled("cpu"), which parses its device string every call
+_autocast_on = getattr(_C, "_is_any_autocast_enabled", None) or (lambda: torch.is_autocast_enabled("cpu"))
 
 
 def delegation_key(x, weight, bias, stride, padding, dilation, backend):
@@ -580,7 +583,7 @@ def delegation_key(x, weight, bias, stride, padding, dilation, backend):
         return None
     if (_C._len_torch_dispatch_stack() or _C._is_torch_function_mode_enabled() or _C._autograd._profiler_enabled()
             or _C._functorch.peek_interpreter_stack() is not None
-            or getattr(_forward_ad, "_current_level", -1) >= 0 or torch.is_autocast_enabled("cpu")):
+            or getattr(_forward_ad, "_current_level", -1) >= 0 or _autocast_on()):
         return None
     if _cpu_mod is None:
         from .backends import cpu as _cpu
