@@ -245,3 +245,19 @@ GENERIC_CASES = _table(
     Case('channels_last', (2, 5, 9, 9), (7, 7), padding=3, layout='channels_last'),
     Case('noncontig-slice', (2, 4, 10, 10), (5, 5), padding=2, layout='sliced'),
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch's fp32 precision flags (tests that set them restore them: conftest's restore_precision_flags)
+# --------------------------------------------------------------------------------------------------
+PRECISION_FLAGS = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cudnn.rnn, "fp32_precision"),
+                   (torch.backends.cudnn, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
+
+
+def legacy_tf32_flags():
+    """(cudnn.allow_tf32, cuda.matmul.allow_tf32), or None where the legacy getters raise (PyTorch
+    makes them raise once the new fp32_precision API was used, until the legacy setters are)."""
+    try:
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        return None

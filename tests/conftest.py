@@ -21,3 +21,19 @@ def pytest_configure(config):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def restore_precision_flags():
+    """Put every fp32 precision flag back; if the legacy getters worked before the test, make them
+    work again (the new API's setters make them raise until the legacy setters are used)."""
+    from cases import PRECISION_FLAGS, legacy_tf32_flags
+
+    old = [getattr(o, a) for o, a in PRECISION_FLAGS]
+    legacy = legacy_tf32_flags()
+    yield
+    for (o, a), v in zip(PRECISION_FLAGS, old):
+        setattr(o, a, v)
+    if legacy is not None:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = legacy
+        assert legacy_tf32_flags() == legacy

@@ -4,40 +4,22 @@ import torch
 
 from lkconv.precision import conv_tf32_enabled, tf32
 
-
-_FLAGS = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cudnn.rnn, "fp32_precision"),
-          (torch.backends.cudnn, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
+from cases import legacy_tf32_flags
 
 
 @pytest.fixture(autouse=True)
-def restore_flags():
-    """Put every flag back; if the legacy getters worked before the test, make them work again (the
-    new API's setters make them raise until the legacy setters are used)."""
-    old = [getattr(o, a) for o, a in _FLAGS]
-    legacy = _legacy()
+def _restore(restore_precision_flags):  # every test here sets flags
     yield
-    for (o, a), v in zip(_FLAGS, old):
-        setattr(o, a, v)
-    if legacy is not None:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = legacy
-        assert _legacy() == legacy
-
-
-def _legacy():
-    try:
-        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    except RuntimeError:
-        return None
 
 
 def test_tf32_context_keeps_the_legacy_getters_working():
     """A user on the legacy API (the default) can still read allow_tf32 after lkconv's tf32() block."""
-    assert _legacy() is not None
+    assert legacy_tf32_flags() is not None
     for enabled in (True, False):
         with tf32(enabled):
             assert conv_tf32_enabled() is enabled
             assert torch.backends.cudnn.allow_tf32 is enabled
-        assert _legacy() is not None
+        assert legacy_tf32_flags() is not None
 
 
 def test_new_api_is_read_without_the_legacy_getter_raising():

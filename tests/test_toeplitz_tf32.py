@@ -25,7 +25,8 @@ from lkconv.precision import conv_tf32_enabled, tf32
 from lkconv.testing import compare_all_passes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cases import LAYOUTS, Case, _table, load_emulation, make_inputs, requires_cuda_backend  # noqa: E402
+from cases import (LAYOUTS, Case, _table, legacy_tf32_flags, load_emulation, make_inputs,  # noqa: E402
+                   requires_cuda_backend)
 
 EMU = load_emulation()
 F = torch.nn.functional
@@ -229,30 +230,6 @@ def test_small_plane_tf32_layout_and_plan():
 # --------------------------------------------------------------------------------------------------
 # the dispatch rule
 # --------------------------------------------------------------------------------------------------
-_FLAGS = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cudnn.rnn, "fp32_precision"),
-          (torch.backends.cudnn, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
-
-
-def _legacy():
-    try:
-        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    except RuntimeError:
-        return None
-
-
-@pytest.fixture
-def restore_flags():
-    """Put every precision flag back (and make the legacy getters work again if they did before)."""
-    old = [getattr(o, a) for o, a in _FLAGS]
-    legacy = _legacy()
-    yield
-    for (o, a), v in zip(_FLAGS, old):
-        setattr(o, a, v)
-    if legacy is not None:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = legacy
-        assert _legacy() == legacy
-
-
 def _kernel(tf32_on, N, C, H, K, stride=1, sm=9):
     P = K // 2
     Ho = (H + 2 * P - K) // stride + 1
@@ -276,8 +253,8 @@ def test_dispatch_kernel_choice():
         assert _kernel(tf32_on, 2, 3, 60, 31, sm=7) == "ieee"
 
 
-def test_pass_algo_legacy_api(restore_flags):
-    if _legacy() is None:
+def test_pass_algo_legacy_api(restore_precision_flags):
+    if legacy_tf32_flags() is None:
         pytest.skip("the legacy TF32 getters raise in this process (new API already in use)")
     for on in (True, False):
         torch.backends.cudnn.allow_tf32 = on
@@ -291,7 +268,7 @@ def test_pass_algo_legacy_api(restore_flags):
         assert pass_algo(1, torch.float32, "forward") == 1  # LKCONV_CUDA_ALGO=generic wins
 
 
-def test_pass_algo_new_api(restore_flags):
+def test_pass_algo_new_api(restore_precision_flags):
     if getattr(torch.backends.cudnn.conv, "fp32_precision", None) is None:
         pytest.skip("this PyTorch has no fp32_precision API")
     for conv, parent, want in (("tf32", "ieee", 2), ("ieee", "tf32", 0), ("none", "tf32", 2), ("none", "ieee", 0)):
