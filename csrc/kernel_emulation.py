@@ -1457,12 +1457,15 @@ TF_FO, TF_MAX_K, TF_WARPS, TF_IMG = 22, 64, 8, 8
 def tf32_round(v):
     """cvt.rna.tf32.f32 on a float32 numpy array: round to nearest on the 13 dropped mantissa bits, ties away
     from zero (add half an ulp to the magnitude bits, clear the 13 low bits; a carry moves into the exponent,
-    past the largest finite value to infinity); Inf and NaN unchanged."""
+    past the largest finite value to infinity).  Non-finite values: the 13 low bits cleared, nothing added -- the
+    sm_80 / sm_90 SASS of the kernels' to_tf32 (measured-static: |v| >= Inf predicates the 0x1000 add off, the
+    0xffffe000 mask is unconditional), so Inf stays Inf and a NaN whose payload lies only in the 13 low bits
+    becomes Inf (the mma ignores those bits in any case)."""
     import numpy as np
     v = np.ascontiguousarray(v, dtype=np.float32)
     u = v.view(np.uint32)
     finite = (u & 0x7F800000) != 0x7F800000
-    r = np.where(finite, (u + np.uint32(0x1000)) & np.uint32(0xFFFFE000), u).astype(np.uint32)
+    r = (np.where(finite, u + np.uint32(0x1000), u) & np.uint32(0xFFFFE000)).astype(np.uint32)
     return r.view(np.float32)
 
 
@@ -1519,13 +1522,27 @@ def cuda_fp32_forward_kernel(tf32, sm_major, N, C, H, W, Ho, Wo, KH, KW, sh, sw,
     return "ieee"
 
 
-def _tf_ldmatrix_x4(smem, addr):
-    """ldmatrix.m8n8.x4.b16 on 32-bit data: lane l gives the (float) address of row l % 8 of matrix l // 8 (16-byte
-    aligned); lane T receives, from each matrix, row T / 4, 32-bit word T % 4 (its b16 pair 2 (T % 4), + 1)."""
+def _tf_ldmatrix_x4(smem, addr, trans=False):
+    """ldmatrix.m8n8.x4.b16 (the instruction the kernels issue) on 32-bit data, modelled on the 16-bit halves: lane
+    l gives the (float) address of row l % 8 of matrix l // 8 (16 bytes = 8 b16 elements, 16-byte aligned); lane T
+    receives, from each matrix, the b16 elements 2 (T % 4) (low half of the register) and 2 (T % 4) + 1 (high half)
+    of row T / 4 -- for float rows the whole 32-bit word T % 4 of that row.  ``trans``: the .trans variant, elements
+    (row 2 (T % 4), column T / 4) and (row 2 (T % 4) + 1, column T / 4): halves of two different floats (what the
+    TF32 kernels must not issue; the tests show the difference)."""
     import numpy as np
     assert (addr % 4 == 0).all()
+    h = smem.view(np.uint16)  # little-endian: b16 element e of a row = bytes 2e, 2e + 1
     T = np.arange(32)
-    return [smem[addr[8 * mi + T // 4] + T % 4] for mi in range(4)]
+    regs = []
+    for mi in range(4):
+        if trans:
+            lo = h[2 * addr[8 * mi + 2 * (T % 4)] + T // 4]
+            hi = h[2 * addr[8 * mi + 2 * (T % 4) + 1] + T // 4]
+        else:
+            row = 2 * addr[8 * mi + T // 4]
+            lo, hi = h[row + 2 * (T % 4)], h[row + 2 * (T % 4) + 1]
+        regs.append((lo.astype(np.uint32) | (hi.astype(np.uint32) << np.uint32(16))).view(np.float32))
+    return regs
 
 
 def _mma_m16n8k8_tf32(acc, af, b0, b1, check_tf32=True):

@@ -62,6 +62,11 @@ def test_tf32_round_bit_patterns():
     got = EMU.tf32_round(u.view(np.float32)).view(np.uint32)
     assert (got == want).all(), [hex(g) for g in got]
     assert np.isnan(EMU.tf32_round(np.array([np.nan], dtype=np.float32))).all()
+    # NaN payloads: the SASS lowering clears the 13 low bits of non-finite values too (a quiet NaN stays NaN; a NaN
+    # with only low payload bits becomes Inf, as the mma would read it anyway)
+    nan_u = np.array([0x7FC00000, 0xFFC00001, 0x7F802001, 0x7F800001], dtype=np.uint32)
+    got = EMU.tf32_round(nan_u.view(np.float32)).view(np.uint32)
+    assert (got == np.array([0x7FC00000, 0xFFC00000, 0x7F802000, 0x7F800000], dtype=np.uint32)).all()
 
 
 def test_tf32_round_matches_independent_formulation():
@@ -74,6 +79,39 @@ def test_tf32_round_matches_independent_formulation():
         assert (got.view(np.uint32) & 0x1FFF == 0).all()
         rel = np.abs(got.astype(np.float64) - arr) / np.abs(arr.astype(np.float64))
         assert rel.max() <= U_TF32
+
+
+def test_ldmatrix_b16_delivers_32bit_fragments():
+    """ldmatrix.m8n8.x4.b16 on float rows, modelled on its 16-bit halves: lane T gets word T % 4 of row T / 4 of each
+    matrix, which is the m16n8k8 .tf32 b0 / b1 (k t, n g) and a0..a3 layout the kernels rely on; the .trans variant
+    would mix the halves of two floats (so it must not be used on 32-bit data).  Also the kernels' own lane roles:
+    toeplitz_tf32_kernel's (image lane & 7, k half (lane >> 3) & 1, pair row lane >> 4) gives b0, b1 of both rows,
+    small_plane_mma_kernel's A roles (row lane & 15, k half lane >> 4) give a0..a3."""
+    rng = np.random.default_rng(4)
+    smem = rng.standard_normal(4096).astype(np.float32)
+    lane = np.arange(32)
+    g, t = lane >> 2, lane & 3
+    rows = rng.permutation(4096 // 4)[:32] * 4          # 16-byte aligned row addresses (floats), all distinct
+    regs = EMU._tf_ldmatrix_x4(smem, rows)
+    for mi in range(4):
+        assert (regs[mi].view(np.uint32) == smem[rows[8 * mi + g] + t].view(np.uint32)).all()
+    tr = EMU._tf_ldmatrix_x4(smem, rows, trans=True)
+    assert not any((tr[mi].view(np.uint32) == regs[mi].view(np.uint32)).all() for mi in range(4))
+    # toeplitz_tf32_kernel: B[k][n] = image n's staged row (pitch ip) at column k, pair row h at + xc
+    ip, xc = 9 * 16 + 4, 16
+    X = rng.standard_normal(8 * ip).astype(np.float32)
+    limg, lkh, lrow = lane & 7, (lane >> 3) & 1, lane >> 4
+    bf = EMU._tf_ldmatrix_x4(X, limg * ip + lrow * xc + 4 * lkh)
+    for h in range(2):
+        B = np.stack([X[n * ip + h * xc: n * ip + h * xc + 8] for n in range(8)], axis=1)  # (k, n)
+        assert (bf[2 * h] == B[t, g]).all() and (bf[2 * h + 1] == B[t + 4, g]).all()
+    # small_plane_mma_kernel<float>: A[m][k] = Xs row m (pitch p) at column k
+    p = 12
+    Xs = rng.standard_normal(16 * p).astype(np.float32)
+    af = EMU._tf_ldmatrix_x4(Xs, (lane & 15) * p + (lane >> 4) * 4)
+    A = Xs.reshape(16, p)[:, :8]
+    assert (af[0] == A[g, t]).all() and (af[1] == A[g + 8, t]).all()
+    assert (af[2] == A[g, t + 4]).all() and (af[3] == A[g + 8, t + 4]).all()
 
 
 # --------------------------------------------------------------------------------------------------
