@@ -762,43 +762,46 @@ def _mem_ops(lp: Optional[Dict]) -> int:
     return max(mx.get("cp_async", 0) + mx.get("ldg", 0) + mx.get("ld_generic", 0), 1)
 
 
-def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, nb: int, dg: int, m: Machine, sms: int) -> Dict:
-    """toeplitz_mma_kernel<T, NB, DG> (image-rows tiling): CTA = (channel, 8 images, bm output rows, 16*NB
-    columns).  Per CTA: the staging of the needed input rows of its images (cp.async vectors of vec_x
-    elements, or scalar), the zero row, filter rows Fe and the shifted copy Fo; per warp its output-row
-    pairs, each: per Toeplitz-offset group and kernel row of the pair's range one pass of the measured-static
-    hot-loop body (all NB + DG - 1 chunk blocks: a chunk in the zero border is predicated off, so its
-    instructions still issue but its HMMAs use no tensor time), the group loop's and the pair loop's own
-    instructions (the pair loop holds the epilogue: static count, both store paths = upper bound).  MACs: 2
-    HMMA.16816 (2048 MACs each) per live (chunk, block) site.  Shared-memory wavefronts: 4 per live
-    ldmatrix.x4, 1 per 32-bit A word, the staging stores."""
-    N, C, H, K = layer.N, layer.C, layer.H, layer.K
-    P = K // 2
-    s0 = tm_s0(P)
-    bm = toeplitz_mma_rows(K, K, H, H, P, nb, dg)
-    L = tm_layout(K, K, H, s0, nb, dg, bm)
-    BN, nch_g = 16 * nb, nb + dg - 1
-    ve = cuda_vec_elems(H, 2)
+def _image_rows_loops(f: Dict, nb: int, dg: int, nch_g: int, step: int) -> Dict:
+    """The measured-static loop costs of an image-rows Toeplitz kernel (toeplitz_mma / toeplitz_tf32): one kernel
+    row of one offset group (the hot loop over its unroll), the group and pair loops' own instructions, the
+    cp.async vector and scalar staging loops per memory op.  ``step``: chunks per column block (block ob uses
+    chunks step*ob + d, d < dg)."""
     mma = f["hot"]
     grp_loop = _parent(f, mma)
     pair_loop = _parent(f, grp_loop) if grp_loop else None
-    sites_static = sum(1 for j in range(nch_g) for ob in range(nb) if 0 <= j - ob < dg)
+    sites_static = sum(1 for j in range(nch_g) for ob in range(nb) if 0 <= j - step * ob < dg)
     unroll = max(mma["mix"].get("hmma", 0) / (2 * sites_static), 1)
-    c_kh = mma["mix"]["total"] / unroll                 # one kernel row of one group
-    lds_kh = mma["mix"].get("lds", 0) / unroll
-    c_grp = grp_loop["mix"]["total"] if grp_loop else 0
-    c_pair = pair_loop["mix"]["total"] if pair_loop else 0
-    vec_loop = max([lp for lp in _loops(f) if lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"],
-                   default=None)
-    sc_loop = max([lp for lp in _loops(f) if lp["mix"].get("ldg") and lp["mix"].get("sts")
+    loops = _loops(f)
+    vec_loop = max([lp for lp in loops if lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
+    sc_loop = max([lp for lp in loops if lp["mix"].get("ldg") and lp["mix"].get("sts")
                    and not lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
-    c_vec = vec_loop["mix"]["total"] / _mem_ops(vec_loop) if vec_loop else 25.0
-    c_sc = sc_loop["mix"]["total"] / _mem_ops(sc_loop) if sc_loop else 8.0
-    c_stage = c_vec if ve > 1 else c_sc
-    gx_img, gy, gz = _ceil(N, TM_IMG), _ceil(H, BN), _ceil(H, bm)
+    return dict(c_kh=mma["mix"]["total"] / unroll,        # one kernel row of one group
+                lds_kh=mma["mix"].get("lds", 0) / unroll,
+                c_grp=grp_loop["mix"]["total"] if grp_loop else 0,
+                c_pair=pair_loop["mix"]["total"] if pair_loop else 0,
+                sites_static=sites_static, loops=loops,
+                c_vec=vec_loop["mix"]["total"] / _mem_ops(vec_loop) if vec_loop else 25.0,
+                c_sc=sc_loop["mix"]["total"] / _mem_ops(sc_loop) if sc_loop else 8.0)
+
+
+def _image_rows_model(f: Dict, layer: Layer, dtype: str, lc: Dict, *, nb: int, dg: int, bm: int, L: Dict, s0: int,
+                      imgs: int, warps: int, chunk: int, nch_g: int, step: int, macs_per_hmma: int, stage, c_stage: float,
+                      ve: int, m: Machine, sms: int) -> Dict:
+    """The per-CTA cost of an image-rows Toeplitz kernel over its grid: CTA = (channel, ``imgs`` images, bm output
+    rows, 16*NB columns); ``stage(nimg, nrows) -> (issue, wavefronts)`` the CTA's staging; per warp its output-row
+    pairs, each: per offset group with a chunk meeting the image (chunks of ``chunk`` columns) and kernel row of the
+    pair's range one hot-loop pass (a chunk in the zero border is predicated off: its instructions issue, its HMMAs
+    use no tensor time), the group and pair loops' own instructions; MACs 2 HMMA x ``macs_per_hmma`` per live
+    (chunk, block) site; wavefronts 4 per live ldmatrix.x4, the hot loop's 32-bit A words."""
+    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    P = K // 2
+    BN = 16 * nb
+    c_kh, lds_kh, c_grp, c_pair = lc["c_kh"], lc["lds_kh"], lc["c_grp"], lc["c_pair"]
+    gx_img, gy, gz = _ceil(N, imgs), _ceil(H, BN), _ceil(H, bm)
     tiles = []
     for gi in range(gx_img):
-        nimg = min(TM_IMG, N - TM_IMG * gi)
+        nimg = min(imgs, N - imgs * gi)
         for z in range(gz):
             oh0 = z * bm
             ih_lo, ih_hi = max(oh0 - P, 0), min(oh0 + bm - 1 - P + K, H)
@@ -806,12 +809,7 @@ def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, nb: int, dg: int, m: 
             for y in range(gy):
                 ow0 = y * BN
                 c0 = ow0 - P - s0
-                # staging: per image, warp-strided rows, lane-strided vectors; the zero row; Fe; Fo
-                issue = nimg * nrows * _ceil(L["xc"], 32 * ve) * c_stage
-                issue += TM_WARPS * _ceil(L["xc"], 32 * TM_WARPS) * 4
-                issue += 2 * TM_WARPS * _ceil(K, TM_WARPS) * _ceil(L["fp"], 32) * c_sc
-                wave = nimg * nrows * _ceil(L["xc"], 32 * ve) * max(ve * 2 * 32 // 128, 1)
-                wave += 3 * TM_WARPS * _ceil(K, TM_WARPS) * _ceil(L["fp"], 32)
+                issue, wave = stage(nimg, nrows)
                 macs = 0.0
                 npairs = (min(H - oh0, bm) + 1) // 2
                 for p in range(npairs):
@@ -819,13 +817,13 @@ def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, nb: int, dg: int, m: 
                     nkh = max(min(H + P - oha, K) - max(P - oha - 1, 0), 0)
                     issue += c_pair
                     for g in range(L["ngrp"]):
-                        live = [c0 + 16 * (dg * g + j) + 15 >= 0 and c0 + 16 * (dg * g + j) < H
+                        live = [c0 + chunk * (dg * g + j) + chunk - 1 >= 0 and c0 + chunk * (dg * g + j) < H
                                 for j in range(nch_g)]
                         if not any(live):
                             continue
-                        sites = sum(1 for j in range(nch_g) if live[j] for ob in range(nb) if 0 <= j - ob < dg)
+                        sites = sum(1 for j in range(nch_g) if live[j] for ob in range(nb) if 0 <= j - step * ob < dg)
                         issue += c_grp + nkh * c_kh
-                        macs += nkh * sites * 2 * 2048
+                        macs += nkh * sites * 2 * macs_per_hmma
                         wave += nkh * (4 * sum(live) + lds_kh)
                 tiles.append((issue, macs, wave))
     t = np.array(tiles).reshape(gx_img, gz, gy, 3)
@@ -836,10 +834,43 @@ def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, nb: int, dg: int, m: 
     b = _busiest(acc, _tc_rate(f, dtype, m), m, sms)
     useful = N * C * H * H * K * K
     return _finish(b, _hbm(layer, dtype, m), dict(
-        tile=f"8img x {bm}x{BN}", threads=32 * TM_WARPS, dyn_smem=int(L["bytes"]), vec_x=ve, rows_per_cta=bm,
+        tile=f"8img x {bm}x{BN}", threads=32 * warps, dyn_smem=int(L["bytes"]), vec_x=ve, rows_per_cta=bm,
         per_unit=dict(instr_per_kh=c_kh, instr_per_group=c_grp, instr_per_pair=c_pair, stage_per_vector=c_stage,
-                      instr_per_hmma=c_kh / (2 * sites_static)),
+                      instr_per_hmma=c_kh / (2 * lc["sites_static"])),
         mma_usefulness=useful / max(b["total_macs"], 1)))
+
+
+def _model_toeplitz_mma(f: Dict, layer: Layer, dtype: str, nb: int, dg: int, m: Machine, sms: int) -> Dict:
+    """toeplitz_mma_kernel<T, NB, DG> (image-rows tiling): CTA = (channel, 8 images, bm output rows, 16*NB
+    columns).  Per CTA: the staging of the needed input rows of its images (cp.async vectors of vec_x
+    elements, or scalar), the zero row, filter rows Fe and the shifted copy Fo; per warp its output-row
+    pairs, each: per Toeplitz-offset group and kernel row of the pair's range one pass of the measured-static
+    hot-loop body (all NB + DG - 1 chunk blocks: a chunk in the zero border is predicated off, so its
+    instructions still issue but its HMMAs use no tensor time), the group loop's and the pair loop's own
+    instructions (the pair loop holds the epilogue: static count, both store paths = upper bound).  MACs: 2
+    HMMA.16816 (2048 MACs each) per live (chunk, block) site.  Shared-memory wavefronts: 4 per live
+    ldmatrix.x4, 1 per 32-bit A word, the staging stores."""
+    H, K = layer.H, layer.K
+    P = K // 2
+    s0 = tm_s0(P)
+    bm = toeplitz_mma_rows(K, K, H, H, P, nb, dg)
+    L = tm_layout(K, K, H, s0, nb, dg, bm)
+    nch_g = nb + dg - 1
+    ve = cuda_vec_elems(H, 2)
+    lc = _image_rows_loops(f, nb, dg, nch_g, 1)
+    c_sc = lc["c_sc"]
+    c_stage = lc["c_vec"] if ve > 1 else c_sc
+
+    def stage(nimg, nrows):  # per image, warp-strided rows, lane-strided vectors; the zero row; Fe; Fo
+        issue = nimg * nrows * _ceil(L["xc"], 32 * ve) * c_stage
+        issue += TM_WARPS * _ceil(L["xc"], 32 * TM_WARPS) * 4
+        issue += 2 * TM_WARPS * _ceil(K, TM_WARPS) * _ceil(L["fp"], 32) * c_sc
+        wave = nimg * nrows * _ceil(L["xc"], 32 * ve) * max(ve * 2 * 32 // 128, 1)
+        wave += 3 * TM_WARPS * _ceil(K, TM_WARPS) * _ceil(L["fp"], 32)
+        return issue, wave
+    return _image_rows_model(f, layer, dtype, lc, nb=nb, dg=dg, bm=bm, L=L, s0=s0, imgs=TM_IMG, warps=TM_WARPS,
+                             chunk=16, nch_g=nch_g, step=1, macs_per_hmma=2048, stage=stage, c_stage=c_stage, ve=ve,
+                             m=m, sms=sms)
 
 
 # toeplitz_tf32_kernel (csrc/dwconv_toeplitz_tf32.cu): the same image-rows tiling on TF32 tensor cores
@@ -888,76 +919,32 @@ def _model_toeplitz_tf32(f: Dict, layer: Layer, nb: int, dg: int, m: Machine, sm
     (chunk, block) site, at half the 16-bit mma.sync rate per SM (TF32 tensor rate = 1/2 of fp16/bf16).
     Shared-memory wavefronts: 4 per ldmatrix.x4 (4 x 128 B), 1 per 32-bit A word, 4 + 4 per rounding vector of
     4 floats (LDS.128 + STS.128), the staging stores."""
-    N, C, H, K = layer.N, layer.C, layer.H, layer.K
+    H, K = layer.H, layer.K
     P = K // 2
     s0 = tm_s0(P)
     bm = toeplitz_tf32_rows(K, K, H, H, P, nb, dg)
     L = tf_layout(K, K, H, s0, nb, dg, bm)
-    BN, nch_g = 16 * nb, 2 * nb - 2 + dg
+    nch_g = 2 * nb - 2 + dg
     ve = cuda_vec_elems(H, 4)
-    mma = f["hot"]
-    grp_loop = _parent(f, mma)
-    pair_loop = _parent(f, grp_loop) if grp_loop else None
-    sites_static = sum(1 for j in range(nch_g) for ob in range(nb) if 0 <= j - 2 * ob < dg)
-    unroll = max(mma["mix"].get("hmma", 0) / (2 * sites_static), 1)
-    c_kh = mma["mix"]["total"] / unroll
-    lds_kh = mma["mix"].get("lds", 0) / unroll
-    c_grp = grp_loop["mix"]["total"] if grp_loop else 0
-    c_pair = pair_loop["mix"]["total"] if pair_loop else 0
-    loops = _loops(f)
-    vec_loop = max([lp for lp in loops if lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
-    sc_loop = max([lp for lp in loops if lp["mix"].get("ldg") and lp["mix"].get("sts")
-                   and not lp["mix"].get("cp_async")], key=lambda lp: lp["mix"]["total"], default=None)
+    lc = _image_rows_loops(f, nb, dg, nch_g, 2)
     # the in-place rounding loop of width ve: one LDS, ve conversions (fp), one STS per vector
-    cvt_loop = next((lp for lp in loops if lp["mix"].get("lds") == 1 and lp["mix"].get("sts") == 1
+    cvt_loop = next((lp for lp in lc["loops"] if lp["mix"].get("lds") == 1 and lp["mix"].get("sts") == 1
                      and lp["mix"].get("fp") == ve and not lp["mix"].get("ldg")), None)
-    c_vec = vec_loop["mix"]["total"] / _mem_ops(vec_loop) if vec_loop else 25.0
-    c_sc = sc_loop["mix"]["total"] / _mem_ops(sc_loop) if sc_loop else 8.0
+    c_sc = lc["c_sc"]
     c_cvt = cvt_loop["mix"]["total"] if cvt_loop else 5.0 * ve + 4
-    c_stage = c_vec + c_cvt if ve > 1 else c_sc
-    gx_img, gy, gz = _ceil(N, TF_IMG), _ceil(H, BN), _ceil(H, bm)
-    tiles = []
-    for gi in range(gx_img):
-        nimg = min(TF_IMG, N - TF_IMG * gi)
-        for z in range(gz):
-            oh0 = z * bm
-            ih_lo, ih_hi = max(oh0 - P, 0), min(oh0 + bm - 1 - P + K, H)
-            nrows = max(ih_hi - ih_lo, 0)
-            for y in range(gy):
-                ow0 = y * BN
-                c0 = ow0 - P - s0
-                vecs = nimg * nrows * _ceil(L["xc"], 32 * ve)          # warp-level vector instructions
-                issue = vecs * c_stage
-                issue += TF_WARPS * _ceil(L["xc"], 32 * TF_WARPS) * 4
-                issue += TF_WARPS * _ceil(K, TF_WARPS) * _ceil(L["fp"], 32) * c_sc
-                wave = vecs * max(ve * 4 * 32 // 128, 1) * (3 if ve > 1 else 1)  # cp.async + LDS + STS
-                wave += TF_WARPS * _ceil(K, TF_WARPS) * _ceil(L["fp"], 32)
-                macs = 0.0
-                npairs = (min(H - oh0, bm) + 1) // 2
-                for p in range(npairs):
-                    oha = oh0 + 2 * p
-                    nkh = max(min(H + P - oha, K) - max(P - oha - 1, 0), 0)
-                    issue += c_pair
-                    for g in range(L["ngrp"]):
-                        live = [c0 + 8 * (dg * g + j) + 7 >= 0 and c0 + 8 * (dg * g + j) < H for j in range(nch_g)]
-                        if not any(live):
-                            continue
-                        sites = sum(1 for j in range(nch_g) if live[j] for ob in range(nb) if 0 <= j - 2 * ob < dg)
-                        issue += c_grp + nkh * c_kh
-                        macs += nkh * sites * 2 * 1024
-                        wave += nkh * (4 * sum(live) + lds_kh)
-                tiles.append((issue, macs, wave))
-    t = np.array(tiles).reshape(gx_img, gz, gy, 3)
-    acc = _Acc(C * gx_img * gy * gz)
-    order = np.repeat(t.transpose(1, 2, 0, 3).reshape(-1, 3), C, axis=0)
-    acc.issue, acc.macs, acc.wave = order[:, 0], order[:, 1], order[:, 2]
-    b = _busiest(acc, _tc_rate(f, "tf32", m), m, sms)
-    useful = N * C * H * H * K * K
-    return _finish(b, _hbm(layer, "tf32", m), dict(
-        tile=f"8img x {bm}x{BN}", threads=32 * TF_WARPS, dyn_smem=int(L["bytes"]), vec_x=ve, rows_per_cta=bm,
-        per_unit=dict(instr_per_kh=c_kh, instr_per_group=c_grp, instr_per_pair=c_pair, stage_per_vector=c_stage,
-                      instr_per_hmma=c_kh / (2 * sites_static)),
-        mma_usefulness=useful / max(b["total_macs"], 1)))
+    c_stage = lc["c_vec"] + c_cvt if ve > 1 else c_sc
+
+    def stage(nimg, nrows):
+        vecs = nimg * nrows * _ceil(L["xc"], 32 * ve)          # warp-level vector instructions
+        issue = vecs * c_stage
+        issue += TF_WARPS * _ceil(L["xc"], 32 * TF_WARPS) * 4
+        issue += TF_WARPS * _ceil(K, TF_WARPS) * _ceil(L["fp"], 32) * c_sc
+        wave = vecs * max(ve * 4 * 32 // 128, 1) * (3 if ve > 1 else 1)  # cp.async + LDS + STS
+        wave += TF_WARPS * _ceil(K, TF_WARPS) * _ceil(L["fp"], 32)
+        return issue, wave
+    return _image_rows_model(f, layer, "tf32", lc, nb=nb, dg=dg, bm=bm, L=L, s0=s0, imgs=TF_IMG, warps=TF_WARPS,
+                             chunk=8, nch_g=nch_g, step=2, macs_per_hmma=1024, stage=stage, c_stage=c_stage, ve=ve,
+                             m=m, sms=sms)
 
 
 def cuda_grad_weight_fast_splits(N: int, Ho: int, C: int) -> int:
