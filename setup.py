@@ -1,13 +1,16 @@
 """lkconv build script.
 
-Pure-Python install by default; the CUDA extension ``lkconv._C`` (csrc/) is added when a CUDA
-toolkit and a CUDA build of torch are importable at build time.
+Pure-Python install by default; two optional extensions when torch is importable at build time:
+the CUDA extension ``lkconv._C`` (csrc/, needs a CUDA toolkit and a CUDA build of torch) and the CPU
+module ``lkconv._cpu_fast`` (csrc/cpu_fastpath.cpp: the remembered delegated CPU call in C++, any torch
+build, a C++ compiler; ~30 s).  Without them lkconv runs the same, in Python.
 
 * ``LKCONV_BUILD_CUDA`` unset: build the extension if possible, else install pure Python and say why.
   Note: a plain ``pip install -e .`` uses build isolation, where torch is not importable, so it always
   installs pure Python.  Build the extension with ``pip install --no-build-isolation -e .`` or
   ``python setup.py build_ext --inplace`` (what .ci/build_cuda.sh does).
 * ``LKCONV_BUILD_CUDA=0``: never build it.   ``LKCONV_BUILD_CUDA=1``: build it or fail loudly.
+* ``LKCONV_BUILD_CPU`` unset: build ``lkconv._cpu_fast`` if torch is importable; ``0``: never; ``1``: or fail.
 * ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0+PTX") and ``MAX_JOBS`` are honoured.
 * ``CUDA_HOME`` is found from ``nvcc --dryrun`` when unset (nvcc may be a wrapper script), and the pip
   ``nvidia/cu*/include`` folder is added for the CUDA library headers torch includes.
@@ -64,23 +67,58 @@ def _cuda_extension():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-def _extensions():
-    mode = os.environ.get("LKCONV_BUILD_CUDA", "").strip().lower()
+def _mode(var):
+    mode = os.environ.get(var, "").strip().lower()
     if mode in ("0", "false", "no", "off"):
-        _log("LKCONV_BUILD_CUDA=0: installing pure Python (no CUDA extension)")
-        return [], {}
-    if mode not in ("", "1", "true", "yes", "on", "auto"):
-        raise SystemExit(f"lkconv setup: LKCONV_BUILD_CUDA must be 0 or 1, got {mode!r}")
+        return "off"
+    if mode in ("1", "true", "yes", "on"):
+        return "on"
+    if mode in ("", "auto"):
+        return "auto"
+    raise SystemExit(f"lkconv setup: {var} must be 0 or 1, got {mode!r}")
+
+
+def _cpu_extension():
+    """The CPU module lkconv._cpu_fast, or raise RuntimeError(why not)."""
     try:
-        return _cuda_extension()
-    except RuntimeError as e:
-        if mode in ("1", "true", "yes", "on"):
-            raise SystemExit(f"lkconv setup: LKCONV_BUILD_CUDA=1 but the CUDA extension cannot be built: {e}")
-        _log(f"installing pure Python without the CUDA extension: {e}")
-        return [], {}
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"torch is not importable at build time ({e}); with pip use --no-build-isolation")
+    from torch.utils import cpp_extension
+
+    return cpp_extension.CppExtension(name="lkconv._cpu_fast", sources=["csrc/cpu_fastpath.cpp"],
+                                      extra_compile_args={"cxx": _build_env().cxx_flags()})
+
+
+def _extensions():
+    exts, cmdclass = [], {}
+    cuda = _mode("LKCONV_BUILD_CUDA")
+    if cuda == "off":
+        _log("LKCONV_BUILD_CUDA=0: no CUDA extension")
+    else:
+        try:
+            exts, cmdclass = _cuda_extension()
+        except RuntimeError as e:
+            if cuda == "on":
+                raise SystemExit(f"lkconv setup: LKCONV_BUILD_CUDA=1 but the CUDA extension cannot be built: {e}")
+            _log(f"no CUDA extension: {e}")
+    cpu = _mode("LKCONV_BUILD_CPU")
+    if cpu != "off":  # after the CUDA one: that one sets CUDA_HOME before torch.utils.cpp_extension is imported
+        try:
+            exts.append(_cpu_extension())
+            from torch.utils import cpp_extension
+
+            cmdclass = cmdclass or {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+        except RuntimeError as e:
+            if cpu == "on":
+                raise SystemExit(f"lkconv setup: LKCONV_BUILD_CPU=1 but lkconv._cpu_fast cannot be built: {e}")
+            _log(f"no lkconv._cpu_fast (delegated CPU calls are remembered in Python): {e}")
+    if not exts:
+        _log("installing pure Python")
+    return exts, cmdclass
 
 
 ext_modules, cmdclass = _extensions()
 if ext_modules:
-    _log("the CUDA extension lkconv._C is part of this build; `python -m lkconv info` reports it afterwards")
+    _log(f"building {', '.join(e.name for e in ext_modules)}; `python -m lkconv info` reports them afterwards")
 setup(ext_modules=ext_modules, cmdclass=cmdclass, license="MIT")  # see pyproject.toml: dynamic

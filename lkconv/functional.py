@@ -23,6 +23,8 @@ from .backends import resolve_backend
 from .backends.base import output_memory_format
 from .params import check_tensors, normalize_params
 
+_is_compiling = torch.compiler.is_compiling  # Dynamo folds it to True: the C++ store stays out of graphs
+
 __all__ = ["depthwise_conv2d"]
 
 
@@ -92,9 +94,17 @@ def depthwise_conv2d(
     Returns:
         (N, m*C, Ho, Wo) in x's dtype (or the autocast dtype), channels_last if x is.
     """
-    key = _ops.delegation_key(x, weight, bias, stride, padding, dilation, backend)
-    if key is not None:  # a delegated eager CPU call seen before: F.conv2d at once (lkconv.ops)
-        hit = _ops._DELEGATED.get(key)
+    # a delegated eager CPU call seen before: F.conv2d at once (lkconv.ops, "the delegated eager CPU call")
+    fast = _ops._fast
+    if fast is not None:  # the C++ store (None: not remembered; Dynamo must not trace into it)
+        key = None
+        if not _is_compiling():
+            out = fast.call(x, weight, bias, stride, padding, dilation, backend)
+            if out is not None:
+                return out
+    else:
+        key = _ops.delegation_key(x, weight, bias, stride, padding, dilation, backend)
+        hit = None if key is None else _ops._DELEGATED.get(key)
         if hit is not None:
             out = F.conv2d(x, weight, bias, hit[0], hit[1], hit[2], hit[3])
             return out if out.is_contiguous(memory_format=hit[4]) else out.contiguous(memory_format=hit[4])
@@ -132,7 +142,7 @@ def depthwise_conv2d(
             out = F.conv2d(x, weight, bias, *conv_args[:4])
             fmt = conv_args[4]  # a no-op where F.conv2d agrees
             if not unbatched:
-                _ops.remember_delegation(key, conv_args)
+                _ops.remember_delegation(key, conv_args, (x, weight, bias, stride, padding, dilation, backend))
             if not out.is_contiguous(memory_format=fmt):
                 out = out.contiguous(memory_format=fmt)
         else:

@@ -28,7 +28,8 @@ from . import backends as _backends
 from .params import ConvParams
 
 __all__ = ["dwconv2d", "dwconv2d_grad_input", "dwconv2d_grad_weight", "memory_format_of", "EAGER_FAST_PATH",
-           "eager_fast_path_ok", "eager_conv", "delegation_key", "remember_delegation", "clear_delegation_cache"]
+           "eager_fast_path_ok", "eager_conv", "delegation_key", "remember_delegation", "clear_delegation_cache",
+           "delegation_store", "remembered_delegations"]
 
 
 #: the output-format rule (channels_last in -> channels_last out); its one home is backends/base.py
@@ -543,10 +544,48 @@ _DELEGATED: dict = {}
 _DELEGATED_MAX = 512
 
 
+# The same store in C++ (csrc/cpu_fastpath.cpp, the module lkconv._cpu_fast, built with the package's
+# extensions): the check costs ~0.3 us hot and a few us cold instead of the key's 2.5 / 20-70 us, and the
+# hit runs at::conv2d (what F.conv2d runs) from C++.  Where it is built, it is the store; without it
+# the key below and _DELEGATED are.  The facts are the same (one list: the comment atop that file).
+try:
+    from . import _cpu_fast as _fast
+except ImportError:  # a pure-Python install: the Python store
+    _fast = None
+_fast_ready = False
+
+
+def _fast_store():
+    """The C++ store, initialised (None: not built, or turned off by setting ``lkconv.ops._fast = None``)."""
+    global _fast_ready, _cpu_mod
+    if _fast is None:
+        return None
+    if not _fast_ready:
+        if _cpu_mod is None:
+            from .backends import cpu as _cpu
+
+            _cpu_mod = _cpu
+        _fast.init(torch.Tensor, torch.nn.Parameter, globals(), vars(_backends), vars(_cpu_mod), vars(_forward_ad))
+        _fast_ready = True
+    return _fast
+
+
+def delegation_store() -> str:
+    """Which store remembers delegated calls: ``"c++"`` (lkconv._cpu_fast) or ``"python"``."""
+    return "c++" if _fast is not None else "python"
+
+
+def remembered_delegations() -> int:
+    """How many delegated calls the active store remembers."""
+    return _fast.stats()["entries"] if _fast is not None and _fast_ready else len(_DELEGATED)
+
+
 def clear_delegation_cache() -> None:
     """Forget the remembered delegated calls (needed only after editing the cpu backend's
     ``PATH_TABLE`` in place; everything else a decision reads is in the key)."""
     _DELEGATED.clear()
+    if _fast is not None:
+        _fast.clear()
 
 
 def _plain_arg(v) -> bool:
@@ -590,6 +629,8 @@ def delegation_key(x, weight, bias, stride, padding, dilation, backend):
 
         _cpu_mod = _cpu
     inst = _backends._INSTANCES.get("cpu")
+    if inst is None:  # the cpu backend not made yet: the call's resolution makes it (a key with None would not recur)
+        return None
     rx, rw = x.requires_grad, weight.requires_grad
     rb = bias is not None and bias.requires_grad
     if (rx or rw or rb) and not torch.is_grad_enabled():
@@ -603,9 +644,14 @@ def delegation_key(x, weight, bias, stride, padding, dilation, backend):
             getattr(type(inst), "delegates_to_torch", None), _cpu_mod.FORCE_PATH, torch.get_num_threads())
 
 
-def remember_delegation(key, conv_args) -> None:
-    """Remember that the call of ``key`` ran ``F.conv2d(x, w, b, *conv_args[:4])`` with lkconv's
-    output format ``conv_args[4]``."""
+def remember_delegation(key, conv_args, call) -> None:
+    """Remember that the call ``call`` = (x, weight, bias, stride, padding, dilation, backend), whose
+    Python key is ``key``, ran ``F.conv2d(x, w, b, *conv_args[:4])`` with lkconv's output format
+    ``conv_args[4]`` (in the C++ store where it is built, else under ``key``)."""
+    fast = _fast_store()
+    if fast is not None:
+        fast.remember(*call, conv_args)
+        return
     if key is None:
         return
     if len(_DELEGATED) >= _DELEGATED_MAX:
