@@ -19,13 +19,15 @@ PY
 command -v nvcc >/dev/null || { echo "build_cuda.sh: nvcc not on PATH" >&2; exit 1; }
 
 start=$(date +%s)
-LKCONV_BUILD_CUDA=1 python setup.py -q build_ext --inplace
-echo "build_cuda.sh: lkconv._C built in $(( $(date +%s) - start )) s (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+LKCONV_BUILD_CUDA=1 LKCONV_BUILD_CPU=1 python setup.py -q build_ext --inplace
+echo "build_cuda.sh: lkconv._C and lkconv._cpu_fast built in $(( $(date +%s) - start )) s (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 
 python - <<'PY'
 import sys, torch
 import lkconv._C  # registers torch.ops.lkconv_cuda.*
 print("lkconv._C:", lkconv._C.__file__)
+import lkconv._cpu_fast  # the CPU module, built with it (csrc/cpu_fastpath.cpp)
+print("lkconv._cpu_fast:", lkconv._cpu_fast.__file__)
 ok = True
 for name in ("forward", "grad_input", "grad_weight"):
     try:

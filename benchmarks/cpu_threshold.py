@@ -230,7 +230,7 @@ def _rel_err(a, b) -> float:
 # ------------------------------------------------------------------------------------------------
 def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_rel: float,
                      warm: dict = None, small_s: float = 0.0, small_mult: int = 1, near: float = 2.5,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, small_budget_s: float = 0.0, max_samples: int = 100) -> dict:
     """Seconds per call of every callable, interleaved: one warm-up call each (skipped for the
     callables in ``warm``: already run once, with that time), then rounds in which every callable
     that still needs samples runs once, in an order shuffled afresh each round (``seed``: fixed, so
@@ -240,7 +240,8 @@ def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_re
     took more than ``slow_abs`` s and ``slow_rel`` times the fastest warm-up of its group (same pass
     and layout: far from the choice); ``repeats * small_mult`` for one within ``near`` times the
     fastest warm-up of a group whose fastest is under ``small_s`` s (the cheap cells near the choice,
-    where a few per cent decide a ratio).  Returns ``{key: [seconds, ...]}``, one entry per call
+    where a few per cent decide a ratio), or more where that is cheap: as many as fit in
+    ``small_budget_s`` seconds, up to ``max_samples``.  Returns ``{key: [seconds, ...]}``, one entry per call
     made after the warm-up."""
     import random
 
@@ -260,7 +261,7 @@ def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_re
         if t > slow_abs and t > slow_rel * best:
             return 2
         if best < small_s and t <= near * best:
-            return repeats * small_mult
+            return max(repeats * small_mult, min(max_samples, int(small_budget_s / max(t, 1e-9))))
         return repeats
     caps = {k: cap(k) for k in fns}
     ts = {k: [] for k in fns}
@@ -336,12 +337,15 @@ def _small_overhead(repeats: int = 7, inner: int = 200) -> list:
 
 
 def outside_kernel(N: int, C: int, H: int, K: int = 3, rounds: int = 25) -> list:
-    """lkconv's own time around PyTorch's kernel at full size: per input layout, the K forward
-    (delegated to F.conv2d) timed as a whole and, in the same calls, the F.conv2d inside it (the
-    functional's ``F`` replaced by a timing shim), interleaved with F.conv2d called directly; ms,
-    medians of ``rounds``.  The difference is what the call costs outside the kernel after a real
-    pass (cold caches), not in a hot loop on a tiny plane."""
+    """lkconv's own time around PyTorch's kernel at full size: per delegation store (the active one
+    and, where that is the C++ one, the Python one for comparison) and input layout, the K forward
+    (delegated to F.conv2d) timed as a whole, interleaved with F.conv2d called directly; ms, medians
+    of ``rounds``.  The difference is what the call costs outside the kernel after a real pass (cold
+    caches), not in a hot loop on a tiny plane.  For the Python store also the F.conv2d inside the
+    same calls (the functional's ``F`` replaced by a timing shim; the C++ store calls at::conv2d
+    itself: ``inside`` None)."""
     import lkconv.functional as lkf
+    import lkconv.ops as lkops
 
     real, inner = lkf.F, []
 
@@ -356,30 +360,40 @@ def outside_kernel(N: int, C: int, H: int, K: int = 3, rounds: int = 25) -> list
             inner.append(CLOCK() - t0)
             return r
     out = []
-    for layout in LAYOUT_NAMES:
-        x = torch.randn(N, C, H, H).contiguous(memory_format=FORMATS[layout])
-        w = torch.randn(C, 1, K, K)
-        direct = lambda: F.conv2d(x, w, None, 1, [K // 2, K // 2], 1, C)  # noqa: E731
-        call = lambda: lkconv.depthwise_conv2d(x, w, None, 1, "same")  # noqa: E731
-        lkf.F = _Shim()
-        try:
-            call()
-            direct()
-            inner.clear()
-            t_call, t_direct = [], []
-            for r in range(rounds):
-                for which in ((0, 1) if r % 2 else (1, 0)):
-                    t0 = CLOCK()
-                    (call if which == 0 else direct)()
-                    (t_call if which == 0 else t_direct).append(CLOCK() - t0)
-        finally:
-            lkf.F = real
-        if len(inner) != rounds:  # not delegated here: nothing to split
-            print(f"# outside_kernel: K={K} {layout}: the call ran F.conv2d {len(inner)} times in {rounds} calls "
-                  "(not delegated); skipped", flush=True)
-            continue
-        med = lambda v: statistics.median(v) * 1e3  # noqa: E731
-        out.append(dict(K=K, layout=layout, call=med(t_call), inside=med(inner), f_conv2d=med(t_direct)))
+    fast = lkops._fast
+    for store in (["c++", "python"] if fast is not None else ["python"]):
+        for layout in LAYOUT_NAMES:
+            x = torch.randn(N, C, H, H).contiguous(memory_format=FORMATS[layout])
+            w = torch.randn(C, 1, K, K)
+            direct = lambda: F.conv2d(x, w, None, 1, [K // 2, K // 2], 1, C)  # noqa: E731
+            call = lambda: lkconv.depthwise_conv2d(x, w, None, 1, "same")  # noqa: E731
+            if store == "python":
+                lkops._fast = None
+                lkf.F = _Shim()
+            lkops.clear_delegation_cache()
+            try:
+                call()
+                direct()
+                hits0 = fast.stats()["hits"] if store == "c++" else None
+                inner.clear()
+                t_call, t_direct = [], []
+                for r in range(rounds):
+                    for which in ((0, 1) if r % 2 else (1, 0)):
+                        t0 = CLOCK()
+                        (call if which == 0 else direct)()
+                        (t_call if which == 0 else t_direct).append(CLOCK() - t0)
+                served = fast.stats()["hits"] - hits0 if store == "c++" else len(inner)
+            finally:
+                lkf.F = real
+                lkops._fast = fast
+                lkops.clear_delegation_cache()
+            if served != rounds:  # not delegated here: nothing to split
+                print(f"# outside_kernel: K={K} {layout} ({store} store): {served} of {rounds} calls delegated; "
+                      "skipped", flush=True)
+                continue
+            med = lambda v: statistics.median(v) * 1e3  # noqa: E731
+            out.append(dict(K=K, layout=layout, store=store, call=med(t_call),
+                            inside=med(inner) if store == "python" else None, f_conv2d=med(t_direct)))
     return out
 
 
@@ -403,6 +417,26 @@ def _cell_ratio(c):
     return best / m["auto"]
 
 
+def ratio_ci(c, resamples: int = 1000, level: float = 0.95, seed: int = 0):
+    """A bootstrap confidence interval of a cell's ratio min(median torch, median torch_rt) / median auto:
+    each callable's samples resampled with replacement, independently (the samples of one callable
+    are spread over the whole cell: the rounds are shuffled), ``resamples`` times.  ``(lo, hi)``, or
+    None for a run that kept no samples (runs before the samples were stored)."""
+    import random
+
+    t = c.get("times_ms")
+    if not t or not all(t.get(k) for k in ("torch", "torch_rt", "auto")):
+        return None
+    rng = random.Random(seed)
+    med = statistics.median
+
+    def boot(v):
+        return med(rng.choices(v, k=len(v)))
+    rs = sorted(min(boot(t["torch"]), boot(t["torch_rt"])) / boot(t["auto"]) for _ in range(resamples))
+    k = int(round((1 - level) / 2 * (resamples - 1)))
+    return rs[k], rs[resamples - 1 - k]
+
+
 def _rms(v) -> str:
     """README's number format: 3 significant digits below 100 ms, whole ms above."""
     return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
@@ -411,7 +445,8 @@ def _rms(v) -> str:
 def readme_table(res: dict) -> str:
     """README.md's CPU table (and its forward + both gradients line) from a run's results dict:
     per K and pass, torch on NCHW and on channels_last tensors, ``auto`` (its path) on each input
-    layout and its ratio to the faster PyTorch layout (**bold** under 0.95).
+    layout and its ratio to the faster PyTorch layout (**bold** under 0.95; in brackets its bootstrap
+    95 % interval, :func:`ratio_ci`, for runs that kept their samples).
     ``python benchmarks/cpu_threshold.py --readme-table RUN/results.json`` prints it; every run
     writes it to ``readme_table.md``; tests/test_cpu_routing.py checks README.md holds the table of
     the run it cites."""
@@ -422,7 +457,9 @@ def readme_table(res: dict) -> str:
 
     def ratio(c):
         r = _cell_ratio(c)
-        return f"**{r:.2f}×**" if r < FLAG_BELOW else f"{r:.2f}×"
+        ci = ratio_ci(c)
+        txt = f"**{r:.2f}×**" if r < FLAG_BELOW else f"{r:.2f}×"
+        return txt + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
     for K in sorted({c["K"] for c in res["cells"]}):
         for pass_ in PASSES:
             n, l = cell[(K, pass_, "nchw")], cell[(K, pass_, "cl")]
@@ -460,20 +497,25 @@ def write_markdown(res: dict, path: Path) -> str:
         "backward); `auto` = lkconv as users call it (`node`: the autograd node its gradient ran, "
         "`ConvolutionBackward0` where the call is delegated to F.conv2d); ratio = min(torch, torch_rt) / "
         "auto (>= 1: auto faster; **bold** = under 0.95); `x-layout` = the faster of torch on NCHW and "
-        "on channels_last tensors, no conversion, / auto (informational).  Order: shuffled afresh every "
-        f"round; cells whose fastest callable is under {env.get('small_ms', 0):g} ms: "
+        "on channels_last tensors, no conversion, / auto (informational); `95 % interval` = the ratio's "
+        "bootstrap interval (each callable's samples resampled independently, 1000 times).  Order: shuffled "
+        f"afresh every round; cells whose fastest callable is under {env.get('small_ms', 0):g} ms: "
         f"{env.get('repeats', 0) * env.get('small_mult', 1)} samples for the callables within 2.5x of "
-        "the fastest.", "",
-        "| K | pass | layout | torch | torch_rt | fft | direct | nchw | cl | auto | auto path | node | ratio | x-layout |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        f"the fastest, or as many as fit in {env.get('small_budget_s', 0):g} s (up to 100).  Delegated calls "
+        f"remembered in: {env.get('delegation_store', 'python')}.", "",
+        "| K | pass | layout | torch | torch_rt | fft | direct | nchw | cl | auto | auto path | node | ratio | 95 % interval "
+        "| x-layout |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for c in res["cells"]:
         m = c["median_ms"]
         r = _cell_ratio(c)
         rs = f"**{r:.2f}**" if r < FLAG_BELOW else f"{r:.2f}"
+        ci = ratio_ci(c)
+        cis = f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-"
         lines.append(f"| {c['K']} | {c['pass']} | {c['layout']} | " + " | ".join(
             _ms(m.get(p)) for p in ("torch", "torch_rt") + LK_PATHS + ("auto",))
-            + f" | {c['auto_path']} | {_node(c)} | {rs} | {c['x_layout_ratio']:.2f} |")
+            + f" | {c['auto_path']} | {_node(c)} | {rs} | {cis} | {c['x_layout_ratio']:.2f} |")
     lines += ["", "Spread (min-max ms) of torch / best lkconv path / auto per cell:", "",
               "| K | pass | layout | torch | best path | auto |", "|---|---|---|---|---|---|"]
     for c in res["cells"]:
@@ -496,10 +538,12 @@ def write_markdown(res: dict, path: Path) -> str:
         for o in res["overhead"]:
             lines.append(f"| {o['shape']} | " + " | ".join(f"{v:.0f}" for v in o["us"].values()) + " |")
     if res.get("outside"):
-        lines += ["", "lkconv's time around the kernel at full size (delegated K=3 forward, ms, medians; `inside` = "
-                  "the F.conv2d inside the same calls, `F.conv2d` = called directly, interleaved): " + "; ".join(
-                      f"{o['layout']}: call {o['call']:.3f}, inside {o['inside']:.3f}, F.conv2d {o['f_conv2d']:.3f} "
-                      f"(outside the kernel {o['call'] - o['inside']:.3f})" for o in res["outside"])]
+        lines += ["", "lkconv's time around the kernel at full size (delegated K=3 forward, ms, medians; `F.conv2d` = "
+                  "called directly, interleaved; `inside` = the F.conv2d inside the same calls, Python store only): "
+                  + "; ".join(f"{o.get('store', 'python')} store, {o['layout']}: call {o['call']:.3f}, "
+                              + (f"inside {o['inside']:.3f}, " if o.get("inside") is not None else "")
+                              + f"F.conv2d {o['f_conv2d']:.3f} (call - F.conv2d {o['call'] - o['f_conv2d']:+.3f})"
+                              for o in res["outside"])]
     flagged = [c for c in res["cells"] if _cell_ratio(c) < FLAG_BELOW]
     lines += ["", f"Cells under {FLAG_BELOW}: " + (", ".join(
         f"K={c['K']} {c['pass']} {c['layout']} ({_cell_ratio(c):.2f})" for c in flagged) or "none"), "",
@@ -563,6 +607,7 @@ def run(a) -> dict:
         n=N, c=C, hw=H, dtype=a.dtype, repeats=a.repeats, small_ms=a.small_ms, small_mult=a.small_mult,
         method="user-level gradients (v2)", clock=a.clock, ks=a.ks, loadavg_before=list(os.getloadavg()),
         malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        small_budget_s=a.small_budget_s, delegation_store=lkconv.ops.delegation_store(),
         run=str(out_dir.relative_to(ROOT)) if out_dir.is_absolute() and ROOT in out_dir.parents else str(out_dir),
     )
     print(f"# cpu threshold: N={N} C={C} {H}x{H} {a.dtype}, 'same', stride 1, threads={env['threads']}, "
@@ -620,7 +665,7 @@ def run(a) -> dict:
                 raise SystemExit(f"K={K} {pass_} {layout} {prov}: memory format differs from PyTorch's")
         ts = time_interleaved(fns, a.repeats, group_of=lambda k: (k[0], k[1]), slow_abs=a.slow_s,
                               slow_rel=4.0, warm=gate_t, small_s=a.small_ms * 1e-3, small_mult=a.small_mult,
-                              seed=K)
+                              seed=K, small_budget_s=a.small_budget_s)
         med = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
         spread = {k: (min(v) * 1e3, max(v) * 1e3) for k, v in ts.items()}
         for layout in LAYOUT_NAMES:
@@ -634,6 +679,7 @@ def run(a) -> dict:
                     K=K, pass_=pass_, layout=layout, median_ms=m,
                     spread_ms={prov: spread[(pass_, layout, prov)] for prov in PROVIDERS},
                     samples={prov: len(ts[(pass_, layout, prov)]) for prov in PROVIDERS},
+                    times_ms={prov: [round(v * 1e3, 4) for v in ts[(pass_, layout, prov)]] for prov in PROVIDERS},
                     auto_path=auto_path, best_path=best_path,
                     auto_node=getattr(fns[(pass_, layout, "auto")], "node", None)))
                 cells[-1]["pass"] = cells[-1].pop("pass_")
@@ -680,10 +726,12 @@ def main(argv=None):
                          "machine; use with --threads 1)")
     ap.add_argument("--slow-s", type=float, default=0.25,
                     help="a callable slower than this (and 4x the fastest of its cell) is timed twice only")
-    ap.add_argument("--small-ms", type=float, default=60.0,
+    ap.add_argument("--small-ms", type=float, default=150.0,
                     help="cells whose fastest callable takes under this many ms get --small-mult times the "
                          "repeats for the callables near the fastest (a few per cent decide their ratio)")
     ap.add_argument("--small-mult", type=int, default=5)
+    ap.add_argument("--small-budget-s", type=float, default=0.5,
+                    help="...or, for those callables, as many samples as fit in this many seconds (up to 100)")
     ap.add_argument("--no-all", action="store_true", help="skip forward + both gradients through autograd")
     ap.add_argument("--no-overhead", action="store_true", help="skip the small-size dispatch overhead")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/cpu-threshold-...)")
@@ -714,8 +762,9 @@ def main(argv=None):
         for o in res["overhead"]:
             print(f"# overhead {o['shape']}: " + ", ".join(f"{k} {v:.0f} us" for k, v in o["us"].items()))
     for o in res.get("outside", []):
-        print(f"# K={o['K']} {o['layout']} forward at full size: call {o['call']:.3f} ms, F.conv2d inside it "
-              f"{o['inside']:.3f} ms, F.conv2d alone {o['f_conv2d']:.3f} ms")
+        inside = f", F.conv2d inside it {o['inside']:.3f} ms" if o.get("inside") is not None else ""
+        print(f"# K={o['K']} {o['layout']} forward at full size ({o['store']} store): call {o['call']:.3f} ms"
+              f"{inside}, F.conv2d alone {o['f_conv2d']:.3f} ms")
     print(f"# runtime {res['env']['runtime_s']:.0f} s; wrote {out_dir}")
 
 

@@ -4,7 +4,8 @@
 #   1. torch 2.14.1 (a CUDA build: its headers let csrc/ compile even on a machine without a GPU)
 #   2. lkconv, editable, with the test extras (pure-Python install; fast)
 #   3. the CUDA extension lkconv._C, built in place with nvcc when a toolkit is present (.ci/build_cuda.sh:
-#      compile + link for sm80 and sm90, then load and check the ops are registered)
+#      compile + link for sm80 and sm90, then load and check the ops are registered), and the CPU module
+#      lkconv._cpu_fast (csrc/cpu_fastpath.cpp, ~45 s; without nvcc it is built alone)
 #   4. python -m pytest (GPU tests skip cleanly without a GPU; Triton kernels run under TRITON_INTERPRET=1)
 #
 # Environment: LKCONV_SKIP_CUDA_BUILD=1 skips step 3; PYTEST_ARGS adds pytest arguments.
@@ -27,6 +28,8 @@ if [ "${LKCONV_SKIP_CUDA_BUILD:-0}" != "1" ] && command -v nvcc >/dev/null 2>&1;
     bash .ci/build_cuda.sh
 else
     echo "(no nvcc on PATH or LKCONV_SKIP_CUDA_BUILD=1: the CUDA extension is not built; the cuda backend reports why)"
+    step "build the CPU module lkconv._cpu_fast"
+    LKCONV_BUILD_CUDA=0 LKCONV_BUILD_CPU=1 python setup.py -q build_ext --inplace
 fi
 
 step "python -m lkconv info"

@@ -62,6 +62,36 @@ def test_time_interleaved_makes_exactly_the_calls_it_reports_in_shuffled_rounds(
     assert [len(v) for v in ts.values()] == [5, 5] and len(calls) == 12
 
 
+def test_time_interleaved_gives_cheap_near_callables_the_sample_budget():
+    b = _bench()
+    keys = [("forward", "nchw", p) for p in ("a", "b", "c")]
+    fns = {k: (lambda: None) for k in keys}
+    warm = {keys[0]: 2e-3, keys[1]: 4e-3, keys[2]: 0.04}  # fastest 2 ms; "c" 20x: far from the choice
+    ts = b.time_interleaved(fns, 3, group_of=lambda k: k[:2], slow_abs=0.25, slow_rel=4.0, warm=warm,
+                            small_s=0.06, small_mult=4, small_budget_s=0.1, max_samples=40)
+    # a: 0.1 s / 2 ms = 50 -> capped at 40; b: 0.1 s / 4 ms = 25 (> 3 x 4); c: the plain repeats
+    assert {k: len(v) for k, v in ts.items()} == {keys[0]: 40, keys[1]: 25, keys[2]: 3}
+
+
+def test_ratio_ci_brackets_the_ratio_and_narrows_with_samples():
+    b = _bench()
+    import random
+    rng = random.Random(1)
+
+    def cell(n, auto=1.0, torch_=1.1):
+        noisy = lambda m: [m * (1 + 0.1 * rng.random()) for _ in range(n)]  # noqa: E731
+        return {"times_ms": {"torch": noisy(torch_), "torch_rt": noisy(3.0), "auto": noisy(auto)},
+                "median_ms": {}}
+    few, many = cell(9), cell(100)
+    for c in (few, many):
+        lo, hi = b.ratio_ci(c)
+        med = __import__("statistics").median
+        r = min(med(c["times_ms"]["torch"]), med(c["times_ms"]["torch_rt"])) / med(c["times_ms"]["auto"])
+        assert lo <= r <= hi and 1.0 < lo and hi < 1.2  # the true ratio is 1.1
+    assert (b.ratio_ci(many)[1] - b.ratio_ci(many)[0]) < (b.ratio_ci(few)[1] - b.ratio_ci(few)[0])
+    assert b.ratio_ci({"median_ms": {}}) is None  # a run that kept no samples
+
+
 # ------------------------------------------------------------------------------------------------
 # user-level gradients: only the backward, only the gradient asked for
 # ------------------------------------------------------------------------------------------------
@@ -183,9 +213,18 @@ def test_readme_cpu_table_is_the_generated_table_of_the_run_it_cites():
 
 def test_outside_kernel_splits_the_delegated_call_around_the_f_conv2d_it_runs():
     b = _bench()
+    import lkconv.ops as lkops
+    fast = lkops._fast
     res = b.outside_kernel(1, 4, 12, K=3, rounds=5)
-    assert [o["layout"] for o in res] == ["nchw", "cl"]  # K=3 is delegated on both layouts
+    stores = ["c++", "python"] if fast is not None else ["python"]
+    # K=3 is delegated on both layouts, in every store
+    assert [(o["store"], o["layout"]) for o in res] == [(s, lay) for s in stores for lay in ("nchw", "cl")]
     for o in res:
-        assert 0 < o["inside"] <= o["call"] and o["f_conv2d"] > 0
+        assert o["call"] > 0 and o["f_conv2d"] > 0
+        if o["store"] == "python":
+            assert 0 < o["inside"] <= o["call"]
+        else:
+            assert o["inside"] is None
+    assert lkops._fast is fast  # the store is restored
     import lkconv.functional as lkf
     assert lkf.F is torch.nn.functional  # the shim is removed again
