@@ -656,4 +656,7 @@ def remember_delegation(key, conv_args, call) -> None:
         return
     if len(_DELEGATED) >= _DELEGATED_MAX:
         _DELEGATED.clear()
-    _DELEGATED[key] = conv_args
+    try:
+        _DELEGATED[key] = conv_args
+    except Exception:  # a state fact that cannot be hashed or compared: not remembered
+        pass
