@@ -581,8 +581,11 @@ def remembered_delegations() -> int:
 
 
 def clear_delegation_cache() -> None:
-    """Forget the remembered delegated calls (needed only after editing the cpu backend's
-    ``PATH_TABLE`` in place; everything else a decision reads is in the key)."""
+    """Forget the remembered delegated calls.  Needed only after changing what the cpu backend's
+    rule reads beyond the key: its ``PATH_TABLE`` (edited in place or rebound), its module constants
+    (``MEASURED_MAX_TAPS``, ``DIRECT_MAX_CONV_PAD``, ``DIRECT_ATEN_GW_MAX_TAPS``), the registered
+    instance's ``path`` attribute set after construction, or a helper of the resolution replaced
+    (e.g. a monkeypatched ``choose_path``); everything else a decision reads is in the key."""
     _DELEGATED.clear()
     if _fast is not None:
         _fast.clear()
