@@ -21,8 +21,8 @@
 //   functorch transform, forward AD or any autocast region (the Python wrapper checks
 //   torch.compiler.is_compiling() before calling); lkconv.ops.EAGER_FAST_PATH true; the backends'
 //   use_backend override, default backend, auto chain for "cpu" (a tuple: a list could change in place
-//   under an entry), the cpu backend's instance and its class's delegates_to_torch, the cpu backend's
-//   FORCE_PATH; the intra-op thread count.
+//   under an entry), the cpu backend's instance, its path attribute and its class's delegates_to_torch,
+//   the cpu backend's FORCE_PATH; the intra-op thread count.
 // State facts that are not the very objects of an entry are compared with ==, which may run Python code
 // (an __eq__, a finalizer) that changes the store: every scan of the entries checks `generation` after
 // each comparison and stops (a miss) when the store changed.
@@ -48,7 +48,8 @@
 
 namespace {
 
-constexpr int kStateItems = 6;  // use_backend override, default backend, auto chain, instance, rule, FORCE_PATH
+constexpr int kStateItems = 7;  // use_backend override, default backend, auto chain, instance, rule, FORCE_PATH,
+                                // the instance's path
 constexpr size_t kMaxEntries = 512;  // as lkconv.ops._DELEGATED_MAX: then forget all and start again
 
 // an int / pair argument (kind 0 / 1) or a string (kind 2, the padding only)
@@ -98,6 +99,7 @@ struct Globals {
   PyObject* s_cpu = nullptr;
   PyObject* s_rule = nullptr;
   PyObject* s_force = nullptr;
+  PyObject* s_path = nullptr;
 } G;
 
 std::vector<Entry> entries;
@@ -276,6 +278,8 @@ bool read_facts(PyObject* const* args, Facts* f) {
   f->state[4] = PyObject_GetAttr(reinterpret_cast<PyObject*>(Py_TYPE(f->state[3])), G.s_rule);
   if (!f->state[4]) PyErr_Clear();
   f->state[5] = item(G.cpu_dict, G.s_force);
+  f->state[6] = PyObject_GetAttr(f->state[3], G.s_path);  // CPUBackend(path=...), or set on the instance later
+  if (!f->state[6]) PyErr_Clear();
   f->threads = at::get_num_threads();
 
   const at::Tensor& wt = THPVariable_Unpack(w);
@@ -459,12 +463,13 @@ PyObject* fast_init(PyObject*, PyObject* args) {
   G.s_cpu = intern("cpu");
   G.s_rule = intern("delegates_to_torch");
   G.s_force = intern("FORCE_PATH");
+  G.s_path = intern("path");
   const bool interned = G.s_eager && G.s_level && G.s_overrides && G.s_default && G.s_chain && G.s_instances &&
-                        G.s_cpu && G.s_rule && G.s_force;
+                        G.s_cpu && G.s_rule && G.s_force && G.s_path;
   for (PyObject* o : {reinterpret_cast<PyObject*>(old.tensor_type), reinterpret_cast<PyObject*>(old.param_type),
                       old.ops_dict, old.backends_dict, old.cpu_dict, old.fwd_ad_dict, old.s_eager, old.s_level,
                       old.s_overrides, old.s_default, old.s_chain, old.s_instances, old.s_cpu, old.s_rule,
-                      old.s_force})
+                      old.s_force, old.s_path})
     Py_XDECREF(o);
   if (!interned) {  // (out of memory) the store stays unusable: read_facts declines every call
     G.tensor_type = nullptr;

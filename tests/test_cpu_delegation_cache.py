@@ -183,6 +183,15 @@ def test_flags_shapes_forced_paths_and_backends_change_the_decision(monkeypatch)
         lkconv.depthwise_conv2d(x, w31, None, 1, "same")
         assert seen == ([] if want else ["forward"])
         seen.clear()
+        # the registered instance's path set after it was made (CPUBackend.path): that path
+        inst = lkconv.backends.get_backend("cpu")
+        monkeypatch.setattr(inst, "path", "direct")
+        lkconv.depthwise_conv2d(x, w5, None, 1, "same")
+        assert seen == ["forward"]
+        seen.clear()
+        monkeypatch.setattr(inst, "path", None)
+        lkconv.depthwise_conv2d(x, w5, None, 1, "same")
+        assert seen == []
         # the delegation rule itself replaced (as tests do): the remembered decision is not used
         monkeypatch.setattr(cpu_mod.CPUBackend, "delegates_to_torch", lambda self, *a: False)
         lkconv.depthwise_conv2d(x, w5, None, 1, "same")
