@@ -11,16 +11,21 @@
 // at::conv2d (what F.conv2d runs) with the GIL released and returns the result; on a miss it returns
 // None and the Python path decides (and calls remember()).
 //
-// The facts (one list, the same as lkconv.ops.delegation_key's; tests/test_cpu_fastpath.py checks that
-// every one of them changes the outcome):
-//   x, weight, bias: exact torch.Tensor / nn.Parameter (bias may be None), x 4-D on the CPU; their
+// The facts (one list, the same as lkconv.ops.delegation_key's; tests/test_cpu_delegation_cache.py checks
+// that every one of them changes the outcome):
+//   x, weight, bias: exact torch.Tensor / nn.Parameter (bias may be None), strided (not sparse, mkldnn or
+//   nested: left to the Python path), x 4-D on the CPU; their
 //   shapes, x's strides, dtypes, the weight's and bias's device, which of them autograd will need;
 //   stride / padding / dilation: an int, a pair of ints or (padding) a string; backend: None or a string;
 //   not under torch.jit tracing, a TorchDispatchMode, a TorchFunctionMode, the autograd profiler, a
 //   functorch transform, forward AD or any autocast region (the Python wrapper checks
 //   torch.compiler.is_compiling() before calling); lkconv.ops.EAGER_FAST_PATH true; the backends'
-//   use_backend override, default backend, auto chain for "cpu", the cpu backend's instance and its
-//   class's delegates_to_torch, the cpu backend's FORCE_PATH; the intra-op thread count.
+//   use_backend override, default backend, auto chain for "cpu" (a tuple: a list could change in place
+//   under an entry), the cpu backend's instance, its path attribute and its class's delegates_to_torch,
+//   the cpu backend's FORCE_PATH; the intra-op thread count.
+// State facts that are not the very objects of an entry are compared with ==, which may run Python code
+// (an __eq__, a finalizer) that changes the store: every scan of the entries checks `generation` after
+// each comparison and stops (a miss) when the store changed.
 #include <Python.h>
 
 #include <ATen/Parallel.h>
@@ -43,7 +48,8 @@
 
 namespace {
 
-constexpr int kStateItems = 6;  // use_backend override, default backend, auto chain, instance, rule, FORCE_PATH
+constexpr int kStateItems = 7;  // use_backend override, default backend, auto chain, instance, rule, FORCE_PATH,
+                                // the instance's path
 constexpr size_t kMaxEntries = 512;  // as lkconv.ops._DELEGATED_MAX: then forget all and start again
 
 // an int / pair argument (kind 0 / 1) or a string (kind 2, the padding only)
@@ -93,10 +99,15 @@ struct Globals {
   PyObject* s_cpu = nullptr;
   PyObject* s_rule = nullptr;
   PyObject* s_force = nullptr;
+  PyObject* s_path = nullptr;
 } G;
 
 std::vector<Entry> entries;
 int64_t hits = 0;
+// bumped by every change of `entries`: a comparison may run Python code (a state object's __eq__, a
+// finalizer run by a reference dropped) that calls remember() / clear() / init(); a scan of `entries`
+// that sees the generation change stops at once (its references into the vector may dangle)
+uint64_t generation = 0;
 
 void release(Facts& f) {
   Py_CLEAR(f.stride.s);
@@ -106,12 +117,29 @@ void release(Facts& f) {
   for (auto& o : f.state) Py_CLEAR(o);
 }
 
+// the store emptied first, the references dropped afterwards: a finalizer run by a Py_DECREF may call
+// back into this module and finds a consistent (empty) store
 void clear_entries() {
-  for (auto& e : entries) release(e.facts);
-  entries.clear();
+  std::vector<Entry> old;
+  old.swap(entries);
+  ++generation;
+  for (auto& e : old) release(e.facts);
 }
 
+// releases the facts' references when it goes out of scope (also when a c10::Error unwinds), unless
+// disarmed (the facts handed to an entry)
+struct FactsGuard {
+  Facts* f;
+  ~FactsGuard() {
+    if (f) release(*f);
+  }
+};
+
 bool plain(PyObject* o) { return Py_TYPE(o) == G.tensor_type || Py_TYPE(o) == G.param_type; }
+
+// a plain strided tensor (not sparse, mkldnn or nested: their sizes / strides are not the facts of a
+// strided one; such calls are left to the Python path)
+bool strided(const at::Tensor& t) { return t.layout() == c10::kStrided && !t.is_nested(); }
 
 // an exact int (not a bool: True == 1 would share an int's entry)
 bool exact_int(PyObject* o, int64_t* v) {
@@ -169,8 +197,9 @@ bool same_tensor(const TensorFacts& u, const TensorFacts& v) {
 
 bool any_autocast() {
   using c10::DeviceType;
+  // torch._C._is_any_autocast_enabled's devices (CPU, CUDA, XPU, IPU, XLA, HPU, PrivateUse1, MTIA), and MPS
   for (auto d : {DeviceType::CPU, DeviceType::CUDA, DeviceType::XPU, DeviceType::IPU, DeviceType::HPU,
-                 DeviceType::XLA, DeviceType::PrivateUse1, DeviceType::MPS}) {
+                 DeviceType::XLA, DeviceType::PrivateUse1, DeviceType::MTIA, DeviceType::MPS}) {
     if (at::autocast::is_autocast_enabled(d)) return true;
   }
   return false;
@@ -204,7 +233,7 @@ bool read_facts(PyObject* const* args, Facts* f) {
     f->backend = args[6];
   }
   const at::Tensor& xt = THPVariable_Unpack(x);
-  if (xt.dim() != 4 || !xt.device().is_cpu()) return false;
+  if (xt.dim() != 4 || !xt.device().is_cpu() || !strided(xt)) return false;
   if (torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
       at::impl::torch_function_mode_enabled() || torch::profiler::impl::profilerEnabled() ||
       functorch_active() || any_autocast())
@@ -234,7 +263,14 @@ bool read_facts(PyObject* const* args, Facts* f) {
   f->state[0] = overrides;  // new reference
   f->state[1] = item(G.backends_dict, G.s_default);
   PyObject* chain = PyDict_GetItemWithError(G.backends_dict, G.s_chain);
-  f->state[2] = (chain && PyDict_Check(chain)) ? item(chain, G.s_cpu) : nullptr;
+  if (chain && !PyDict_Check(chain)) {  // another mapping: its .get("cpu") is not read here
+    PyErr_Clear();
+    return false;
+  }
+  f->state[2] = chain ? item(chain, G.s_cpu) : nullptr;
+  // a tuple (or absent) only: an entry holds the very object, so a list edited in place would go unseen
+  // (the Python store cannot hash a list: not rememberable there either)
+  if (f->state[2] && !PyTuple_CheckExact(f->state[2])) return false;
   PyObject* insts = PyDict_GetItemWithError(G.backends_dict, G.s_instances);
   f->state[3] = (insts && PyDict_Check(insts)) ? item(insts, G.s_cpu) : nullptr;
   if (PyErr_Occurred()) PyErr_Clear();
@@ -242,15 +278,17 @@ bool read_facts(PyObject* const* args, Facts* f) {
   f->state[4] = PyObject_GetAttr(reinterpret_cast<PyObject*>(Py_TYPE(f->state[3])), G.s_rule);
   if (!f->state[4]) PyErr_Clear();
   f->state[5] = item(G.cpu_dict, G.s_force);
+  f->state[6] = PyObject_GetAttr(f->state[3], G.s_path);  // CPUBackend(path=...), or set on the instance later
+  if (!f->state[6]) PyErr_Clear();
   f->threads = at::get_num_threads();
 
   const at::Tensor& wt = THPVariable_Unpack(w);
-  if (wt.dim() != 4) return false;
+  if (wt.dim() != 4 || !strided(wt)) return false;
   read_tensor(xt, &f->x, true);
   read_tensor(wt, &f->w, false);
   if (b != Py_None) {
     const at::Tensor& bt = THPVariable_Unpack(b);
-    if (bt.dim() != 1) return false;
+    if (bt.dim() != 1 || !strided(bt)) return false;
     read_tensor(bt, &f->b, false);
     f->b.sizes[0] = 0;
     f->b.bias_len = bt.size(0);
@@ -259,18 +297,34 @@ bool read_facts(PyObject* const* args, Facts* f) {
   return true;
 }
 
+// u: an entry's facts (read before any Python code runs here: a comparison may change the store and
+// drop u's references, so the objects compared are held here); the caller checks `generation` after
 bool same_state(const Facts& u, const Facts& v) {
-  for (int i = 0; i < kStateItems; ++i) {
-    PyObject *p = u.state[i], *q = v.state[i];
+  int first = 0;
+  while (first < kStateItems && u.state[first] == v.state[first]) ++first;  // the usual case: the same objects
+  if (first == kStateItems) return true;
+  std::array<PyObject*, kStateItems> us = u.state, vs = v.state;  // u is not read again below
+  for (int k = first; k < kStateItems; ++k) {
+    Py_XINCREF(us[k]);
+    Py_XINCREF(vs[k]);
+  }
+  bool same = true;
+  for (int i = first; same && i < kStateItems; ++i) {
+    PyObject *p = us[i], *q = vs[i];
     if (p == q) continue;
-    if (!p || !q) return false;
-    int eq = PyObject_RichCompareBool(p, q, Py_EQ);
-    if (eq != 1) {
-      if (eq < 0) PyErr_Clear();
-      return false;
+    if (!p || !q) {
+      same = false;
+    } else {
+      const int eq = PyObject_RichCompareBool(p, q, Py_EQ);  // may run Python code
+      if (eq < 0) PyErr_Clear();  // an __eq__ that raises: not the same state
+      same = eq == 1;
     }
   }
-  return true;
+  for (int k = first; k < kStateItems; ++k) {
+    Py_XDECREF(us[k]);
+    Py_XDECREF(vs[k]);
+  }
+  return same;
 }
 
 bool same_facts(const Facts& u, const Facts& v) {
@@ -297,24 +351,30 @@ PyObject* fast_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   if (entries.empty()) Py_RETURN_NONE;
-  Facts f;
-  const bool ok = read_facts(args, &f);
-  const Entry* hit = nullptr;
-  if (ok) {
-    for (const auto& e : entries) {
-      if (same_facts(e.facts, f)) {
-        hit = &e;
-        break;
+  std::array<int64_t, 2> stride{}, padding{}, dilation{};  // the hit's, copied: the store may change below
+  int64_t groups = 0;
+  at::MemoryFormat format = at::MemoryFormat::Contiguous;
+  bool hit = false;
+  {
+    Facts f;
+    FactsGuard guard{&f};
+    if (read_facts(args, &f)) {
+      const uint64_t gen = generation;
+      for (size_t i = 0; i < entries.size(); ++i) {
+        const bool same = same_facts(entries[i].facts, f);
+        if (generation != gen) break;  // the store changed during the comparison: a miss
+        if (same) {
+          const Entry& e = entries[i];
+          stride = e.stride, padding = e.padding, dilation = e.dilation, groups = e.groups, format = e.format;
+          hit = true;
+          break;
+        }
       }
     }
-  }
-  release(f);
+  }  // f's references dropped (this may run Python code too: the copies above are what is used)
   if (!hit) Py_RETURN_NONE;
   ++hits;
-  const auto stride = hit->stride, padding = hit->padding, dilation = hit->dilation;  // copies: the GIL
-  const int64_t groups = hit->groups;                                                 // goes below
-  const at::MemoryFormat format = hit->format;
-  const at::Tensor& x = THPVariable_Unpack(args[0]);
+  const at::Tensor& x = THPVariable_Unpack(args[0]);  // the caller's references keep them alive
   const at::Tensor& w = THPVariable_Unpack(args[1]);
   std::optional<at::Tensor> bias;
   if (args[2] != Py_None) bias = THPVariable_Unpack(args[2]);
@@ -351,18 +411,18 @@ PyObject* fast_remember(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   e.format = reinterpret_cast<THPMemoryFormat*>(fmt)->memory_format;
-  if (!read_facts(args, &e.facts)) {
-    release(e.facts);
-    Py_RETURN_FALSE;
-  }
-  for (const auto& old : entries) {
-    if (same_facts(old.facts, e.facts)) {
-      release(e.facts);
-      Py_RETURN_TRUE;
-    }
+  FactsGuard guard{&e.facts};
+  if (!read_facts(args, &e.facts)) Py_RETURN_FALSE;
+  const uint64_t gen = generation;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const bool same = same_facts(entries[i].facts, e.facts);
+    if (generation != gen) Py_RETURN_FALSE;  // the store changed during the comparison: not remembered
+    if (same) Py_RETURN_TRUE;
   }
   if (entries.size() >= kMaxEntries) clear_entries();
   entries.push_back(e);  // the entry owns the references e.facts took
+  guard.f = nullptr;
+  ++generation;
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
@@ -387,6 +447,7 @@ PyObject* fast_init(PyObject*, PyObject* args) {
     return nullptr;
   clear_entries();
   for (PyObject* o : {tt, pt, od, bd, cd, fd}) Py_INCREF(o);
+  Globals old = G;  // init called again: the previous references dropped (after G is whole again)
   G.tensor_type = reinterpret_cast<PyTypeObject*>(tt);
   G.param_type = reinterpret_cast<PyTypeObject*>(pt);
   G.ops_dict = od;
@@ -402,6 +463,18 @@ PyObject* fast_init(PyObject*, PyObject* args) {
   G.s_cpu = intern("cpu");
   G.s_rule = intern("delegates_to_torch");
   G.s_force = intern("FORCE_PATH");
+  G.s_path = intern("path");
+  const bool interned = G.s_eager && G.s_level && G.s_overrides && G.s_default && G.s_chain && G.s_instances &&
+                        G.s_cpu && G.s_rule && G.s_force && G.s_path;
+  for (PyObject* o : {reinterpret_cast<PyObject*>(old.tensor_type), reinterpret_cast<PyObject*>(old.param_type),
+                      old.ops_dict, old.backends_dict, old.cpu_dict, old.fwd_ad_dict, old.s_eager, old.s_level,
+                      old.s_overrides, old.s_default, old.s_chain, old.s_instances, old.s_cpu, old.s_rule,
+                      old.s_force, old.s_path})
+    Py_XDECREF(o);
+  if (!interned) {  // (out of memory) the store stays unusable: read_facts declines every call
+    G.tensor_type = nullptr;
+    return nullptr;
+  }
   Py_RETURN_NONE;
 }
 

@@ -581,8 +581,11 @@ def remembered_delegations() -> int:
 
 
 def clear_delegation_cache() -> None:
-    """Forget the remembered delegated calls (needed only after editing the cpu backend's
-    ``PATH_TABLE`` in place; everything else a decision reads is in the key)."""
+    """Forget the remembered delegated calls.  Needed only after changing what the cpu backend's
+    rule reads beyond the key: its ``PATH_TABLE`` (edited in place or rebound), its module constants
+    (``MEASURED_MAX_TAPS``, ``DIRECT_MAX_CONV_PAD``, ``DIRECT_ATEN_GW_MAX_TAPS``), or a helper of the
+    resolution replaced (e.g. a monkeypatched ``choose_path``); everything else a decision reads is in
+    the key."""
     _DELEGATED.clear()
     if _fast is not None:
         _fast.clear()
@@ -607,8 +610,8 @@ def delegation_key(x, weight, bias, stride, padding, dilation, backend):
     with int / string / int-pair arguments, or autocast on).  Everything the functional's
     resolution reads: the tensors' types, shapes, strides, dtypes and devices, the arguments, which
     gradients autograd will need, the backend asked for and the default one (``use_backend``
-    blocks included), the ``auto`` chain, the cpu backend's instance, its forced path and its
-    delegation rule, the intra-op thread count (the path table's thread class).  Kept lean on
+    blocks included), the ``auto`` chain, the cpu backend's instance (and its ``path``), its forced
+    path and its delegation rule, the intra-op thread count (the path table's thread class).  Kept lean on
     purpose: it runs on every call (the conditions are :func:`eager_fast_path_ok`'s, inlined)."""
     global _cpu_mod
     if not EAGER_FAST_PATH or type(x) not in _PLAIN or type(weight) not in _PLAIN or (
@@ -641,7 +644,8 @@ def delegation_key(x, weight, bias, stride, padding, dilation, backend):
             None if bias is None else (bias.shape, bias.dtype, bias.is_cpu, rb),
             rx, rw, stride, padding, dilation, backend,
             _backends._OVERRIDES.get(), _backends._default_backend, _backends.AUTO_CHAIN.get("cpu"), inst,
-            getattr(type(inst), "delegates_to_torch", None), _cpu_mod.FORCE_PATH, torch.get_num_threads())
+            getattr(type(inst), "delegates_to_torch", None), _cpu_mod.FORCE_PATH, torch.get_num_threads(),
+            getattr(inst, "path", None))
 
 
 def remember_delegation(key, conv_args, call) -> None:
@@ -656,4 +660,7 @@ def remember_delegation(key, conv_args, call) -> None:
         return
     if len(_DELEGATED) >= _DELEGATED_MAX:
         _DELEGATED.clear()
-    _DELEGATED[key] = conv_args
+    try:
+        _DELEGATED[key] = conv_args
+    except Exception:  # a state fact that cannot be hashed or compared: not remembered
+        pass

@@ -183,6 +183,15 @@ def test_flags_shapes_forced_paths_and_backends_change_the_decision(monkeypatch)
         lkconv.depthwise_conv2d(x, w31, None, 1, "same")
         assert seen == ([] if want else ["forward"])
         seen.clear()
+        # the registered instance's path set after it was made (CPUBackend.path): that path
+        inst = lkconv.backends.get_backend("cpu")
+        monkeypatch.setattr(inst, "path", "direct")
+        lkconv.depthwise_conv2d(x, w5, None, 1, "same")
+        assert seen == ["forward"]
+        seen.clear()
+        monkeypatch.setattr(inst, "path", None)
+        lkconv.depthwise_conv2d(x, w5, None, 1, "same")
+        assert seen == []
         # the delegation rule itself replaced (as tests do): the remembered decision is not used
         monkeypatch.setattr(cpu_mod.CPUBackend, "delegates_to_torch", lambda self, *a: False)
         lkconv.depthwise_conv2d(x, w5, None, 1, "same")
@@ -303,7 +312,203 @@ def test_a_remembered_call_is_not_used_under_modes_transforms_or_other_facts(sto
         with torch.autograd.profiler.profile():
             return call()
 
-    for fn in (dispatch_mode, forward_ad, threads, forced, traced, profiled):
+    def function_mode():
+        from torch.overrides import TorchFunctionMode
+
+        class Seen(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Seen():
+            return call()
+
+    def kineto_profiled():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+            return call()
+
+    for fn in (dispatch_mode, forward_ad, threads, forced, traced, profiled, function_mode, kineto_profiled):
         unused(fn, close)
     unused(autocast)
     unused(lambda: torch.vmap(lambda u: lkconv.depthwise_conv2d(u, w, None, 1, 1))(x.unsqueeze(0))[0], close)
+    # the other torch.func transforms (functorch's interpreter stack: its dynamic-layer keys in the TLS)
+    conv_sum = lambda u: lkconv.depthwise_conv2d(u, w, None, 1, 1).sum()  # noqa: E731
+    gw = torch.nn.functional.conv2d(torch.ones(1, 3, 11, 11), w, None, 1, 0, 1, 3)  # d sum / d x, as a conv
+    unused(lambda: torch.func.grad(conv_sum)(x), lambda g: torch.allclose(g, gw.expand_as(x), atol=1e-5))
+    unused(lambda: torch.func.jvp(conv_sum, (x,), (torch.zeros_like(x),))[1], lambda t: float(t) == 0.0)
+    unused(lambda: torch.func.vjp(lambda u: lkconv.depthwise_conv2d(u, w, None, 1, 1), x)[0], close)
+
+
+def _plain_call(x, w):
+    with torch.no_grad():
+        return lkconv.depthwise_conv2d(x, w, None, 1, 1)
+
+
+def test_a_state_object_whose_eq_changes_or_clears_the_store(monkeypatch, store):
+    """A state fact compared with __eq__ (here the default backend, a str subclass) may run Python code
+    that forgets or adds remembered calls while the store is being scanned: the scan stops (a miss, the
+    Python path decides), never reads a forgotten entry (the C++ store used to answer from it) and never
+    crashes when the entries move (many new ones remembered from inside __eq__)."""
+    import lkconv.backends as backends
+
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
+    want = F.conv2d(x, w, None, 1, 1, 1, 2)
+
+    class Name(str):
+        action = None
+
+        def __eq__(self, other):
+            act, Name.action = Name.action, None
+            if act is not None:
+                act()
+            return str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    monkeypatch.setattr(backends, "_default_backend", Name("auto"))
+    _plain_call(x, w)
+    assert ops.remembered_delegations() == 1
+    monkeypatch.setattr(backends, "_default_backend", Name("auto"))  # equal, another object: __eq__ runs
+    # forget everything, then remember another call (its entry where the compared one was)
+    Name.action = lambda: (ops.clear_delegation_cache(), _plain_call(torch.randn(1, 2, 8, 5), w))
+    h = _hits()
+    out = _plain_call(x, w)
+    assert torch.equal(out, want)
+    assert _hits() == h, "answered from an entry forgotten during the comparison"
+    assert ops.remembered_delegations() == 2  # the other call, and this one (the Python path decided)
+    # entries added from inside __eq__ (the vector reallocates under the scan)
+    monkeypatch.setattr(backends, "_default_backend", Name("auto"))
+    Name.action = lambda: [_plain_call(torch.randn(1, 2, 8, 4 + i), w) for i in range(40)]
+    for _ in range(3):
+        assert torch.equal(_plain_call(x, w), want)
+    assert ops.remembered_delegations() >= 2
+
+
+def test_a_state_object_whose_eq_raises_is_a_miss(monkeypatch, store):
+    """An __eq__ that raises: not the same state (no error escapes, none is left set), the call's own result."""
+    import lkconv.backends as backends
+
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
+    want = F.conv2d(x, w, None, 1, 1, 1, 2)
+
+    class Name(str):
+        def __eq__(self, other):
+            if type(other) is Name and other is not self:
+                raise RuntimeError("no comparing")
+            return str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    monkeypatch.setattr(backends, "_default_backend", Name("auto"))
+    _plain_call(x, w)
+    for _ in range(3):
+        monkeypatch.setattr(backends, "_default_backend", Name("auto"))
+        assert torch.equal(_plain_call(x, w), want)
+        assert torch.equal(_plain_call(x, w), want)
+
+
+def test_a_mutable_auto_chain_is_not_remembered(monkeypatch, store):
+    """AUTO_CHAIN["cpu"] set to a list (as users may write it): the call works but is not remembered
+    (the Python store cannot hash it; the C++ store would hold the very list, so an in-place edit
+    would go unseen); edited in place, the new chain decides."""
+    import lkconv.backends as backends
+    from lkconv.backends.torch_native import TorchBackend
+
+    monkeypatch.setitem(backends.AUTO_CHAIN, "cpu", ["cpu", "torch"])
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
+    h = _hits()
+    for _ in range(3):
+        assert torch.equal(_plain_call(x, w), F.conv2d(x, w, None, 1, 1, 1, 2))
+    assert ops.remembered_delegations() == 0 and _hits() == h
+    seen = []
+    real = TorchBackend.forward
+    monkeypatch.setattr(TorchBackend, "forward", lambda self, *a: seen.append(1) or real(self, *a))
+    backends.AUTO_CHAIN["cpu"][0] = "torch"  # in place: auto now takes the torch backend
+    _plain_call(x, w)
+    assert seen == [1]
+
+
+def test_the_store_forgets_everything_beyond_512_entries(store):
+    w = torch.randn(2, 1, 3, 3)
+    xs = [torch.randn(1, 2, 3, 3 + i) for i in range(ops._DELEGATED_MAX + 1)]
+    for x in xs[:-1]:
+        _plain_call(x, w)
+    assert ops.remembered_delegations() == ops._DELEGATED_MAX
+    h = _hits()
+    _plain_call(xs[0], w)  # still remembered
+    if store == "c++":
+        assert _hits() == h + 1
+    _plain_call(xs[-1], w)  # one too many: all forgotten, then this one remembered
+    assert ops.remembered_delegations() == 1
+
+
+def test_init_twice_and_clear(store):
+    """init() again (a reload) forgets the entries and holds no extra references; clear() forgets them."""
+    import sys
+
+    if store != "c++":
+        pytest.skip("the C++ store's own API")
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
+    _plain_call(x, w)
+    assert ops.remembered_delegations() == 1
+    args = (torch.Tensor, torch.nn.Parameter, vars(ops), vars(ops._backends), vars(cpu_mod), vars(ops._forward_ad))
+    ops._fast.init(*args)
+    before = [sys.getrefcount(a) for a in args]
+    for _ in range(5):
+        ops._fast.init(*args)
+    assert [sys.getrefcount(a) for a in args] == before, "init() leaks its previous references"
+    assert ops.remembered_delegations() == 0
+    _plain_call(x, w)
+    h = _hits()
+    _plain_call(x, w)
+    assert _hits() == h + 1 and ops.remembered_delegations() == 1
+    ops._fast.clear()
+    assert ops.remembered_delegations() == 0 and ops._fast.call(x, w, None, 1, 1, 1, None) is None
+    with pytest.raises(TypeError):
+        ops._fast.call(x, w)
+    # a non-strided input (mkldnn, sparse): not remembered by the C++ store (its sizes / strides are
+    # not a strided tensor's facts); the call is F.conv2d's all the same
+    xm = x.to_mkldnn()
+    conv_args = ((1, 1), (1, 1), (1, 1), 2, torch.contiguous_format)
+    assert ops._fast.remember(xm, w, None, 1, 1, 1, None, conv_args) is False
+    assert ops._fast.remember(x.to_sparse(), w, None, 1, 1, 1, None, conv_args) is False
+    assert ops._fast.remember(x, w, None, 1, 1, 1, None, conv_args) is True
+
+
+def test_threads_calling_at_once(store):
+    """Several threads hit the store at once (the convolution runs with the GIL released) while another
+    clears it now and then: every result is F.conv2d's."""
+    import threading
+
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 4, 16, 16 + i) for i in range(4)]
+    w = torch.randn(4, 1, 3, 3)
+    wants = [F.conv2d(x, w, None, 1, 1, 1, 4) for x in xs]
+    errors, stop = [], threading.Event()
+
+    def worker(i):
+        try:
+            for _ in range(60):
+                out = _plain_call(xs[i], w)
+                if not torch.equal(out, wants[i]):
+                    errors.append(f"thread {i}: wrong result")
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    def clearer():
+        while not stop.is_set():
+            ops.clear_delegation_cache()
+            stop.wait(0.002)
+
+    h = _hits()
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    c = threading.Thread(target=clearer)
+    for t in ts + [c]:
+        t.start()
+    for t in ts:
+        t.join()
+    stop.set()
+    c.join()
+    assert errors == []
+    if store == "c++":
+        assert _hits() > h
