@@ -236,13 +236,19 @@ def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_re
     that still needs samples runs once, in an order shuffled afresh each round (``seed``: fixed, so
     a run is repeatable) -- a fixed order lets one callable always follow the same other one (e.g.
     one that just converted 25 MB between layouts), which measurably biased identical kernels by
-    6-7 % at K=3 (docs/cpu_backend.md).  Samples per callable: ``repeats``; 2 for one whose warm-up
-    took more than ``slow_abs`` s and ``slow_rel`` times the fastest warm-up of its group (same pass
-    and layout: far from the choice); ``repeats * small_mult`` for one within ``near`` times the
-    fastest warm-up of a group whose fastest is under ``small_s`` s (the cheap cells near the choice,
-    where a few per cent decide a ratio), or more where that is cheap: as many as fit in
-    ``small_budget_s`` seconds, up to ``max_samples``.  Returns ``{key: [seconds, ...]}``, one entry per call
-    made after the warm-up."""
+    6-7 % at K=3 (docs/cpu_backend.md).
+
+    Samples, in two phases.  First ``repeats`` for every callable, 2 for one whose warm-up took more
+    than ``slow_abs`` s and ``slow_rel`` times the fastest warm-up of its group (same pass and layout:
+    far from the choice).  Then, in a group whose fastest median so far is under ``small_s`` s (the
+    cheap cells, where a few per cent decide a ratio), every callable whose median is within ``near``
+    times that fastest gets more, all of them the same number -- ``repeats * small_mult``, or as many
+    as fit in ``small_budget_s`` seconds at the fastest one's median, up to ``max_samples`` -- so the
+    callables a ratio compares are sampled over the same rounds (a box whose speed drifts biases
+    callables sampled over different spans: measured, 5 early samples of one against 100 of an
+    identical kernel, 0.91).  Nearness is judged on the first phase's medians, not on the warm-up
+    (the process's first call of a kernel is cold).  Returns ``{key: [seconds, ...]}``, one entry per
+    call made after the warm-up."""
     import random
 
     warm = dict(warm or {})
@@ -252,30 +258,35 @@ def time_interleaved(fns: dict, repeats: int, group_of, slow_abs: float, slow_re
         t0 = CLOCK()
         f()
         warm[k] = CLOCK() - t0
-    fastest = {}
+    fastest_warm = {}
     for k, t in warm.items():
-        fastest[group_of(k)] = min(t, fastest.get(group_of(k), float("inf")))
-
-    def cap(k):
-        t, best = warm[k], fastest[group_of(k)]
-        if t > slow_abs and t > slow_rel * best:
-            return 2
-        if best < small_s and t <= near * best:
-            return max(repeats * small_mult, min(max_samples, int(small_budget_s / max(t, 1e-9))))
-        return repeats
-    caps = {k: cap(k) for k in fns}
+        fastest_warm[group_of(k)] = min(t, fastest_warm.get(group_of(k), float("inf")))
+    slow = {k for k in fns if warm[k] > slow_abs and warm[k] > slow_rel * fastest_warm[group_of(k)]}
     ts = {k: [] for k in fns}
     order = list(fns)
     rng = random.Random(seed)
-    for _ in range(max(caps.values(), default=0)):
-        rng.shuffle(order)
-        for k in order:
-            if len(ts[k]) >= caps[k]:
-                continue
-            f = fns[k]
-            t0 = CLOCK()
-            f()
-            ts[k].append(CLOCK() - t0)
+
+    def rounds(caps):
+        for _ in range(max(caps.values(), default=0)):
+            rng.shuffle(order)
+            for k in order:
+                if len(ts[k]) >= caps[k]:
+                    continue
+                f = fns[k]
+                t0 = CLOCK()
+                f()
+                ts[k].append(CLOCK() - t0)
+    caps = {k: 2 if k in slow else repeats for k in fns}
+    rounds(caps)
+    med = {k: statistics.median(v) for k, v in ts.items() if v}
+    fastest = {}
+    for k, m in med.items():
+        fastest[group_of(k)] = min(m, fastest.get(group_of(k), float("inf")))
+    for k in fns:
+        best = fastest.get(group_of(k), float("inf"))
+        if k not in slow and best < small_s and med[k] <= near * best:
+            caps[k] = max(caps[k], repeats * small_mult, min(max_samples, round(small_budget_s / max(best, 1e-9))))
+    rounds(caps)
     return ts
 
 

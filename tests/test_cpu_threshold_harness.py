@@ -31,21 +31,41 @@ def _bench():
 # ------------------------------------------------------------------------------------------------
 # the interleaved timer
 # ------------------------------------------------------------------------------------------------
-def test_time_interleaved_makes_exactly_the_calls_it_reports_in_shuffled_rounds():
-    b = _bench()
-    calls = []
+class _FakeClock:
+    """A clock that only the callables advance (each by its cost): the timer's decisions are then exact."""
+    def __init__(self):
+        self.t = 0.0
 
+    def __call__(self):
+        return self.t
+
+
+def _costed(clock, costs, calls):
     def make(k):
-        return lambda: calls.append(k)
+        def f():
+            calls.append(k)
+            clock.t += costs[k]
+        return f
+    return {k: make(k) for k in costs}
+
+
+def test_time_interleaved_makes_exactly_the_calls_it_reports_in_shuffled_rounds(monkeypatch):
+    b = _bench()
+    clock = _FakeClock()
+    monkeypatch.setattr(b, "CLOCK", clock)
+    calls = []
     keys = [("forward", "nchw", p) for p in ("a", "b", "c", "d", "e", "f")]
-    fns = {k: make(k) for k in keys}
-    # warm-up times given: "a".."d" cheap (the group's fastest 1 ms), "e" 4x, "f" far and slow
-    warm = {keys[0]: 1e-3, keys[1]: 1.2e-3, keys[2]: 2e-3, keys[3]: 2.4e-3, keys[4]: 4e-3, keys[5]: 0.5}
+    # "a".."d" cheap (the group's fastest 1 ms), "e" 4x the fastest (beyond near=2.5), "f" far and slow
+    costs = dict(zip(keys, (1e-3, 1.2e-3, 2e-3, 2.4e-3, 4e-3, 0.5)))
+    fns = _costed(clock, costs, calls)
+    # the warm-up times given: "b" looked slow at its (cold) warm-up, but is judged on its medians
+    warm = {keys[0]: 1e-3, keys[1]: 5e-3, keys[2]: 2e-3, keys[3]: 2.4e-3, keys[4]: 4e-3, keys[5]: 0.5}
     ts = b.time_interleaved(fns, 3, group_of=lambda k: k[:2], slow_abs=0.25, slow_rel=4.0, warm=warm,
                             small_s=0.02, small_mult=4, seed=7)
     want = {keys[0]: 12, keys[1]: 12, keys[2]: 12, keys[3]: 12, keys[4]: 3, keys[5]: 2}
     assert {k: len(v) for k, v in ts.items()} == want
     assert {k: calls.count(k) for k in keys} == want  # no call beyond the reported samples (warm given)
+    assert all(v == pytest.approx([costs[k]] * len(v)) for k, v in ts.items())  # each sample: that call's time
     # rounds: each callable at most once per round, and the order is not the same every round
     rounds, pos = [], 0
     for r in range(12):
@@ -55,6 +75,9 @@ def test_time_interleaved_makes_exactly_the_calls_it_reports_in_shuffled_rounds(
     assert all(len(set(r)) == len(r) for r in rounds)
     assert len({tuple(r) for r in rounds[:2]} | {tuple(r) for r in rounds[2:3]}) > 1
     assert len({r[0] for r in rounds}) > 1
+    # the near callables' extra samples come in the same rounds: after the first phase (rounds of
+    # all six, "f" in two of them), every later round holds the four near ones and nothing else
+    assert all(set(r) == set(keys[:4]) for r in rounds[3:])
     # without given warm-up times each callable is called once more (its warm-up)
     calls.clear()
     ts = b.time_interleaved({k: fns[k] for k in keys[:2]}, 5, group_of=lambda k: k[:2], slow_abs=1.0,
@@ -62,15 +85,20 @@ def test_time_interleaved_makes_exactly_the_calls_it_reports_in_shuffled_rounds(
     assert [len(v) for v in ts.values()] == [5, 5] and len(calls) == 12
 
 
-def test_time_interleaved_gives_cheap_near_callables_the_sample_budget():
+def test_time_interleaved_gives_cheap_near_callables_the_same_sample_budget(monkeypatch):
     b = _bench()
+    clock = _FakeClock()
+    monkeypatch.setattr(b, "CLOCK", clock)
     keys = [("forward", "nchw", p) for p in ("a", "b", "c")]
-    fns = {k: (lambda: None) for k in keys}
-    warm = {keys[0]: 2e-3, keys[1]: 4e-3, keys[2]: 0.04}  # fastest 2 ms; "c" 20x: far from the choice
-    ts = b.time_interleaved(fns, 3, group_of=lambda k: k[:2], slow_abs=0.25, slow_rel=4.0, warm=warm,
+    costs = dict(zip(keys, (2e-3, 4e-3, 0.04)))  # fastest 2 ms; "c" 20x: far from the choice
+    fns = _costed(clock, costs, [])
+    ts = b.time_interleaved(fns, 3, group_of=lambda k: k[:2], slow_abs=0.25, slow_rel=4.0,
                             small_s=0.06, small_mult=4, small_budget_s=0.1, max_samples=40)
-    # a: 0.1 s / 2 ms = 50 -> capped at 40; b: 0.1 s / 4 ms = 25 (> 3 x 4); c: the plain repeats
-    assert {k: len(v) for k, v in ts.items()} == {keys[0]: 40, keys[1]: 25, keys[2]: 3}
+    # 0.1 s at the fastest's 2 ms = 50 -> capped at 40, for both near callables; c: the plain repeats
+    assert {k: len(v) for k, v in ts.items()} == {keys[0]: 40, keys[1]: 40, keys[2]: 3}
+    ts = b.time_interleaved(fns, 3, group_of=lambda k: k[:2], slow_abs=0.25, slow_rel=4.0,
+                            small_s=0.06, small_mult=4, small_budget_s=0.05, max_samples=40)
+    assert {k: len(v) for k, v in ts.items()} == {keys[0]: 25, keys[1]: 25, keys[2]: 3}  # 0.05 s / 2 ms
 
 
 def test_ratio_ci_brackets_the_ratio_and_narrows_with_samples():
