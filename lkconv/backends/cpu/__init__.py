@@ -75,7 +75,9 @@ PATHS = ("fft", "direct", "nchw", "cl")
 
 #: where the rows of :data:`PATH_TABLE` come from, per thread class: a committed run of
 #: ``benchmarks/cpu_threshold.py`` (``python benchmarks/cpu_threshold.py --derive <run>/results.json``
-#: prints exactly those rows; tests/test_cpu_routing.py checks they agree), or a note
+#: prints exactly those rows; tests/test_cpu_routing.py checks they agree), or a note.  ``auto``
+#: with these rows was checked (every cell >= 0.95x the faster PyTorch layout) on the later runs
+#: cpu-threshold-...-20261202-004205 (2 threads) and -005151 (1 thread); docs/cpu_backend.md
 PATH_TABLE_RUN = {
     "single": "benchmarks/results/cpu-threshold-intel-r--xeon-r--processor---2-80ghz-20261201-221015",
     "multi": "benchmarks/results/cpu-threshold-intel-r--xeon-r--processor---2-80ghz-20261201-215333",
