@@ -39,7 +39,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["run_suite", "repo_root", "gpu_test_commands", "csrc_digest", "prebuilt_extension", "main"]
+__all__ = ["run_suite", "repo_root", "gpu_test_commands", "csrc_digest", "prebuilt_extension", "install_prebuilt",
+           "main"]
 
 #: where scripts/build_for_gpu_box.sh leaves the extension and the peer built for the GPU box
 PREBUILT_DIR = ".gpu-prebuilt"
@@ -85,6 +86,20 @@ def prebuilt_extension(root: str, torch_version: str):
     if info.get("csrc_digest") != csrc_digest(root):
         return None, f"prebuilt from other sources (commit {info.get('commit')}): csrc changed since"
     return so[0], ""
+
+
+def install_prebuilt(prebuilt: str, root: str) -> List[str]:
+    """Copy the prebuilt lkconv._C (``prebuilt``, from :func:`prebuilt_extension`) and, where it was
+    built with it, the CPU module lkconv._cpu_fast of the same Python into the checkout's lkconv/;
+    returns the files copied."""
+    import glob
+    import shutil
+
+    tag = "-".join(os.path.basename(prebuilt)[len("_C."):].split("-")[:2])  # cpython-312
+    files = [prebuilt] + sorted(glob.glob(os.path.join(os.path.dirname(prebuilt), f"_cpu_fast.{tag}-*.so")))
+    for f in files:
+        shutil.copy(f, os.path.join(root, "lkconv", os.path.basename(f)))
+    return files
 
 
 def _run_step(name: str, cmd: List[str], log_path: str, timeout: float, cwd: Optional[str], echo: bool = True,
@@ -218,10 +233,8 @@ def run_suite(outdir: str, budget_s: float = 570.0, skip_build: bool = False, sk
         say(f"benchmark peers from {peers}")
     prebuilt, why_not = prebuilt_extension(root, torch.__version__) if root else (None, "no checkout")
     if not skip_build and prebuilt:
-        import shutil
-
-        shutil.copy(prebuilt, os.path.join(root, "lkconv", os.path.basename(prebuilt)))
-        say(f"using the prebuilt extension {prebuilt}")
+        for so in install_prebuilt(prebuilt, root):
+            say(f"using the prebuilt {so}")
         steps.append(dict(step="build", rc=0, seconds=0, log="", command="",
                           note=f"prebuilt ({PREBUILT_DIR}/BUILD_INFO.json matches this checkout)"))
         skip_build = True

@@ -4,6 +4,7 @@
 # and the benchmark peer installed from its wheel.  Everything lands in .gpu-prebuilt/ (git-ignored):
 #
 #   .gpu-prebuilt/lkconv/_C.cpython-312-x86_64-linux-gnu.so   lkconv._C for the box
+#   .gpu-prebuilt/lkconv/_cpu_fast.cpython-312-*.so             lkconv._cpu_fast (the CPU module), if built
 #   .gpu-prebuilt/peers/                                        the implicit-GEMM peer (pip --target)
 #   .gpu-prebuilt/BUILD_INFO.json                               commit, csrc digest, torch, arch list
 #
@@ -54,6 +55,8 @@ so=$(ls "$src"/lkconv/_C.cpython-312-*.so)
 
 rm -rf "$out" && mkdir -p "$out/lkconv" "$out/peers"
 cp "$so" "$out/lkconv/"
+# the CPU module (csrc/cpu_fastpath.cpp), built by the same setup.py call where it could be
+cp "$src"/lkconv/_cpu_fast.cpython-312-*.so "$out/lkconv/" 2>/dev/null || echo "build_for_gpu_box.sh: no lkconv._cpu_fast built (the box uses the Python store)" >&2
 wheel=${1:-$(ls "$root"/../shared/peers/*.whl 2>/dev/null | head -1)}
 if [ -n "$wheel" ] && [ -f "$wheel" ]; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target "$out/peers" "$wheel"

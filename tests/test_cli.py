@@ -248,6 +248,14 @@ def test_suite_prebuilt_extension(tmp_path, monkeypatch):
     (pre / "BUILD_INFO.json").write_text(json.dumps(info))
     so, why = suite.prebuilt_extension(str(root), "2.11.0+cu130")
     assert so and so.endswith(".so") and why == ""
+    # installed with the CPU module of the same Python (not another Python's)
+    (pre / "lkconv" / f"_cpu_fast.{tag}-x86_64-linux-gnu.so").write_bytes(b"cpu")
+    (pre / "lkconv" / "_cpu_fast.cpython-39-x86_64-linux-gnu.so").write_bytes(b"other")
+    (root / "lkconv").mkdir()
+    copied = suite.install_prebuilt(so, str(root))
+    assert sorted(os.path.basename(f) for f in copied) == sorted(
+        [f"_C.{tag}-x86_64-linux-gnu.so", f"_cpu_fast.{tag}-x86_64-linux-gnu.so"])
+    assert sorted(os.listdir(root / "lkconv")) == sorted(os.path.basename(f) for f in copied)
     so, why = suite.prebuilt_extension(str(root), "2.14.1+cu130")
     assert so is None and "torch 2.11.0" in why
     (root / "csrc" / "k.cu").write_text("__global__ void k() { /* changed */ }\n")
