@@ -738,8 +738,9 @@ def main(argv=None):
     ap.add_argument("--slow-s", type=float, default=0.25,
                     help="a callable slower than this (and 4x the fastest of its cell) is timed twice only")
     ap.add_argument("--small-ms", type=float, default=150.0,
-                    help="cells whose fastest callable takes under this many ms get --small-mult times the "
-                         "repeats for the callables near the fastest (a few per cent decide their ratio)")
+                    help="cells whose fastest median takes under this many ms get more samples (the same number) "
+                         "for the callables near the fastest: --small-mult times the repeats, or what fits in "
+                         "--small-budget-s (a few per cent decide their ratio)")
     ap.add_argument("--small-mult", type=int, default=5)
     ap.add_argument("--small-budget-s", type=float, default=0.5,
                     help="...or, for those callables, as many samples as fit in this many seconds (up to 100)")

@@ -67,6 +67,11 @@ def csrc_digest(root: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _py_tag() -> str:
+    """The running Python's extension tag (``cpython-312``): which prebuilt modules it can load."""
+    return f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
+
+
 def prebuilt_extension(root: str, torch_version: str):
     """(path of the prebuilt lkconv._C, why not) for this checkout and torch (scripts/build_for_gpu_box.sh)."""
     import glob
@@ -77,7 +82,7 @@ def prebuilt_extension(root: str, torch_version: str):
         return None, f"no {PREBUILT_DIR}/BUILD_INFO.json"
     with open(info_path) as f:
         info = json.load(f)
-    tag = f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
+    tag = _py_tag()
     so = glob.glob(os.path.join(d, "lkconv", f"_C.{tag}-*.so"))
     if not so:
         return None, f"no prebuilt lkconv._C for {tag}"
@@ -90,13 +95,12 @@ def prebuilt_extension(root: str, torch_version: str):
 
 def install_prebuilt(prebuilt: str, root: str) -> List[str]:
     """Copy the prebuilt lkconv._C (``prebuilt``, from :func:`prebuilt_extension`) and, where it was
-    built with it, the CPU module lkconv._cpu_fast of the same Python into the checkout's lkconv/;
+    built with it, the CPU module lkconv._cpu_fast of the running Python into the checkout's lkconv/;
     returns the files copied."""
     import glob
     import shutil
 
-    tag = "-".join(os.path.basename(prebuilt)[len("_C."):].split("-")[:2])  # cpython-312
-    files = [prebuilt] + sorted(glob.glob(os.path.join(os.path.dirname(prebuilt), f"_cpu_fast.{tag}-*.so")))
+    files = [prebuilt] + sorted(glob.glob(os.path.join(os.path.dirname(prebuilt), f"_cpu_fast.{_py_tag()}-*.so")))
     for f in files:
         shutil.copy(f, os.path.join(root, "lkconv", os.path.basename(f)))
     return files
